@@ -1,0 +1,76 @@
+"""`python -m training --dataset digits --epochs 3 --out runs/digits`: train, evaluate, draw."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from training.config import ModelConfig, TrainConfig
+from training.data import DATASETS
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
+    d, m = TrainConfig(), ModelConfig()
+    p = argparse.ArgumentParser(prog="python -m training", description="Train a VAE, evaluate it, draw its figures.")
+    p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.json, figures")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    data.add_argument("--data-dir", help="folder with the four IDX files (mnist, fashion-mnist)")
+    data.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
+    data.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    data.add_argument("--no-dynamic-binarization", dest="dynamic_binarization", action="store_false")
+    model = p.add_argument_group("model")
+    model.add_argument("--latent-dim", type=int, default=m.latent_dim)
+    model.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=m.widths,
+                       help="channels per stride-2 conv stage, comma separated (default 32,64)")  # fmt: skip
+    model.add_argument("--blocks", type=int, default=m.blocks, help="residual blocks per stage")
+    model.add_argument("--hidden", type=int, default=m.hidden)
+    model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=m.likelihood)
+    model.add_argument("--gaussian-std", type=float, default=m.gaussian_std)
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d.epochs)
+    opt.add_argument("--batch-size", type=int, default=d.batch_size)
+    opt.add_argument("--lr", type=float, default=d.lr)
+    opt.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule)
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    opt.add_argument("--seed", type=int, default=d.seed)
+    opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term")
+    loss.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="KL warm-up length")
+    loss.add_argument("--free-bits", type=float, default=d.free_bits, help="nats per latent dimension")
+    loss.add_argument("--reconstruction", choices=("pixel", "features", "both"), default=d.reconstruction)
+    loss.add_argument("--feature-weight", type=float, default=d.feature_weight)
+    loss.add_argument("--feature-checkpoint", help="features.pt from python -m training.features")
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--iwae-k", type=int, default=d.iwae_k, help="importance samples for the NLL estimate")
+    ev.add_argument("--eval-images", type=int, default=d.eval_images, help="test images to evaluate")
+    args = vars(p.parse_args(argv))
+    out, resume = args.pop("out"), args.pop("resume")
+    model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std"}
+    model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
+    try:
+        cfg = TrainConfig(model=model_cfg, **args)
+    except ValueError as err:
+        p.error(str(err))
+    return cfg, out, resume
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, out, resume = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from training.train import run  # torch is imported only once the arguments are good
+
+    metrics = run(cfg, out, resume)
+    test = metrics["test"]
+    print(
+        f"test on {test['images']} images: -ELBO {-test['elbo']:.2f} nats, NLL (IWAE k={test['iwae_k']}) "
+        f"{test['nll']:.2f} nats; wrote {out}/best.pt, metrics.json and {len(metrics['figures'])} figures"
+    )
+
+
+if __name__ == "__main__":
+    main()

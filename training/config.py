@@ -1,0 +1,78 @@
+"""The two configs: what the model is (saved in every checkpoint) and how it is trained."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+RECONSTRUCTIONS = ("pixel", "features", "both")
+
+
+@dataclass
+class ModelConfig:
+    """Enough to rebuild the network: the architecture follows from the image shape and these."""
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    latent_dim: int = 16
+    widths: tuple[int, ...] = (32, 64)  # channels of each stride-2 conv stage
+    blocks: int = 0  # residual 3x3 blocks per stage, on both sides
+    hidden: int = 256  # width of the fully connected layer between the convs and the latent
+    likelihood: str = "bernoulli"  # p(x|z): bernoulli (logits) or gaussian (mean, fixed std)
+    gaussian_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
+        self.widths = tuple(int(w) for w in self.widths)
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.latent_dim < 1 or not self.widths:
+            raise ValueError("latent_dim must be >= 1 and widths non-empty")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = True
+    val_fraction: float = 0.1
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.0
+    beta: float = 1.0
+    warmup_epochs: float = 0.0  # KL weight ramps linearly from 0 to beta over this many epochs
+    free_bits: float = 0.0  # nats per latent dimension below which KL is not penalised
+    reconstruction: str = "pixel"  # pixel | features | both
+    feature_weight: float = 1.0
+    feature_checkpoint: str | None = None
+    dynamic_binarization: bool = True  # only for bernoulli models
+    seed: int = 0
+    device: str = "auto"
+    iwae_k: int = 1000
+    eval_images: int = 1000
+    grad_clip: float = 0.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+        if self.reconstruction != "pixel" and not self.feature_checkpoint:
+            raise ValueError("feature-map reconstruction needs --feature-checkpoint (train one with training.features)")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return asdict(config)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config, ignoring keys a newer version may have added."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})

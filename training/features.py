@@ -1,0 +1,104 @@
+"""A small classifier CNN whose middle-layer activations serve as a perceptual reconstruction loss.
+
+No pretrained network can be downloaded here, so the project trains its own on the same data:
+`python -m training.features --dataset digits --epochs 5 --out DIR` writes DIR/features.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.data import load_dataset
+
+log = logging.getLogger(__name__)
+
+
+class FeatureNet(nn.Module):
+    """conv -> conv(stride 2) = the feature maps compared; then conv(stride 2) -> pool -> classes."""
+
+    def __init__(self, image_shape: tuple[int, int, int], classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        c = image_shape[0]
+        self.image_shape = tuple(image_shape)
+        self.front = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU()
+        )
+        self.back = nn.Sequential(
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, classes),
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.front(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.back(self.front(x))
+
+
+def feature_distance(net: FeatureNet, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the middle-layer activations of x and x_hat, summed per example: [N]."""
+    with torch.no_grad():
+        target = net.features(x)
+    return (net.features(x_hat) - target).pow(2).flatten(1).sum(dim=1)
+
+
+def load_feature_net(path: str | Path, device: torch.device | str = "cpu") -> FeatureNet:
+    """A frozen FeatureNet from a features.pt file (loaded without unpickling arbitrary objects)."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    net = FeatureNet(tuple(state["image_shape"]), state["classes"], state["width"]).to(device)
+    net.load_state_dict(state["model"])
+    net.eval().requires_grad_(False)
+    return net
+
+
+def train_feature_net(
+    dataset: str, out: Path, epochs: int = 5, data_dir: str | None = None, seed: int = 0, width: int = 32
+) -> dict[str, float]:
+    torch.manual_seed(seed)
+    data = load_dataset(dataset, Path(data_dir) if data_dir else None, seed=seed)
+    classes = int(data.train.labels.max()) + 1
+    net = FeatureNet(data.image_shape, classes, width)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(data.train), generator=gen).split(128):
+            loss = F.cross_entropy(net(data.train.images[idx]), data.train.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            accuracy = (net(data.test.images).argmax(1) == data.test.labels).float().mean().item()
+        log.info("feature net epoch %d: test accuracy %.4f", epoch + 1, accuracy)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"image_shape": list(data.image_shape), "classes": classes, "width": width, "model": net.state_dict()}
+    torch.save(state, out / "features.pt")
+    return {"test_accuracy": accuracy}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result = train_feature_net(args.dataset, args.out, args.epochs, args.data_dir, args.seed, args.width)
+    print(f"wrote {args.out / 'features.pt'} (test accuracy {result['test_accuracy']:.4f})")
+
+
+if __name__ == "__main__":
+    main()

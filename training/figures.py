@@ -1,0 +1,108 @@
+"""The pictures a person looks at to judge a VAE: samples, reconstructions, interpolations,
+latent traversals and the loss curves, written as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.model import VAE
+
+FIGURES = (
+    "samples.png",
+    "reconstructions.png",
+    "interpolation_linear.png",
+    "interpolation_slerp.png",
+    "traversals.png",
+    "loss_curves.png",
+)
+
+
+def image_grid(images: torch.Tensor, cols: int, pad: int = 1, min_cell: int = 28) -> Image.Image:
+    """[N, C, H, W] in [0, 1] -> one PIL image, rows of `cols`, small images upscaled for viewing."""
+    x = images.detach().clamp(0, 1).cpu().numpy()
+    n, c, h, w = x.shape
+    rows = -(-n // cols)
+    grid = np.ones((c, rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = x[i]
+    pixels = (grid * 255).round().astype(np.uint8)
+    img = Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0))
+    scale = max(1, min_cell // h)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of rows a, b [N, D] at fractions t [S]: [N, S, D]."""
+    a_n, b_n = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    omega = torch.arccos((a_n * b_n).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7)).unsqueeze(1)
+    t = t.view(1, -1, 1)
+    return (torch.sin((1 - t) * omega) * a.unsqueeze(1) + torch.sin(t * omega) * b.unsqueeze(1)) / torch.sin(omega)
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.view(1, -1, 1)
+    return a.unsqueeze(1) * (1 - t) + b.unsqueeze(1) * t
+
+
+@torch.no_grad()
+def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str, Any]], out: Path, seed: int = 0) -> list[Path]:
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+
+    def save(img: Image.Image, name: str) -> None:
+        img.save(out / name)
+        paths.append(out / name)
+
+    save(image_grid(model.sample(64, generator=gen), cols=8), "samples.png")
+
+    x = test_images[:32]
+    mu, _ = model.encode(x)
+    recon = model.mean_image(model.decode(mu))
+    pairs = torch.stack([x.view(2, 16, *x.shape[1:]), recon.view(2, 16, *x.shape[1:])], dim=1)
+    save(image_grid(pairs.reshape(-1, *x.shape[1:]), cols=16), "reconstructions.png")
+
+    steps = torch.linspace(0, 1, 10)
+    a, b = mu[:6], mu[6:12]
+    for name, path_fn in (("linear", lerp), ("slerp", slerp)):
+        z = path_fn(a, b, steps).reshape(-1, mu.shape[1])
+        save(image_grid(model.mean_image(model.decode(z)), cols=len(steps)), f"interpolation_{name}.png")
+
+    # Traverse the 8 most used latent dimensions from -3 to 3, starting at one test image's encoding.
+    all_mu, _ = model.encode(test_images[:500])
+    dims = all_mu.var(dim=0).argsort(descending=True)[:8]
+    values = torch.linspace(-3, 3, 9)
+    z = mu[0].repeat(len(dims), len(values), 1)
+    for row, d in enumerate(dims):
+        z[row, :, d] = values
+    save(image_grid(model.mean_image(model.decode(z.view(-1, mu.shape[1]))), cols=len(values)), "traversals.png")
+
+    save_loss_curves(history, out / "loss_curves.png")
+    paths.append(out / "loss_curves.png")
+    return paths
+
+
+def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"), ("-ELBO (nats)", "reconstruction (nats)", "KL (nats)")):
+        ax.plot(epochs, [h["train"][key] for h in history], label="train")
+        ax.plot(epochs, [h["val"][key] for h in history], label="validation")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,120 @@
+"""The VAE: a convolutional encoder q(z|x), the reparameterization trick, a convolutional decoder p(x|z).
+
+Built from the image shape, so 8x8, 28x28 and 3-channel images all work: each encoder stage halves
+the spatial size (rounding up) and the decoder's transposed convolutions undo exactly those sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.config import ModelConfig
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def stage_sizes(height: int, width: int, stages: int) -> list[tuple[int, int]]:
+    """Spatial size before each stride-2 stage and after the last: 28 -> 14 -> 7."""
+    sizes = [(height, width)]
+    for _ in range(stages):
+        h, w = sizes[-1]
+        sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    return sizes
+
+
+class Encoder(nn.Module):
+    """x [N, C, H, W] in [0, 1] -> mu, logvar [N, D]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h, w = cfg.image_shape
+        layers: list[nn.Module] = []
+        in_ch = c
+        for width in cfg.widths:
+            layers += [nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.SiLU()]
+            layers += [ResBlock(width) for _ in range(cfg.blocks)]
+            in_ch = width
+        fh, fw = stage_sizes(h, w, len(cfg.widths))[-1]
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.hidden = nn.Sequential(nn.Linear(in_ch * fh * fw, cfg.hidden), nn.SiLU())
+        self.head = nn.Linear(cfg.hidden, 2 * cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.head(self.hidden(self.features(x))).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    """z [N, D] -> the likelihood's parameters [N, C, H, W]: Bernoulli logits or Gaussian mean."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c, h, w = cfg.image_shape
+        sizes = stage_sizes(h, w, len(cfg.widths))
+        widths = list(cfg.widths)
+        self.start_shape = (widths[-1], *sizes[-1])
+        self.project = nn.Sequential(
+            nn.Linear(cfg.latent_dim, cfg.hidden),
+            nn.SiLU(),
+            nn.Linear(cfg.hidden, widths[-1] * sizes[-1][0] * sizes[-1][1]),
+            nn.SiLU(),
+        )
+        layers: list[nn.Module] = []
+        outs = widths[-2::-1] + [widths[0]]
+        for i, (in_ch, out_ch) in enumerate(zip(widths[::-1], outs)):
+            (th, tw), (sh, sw) = sizes[-2 - i], sizes[-1 - i]
+            layers += [ResBlock(in_ch) for _ in range(cfg.blocks)]
+            # (s - 1) * 2 - 2 + 3 + output_padding == target: output_padding picks the exact size.
+            pad = (th - (2 * sh - 1), tw - (2 * sw - 1))
+            layers += [nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=pad), nn.SiLU()]
+        layers.append(nn.Conv2d(widths[0], c, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z).view(-1, *self.start_shape))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mu + eps * sigma: the noise is an input, so gradients flow through mu and sigma."""
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """The expected image under p(x|z), in [0, 1] for Bernoulli."""
+        return torch.sigmoid(params) if self.cfg.likelihood == "bernoulli" else params
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images decoded from z ~ N(0, temperature^2 I): the encoder is not needed to generate."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device) * temperature
+        return self.mean_image(self.decode(z))

@@ -1,0 +1,202 @@
+"""The training loop: negative ELBO with beta, KL warm-up and free bits; best and last checkpoints.
+
+Everything random draws from generators seeded by the config, and their states are saved in the
+last checkpoint, so the same seed gives the same run and `--resume` continues it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from training import checkpoint
+from training.config import TrainConfig, to_dict
+from training.data import Dataset, binarize, load_dataset
+from training.evaluate import active_units, elbo_terms, evaluate, prepare_eval_images
+from training.features import FeatureNet, feature_distance, load_feature_net
+from training.figures import write_figures
+from training.losses import free_bits_kl, kl_divergence, reconstruction_nll
+from training.model import VAE
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def kl_weight(cfg: TrainConfig, progress: float) -> float:
+    """beta, ramped linearly from 0 over the first `warmup_epochs` (progress counts epochs, fractional)."""
+    if cfg.warmup_epochs <= 0:
+        return cfg.beta
+    return cfg.beta * min(1.0, progress / cfg.warmup_epochs)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Stateless schedule (a function of the epoch alone), so resuming needs no scheduler state."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def objective(
+    model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to minimise and the true (unweighted) per-example terms for logging."""
+    mcfg = model.cfg
+    params, mu, logvar = model(x)
+    pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
+    kl = kl_divergence(mu, logvar)
+    recon_term = torch.zeros((), device=x.device)
+    if cfg.reconstruction in ("pixel", "both"):
+        recon_term = recon_term + pixel.mean()
+    if feature_net is not None:
+        recon_term = recon_term + cfg.feature_weight * feature_distance(feature_net, x, model.mean_image(params)).mean()
+    kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl.mean()
+    loss = recon_term + beta * kl_term
+    stats = {"loss": loss.item(), "recon": pixel.mean().item(), "kl": kl.mean().item()}
+    return loss, stats
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, data: Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = data or load_dataset(
+            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.val_fraction, cfg.seed, cfg.download
+        )
+        cfg.model.image_shape = self.data.image_shape
+        self.model = VAE(cfg.model).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.val_x = prepare_eval_images(self.data.val.images, cfg.model.likelihood, seed=cfg.seed).to(self.device)
+        self.history: list[dict[str, Any]] = []
+        self.best_val = -math.inf
+        self.start_epoch = 0
+
+    def resume(self) -> None:
+        """Continue from last.pt: weights, optimizer, history and every random generator's state."""
+        state = checkpoint.load(self.out / "last.pt", self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.best_val = state["best_val"]
+        self.start_epoch = state["epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        self.data_gen.set_state(state["data_rng"])
+        log.info("resumed from %s at epoch %d", self.out / "last.pt", self.start_epoch)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, epoch)
+        batches = torch.randperm(len(self.data.train), generator=self.data_gen).split(cfg.batch_size)
+        totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+        seen = 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+        for i, idx in enumerate(bar):
+            x = self.data.train.images[idx]
+            if cfg.model.likelihood == "bernoulli" and cfg.dynamic_binarization:
+                x = binarize(x, self.data_gen)
+            x = x.to(self.device)
+            beta = kl_weight(cfg, epoch + i / len(batches))
+            loss, stats = objective(model, x, cfg, beta, self.feature_net)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            for key in totals:
+                totals[key] += stats[key] * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
+        avg = {k: v / seen for k, v in totals.items()}
+        avg["neg_elbo"] = avg["recon"] + avg["kl"]
+        avg["beta"] = beta
+        return avg
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        rng = torch.get_rng_state()
+        torch.manual_seed(self.cfg.seed)  # the same noise every epoch, and the training stream untouched
+        terms = elbo_terms(self.model, self.val_x)
+        torch.set_rng_state(rng)
+        recon, kl = terms["recon"].mean().item(), terms["kl"].mean().item()
+        return {"neg_elbo": recon + kl, "recon": recon, "kl": kl, "active_units": active_units(terms["mu"])}
+
+    def fit(self) -> list[dict[str, Any]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.start_epoch == 0:
+            torch.manual_seed(self.cfg.seed)  # the reparameterization noise; a resumed run restores its own
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            started = time.perf_counter()
+            train = self.train_epoch(epoch)
+            val = self.validate()
+            record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": round(time.perf_counter() - started, 2)}
+            self.history.append(record)
+            log.info(
+                "epoch %d/%d  train -elbo %.2f (recon %.2f, kl %.2f)  val -elbo %.2f (recon %.2f, kl %.2f)  "
+                "active units %d  %.1fs",
+                epoch + 1, self.cfg.epochs, train["neg_elbo"], train["recon"], train["kl"],
+                val["neg_elbo"], val["recon"], val["kl"], val["active_units"], record["seconds"],
+            )  # fmt: skip
+            if -val["neg_elbo"] > self.best_val:
+                self.best_val = -val["neg_elbo"]
+                checkpoint.save(self.out / "best.pt", self.model, self.cfg, epoch=epoch + 1)
+            checkpoint.save(
+                self.out / "last.pt",
+                self.model,
+                self.cfg,
+                epoch=epoch + 1,
+                optimizer=self.optimizer.state_dict(),
+                history=self.history,
+                best_val=self.best_val,
+                torch_rng=torch.get_rng_state(),
+                data_rng=self.data_gen.get_state(),
+            )
+        return self.history
+
+
+def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
+    """Train, then evaluate the best checkpoint on the test set, write metrics.json and the figures."""
+    started = time.perf_counter()
+    trainer = Trainer(cfg, out, data)
+    if resume and (out / "last.pt").exists():
+        trainer.resume()
+    history = trainer.fit()
+    train_seconds = sum(h["seconds"] for h in history)
+
+    model, _, best = checkpoint.load_model(out / "best.pt", trainer.device)
+    test_x = prepare_eval_images(trainer.data.test.images[: cfg.eval_images], cfg.model.likelihood).to(trainer.device)
+    log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
+    test = evaluate(model, test_x, cfg.iwae_k)
+    figures = write_figures(model, trainer.data.test.images.to(trainer.device), history, out, cfg.seed)
+    metrics = {
+        "config": to_dict(cfg),
+        "best_epoch": best["epoch"],
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "test": test,
+        "history": history,
+        "figures": [p.name for p in figures],
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "test: -elbo %.2f nats, nll (iwae k=%d) %.2f nats, kl %.2f, active units %d",
+        -test["elbo"], cfg.iwae_k, test["nll"], test["kl"], test["active_units"],
+    )  # fmt: skip
+    return metrics
