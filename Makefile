@@ -6,9 +6,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 RUNS   ?= runs
+MODELS ?= models
+PORT   ?= 50051
+METRICS_PORT ?= 9090
+CHECKPOINT ?= $(RUNS)/digits/best.pt
+NAME   ?= digits
 MNIST_DIR ?= ../shared/data/mnist
 
-.PHONY: install test train train-mnist features evaluate clean
+.PHONY: install test train train-mnist features evaluate export model run proto clean
 
 install: $(VENV)/.installed
 
@@ -32,11 +37,29 @@ train-mnist: install
 	$(PY) -m training --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 \
 		--latent-dim 32 --widths 32,64 --hidden 512 --warmup-epochs 1 --out $(RUNS)/mnist
 
+# Serve the model repository; on a fresh checkout, train and export the small digits model first.
+run: install
+	@if [ -z "$$(ls -A $(MODELS) 2>/dev/null)" ]; then $(MAKE) --no-print-directory model; fi
+	$(PY) -m service --model-repo $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+model: train
+	$(MAKE) --no-print-directory export
+
+export: install
+	$(PY) -m export --checkpoint $(CHECKPOINT) --out $(MODELS) --name $(NAME)
+
 features: install
 	$(PY) -m training.features --dataset digits --out $(RUNS)/features-digits
 
 evaluate: install
 	$(PY) -m training.evaluate --checkpoint $(RUNS)/mnist/best.pt --k 1000 --images 1000
+
+# Generated code is committed (the serving image needs no grpcio-tools); tests/test_proto.py proves it current.
+# The -I mapping makes the generated imports read `from service.api.vae.v1 import vae_pb2`.
+PROTO_OUT := service/api
+proto:
+	$(PY) -m grpc_tools.protoc -I$(PROTO_OUT)=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/vae/v1/vae.proto
+	touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/vae/__init__.py $(PROTO_OUT)/vae/v1/__init__.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

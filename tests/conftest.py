@@ -1,9 +1,79 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from training.data import load_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def digits():
     """The 8x8 digits bundled with scikit-learn: real data, no network, trains in seconds."""
     return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, digits):
+    """A small VAE really trained on digits, and its run folder."""
+    from training.config import ModelConfig, TrainConfig
+    from training.train import Trainer
+
+    out = tmp_path_factory.mktemp("digits-run")
+    cfg = TrainConfig(model=ModelConfig(latent_dim=8, widths=(16, 32), hidden=64), epochs=8, batch_size=32)
+    Trainer(cfg, out, digits).fit()
+    (out / "metrics.json").write_text(json.dumps({"test": {"elbo": -27.0, "nll": 26.0}}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory, trained):
+    """That model exported into a model repository, as the service reads it."""
+    from export.repository import publish
+    from training.checkpoint import load_model
+
+    repo = tmp_path_factory.mktemp("models")
+    model, cfg, _ = load_model(trained / "best.pt")
+    publish(model, cfg, repo, "digits", {"elbo": -27.0, "nll": 26.0})
+    return repo
+
+
+class ServerProcess:
+    """The real server, `python -m service`, in its own process on free ports."""
+
+    def __init__(self, repo: Path, log: Path, *args: str) -> None:
+        cmd = [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0",
+               "--host", "127.0.0.1", "--metrics-addr", "127.0.0.1", "--intra-op-threads", "1", *args]  # fmt: skip
+        self.log = log
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = re.search(r"on port (\d+) \(metrics on (\d+)", log.read_text())
+            if found:
+                self.port, self.metrics_port = int(found[1]), int(found[2])
+                self.target = f"127.0.0.1:{self.port}"
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
+            time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture(scope="session")
+def server(model_repo, tmp_path_factory):
+    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("server") / "server.log", "--max-batch-delay-ms", "5")
+    yield proc
+    proc.terminate()

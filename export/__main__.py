@@ -1,0 +1,41 @@
+"""`python -m export --checkpoint runs/digits/best.pt --out models --name digits`"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from export.repository import publish
+from export.verify import ParityError
+from training.checkpoint import load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description="Export a VAE checkpoint to ONNX.")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("models"), help="the model repository")
+    parser.add_argument("--name", required=True, help="model name: the folder under --out")
+    parser.add_argument("--max-batch-size", type=int, default=256, help="written to model.json and Triton configs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    model, cfg, _ = load_model(args.checkpoint)
+    metrics_file = args.checkpoint.parent / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())["test"] if metrics_file.exists() else {}
+    try:
+        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size)
+    except ParityError as err:
+        print(f"export failed, nothing published: {err}", file=sys.stderr)
+        return 1
+    info = json.loads((folder / "model.json").read_text())
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in info["parity_max_abs_diff"].items())
+    print(f"published {folder} in {time.perf_counter() - started:.1f}s (max |onnxruntime - torch|: {diffs})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The two ONNX graphs: encoder x -> (mu, logvar) and decoder z -> the likelihood's parameters.
+
+Each graph is exported with a dynamic batch axis N and carries a description of itself in its
+ONNX metadata, so a graph file found alone still says what it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from training.model import VAE
+
+OPSET = 18
+
+
+def decoder_output_name(likelihood: str) -> str:
+    return "logits" if likelihood == "bernoulli" else "mean"
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(x)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z)
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    batch = torch.export.Dim("N", min=1, max=65536)
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=({0: batch},),
+        opset_version=OPSET,
+        dynamo=True,
+        verbose=False,
+    )
+
+
+def _describe(path: Path, role: str, description: str, metadata: dict[str, str]) -> None:
+    """Write the graph again with a doc string and metadata (and all weights inside the one file)."""
+    graph = onnx.load(str(path))
+    graph.doc_string = description
+    graph.producer_name = "vae-serve export"
+    del graph.metadata_props[:]
+    for key, value in {"role": role, **metadata}.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save_model(graph, str(path), save_as_external_data=False)
+    for extra in path.parent.glob(f"{path.name}.data"):
+        extra.unlink()
+    onnx.checker.check_model(str(path), full_check=True)  # full_check runs shape inference too
+
+
+def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
+    """Write encoder.onnx and decoder.onnx into `folder`; return their input/output signatures."""
+    cfg = model.cfg
+    model = model.eval().cpu()
+    c, h, w = cfg.image_shape
+    d = cfg.latent_dim
+    out_name = decoder_output_name(cfg.likelihood)
+    metadata = {
+        "latent_dim": str(d),
+        "image_shape": json.dumps(list(cfg.image_shape)),
+        "likelihood": cfg.likelihood,
+    }
+    with torch.no_grad():
+        _export(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])
+        _export(DecoderGraph(model).eval(), torch.randn(2, d), folder / "decoder.onnx", ["z"], [out_name])
+    _describe(
+        folder / "encoder.onnx",
+        "encoder",
+        f"VAE encoder q(z|x): x [N,{c},{h},{w}] float32 in [0,1] -> mu, logvar [N,{d}]",
+        metadata,
+    )
+    _describe(
+        folder / "decoder.onnx",
+        "decoder",
+        f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{c},{h},{w}] ({cfg.likelihood})",
+        metadata,
+    )
+    return {
+        "encoder": {"inputs": {"x": [-1, c, h, w]}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
+        "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, c, h, w]}},
+    }

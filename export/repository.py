@@ -1,0 +1,98 @@
+"""Writing the model repository: MODELS/NAME/<version>/{encoder.onnx, decoder.onnx, model.json}.
+
+A version is built in a hidden temporary folder beside its final place, verified there, and only
+then renamed into place: a reader never sees half a version, and a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+from export.graphs import OPSET, export_graphs
+from export.triton import ROLES, triton_config
+from export.verify import verify_parity
+from training.config import TrainConfig
+from training.model import VAE
+
+FORMAT = 1
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_dir: Path) -> int:
+    return max(versions(model_dir), default=0) + 1
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(
+    name: str, version: int, cfg: TrainConfig, signatures: dict[str, Any], folder: Path, metrics: dict[str, Any],
+    parity: dict[str, float], max_batch_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    """model.json: everything the service needs to know, and how the graphs came to be."""
+    m = cfg.model
+    return {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "latent_dim": m.latent_dim,
+        "image_shape": list(m.image_shape),
+        "likelihood": m.likelihood,
+        "gaussian_std": m.gaussian_std,
+        "dataset": cfg.dataset,
+        "max_batch_size": max_batch_size,
+        "metrics": metrics,
+        "opset": OPSET,
+        "exporters": {pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
+        "graphs": {
+            role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signatures[role]}
+            for role in ROLES
+        },
+        "parity_max_abs_diff": parity,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def publish(
+    model: VAE, cfg: TrainConfig, models: Path, name: str, metrics: dict[str, Any] | None = None,
+    max_batch_size: int = 256,
+) -> Path:  # fmt: skip
+    """Export, verify and atomically publish the next version; return its folder."""
+    model_dir = models / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        signatures = export_graphs(model, staging)
+        parity = verify_parity(model, staging)
+        while True:
+            version = next_version(model_dir)
+            info = manifest(name, version, cfg, signatures, staging, metrics or {}, parity, max_batch_size)
+            (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+            for role in ROLES:
+                text = triton_config(name, role, signatures[role], max_batch_size)
+                (staging / f"{role}.config.pbtxt").write_text(text)
+            try:
+                staging.rename(model_dir / str(version))  # atomic; fails if another export took it
+                return model_dir / str(version)
+            except OSError:
+                if not (model_dir / str(version)).exists():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

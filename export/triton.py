@@ -1,0 +1,70 @@
+"""NVIDIA Triton model configs for the exported graphs, so the same files can be served by Triton.
+
+Each version folder gets `encoder.config.pbtxt` and `decoder.config.pbtxt` beside the graphs.
+Triton wants one model per folder (`<repo>/<model>/config.pbtxt`, `<repo>/<model>/<version>/...`),
+so `python -m export.triton MODELS/NAME TRITON_REPO` lays out that view with hard links: no copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+ROLES = ("encoder", "decoder")
+
+
+def _tensor(name: str, dims: list[int]) -> str:
+    return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {", ".join(str(d) for d in dims)} ] }}'
+
+
+def triton_config(model_name: str, role: str, signature: dict[str, dict[str, list[int]]], max_batch_size: int) -> str:
+    """config.pbtxt text: platform onnxruntime_onnx, the batch limit, dynamic batching.
+
+    With max_batch_size > 0 Triton adds the batch axis itself, so dims leave out the leading -1.
+    """
+    inputs = ",\n".join(_tensor(n, dims[1:]) for n, dims in signature["inputs"].items())
+    outputs = ",\n".join(_tensor(n, dims[1:]) for n, dims in signature["outputs"].items())
+    return (
+        f'name: "{model_name}_{role}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f'default_model_filename: "{role}.onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"input [\n{inputs}\n]\n"
+        f"output [\n{outputs}\n]\n"
+        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+        "instance_group [ { kind: KIND_AUTO count: 1 } ]\n"
+    )
+
+
+def layout(model_dir: Path, triton_repo: Path) -> list[Path]:
+    """Build <triton_repo>/<name>_<role>/{config.pbtxt, <version>/<role>.onnx} from every version."""
+    name = model_dir.name
+    made = []
+    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no version folders")
+    for role in ROLES:
+        target = triton_repo / f"{name}_{role}"
+        for version in versions:
+            (target / version.name).mkdir(parents=True, exist_ok=True)
+            dest = target / version.name / f"{role}.onnx"
+            if not dest.exists():
+                os.link(version / f"{role}.onnx", dest)
+        # The newest version's config describes the model (Triton has one config per model).
+        (target / "config.pbtxt").write_text((versions[-1] / f"{role}.config.pbtxt").read_text())
+        made.append(target)
+    return made
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Lay out a Triton model repository from an exported model.")
+    parser.add_argument("model_dir", type=Path, help="MODELS/NAME, as written by python -m export")
+    parser.add_argument("triton_repo", type=Path)
+    args = parser.parse_args(argv)
+    for path in layout(args.model_dir, args.triton_repo):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+
+class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_FLOAT32: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_UINT8: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
+
+class InterpolationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERPOLATION_METHOD_UNSPECIFIED: _ClassVar[InterpolationMethod]
+    INTERPOLATION_METHOD_LINEAR: _ClassVar[InterpolationMethod]
+    INTERPOLATION_METHOD_SPHERICAL: _ClassVar[InterpolationMethod]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_UINT8: DType
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat
+IMAGE_FORMAT_FLOAT32: ImageFormat
+IMAGE_FORMAT_UINT8: ImageFormat
+IMAGE_FORMAT_PNG: ImageFormat
+INTERPOLATION_METHOD_UNSPECIFIED: InterpolationMethod
+INTERPOLATION_METHOD_LINEAR: InterpolationMethod
+INTERPOLATION_METHOD_SPHERICAL: InterpolationMethod
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Images(_message.Message):
+    __slots__ = ("tensor", "png", "format")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    png: _containers.RepeatedScalarFieldContainer[bytes]
+    format: ImageFormat
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "latent_dim", "image_shape", "likelihood", "execution_provider", "max_batch_rows", "max_batch_delay_ms", "max_request_rows", "max_queue_rows", "dataset", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    latent_dim: int
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    likelihood: str
+    execution_provider: str
+    max_batch_rows: int
+    max_batch_delay_ms: float
+    max_request_rows: int
+    max_queue_rows: int
+    dataset: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latent_dim: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., likelihood: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_request_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SampleRequest(_message.Message):
+    __slots__ = ("num_samples", "seed", "temperature", "format", "chunk_rows")
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    num_samples: int
+    seed: int
+    temperature: float
+    format: ImageFormat
+    chunk_rows: int
+    def __init__(self, num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("images", "seed", "offset")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    seed: int
+    offset: int
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("images", "sample", "seed")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    images: Tensor
+    sample: bool
+    seed: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("mu", "sigma", "z", "seed")
+    MU_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    mu: Tensor
+    sigma: Tensor
+    z: Tensor
+    seed: int
+    def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., sigma: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("latents", "format")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    latents: Tensor
+    format: ImageFormat
+    def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+
+class ReconstructRequest(_message.Message):
+    __slots__ = ("images", "format")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    images: Tensor
+    format: ImageFormat
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+
+class ImagesResponse(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ...) -> None: ...
+
+class InterpolateRequest(_message.Message):
+    __slots__ = ("start_image", "start_latent", "end_image", "end_latent", "steps", "method", "format")
+    START_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    START_LATENT_FIELD_NUMBER: _ClassVar[int]
+    END_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    END_LATENT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    start_image: Tensor
+    start_latent: Tensor
+    end_image: Tensor
+    end_latent: Tensor
+    steps: int
+    method: InterpolationMethod
+    format: ImageFormat
+    def __init__(self, start_image: _Optional[_Union[Tensor, _Mapping]] = ..., start_latent: _Optional[_Union[Tensor, _Mapping]] = ..., end_image: _Optional[_Union[Tensor, _Mapping]] = ..., end_latent: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+
+class InterpolateResponse(_message.Message):
+    __slots__ = ("images", "latents")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    images: Images
+    latents: Tensor
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("images", "importance_samples", "seed")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    images: Tensor
+    importance_samples: int
+    seed: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ImageScore(_message.Message):
+    __slots__ = ("elbo", "reconstruction", "kl", "log_likelihood")
+    ELBO_FIELD_NUMBER: _ClassVar[int]
+    RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    elbo: float
+    reconstruction: float
+    kl: float
+    log_likelihood: float
+    def __init__(self, elbo: _Optional[float] = ..., reconstruction: _Optional[float] = ..., kl: _Optional[float] = ..., log_likelihood: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "importance_samples", "seed")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedCompositeFieldContainer[ImageScore]
+    importance_samples: int
+    seed: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,172 @@
+"""Dynamic batching for one graph: requests queue as rows, and batches go out full or on time.
+
+A batch leaves when it holds `max_rows` rows, or when the oldest queued request has waited
+`max_delay` seconds, and only when this graph's executor is free: whatever queued while the model
+was busy forms the next batch. The queue is bounded in rows and refuses at once past the bound.
+A request larger than `max_rows` is split into several queue entries; a request whose deadline
+has passed is dropped before compute. Inference runs on a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.metrics import Metrics
+
+RunFn = Callable[[np.ndarray], list[np.ndarray]]
+
+
+class QueueFull(RuntimeError):
+    """The queue holds too many rows to admit this request."""
+
+
+class DeadlineExpired(RuntimeError):
+    """The request's deadline passed while it waited; it was not computed."""
+
+
+class BatchFailed(RuntimeError):
+    """Inference on the batch holding this request failed; other batches are unaffected."""
+
+
+class Closed(RuntimeError):
+    """The batcher is shutting down."""
+
+
+@dataclass
+class _Entry:
+    rows: np.ndarray
+    future: asyncio.Future
+    deadline: float | None  # event-loop time
+    enqueued: float
+
+
+class Batcher:
+    def __init__(
+        self, graph: str, run: RunFn, metrics: Metrics, max_rows: int = 256, max_delay: float = 0.002,
+        max_queue_rows: int = 4096,
+    ) -> None:  # fmt: skip
+        self.graph = graph
+        self.run = run
+        self.metrics = metrics
+        self.max_rows = max_rows
+        self.max_delay = max_delay
+        self.max_queue_rows = max_queue_rows
+        self._queue: deque[_Entry] = deque()
+        self._queued_rows = 0
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{graph}")
+        self._task: asyncio.Task | None = None
+        self._gauge = metrics.queue_rows.labels(graph=graph)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.graph}")
+
+    async def close(self) -> None:
+        """Stop taking batches, fail what is still queued, and let the batch in flight finish."""
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(Closed("the server is shutting down"))
+        self._queued_rows = 0
+        self._gauge.set(0)
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
+        """Queue `rows` (split if larger than a batch) and wait for the graph's outputs for them."""
+        n = len(rows)
+        if self._task is None or self._task.done():
+            raise Closed("the server is shutting down")
+        if self._queued_rows + n > self.max_queue_rows:
+            self.metrics.rejections.labels(reason="queue_full").inc()
+            raise QueueFull(
+                f"{self.graph} queue is full ({self._queued_rows} of {self.max_queue_rows} rows waiting, "
+                f"request needs {n}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = []
+        for start in range(0, n, self.max_rows):
+            entry = _Entry(rows[start : start + self.max_rows], loop.create_future(), deadline, now)
+            self._queue.append(entry)
+            futures.append(entry.future)
+        self._queued_rows += n
+        self._gauge.set(self._queued_rows)
+        self._wake.set()
+        try:
+            parts = await asyncio.gather(*futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # entries still queued are skipped when a batch is formed
+            raise
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate(outs) for outs in zip(*parts)]
+
+    def _take(self, now: float) -> list[_Entry]:
+        """Pop up to max_rows rows of live entries; fail the expired ones without computing them."""
+        batch: list[_Entry] = []
+        rows = 0
+        while self._queue and rows + len(self._queue[0].rows) <= self.max_rows:
+            entry = self._queue.popleft()
+            self._queued_rows -= len(entry.rows)
+            expired = entry.deadline is not None and entry.deadline <= now
+            if expired or entry.future.done():  # past its deadline, or its caller went away
+                self.metrics.rejections.labels(reason="deadline" if expired else "cancelled").inc()
+                if not entry.future.done():
+                    entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                continue
+            self.metrics.queue_wait.labels(graph=self.graph).observe(now - entry.enqueued)
+            batch.append(entry)
+            rows += len(entry.rows)
+        self._gauge.set(self._queued_rows)
+        return batch
+
+    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+        while self._queued_rows < self.max_rows:
+            remaining = self._queue[0].enqueued + self.max_delay - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_batch(loop)
+            batch = self._take(loop.time())
+            if not batch:
+                continue
+            x = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
+            self.metrics.batch_rows.labels(graph=self.graph).observe(len(x))
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.run, x)
+            except Exception as err:  # noqa: BLE001 - one batch's failure must not end the loop
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(BatchFailed(f"{self.graph} inference failed: {err}"))
+                continue
+            finally:
+                self.metrics.compute.labels(graph=self.graph).observe(time.perf_counter() - started)
+            offset = 0
+            for entry in batch:
+                k = len(entry.rows)
+                if not entry.future.done():
+                    entry.future.set_result([out[offset : offset + k] for out in outputs])
+                offset += k

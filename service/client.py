@@ -1,0 +1,198 @@
+"""A Python client (numpy in, numpy out) and a command line for the VAE service.
+
+    python -m service.client sample -n 64 --out grid.png
+    python -m service.client info
+    python -m service.client reconstruct --input digits.npy --out recon.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from service.api.vae.v1 import vae_pb2 as pb
+from service.api.vae.v1 import vae_pb2_grpc
+from service.tensors import from_array, tensor_to_numpy
+
+FORMATS = {"float32": pb.IMAGE_FORMAT_FLOAT32, "uint8": pb.IMAGE_FORMAT_UINT8, "png": pb.IMAGE_FORMAT_PNG}
+
+
+def _images(msg: pb.Images) -> np.ndarray | list[bytes]:
+    return list(msg.png) if msg.format == pb.IMAGE_FORMAT_PNG else tensor_to_numpy(msg.tensor)
+
+
+class VaeClient:
+    """Blocking client. Images go in as [N, C, H, W] float32 in [0, 1] (or uint8) and come back
+    in the format asked for: float32 (default), uint8, or a list of PNG files."""
+
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 << 20):
+        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> VaeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def sample(
+        self, n: int, seed: int | None = None, temperature: float | None = None, format: str = "float32"
+    ) -> np.ndarray | list[bytes]:
+        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format])
+        return _images(self.stub.Sample(request, timeout=self.timeout).images)
+
+    def sample_stream(self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None) -> np.ndarray:
+        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, chunk_rows=chunk_rows)
+        return np.concatenate([_images(r.images) for r in self.stub.SampleStream(request, timeout=self.timeout)])
+
+    def encode(
+        self, images: np.ndarray, sample: bool = False, seed: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """mu, sigma, and z (when sample=True)."""
+        r = self.stub.Encode(pb.EncodeRequest(images=from_array(images), sample=sample, seed=seed), timeout=self.timeout)
+        return tensor_to_numpy(r.mu), tensor_to_numpy(r.sigma), tensor_to_numpy(r.z) if sample else None
+
+    def decode(self, latents: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
+        request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format])
+        return _images(self.stub.Decode(request, timeout=self.timeout).images)
+
+    def reconstruct(self, images: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
+        request = pb.ReconstructRequest(images=from_array(images), format=FORMATS[format])
+        return _images(self.stub.Reconstruct(request, timeout=self.timeout).images)
+
+    def interpolate(
+        self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool = False, latents: bool = False,
+        format: str = "float32",
+    ) -> tuple[np.ndarray | list[bytes], np.ndarray]:  # fmt: skip
+        """Images along the path and its latents; start/end are images [C, H, W] or latents [D]."""
+        kind = "latent" if latents else "image"
+        method = pb.INTERPOLATION_METHOD_SPHERICAL if spherical else pb.INTERPOLATION_METHOD_LINEAR
+        request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format])
+        getattr(request, f"start_{kind}").CopyFrom(from_array(start))
+        getattr(request, f"end_{kind}").CopyFrom(from_array(end))
+        r = self.stub.Interpolate(request, timeout=self.timeout)
+        return _images(r.images), tensor_to_numpy(r.latents)
+
+    def score(self, images: np.ndarray, k: int = 64, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Per image, in nats: elbo, reconstruction, kl, log_likelihood (IWAE, k samples)."""
+        r = self.stub.Score(pb.ScoreRequest(images=from_array(images), importance_samples=k, seed=seed), timeout=self.timeout)
+        keys = ("elbo", "reconstruction", "kl", "log_likelihood")
+        return {key: np.array([getattr(s, key) for s in r.scores]) for key in keys}
+
+
+def grid_png(images: np.ndarray, path: Path, cols: int | None = None, min_cell: int = 28) -> None:
+    """Save [N, C, H, W] images in [0, 1] as one PNG grid, small images scaled up for viewing."""
+    n, c, h, w = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.ones((c, rows * (h + 1) + 1, cols * (w + 1) + 1), np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = image
+    pixels = np.rint(np.clip(grid, 0, 1) * 255).astype(np.uint8)
+    pil = Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0))
+    scale = max(1, min_cell // h)
+    pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
+
+
+def load_images(paths: list[Path]) -> np.ndarray:
+    """Images from .npy files ([N, C, H, W] or [C, H, W]) or PNG files (grey or RGB), as float32 in [0, 1]."""
+    arrays = []
+    for p in paths:
+        if p.suffix == ".npy":
+            a = np.load(p)
+            a = a[None] if a.ndim == 3 else a
+            arrays.append(a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32))
+        else:
+            a = np.asarray(Image.open(p), dtype=np.float32) / 255.0
+            arrays.append(a[None, None] if a.ndim == 2 else a.transpose(2, 0, 1)[None])
+    return np.concatenate(arrays)
+
+
+def _save(images: np.ndarray, out: Path | None) -> None:
+    if out is None:
+        print(f"{len(images)} images, shape {list(images.shape[1:])}")
+    elif out.suffix == ".npy":
+        np.save(out, images)
+        print(f"wrote {out}")
+    else:
+        grid_png(images, out)
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.client", description="Call the VAE service.")
+    parser.add_argument("--target", default="localhost:50051")
+    parser.add_argument("--timeout", type=float, default=30.0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info")
+    p = sub.add_parser("sample")
+    p.add_argument("-n", type=int, default=64)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--out", type=Path, help=".png (a grid) or .npy")
+    for name in ("encode", "reconstruct", "score"):
+        p = sub.add_parser(name)
+        p.add_argument("--input", type=Path, nargs="+", required=True, help=".npy or PNG files")
+        p.add_argument("--out", type=Path)
+        if name == "score":
+            p.add_argument("-k", type=int, default=64)
+            p.add_argument("--seed", type=int)
+    p = sub.add_parser("decode")
+    p.add_argument("--input", type=Path, required=True, help=".npy of latents [N, D]")
+    p.add_argument("--out", type=Path)
+    p = sub.add_parser("interpolate")
+    p.add_argument("--input", type=Path, nargs="+", required=True, help="two images (or one .npy holding two)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--spherical", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    with VaeClient(args.target, args.timeout) as client:
+        try:
+            if args.command == "info":
+                from google.protobuf.json_format import MessageToDict
+
+                print(json.dumps(MessageToDict(client.info(), preserving_proto_field_name=True), indent=2))
+            elif args.command == "sample":
+                _save(client.sample(args.n, args.seed, args.temperature), args.out)
+            elif args.command == "encode":
+                mu, sigma, _ = client.encode(load_images(args.input))
+                if args.out:
+                    np.savez(args.out, mu=mu, sigma=sigma)
+                print(json.dumps({"mu": mu.round(4).tolist(), "sigma": sigma.round(4).tolist()}))
+            elif args.command == "decode":
+                _save(client.decode(np.load(args.input).astype(np.float32)), args.out)
+            elif args.command == "reconstruct":
+                _save(client.reconstruct(load_images(args.input)), args.out)
+            elif args.command == "interpolate":
+                x = load_images(args.input)
+                if len(x) != 2:
+                    parser.error(f"interpolate needs exactly two images, got {len(x)}")
+                images, _ = client.interpolate(x[0], x[1], args.steps, args.spherical)
+                _save(images, args.out)
+            elif args.command == "score":
+                scores = client.score(load_images(args.input), args.k, args.seed)
+                print(json.dumps({k: v.round(3).tolist() for k, v in scores.items()}))
+        except grpc.RpcError as err:
+            print(f"{err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

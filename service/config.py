@@ -1,0 +1,68 @@
+"""Server settings: every flag also reads an environment variable (VAE_ + the flag in capitals)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_repo: Path = Path("models")
+    model_name: str | None = None
+    model_version: int | None = None
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int = 9090
+    metrics_addr: str = "0.0.0.0"
+    device: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    max_batch_rows: int = 256
+    max_batch_delay_ms: float = 2.0
+    max_queue_rows: int = 16384
+    max_request_rows: int = 1024
+    max_importance_samples: int = 5000
+    max_interpolation_steps: int = 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def to_log(self) -> str:
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+HELP = {
+    "model_repo": "model repository folder (MODELS/<name>/<version>/...)",
+    "model_name": "model to serve; default: the only one in the repository",
+    "model_version": "version to serve; default: the highest",
+    "device": "auto (CUDA if onnxruntime-gpu sees a GPU), cpu or cuda",
+    "intra_op_threads": "onnxruntime threads per graph (0: one per core)",
+    "max_batch_rows": "rows per batch sent to a graph",
+    "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
+    "max_queue_rows": "rows that may wait per graph before requests are refused",
+    "max_request_rows": "images or latents in one request",
+    "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
+}
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value in ("", "none", "None") else int(value)
+
+
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
+    env = dict(os.environ) if env is None else env
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve a VAE over gRPC.")
+    for f in fields(ServerConfig):
+        default = f.default
+        env_name = f"VAE_{f.name.upper()}"
+        kind = {"model_version": _optional_int, "model_name": str}.get(f.name, type(default))
+        if env_name in env:
+            default = kind(env[env_name])
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=kind, default=default,
+            help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (env {env_name}, default %(default)s)",
+        )  # fmt: skip
+    return ServerConfig(**vars(parser.parse_args(argv)))

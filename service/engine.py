@@ -1,0 +1,157 @@
+"""The data plane: what each RPC computes, on numpy arrays, through the two graphs' batchers.
+
+Everything random is drawn here from a per-request generator seeded by the request, before any
+batching, so a seeded answer is the same whatever other requests share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.repository import ModelSpec
+from service.runtime import Runtime
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_rows: int = 256
+    max_batch_delay_ms: float = 2.0
+    max_queue_rows: int = 16384
+    max_request_rows: int = 1024  # images or latents in one request
+    max_importance_samples: int = 5000
+    max_interpolation_steps: int = 1024
+
+
+def new_seed(seed: int | None) -> int:
+    return secrets.randbits(63) if seed is None else int(seed)
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Spherical interpolation between vectors a and b [D] at fractions t [S]: [S, D]."""
+    cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+    omega = math.acos(min(1.0, max(-1.0, cos)))
+    if omega < 1e-6:  # (anti)parallel: the sphere gives no direction, fall back to a straight line
+        return lerp(a, b, t)
+    t = t[:, None]
+    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / math.sin(omega)
+
+
+def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    t = t[:, None]
+    return (1 - t) * a + t * b
+
+
+class Engine:
+    """One served model: its spec, its graphs behind batchers, and the operations of the API."""
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, limits: Limits) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.limits = limits
+        delay = limits.max_batch_delay_ms / 1000
+        common = dict(metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows)
+        self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
+        self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        self.encoder.start()
+        self.decoder.start()
+
+    async def close(self) -> None:
+        await self.encoder.close()
+        await self.decoder.close()
+
+    def warm_up(self) -> None:
+        """Run each graph once at batch 1 and at the batch limit, so the first call pays no set-up."""
+        c, h, w = self.spec.image_shape
+        for n in sorted({1, self.limits.max_batch_rows}):
+            self.runtime.encoder.run(np.zeros((n, c, h, w), np.float32))
+            self.runtime.decoder.run(np.zeros((n, self.spec.latent_dim), np.float32))
+
+    def mean_image(self, params: np.ndarray) -> np.ndarray:
+        """The decoder's output as an image in [0, 1]: sigmoid of logits, or the clipped Gaussian mean."""
+        if self.spec.likelihood == "bernoulli":
+            return sigmoid(params)
+        return np.clip(params, 0.0, 1.0).astype(np.float32, copy=False)
+
+    async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        (params,) = await self.decoder.submit(z, deadline)
+        return self.mean_image(params)
+
+    async def encode(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """mu and log-variance per image."""
+        mu, logvar = await self.encoder.submit(x, deadline)
+        return mu, logvar
+
+    def noise(self, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+        return rng(seed).standard_normal(shape, dtype=np.float32)
+
+    def latents(self, n: int, seed: int, temperature: float) -> np.ndarray:
+        """z ~ N(0, temperature^2 I), [n, D]: a function of the seed alone."""
+        return self.noise(seed, (n, self.spec.latent_dim)) * np.float32(temperature)
+
+    async def sample(self, n: int, seed: int, temperature: float, deadline: float | None = None) -> np.ndarray:
+        return await self.decode(self.latents(n, seed, temperature), deadline)
+
+    async def reconstruct(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        mu, _ = await self.encode(x, deadline)
+        return await self.decode(mu, deadline)
+
+    async def interpolate(
+        self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool, deadline: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Latents along the path (end points included) and their images."""
+        t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
+        path = (slerp if spherical else lerp)(start, end, t).astype(np.float32)
+        path[0], path[-1] = start, end  # exact end points, whatever rounding did
+        return path, await self.decode(path, deadline)
+
+    async def score(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound.
+
+        log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x); IWAE = logsumexp(log w) - log k.
+        """
+        n, d = len(x), self.spec.latent_dim
+        mu, logvar = await self.encode(x, deadline)
+        mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
+        eps = rng(seed).standard_normal((n, k, d))
+        z = mu[:, None, :] + eps * np.exp(0.5 * logvar)[:, None, :]
+        (params,) = await self.decoder.submit(z.reshape(n * k, d).astype(np.float32), deadline)
+        params = params.reshape(n, k, -1).astype(np.float64)
+        target = x.reshape(n, 1, -1).astype(np.float64)
+        if self.spec.likelihood == "bernoulli":
+            log_px_z = (target * params - np.logaddexp(0.0, params)).sum(-1)
+        else:
+            var = self.spec.gaussian_std**2
+            log_px_z = -0.5 * ((target - params) ** 2 / var + math.log(var) + LOG_2PI).sum(-1)
+        log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
+        log_qz = -0.5 * (LOG_2PI + logvar[:, None, :] + eps**2).sum(-1)
+        kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
+        reconstruction = -log_px_z.mean(axis=1)
+        return {
+            "elbo": -(reconstruction + kl),
+            "reconstruction": reconstruction,
+            "kl": kl,
+            "log_likelihood": logsumexp(log_px_z + log_pz - log_qz, axis=1) - math.log(k),
+        }

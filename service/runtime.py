@@ -1,0 +1,94 @@
+"""ONNX Runtime sessions for the two graphs, on CUDA when asked for (or found) and CPU otherwise.
+
+The provider choice is a plain function of what was asked and what onnxruntime reports, so it is
+tested without a GPU; after a session is made we check what it really got, because ONNX Runtime
+falls back to CPU silently when CUDA libraries are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from service.repository import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    inter_op_threads: int = 1
+    cuda_device_id: int = 0
+    cuda_mem_limit_bytes: int = 0  # 0: no limit
+
+
+def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
+    """The provider list for InferenceSession: CUDA (with deliberate options) then CPU, or CPU alone."""
+    if options.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {options.device!r}")
+    if options.device == "cpu":
+        return [CPU]
+    if CUDA not in available:
+        level = logging.WARNING if options.device == "cuda" else logging.INFO
+        log.log(level, "CUDA asked for (%s) but onnxruntime offers only %s: serving on CPU", options.device, available)
+        return [CPU]
+    cuda_options: dict[str, object] = {
+        "device_id": options.cuda_device_id,
+        # Exhaustive search benchmarks every conv algorithm per new shape: seconds of stall per new batch size.
+        "cudnn_conv_algo_search": "HEURISTIC",
+        # Grow the arena by what is asked, not by powers of two, so memory stays near the real need.
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": True,
+    }
+    if options.cuda_mem_limit_bytes:
+        cuda_options["gpu_mem_limit"] = options.cuda_mem_limit_bytes
+    return [(CUDA, cuda_options), CPU]
+
+
+class Graph:
+    """One ONNX graph and its session: numpy in, numpy out."""
+
+    def __init__(self, path: str, options: RuntimeOptions, providers: list) -> None:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(path, so, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.provider = self.session.get_providers()[0]
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: batch})
+
+
+@dataclass
+class Runtime:
+    encoder: Graph
+    decoder: Graph
+
+    @property
+    def provider(self) -> str:
+        return self.decoder.provider
+
+
+def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
+    providers = choose_providers(options, ort.get_available_providers())
+    runtime = Runtime(
+        encoder=Graph(str(spec.graph("encoder")), options, providers),
+        decoder=Graph(str(spec.graph("decoder")), options, providers),
+    )
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if runtime.provider != wanted:
+        log.warning("asked onnxruntime for %s but the session runs on %s (CUDA libraries missing?)", wanted, runtime.provider)
+    log.info("graphs loaded on %s", runtime.provider)
+    return runtime

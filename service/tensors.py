@@ -1,0 +1,95 @@
+"""Tensors and images on the wire: proto <-> numpy, with every check a malformed request needs.
+
+Each check raises BadRequest with a message naming the field and what is wrong, which the
+transport turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from service.api.vae.v1 import vae_pb2 as pb
+
+DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_UINT8: np.dtype("u1")}
+
+
+class BadRequest(ValueError):
+    """A malformed request; the message says what is wrong."""
+
+
+def to_array(t: pb.Tensor, field: str, tail: tuple[int, ...], max_rows: int, allow_uint8: bool = False) -> np.ndarray:
+    """A [N, *tail] float32 array from a Tensor, N in 1..max_rows; uint8 (if allowed) scaled to [0, 1]."""
+    if not t.shape:
+        raise BadRequest(f"{field}: missing (no shape given)")
+    if t.dtype not in DTYPES or (t.dtype == pb.DTYPE_UINT8 and not allow_uint8):
+        allowed = "float32 or uint8" if allow_uint8 else "float32"
+        raise BadRequest(f"{field}: dtype must be {allowed}, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}")
+    shape = tuple(t.shape)
+    expected = ("N", *tail)
+    if len(shape) != len(expected) or tuple(shape[1:]) != tail:
+        raise BadRequest(f"{field}: shape must be [{', '.join(map(str, expected))}], got {list(shape)}")
+    n = shape[0]
+    if n < 1 or n > max_rows:
+        raise BadRequest(f"{field}: {n} rows; must be between 1 and {max_rows}")
+    dtype = DTYPES[t.dtype]
+    want = int(np.prod(shape)) * dtype.itemsize
+    if len(t.data) != want:
+        raise BadRequest(f"{field}: shape {list(shape)} of {dtype.name} needs {want} bytes, got {len(t.data)}")
+    a = np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    if dtype == np.uint8:
+        return (a.astype(np.float32) / 255.0).astype(np.float32)
+    a = a.astype(np.float32)  # native byte order, and a writable copy
+    if not np.isfinite(a).all():
+        raise BadRequest(f"{field}: contains NaN or infinity")
+    return a
+
+
+def images_to_array(t: pb.Tensor, field: str, image_shape: tuple[int, int, int], max_rows: int) -> np.ndarray:
+    x = to_array(t, field, image_shape, max_rows, allow_uint8=True)
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise BadRequest(f"{field}: float32 pixel values must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+    return x
+
+
+def from_array(a: np.ndarray) -> pb.Tensor:
+    dtype = pb.DTYPE_UINT8 if a.dtype == np.uint8 else pb.DTYPE_FLOAT32
+    data = np.ascontiguousarray(a, dtype=DTYPES[dtype])
+    return pb.Tensor(shape=list(a.shape), dtype=dtype, data=data.tobytes())
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One [C, H, W] image in [0, 1] as PNG (C = 1 grey, 3 RGB, 4 RGBA)."""
+    pixels = to_uint8(image)
+    pil = Image.fromarray(pixels[0]) if pixels.shape[0] == 1 else Image.fromarray(pixels.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def check_format(fmt: int, channels: int) -> int:
+    if fmt not in pb.ImageFormat.values():
+        raise BadRequest(f"format: unknown image format {fmt}")
+    if fmt == pb.IMAGE_FORMAT_PNG and channels not in (1, 3, 4):
+        raise BadRequest(f"format: PNG needs 1, 3 or 4 channels, the model has {channels}")
+    return fmt or pb.IMAGE_FORMAT_FLOAT32
+
+
+def images_message(images: np.ndarray, fmt: int) -> pb.Images:
+    """[N, C, H, W] float32 in [0, 1] as the format asked for (check_format first)."""
+    fmt = fmt or pb.IMAGE_FORMAT_FLOAT32
+    if fmt == pb.IMAGE_FORMAT_PNG:
+        return pb.Images(png=[png_bytes(im) for im in images], format=fmt)
+    if fmt == pb.IMAGE_FORMAT_UINT8:
+        return pb.Images(tensor=from_array(to_uint8(images)), format=fmt)
+    return pb.Images(tensor=from_array(images.astype(np.float32, copy=False)), format=fmt)
+
+
+def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype=DTYPES[t.dtype]).reshape(tuple(t.shape)).copy()

@@ -1,0 +1,145 @@
+"""Export on a real (small) trained model: layout, versions, parity, model.json, Triton configs."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+
+from export.graphs import OPSET
+from export.repository import publish, sha256, versions
+from export.triton import layout
+from export.verify import ParityError, verify_parity
+from training.checkpoint import load_model
+from training.config import ModelConfig, TrainConfig
+from training.model import VAE
+from training.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(model=ModelConfig(latent_dim=6, widths=(16, 32), hidden=64), epochs=2, batch_size=32)
+    Trainer(cfg, out, digits).fit()
+    (out / "metrics.json").write_text(json.dumps({"test": {"elbo": -30.5, "nll": 29.9}}))
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, checkpoint_path):
+    """The CLI, as a user runs it, exporting twice into one repository."""
+    repo = tmp_path_factory.mktemp("models")
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint_path), "--out", str(repo), "--name", "digits"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "published" in done.stdout
+    return repo
+
+
+def test_layout_and_version_numbering(published):
+    model_dir = published / "digits"
+    assert versions(model_dir) == [1, 2]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]  # no staging folder left behind
+    for v in ("1", "2"):
+        assert {p.name for p in (model_dir / v).iterdir()} == {
+            "encoder.onnx", "decoder.onnx", "model.json", "encoder.config.pbtxt", "decoder.config.pbtxt",
+        }  # fmt: skip
+
+
+def test_model_json(published):
+    info = json.loads((published / "digits" / "2" / "model.json").read_text())
+    assert info["name"] == "digits" and info["version"] == 2
+    assert info["latent_dim"] == 6 and info["image_shape"] == [1, 8, 8]
+    assert info["likelihood"] == "bernoulli" and info["dataset"] == "digits"
+    assert info["metrics"] == {"elbo": -30.5, "nll": 29.9}
+    assert info["opset"] == OPSET >= 17
+    assert set(info["exporters"]) == {"torch", "onnx", "onnxruntime"}
+    for role in ("encoder", "decoder"):
+        assert info["graphs"][role]["sha256"] == sha256(published / "digits" / "2" / f"{role}.onnx")
+    assert info["graphs"]["decoder"]["outputs"] == {"logits": [-1, 1, 8, 8]}
+    assert all(v <= 1e-4 for v in info["parity_max_abs_diff"].values())
+
+
+def test_graphs_are_valid_and_describe_themselves(published):
+    for role in ("encoder", "decoder"):
+        graph = onnx.load(str(published / "digits" / "1" / f"{role}.onnx"))
+        onnx.checker.check_model(graph, full_check=True)
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert meta["role"] == role and meta["latent_dim"] == "6" and meta["likelihood"] == "bernoulli"
+        assert "VAE" in graph.doc_string
+        assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+
+
+@pytest.mark.parametrize("n", [1, 3, 64, 300])
+def test_dynamic_batch_matches_torch(published, checkpoint_path, n):
+    model, _, _ = load_model(checkpoint_path)
+    enc = ort.InferenceSession(str(published / "digits" / "1" / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(published / "digits" / "1" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(n).random((n, 1, 8, 8), dtype=np.float32)
+    mu, logvar = enc.run(None, {"x": x})
+    logits = dec.run(None, {"z": mu})[0]
+    with torch.no_grad():
+        t_mu, t_logvar = model.encode(torch.from_numpy(x))
+        t_logits = model.decode(t_mu)
+    assert mu.shape == logvar.shape == (n, 6) and logits.shape == (n, 1, 8, 8)
+    np.testing.assert_allclose(mu, t_mu.numpy(), atol=1e-4)
+    np.testing.assert_allclose(logits, t_logits.numpy(), atol=1e-4)
+
+
+class NoisyVAE(VAE):
+    """A deliberately broken model: its graph draws ONNX Runtime's random numbers, not torch's."""
+
+    def decode(self, z):
+        out = super().decode(z)
+        return out + torch.rand_like(out)
+
+
+def test_parity_failure_publishes_nothing(tmp_path, checkpoint_path):
+    model, cfg, _ = load_model(checkpoint_path)
+    broken = NoisyVAE(cfg.model)
+    broken.load_state_dict(model.state_dict())
+    with pytest.raises(ParityError, match=r"decoder.logits .*") as err:
+        publish(broken.eval(), cfg, tmp_path, "broken")
+    assert "0.0001" in str(err.value)
+    assert list((tmp_path / "broken").iterdir()) == []  # no version, no staging folder
+
+
+def test_parity_check_passes_on_the_real_model(published, checkpoint_path):
+    model, _, _ = load_model(checkpoint_path)
+    diffs = verify_parity(model, published / "digits" / "1")
+    assert set(diffs) == {"encoder.mu", "encoder.logvar", "decoder.logits"}
+
+
+def _triton_model_config(tmp_path):
+    from grpc_tools import protoc
+
+    proto_dir = __import__("pathlib").Path(__file__).parent / "triton"
+    assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={tmp_path}", "model_config.proto"]) == 0
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module("model_config_pb2").ModelConfig
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_triton_configs_parse_as_text_protobuf(published, tmp_path):
+    ModelConfig_ = _triton_model_config(tmp_path / "pb")  # noqa: N806
+    for role, (inp, dims) in {"encoder": ("x", [1, 8, 8]), "decoder": ("z", [6])}.items():
+        config = text_format.Parse((published / "digits" / "1" / f"{role}.config.pbtxt").read_text(), ModelConfig_())
+        assert config.name == f"digits_{role}" and config.platform == "onnxruntime_onnx"
+        assert config.max_batch_size == 256 and config.HasField("dynamic_batching")
+        assert config.default_model_filename == f"{role}.onnx"
+        assert config.input[0].name == inp and list(config.input[0].dims) == dims
+
+    made = layout(published / "digits", tmp_path / "triton")
+    assert [p.name for p in made] == ["digits_encoder", "digits_decoder"]
+    assert (tmp_path / "triton" / "digits_decoder" / "2" / "decoder.onnx").stat().st_ino == (
+        published / "digits" / "2" / "decoder.onnx"
+    ).stat().st_ino
