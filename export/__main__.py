@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from export.repository import publish
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="model name: the folder under --out")
     parser.add_argument("--max-batch-size", type=int, default=256, help="written to model.json and Triton configs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)  # torch.onnx's exporter is chatty at WARNING
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
     started = time.perf_counter()
     model, cfg, _ = load_model(args.checkpoint)
     metrics_file = args.checkpoint.parent / "metrics.json"

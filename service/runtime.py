@@ -38,7 +38,7 @@ def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str 
         return [CPU]
     if CUDA not in available:
         level = logging.WARNING if options.device == "cuda" else logging.INFO
-        log.log(level, "CUDA asked for (%s) but onnxruntime offers only %s: serving on CPU", options.device, available)
+        log.log(level, "device %s: onnxruntime offers no CUDA provider (only %s), serving on CPU", options.device, available)
         return [CPU]
     cuda_options: dict[str, object] = {
         "device_id": options.cuda_device_id,

@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -120,7 +121,8 @@ def test_parity_check_passes_on_the_real_model(published, checkpoint_path):
 def _triton_model_config(tmp_path):
     from grpc_tools import protoc
 
-    proto_dir = __import__("pathlib").Path(__file__).parent / "triton"
+    proto_dir = Path(__file__).parent / "triton"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={tmp_path}", "model_config.proto"]) == 0
     sys.path.insert(0, str(tmp_path))
     try:

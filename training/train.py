@@ -181,7 +181,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     train_seconds = sum(h["seconds"] for h in history)
 
     model, _, best = checkpoint.load_model(out / "best.pt", trainer.device)
-    test_x = prepare_eval_images(trainer.data.test.images[: cfg.eval_images], cfg.model.likelihood).to(trainer.device)
+    test_x = prepare_eval_images(trainer.data.test.images, cfg.model.likelihood, cfg.eval_images).to(trainer.device)
     log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
     test = evaluate(model, test_x, cfg.iwae_k)
     figures = write_figures(model, trainer.data.test.images.to(trainer.device), history, out, cfg.seed)
