@@ -13,7 +13,7 @@ CHECKPOINT ?= $(RUNS)/digits/best.pt
 NAME   ?= digits
 MNIST_DIR ?= ../shared/data/mnist
 
-.PHONY: install test train train-mnist features evaluate export model run proto clean
+.PHONY: install test train train-mnist features evaluate export model run bench proto clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ model: train
 export: install
 	$(PY) -m export --checkpoint $(CHECKPOINT) --out $(MODELS) --name $(NAME)
 
+# Throughput and latency beside their limits (README "Benchmarks"); quick mode takes about a minute.
+bench: install
+	@if [ -z "$$(ls -A $(MODELS) 2>/dev/null)" ]; then $(MAKE) --no-print-directory model; fi
+	$(PY) -m bench --quick --model-repo $(MODELS) --json $(RUNS)/bench.json
+
 features: install
 	$(PY) -m training.features --dataset digits --out $(RUNS)/features-digits
 
@@ -63,3 +68,39 @@ proto:
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# ---- The serving image (Dockerfile, deploy/) -------------------------------------------------------
+# `make image` builds the CPU target as $(IMAGE) with podman, from a local Debian base image (no image
+# registry is reachable here) and wheels downloaded beforehand (pip cannot reach the index inside a
+# build here). Elsewhere, `docker build --target cpu .` needs neither.
+IMAGE      ?= localhost/vae-serve:latest
+GPU_IMAGE  ?= localhost/vae-serve:gpu
+BASE_IMAGE ?= localhost/vae-base:bookworm
+PODMAN     ?= podman
+IMAGE_ARGS ?=
+PIP_WHEEL  ?= pip==26.0.1
+WHEELS     := deploy/wheels
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/containers.conf
+PODMAN_BUILD = $(PODMAN) build --isolation chroot --network host --format docker
+
+.PHONY: image image-gpu base-image wheels
+
+image: base-image wheels
+	$(PODMAN_BUILD) --target cpu --build-arg BASE=$(BASE_IMAGE) $(IMAGE_ARGS) -t $(IMAGE) .
+	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+# Needs a registry that serves the CUDA base image (GPU_BASE in the Dockerfile) and the package index.
+image-gpu:
+	$(PODMAN_BUILD) --target gpu $(IMAGE_ARGS) -t $(GPU_IMAGE) .
+
+base-image:
+	bash deploy/base-image.sh $(BASE_IMAGE)
+
+# Wheels for the base image's CPython 3.11 on glibc 2.36 (bookworm), whatever Python runs pip here.
+wheels: $(WHEELS)/.downloaded
+$(WHEELS)/.downloaded: deploy/requirements-cpu.txt
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+		--python-version 3.11 --implementation cp --abi cp311 \
+		$(foreach p,2014 _2_17 _2_27 _2_28 _2_34,--platform manylinux$(p)_x86_64) \
+		--dest $(WHEELS) --requirement deploy/requirements-cpu.txt "$(PIP_WHEEL)"
+	touch $@

@@ -7,6 +7,7 @@ ONNX metadata, so a graph file found alone still says what it is.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import onnx
@@ -16,6 +17,7 @@ from torch import nn
 from training.model import VAE
 
 OPSET = 18
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter warns about every absent torchvision op
 
 
 def decoder_output_name(likelihood: str) -> str:

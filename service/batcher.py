@@ -2,7 +2,8 @@
 
 A batch leaves when it holds `max_rows` rows, or when the oldest queued request has waited
 `max_delay` seconds, and only when this graph's executor is free: whatever queued while the model
-was busy forms the next batch. The queue is bounded in rows and refuses at once past the bound.
+was busy forms the next batch. The delay is only spent while requests arrive together (the last
+batch merged several): a lone request at low load goes straight to the model. The queue is bounded in rows and refuses at once past the bound.
 A request larger than `max_rows` is split into several queue entries; a request whose deadline
 has passed is dropped before compute. Inference runs on a worker thread, off the event loop.
 """
@@ -50,9 +51,13 @@ class _Entry:
 class Batcher:
     def __init__(
         self, graph: str, run: RunFn, metrics: Metrics, max_rows: int = 256, max_delay: float = 0.002,
-        max_queue_rows: int = 4096,
+        max_queue_rows: int = 4096, merge: bool = True, adaptive_delay: bool = True,
     ) -> None:  # fmt: skip
+        """merge=False turns batching off: one request (chunk) per graph call, never waiting to fill.
+        adaptive_delay=False makes every batch wait out `max_delay` to fill, company or not."""
         self.graph = graph
+        self.merge = merge
+        self.adaptive_delay = adaptive_delay
         self.run = run
         self.metrics = metrics
         self.max_rows = max_rows
@@ -63,6 +68,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{graph}")
         self._task: asyncio.Task | None = None
+        self._company = False  # did the last batch find other requests waiting?
         self._gauge = metrics.queue_rows.labels(graph=graph)
 
     def start(self) -> None:
@@ -116,7 +122,7 @@ class Batcher:
         """Pop up to max_rows rows of live entries; fail the expired ones without computing them."""
         batch: list[_Entry] = []
         rows = 0
-        while self._queue and rows + len(self._queue[0].rows) <= self.max_rows:
+        while self._queue and rows + len(self._queue[0].rows) <= self.max_rows and (self.merge or not batch):
             entry = self._queue.popleft()
             self._queued_rows -= len(entry.rows)
             expired = entry.deadline is not None and entry.deadline <= now
@@ -135,7 +141,10 @@ class Batcher:
         while not self._queue:
             self._wake.clear()
             await self._wake.wait()
-        while self._queued_rows < self.max_rows:
+        # Waiting for company only pays when requests do come together: a lone caller's batch goes
+        # at once, so the delay costs nothing at low load and is spent only once batches merge.
+        wait = self.merge and (self._company or not self.adaptive_delay)
+        while wait and self._queued_rows < self.max_rows:
             remaining = self._queue[0].enqueued + self.max_delay - loop.time()
             if remaining <= 0:
                 return
@@ -152,6 +161,7 @@ class Batcher:
             batch = self._take(loop.time())
             if not batch:
                 continue
+            self._company = len(batch) > 1 or bool(self._queue)
             x = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
             self.metrics.batch_rows.labels(graph=self.graph).observe(len(x))
             started = time.perf_counter()

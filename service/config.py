@@ -26,6 +26,8 @@ class ServerConfig:
     max_request_rows: int = 1024
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
+    batching: str = "on"
+    batch_delay: str = "adaptive"
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -44,6 +46,8 @@ HELP = {
     "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
     "max_queue_rows": "rows that may wait per graph before requests are refused",
     "max_request_rows": "images or latents in one request",
+    "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
+    "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
 }
 
@@ -65,4 +69,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             f"--{f.name.replace('_', '-')}", type=kind, default=default,
             help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (env {env_name}, default %(default)s)",
         )  # fmt: skip
-    return ServerConfig(**vars(parser.parse_args(argv)))
+    config = ServerConfig(**vars(parser.parse_args(argv)))
+    if config.batching not in ("on", "off"):
+        parser.error(f"--batching must be on or off, got {config.batching!r}")
+    if config.batch_delay not in ("adaptive", "always"):
+        parser.error(f"--batch-delay must be adaptive or always, got {config.batch_delay!r}")
+    return config

@@ -28,6 +28,8 @@ class Limits:
     max_request_rows: int = 1024  # images or latents in one request
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
+    batching: bool = True  # off: every request is computed alone (for comparison)
+    adaptive_delay: bool = True  # skip the batch delay while requests come alone
 
 
 def new_seed(seed: int | None) -> int:
@@ -70,7 +72,10 @@ class Engine:
         self.runtime = runtime
         self.limits = limits
         delay = limits.max_batch_delay_ms / 1000
-        common = dict(metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows)
+        common = dict(
+            metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows,
+            merge=limits.batching, adaptive_delay=limits.adaptive_delay,
+        )  # fmt: skip
         self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
         self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
 

@@ -62,6 +62,10 @@ class Graph:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
+        # Spinning worker threads keep the cores busy between runs, starving the event loop and the
+        # gRPC threads that share them; a served model runs in bursts, so let them sleep.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, so, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -248,7 +248,8 @@ class Server:
         self.runtime = load_runtime(self.spec, options)
         self.limits = Limits(
             config.max_batch_rows, config.max_batch_delay_ms, config.max_queue_rows, config.max_request_rows,
-            config.max_importance_samples, config.max_interpolation_steps,
+            config.max_importance_samples, config.max_interpolation_steps, config.batching == "on",
+            config.batch_delay == "adaptive",
         )  # fmt: skip
         self.engine = Engine(self.spec, self.runtime, self.metrics, self.limits)
         self.health = health.aio.HealthServicer()

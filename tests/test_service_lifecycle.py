@@ -24,8 +24,8 @@ from tests.test_service import metric, scrape
 def slow_server(model_repo, tmp_path):
     """Batches wait up to 1.5 s to fill, so requests sit in the queue long enough to test around them."""
     proc = ServerProcess(
-        model_repo, tmp_path / "slow.log", "--max-batch-delay-ms", "1500", "--max-batch-rows", "64",
-        "--max-queue-rows", "6", "--grace-seconds", "10",
+        model_repo, tmp_path / "slow.log", "--max-batch-delay-ms", "1500", "--batch-delay", "always",
+        "--max-batch-rows", "64", "--max-queue-rows", "6", "--grace-seconds", "10",
     )  # fmt: skip
     yield proc
     proc.terminate()
@@ -163,3 +163,35 @@ def test_client_cli_writes_a_png(server, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_batching_off_computes_every_request_alone(model_repo, tmp_path):
+    proc = ServerProcess(model_repo, tmp_path / "off.log", "--batching", "off", "--max-batch-delay-ms", "50")
+    try:
+
+        async def burst() -> None:
+            async with grpc.aio.insecure_channel(proc.target) as channel:
+                stub = vae_pb2_grpc.VaeServiceStub(channel)
+                await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=2, seed=i)) for i in range(20)))
+
+        asyncio.run(burst())
+        text = scrape(proc)
+        assert metric(text, "vae_batch_rows_count", graph="decoder") == 20
+        assert metric(text, "vae_batch_rows_sum", graph="decoder") == 40
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_adaptive_delay_lets_a_lone_request_through(model_repo, tmp_path):
+    """With a 1.5 s batch delay, a request with no company is not held for it (adaptive, the default)."""
+    proc = ServerProcess(model_repo, tmp_path / "adaptive.log", "--max-batch-delay-ms", "1500")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            for seed in range(3):
+                stub.Sample(pb.SampleRequest(num_samples=1, seed=seed), timeout=20)
+        text = scrape(proc)
+        assert metric(text, "vae_queue_wait_seconds_count", graph="decoder") == 3
+        assert metric(text, "vae_queue_wait_seconds_bucket", graph="decoder", le="0.5") == 3
+    finally:
+        assert proc.terminate() == 0

@@ -1,0 +1,191 @@
+"""`python -m bench [--quick] --model-repo DIR --json OUT`: the service's throughput and latency,
+each figure beside the limit it chases, all measured in the same run on the same machine.
+
+Limits: (a) ONNX Runtime in-process at the same batch size and threads (compute), (b) a bare
+grpc.aio server answering Sample with a prebuilt response of the same size (transport), and
+(c) the service itself with batching off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from bench.limits import graph_rows_per_s
+from bench.load import LoadResult, run_load
+from bench.processes import EchoProcess, ServiceProcess, rss_mb
+from service.api.vae.v1 import vae_pb2 as pb
+from service.api.vae.v1 import vae_pb2_grpc
+from service.repository import ModelSpec, load_spec
+from service.runtime import RuntimeOptions
+from service.tensors import from_array
+
+
+@dataclass(frozen=True)
+class Scenario:
+    rpc: str
+    rows: int
+    concurrency: int
+    batching: str = "on"
+    k: int = 0  # Score's importance samples
+
+
+SCENARIOS = [
+    Scenario("Sample", 1, 1),
+    Scenario("Sample", 1, 16),
+    Scenario("Sample", 1, 64),
+    Scenario("Sample", 1, 64, batching="off"),
+    Scenario("Sample", 256, 4),
+    Scenario("Encode", 64, 8),
+    Scenario("Decode", 64, 8),
+    Scenario("Score", 4, 4, k=64),
+]
+
+
+def make_request(spec: ModelSpec, s: Scenario) -> tuple[str, Any]:
+    rng = np.random.default_rng(0)
+    images = from_array((rng.random((s.rows, *spec.image_shape)) < 0.3).astype(np.float32))
+    if s.rpc == "Sample":
+        return "Sample", pb.SampleRequest(num_samples=s.rows, seed=1)
+    if s.rpc == "Encode":
+        return "Encode", pb.EncodeRequest(images=images)
+    if s.rpc == "Decode":
+        return "Decode", pb.DecodeRequest(latents=from_array(rng.standard_normal((s.rows, spec.latent_dim), dtype=np.float32)))
+    return "Score", pb.ScoreRequest(images=images, importance_samples=s.k, seed=1)
+
+
+async def load(target: str, method: str, request: Any, concurrency: int, duration: float, warmup: float) -> LoadResult:
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        call = getattr(vae_pb2_grpc.VaeServiceStub(channel), method)
+        return await run_load(lambda: call(request), concurrency, duration, warmup)
+
+
+def summarise(s: Scenario, r: LoadResult, limit: dict[str, Any]) -> dict[str, Any]:
+    rps = r.ok / r.seconds
+    rows_per_s = rps * s.rows
+    measured = rows_per_s if limit["unit"] == "rows/s" else rps
+    return {
+        "rpc": s.rpc + (f"(k={s.k})" if s.k else ""),
+        "rows_per_request": s.rows,
+        "concurrency": s.concurrency,
+        "batching": s.batching,
+        "requests_per_s": round(rps, 1),
+        "rows_per_s": round(rows_per_s, 1),
+        "p50_ms": round(r.percentile_ms(50), 2),
+        "p90_ms": round(r.percentile_ms(90), 2),
+        "p99_ms": round(r.percentile_ms(99), 2),
+        "errors": r.errors,
+        "limit": limit,
+        "ratio_to_limit": round(measured / limit["value"], 3) if limit["value"] else None,
+    }
+
+
+def compute_limits(spec: ModelSpec, seconds: float, threads: int) -> dict[tuple[str, int], float]:
+    options = RuntimeOptions("cpu", intra_op_threads=threads)
+    sizes = {("decoder", 1), ("decoder", 64), ("decoder", 256), ("encoder", 64), ("encoder", 4)}
+    return {key: graph_rows_per_s(spec, key[0], key[1], options, seconds) for key in sorted(sizes)}
+
+
+def limit_for(s: Scenario, compute: dict[tuple[str, int], float], echo: dict[tuple[int, int], float]) -> dict[str, Any]:
+    if s.rpc == "Sample" and s.rows == 1:
+        return {"kind": f"bare grpc.aio echo, same response size, concurrency {s.concurrency}", "unit": "requests/s",
+                "value": round(echo[(s.rows, s.concurrency)], 1)}  # fmt: skip
+    if s.rpc == "Score":
+        per_image = 1 / compute[("encoder", 4)] + s.k / compute[("decoder", 256)]
+        return {"kind": f"onnxruntime in-process, encoder batch {s.rows} + decoder batch {s.rows * s.k}",
+                "unit": "rows/s", "value": round(1 / per_image, 1)}  # fmt: skip
+    graph = "encoder" if s.rpc == "Encode" else "decoder"
+    return {"kind": f"onnxruntime in-process {graph} at batch {s.rows}", "unit": "rows/s",
+            "value": round(compute[(graph, s.rows)], 1)}  # fmt: skip
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = f"{'rpc':<12}{'rows':>5}{'conc':>5}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'err':>5}{'limit':>10}{'ratio':>7}  limit is"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['rpc']:<12}{r['rows_per_request']:>5}{r['concurrency']:>5}{r['batching']:>6}{r['requests_per_s']:>9.1f}"
+            f"{r['rows_per_s']:>10.0f}{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['errors']:>5}"
+            f"{r['limit']['value']:>10.0f}{r['ratio_to_limit']:>7.2f}  {r['limit']['kind']} ({r['limit']['unit']})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repo", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, server and limit alike")
+    args = parser.parse_args(argv)
+    duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
+    spec = load_spec(args.model_repo)
+    logs = Path(tempfile.mkdtemp(prefix="bench-"))
+    threads = ["--intra-op-threads", str(args.threads)]
+
+    print(f"model {spec.name} v{spec.version} {list(spec.image_shape)} latent {spec.latent_dim}; "
+          f"{os.cpu_count()} cores; {duration:.0f} s per scenario", flush=True)  # fmt: skip
+    compute = compute_limits(spec, duration / 2, args.threads)
+
+    echo_rates: dict[tuple[int, int], float] = {}
+    echo = EchoProcess(spec.image_shape, logs / "echo.log")
+    try:
+        for c in sorted({s.concurrency for s in SCENARIOS if s.rpc == "Sample" and s.rows == 1}):
+            r = asyncio.run(load(echo.target, "Sample", pb.SampleRequest(num_samples=1, seed=1), c, duration, warmup))
+            echo_rates[(1, c)] = r.ok / r.seconds
+    finally:
+        echo.stop()
+
+    results, memory, cold = [], {}, {}
+    for batching in ("on", "off"):
+        server = ServiceProcess(args.model_repo, logs / f"service-{batching}.log", *threads, "--batching", batching)
+        try:
+            cold[batching] = server.cold_start_s
+            if batching == "on":
+                memory["after_warmup_mb"] = round(rss_mb(server.proc.pid), 1)
+            for s in (s for s in SCENARIOS if s.batching == batching):
+                method, request = make_request(spec, s)
+                r = asyncio.run(load(server.target, method, request, s.concurrency, duration, warmup))
+                results.append(summarise(s, r, limit_for(s, compute, echo_rates)))
+                print(f"  {s.rpc}({s.rows}) c={s.concurrency} batching {batching}: {results[-1]['requests_per_s']} req/s", flush=True)
+            if batching == "on":
+                memory["after_load_mb"] = round(rss_mb(server.proc.pid), 1)
+        finally:
+            server.stop()
+
+    on = next(r for r in results if r["rows_per_request"] == 1 and r["concurrency"] == 64 and r["batching"] == "on")
+    off = next(r for r in results if r["batching"] == "off")
+    report = {
+        "model": {"name": spec.name, "version": spec.version, "image_shape": list(spec.image_shape), "latent_dim": spec.latent_dim},
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
+        "quick": args.quick,
+        "seconds_per_scenario": duration,
+        "cold_start_to_serving_s": round(cold["on"], 3),
+        "resident_memory": memory,
+        "batching_gain_sample1_c64": round(on["requests_per_s"] / off["requests_per_s"], 2),
+        "compute_limits_rows_per_s": {f"{g}@{b}": round(v, 1) for (g, b), v in compute.items()},
+        "scenarios": results,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\ncold start to SERVING {report['cold_start_to_serving_s']} s; resident memory {memory} MB; "
+          f"batching on/off at Sample(1) c=64: {report['batching_gain_sample1_c64']}x; wrote {args.json}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

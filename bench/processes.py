@@ -1,0 +1,85 @@
+"""Servers under test, each in its own process: started, timed to SERVING, measured, stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Process:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self.started = time.perf_counter()
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+class ServiceProcess(Process):
+    """`python -m service`; `cold_start_s` is process start to health SERVING."""
+
+    def __init__(self, model_repo: Path, log: Path, *extra: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        super().__init__(
+            ["-m", "service", "--model-repo", str(model_repo), "--host", "127.0.0.1", "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), "--metrics-addr", "127.0.0.1", *extra],
+            log,
+        )  # fmt: skip
+        self.cold_start_s = self._wait_serving()
+
+    def _wait_serving(self, timeout: float = 120) -> float:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.perf_counter() - self.started < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"service exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - self.started
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.01)
+        raise RuntimeError(f"service not SERVING after {timeout}s")
+
+
+class EchoProcess(Process):
+    def __init__(self, image_shape: tuple[int, ...], log: Path) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        super().__init__(["-m", "bench.echo", "--port", str(self.port), "--image-shape", ",".join(map(str, image_shape))], log)
+        while "echo on port" not in log.read_text():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"echo server exited: {log.read_text()}")
+            time.sleep(0.02)
