@@ -92,8 +92,7 @@ def summarise(s: Scenario, r: LoadResult, limit: dict[str, Any]) -> dict[str, An
     }
 
 
-def compute_limits(spec: ModelSpec, seconds: float, threads: int) -> dict[tuple[str, int], float]:
-    options = RuntimeOptions("cpu", intra_op_threads=threads)
+def compute_limits(spec: ModelSpec, seconds: float, options: RuntimeOptions) -> dict[tuple[str, int], float]:
     sizes = {("decoder", 1), ("decoder", 64), ("decoder", 256), ("encoder", 64), ("encoder", 4)}
     return {key: graph_rows_per_s(spec, key[0], key[1], options, seconds) for key in sorted(sizes)}
 
@@ -129,15 +128,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, server and limit alike")
+    parser.add_argument("--cpu-arena", choices=("on", "off"), default="on", help="onnxruntime's CPU arena, likewise")
     args = parser.parse_args(argv)
     duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
     spec = load_spec(args.model_repo)
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
-    threads = ["--intra-op-threads", str(args.threads)]
+    threads = ["--intra-op-threads", str(args.threads), "--cpu-arena", args.cpu_arena]
 
     print(f"model {spec.name} v{spec.version} {list(spec.image_shape)} latent {spec.latent_dim}; "
           f"{os.cpu_count()} cores; {duration:.0f} s per scenario", flush=True)  # fmt: skip
-    compute = compute_limits(spec, duration / 2, args.threads)
+    compute = compute_limits(spec, duration / 2, RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on"))
 
     echo_rates: dict[tuple[int, int], float] = {}
     echo = EchoProcess(spec.image_shape, logs / "echo.log")

@@ -6,7 +6,6 @@ then renamed into place: a reader never sees half a version, and a failed export
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from typing import Any
 from export.graphs import OPSET, export_graphs
 from export.triton import ROLES, triton_config
 from export.verify import verify_parity
+from service.repository import sha256  # the reader's own hash, so writer and reader cannot disagree
 from training.config import TrainConfig
 from training.model import VAE
 
@@ -32,14 +32,6 @@ def versions(model_dir: Path) -> list[int]:
 
 def next_version(model_dir: Path) -> int:
     return max(versions(model_dir), default=0) + 1
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest(

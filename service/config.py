@@ -19,6 +19,7 @@ class ServerConfig:
     metrics_addr: str = "0.0.0.0"
     device: str = "auto"
     intra_op_threads: int = 0
+    cpu_arena: str = "on"
     inter_op_threads: int = 1
     max_batch_rows: int = 256
     max_batch_delay_ms: float = 2.0
@@ -46,6 +47,7 @@ HELP = {
     "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
     "max_queue_rows": "rows that may wait per graph before requests are refused",
     "max_request_rows": "images or latents in one request",
+    "cpu_arena": "on (onnxruntime keeps its peak buffers: faster) or off (memory goes back after each batch)",
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
@@ -72,6 +74,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     config = ServerConfig(**vars(parser.parse_args(argv)))
     if config.batching not in ("on", "off"):
         parser.error(f"--batching must be on or off, got {config.batching!r}")
+    if config.cpu_arena not in ("on", "off"):
+        parser.error(f"--cpu-arena must be on or off, got {config.cpu_arena!r}")
     if config.batch_delay not in ("adaptive", "always"):
         parser.error(f"--batch-delay must be adaptive or always, got {config.batch_delay!r}")
     return config

@@ -37,7 +37,8 @@ class ModelSpec:
         return self.folder / f"{role}.onnx"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (graphs can be large)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,6 +99,6 @@ def load_spec(repo: Path, name: str | None = None, version: int | None = None, v
         if not path.is_file():
             raise RepositoryError(f"{path} is missing")
         expected = info["graphs"][role].get("sha256")
-        if verify and expected and _sha256(path) != expected:
+        if verify and expected and sha256(path) != expected:
             raise RepositoryError(f"{path}: sha256 does not match model.json (a torn or replaced file)")
     return spec

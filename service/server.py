@@ -244,13 +244,20 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.spec = load_spec(config.model_repo, config.model_name, config.model_version)
-        options = RuntimeOptions(config.device, config.intra_op_threads, config.inter_op_threads)
+        options = RuntimeOptions(
+            config.device, config.intra_op_threads, config.inter_op_threads, cpu_arena=config.cpu_arena == "on"
+        )
         self.runtime = load_runtime(self.spec, options)
         self.limits = Limits(
-            config.max_batch_rows, config.max_batch_delay_ms, config.max_queue_rows, config.max_request_rows,
-            config.max_importance_samples, config.max_interpolation_steps, config.batching == "on",
-            config.batch_delay == "adaptive",
-        )  # fmt: skip
+            max_batch_rows=config.max_batch_rows,
+            max_batch_delay_ms=config.max_batch_delay_ms,
+            max_queue_rows=config.max_queue_rows,
+            max_request_rows=config.max_request_rows,
+            max_importance_samples=config.max_importance_samples,
+            max_interpolation_steps=config.max_interpolation_steps,
+            batching=config.batching == "on",
+            adaptive_delay=config.batch_delay == "adaptive",
+        )
         self.engine = Engine(self.spec, self.runtime, self.metrics, self.limits)
         self.health = health.aio.HealthServicer()
         self.servicer = VaeServicer(self.engine, self.metrics)
