@@ -16,7 +16,7 @@ if ls "$wheels"/*.whl >/dev/null 2>&1; then
 else
     set -- python3 -m pip install
 fi
-"$@" --no-cache-dir --disable-pip-version-check --no-compile --target /opt/vae/lib --requirement "$req"
+"$@" --no-cache-dir --disable-pip-version-check --root-user-action=ignore --no-compile --target /opt/vae/lib --requirement "$req"
 
 cd /opt/vae/lib
 # onnxruntime's offline tools (transformer optimizers, quantization), test suites, numpy's Fortran

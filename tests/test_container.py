@@ -86,7 +86,8 @@ def container(image, model_repo, tmp_path_factory):
     """The image serving the test model repository, mounted read-only at /models; removed at the end.
 
     Host networking (the only kind podman has here), bound to 127.0.0.1 on free ports: the flags after
-    the image name go to the server through the ENTRYPOINT.
+    the image name go to the server through the ENTRYPOINT. Health timers are off (they need systemd);
+    test_health runs the image's HEALTHCHECK by hand.
     """
     repo = tmp_path_factory.mktemp("mounted") / "models"
     shutil.copytree(model_repo, repo)
@@ -95,6 +96,8 @@ def container(image, model_repo, tmp_path_factory):
     c = Container(f"vae-test-{uuid.uuid4().hex[:8]}", free_port(), free_port())
     try:
         podman("run", "--detach", "--name", c.name, "--network", "host", "--health-interval", "disable",
+               # As deploy/k8s runs it: read-only root filesystem, no capabilities, no privilege gain.
+               "--read-only", "--cap-drop", "all", "--security-opt", "no-new-privileges",
                "--volume", f"{repo}:/models:ro", image,
                "--host", "127.0.0.1", "--port", str(c.port), "--metrics-addr", "127.0.0.1",
                "--metrics-port", str(c.metrics_port), "--intra-op-threads", "1")  # fmt: skip
