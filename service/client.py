@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,11 +32,24 @@ class VaeClient:
     """Blocking client. Images go in as [N, C, H, W] float32 in [0, 1] (or uint8) and come back
     in the format asked for: float32 (default), uint8, or a list of PNG files."""
 
-    def __init__(self, target: str = "localhost:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 << 20):
+    def __init__(
+        self, target: str = "localhost:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 << 20,
+        ca: Path | None = None, cert: Path | None = None, key: Path | None = None, token: str | None = None,
+    ) -> None:  # fmt: skip
+        """TLS when `ca` is given (the CA that signed the server's certificate); mutual TLS with
+        `cert` and `key` as well; `token` is sent as `authorization: Bearer <token>`."""
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=options)
+        if ca or cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca).read_bytes() if ca else None,
+                private_key=Path(key).read_bytes() if key else None,
+                certificate_chain=Path(cert).read_bytes() if cert else None,
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
-        self.timeout = timeout
+        self.call = {"timeout": timeout, "metadata": [("authorization", f"Bearer {token}")] if token else None}
 
     def close(self) -> None:
         self.channel.close()
@@ -47,32 +61,32 @@ class VaeClient:
         self.close()
 
     def info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self.call)
 
     def sample(
         self, n: int, seed: int | None = None, temperature: float | None = None, format: str = "float32"
     ) -> np.ndarray | list[bytes]:
         request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format])
-        return _images(self.stub.Sample(request, timeout=self.timeout).images)
+        return _images(self.stub.Sample(request, **self.call).images)
 
     def sample_stream(self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None) -> np.ndarray:
         request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, chunk_rows=chunk_rows)
-        return np.concatenate([_images(r.images) for r in self.stub.SampleStream(request, timeout=self.timeout)])
+        return np.concatenate([_images(r.images) for r in self.stub.SampleStream(request, **self.call)])
 
     def encode(
         self, images: np.ndarray, sample: bool = False, seed: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """mu, sigma, and z (when sample=True)."""
-        r = self.stub.Encode(pb.EncodeRequest(images=from_array(images), sample=sample, seed=seed), timeout=self.timeout)
+        r = self.stub.Encode(pb.EncodeRequest(images=from_array(images), sample=sample, seed=seed), **self.call)
         return tensor_to_numpy(r.mu), tensor_to_numpy(r.sigma), tensor_to_numpy(r.z) if sample else None
 
     def decode(self, latents: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
         request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format])
-        return _images(self.stub.Decode(request, timeout=self.timeout).images)
+        return _images(self.stub.Decode(request, **self.call).images)
 
     def reconstruct(self, images: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
         request = pb.ReconstructRequest(images=from_array(images), format=FORMATS[format])
-        return _images(self.stub.Reconstruct(request, timeout=self.timeout).images)
+        return _images(self.stub.Reconstruct(request, **self.call).images)
 
     def interpolate(
         self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool = False, latents: bool = False,
@@ -84,12 +98,12 @@ class VaeClient:
         request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format])
         getattr(request, f"start_{kind}").CopyFrom(from_array(start))
         getattr(request, f"end_{kind}").CopyFrom(from_array(end))
-        r = self.stub.Interpolate(request, timeout=self.timeout)
+        r = self.stub.Interpolate(request, **self.call)
         return _images(r.images), tensor_to_numpy(r.latents)
 
     def score(self, images: np.ndarray, k: int = 64, seed: int | None = None) -> dict[str, np.ndarray]:
         """Per image, in nats: elbo, reconstruction, kl, log_likelihood (IWAE, k samples)."""
-        r = self.stub.Score(pb.ScoreRequest(images=from_array(images), importance_samples=k, seed=seed), timeout=self.timeout)
+        r = self.stub.Score(pb.ScoreRequest(images=from_array(images), importance_samples=k, seed=seed), **self.call)
         keys = ("elbo", "reconstruction", "kl", "log_likelihood")
         return {key: np.array([getattr(s, key) for s in r.scores]) for key in keys}
 
@@ -138,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.client", description="Call the VAE service.")
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--ca", type=Path, help="CA certificate (PEM) that signed the server's: use TLS")
+    parser.add_argument("--cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--key", type=Path, help="client private key (PEM), for mutual TLS")
+    parser.add_argument("--token", default=os.environ.get("VAE_TOKEN"), help="bearer token (default: $VAE_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info")
     p = sub.add_parser("sample")
@@ -162,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    with VaeClient(args.target, args.timeout) as client:
+    with VaeClient(args.target, args.timeout, ca=args.ca, cert=args.cert, key=args.key, token=args.token) as client:
         try:
             if args.command == "info":
                 from google.protobuf.json_format import MessageToDict

@@ -29,6 +29,10 @@ class ServerConfig:
     max_interpolation_steps: int = 1024
     batching: str = "on"
     batch_delay: str = "adaptive"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -51,6 +55,11 @@ HELP = {
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
+    "tls_cert": "PEM certificate (chain) for TLS on the gRPC port; with --tls-key",
+    "tls_key": "PEM private key for --tls-cert",
+    "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+    "auth_token_file": "bearer tokens, one per line (VAE_AUTH_TOKENS adds comma-separated ones)",
+    "metrics_addr": "address the metrics HTTP endpoint binds to",
 }
 
 
@@ -64,7 +73,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     for f in fields(ServerConfig):
         default = f.default
         env_name = f"VAE_{f.name.upper()}"
-        kind = {"model_version": _optional_int, "model_name": str}.get(f.name, type(default))
+        paths = {name: Path for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")}
+        kind = {"model_version": _optional_int, "model_name": str, **paths}.get(f.name, type(default))
         if env_name in env:
             default = kind(env[env_name])
         parser.add_argument(
@@ -74,6 +84,10 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     config = ServerConfig(**vars(parser.parse_args(argv)))
     if config.batching not in ("on", "off"):
         parser.error(f"--batching must be on or off, got {config.batching!r}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if config.cpu_arena not in ("on", "off"):
         parser.error(f"--cpu-arena must be on or off, got {config.cpu_arena!r}")
     if config.batch_delay not in ("adaptive", "always"):

@@ -27,6 +27,7 @@ from service.engine import Engine, Limits, new_seed
 from service.metrics import Metrics
 from service.repository import load_spec
 from service.runtime import RuntimeOptions, load_runtime
+from service.security import TokenAuth, load_tokens, server_credentials
 from service.tensors import BadRequest, check_format, from_array, images_message, images_to_array, to_array
 
 log = logging.getLogger(__name__)
@@ -271,15 +272,27 @@ class Server:
     async def start(self) -> None:
         c = self.config
         limit = c.max_message_bytes
+        tokens = load_tokens(c.auth_token_file)
+        denied = self.metrics.rejections.labels(reason="unauthenticated").inc
         self.grpc = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            interceptors=[TokenAuth(tokens, denied)] if tokens else [],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         vae_pb2_grpc.add_VaeServiceServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{c.host}:{c.port}")
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert and c.tls_key:
+            self.port = self.grpc.add_secure_port(address, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        log.info(
+            "transport: %s; auth: %s",
+            "mutual TLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext",
+            f"bearer tokens ({len(tokens)})" if tokens else "off",
+        )  # fmt: skip
         self._metrics_http, _ = self.metrics.serve(c.metrics_port, c.metrics_addr)
         self.metrics_port = self._metrics_http.server_port
         self.metrics.set_model(self.spec.name, self.spec.version, self.runtime.provider)

@@ -1,0 +1,96 @@
+"""Transport security and authentication: TLS or mutual TLS on the gRPC port, bearer tokens.
+
+Tokens come from a file (one per line) or the VAE_AUTH_TOKENS environment variable (comma
+separated), never from a flag, so they do not show in process listings or in the logged config.
+They are compared in constant time. Health checks stay open, so probes need no token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def load_tokens(token_file: Path | None, env: dict[str, str] | None = None) -> list[bytes]:
+    env = os.environ if env is None else env
+    tokens = [t.strip() for t in env.get("VAE_AUTH_TOKENS", "").split(",")]
+    if token_file:
+        tokens += [line.strip() for line in Path(token_file).read_text().splitlines()]
+    return [t.encode() for t in tokens if t and not t.startswith("#")]
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """TLS with the server's certificate; with `client_ca`, clients must present a certificate it signed."""
+    return grpc.ssl_server_credentials(
+        [(Path(key).read_bytes(), Path(cert).read_bytes())],
+        root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _token_matches(presented: bytes, tokens: list[bytes]) -> bool:
+    """Constant time in the token: every configured token is compared, whatever matched first."""
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented, token)
+    return matched
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless the call carries `authorization: Bearer <token>` with a known token."""
+
+    def __init__(self, tokens: list[bytes], on_denied: Callable[[], None] | None = None) -> None:
+        if not tokens:
+            raise ValueError("token authentication needs at least one token")
+        self.tokens = tokens
+        self.on_denied = on_denied
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method.startswith(OPEN_PREFIXES):
+            return await continuation(details)
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and _token_matches(presented.strip().encode(), self.tokens):
+            log.debug("auth: allowed %s", method)
+            return await continuation(details)
+        reason = "no bearer token" if not header else "unknown token"
+        log.warning("auth: denied %s (%s)", method, reason)
+        if self.on_denied:
+            self.on_denied()
+        handler = await continuation(details)
+        return _deny(handler, f"{reason}: send 'authorization: Bearer <token>'")
+
+
+def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as the real one that only aborts with UNAUTHENTICATED."""
+
+    async def abort(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(request: object, context: grpc.aio.ServicerContext):  # noqa: ANN202
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is not None and handler.response_streaming and not handler.request_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, handler.request_deserializer, handler.response_serializer)
+    if handler is not None and handler.request_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            abort_stream, handler.request_deserializer, handler.response_serializer
+        )
+    deserializer = handler.request_deserializer if handler else None
+    serializer = handler.response_serializer if handler else None
+    return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
