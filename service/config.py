@@ -35,6 +35,7 @@ class ServerConfig:
     auth_token_file: Path | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0
+    watch_seconds: float = 5.0
     log_level: str = "INFO"
 
     def to_log(self) -> str:
@@ -55,6 +56,7 @@ HELP = {
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
+    "watch_seconds": "how often to look for a newer model version (0: only on SIGHUP)",
     "tls_cert": "PEM certificate (chain) for TLS on the gRPC port; with --tls-key",
     "tls_key": "PEM private key for --tls-cert",
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",

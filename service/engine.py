@@ -14,8 +14,8 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.metrics import Metrics
-from service.repository import ModelSpec
-from service.runtime import Runtime
+from service.repository import ModelSpec, RepositoryError
+from service.runtime import Runtime, RuntimeOptions, load_runtime
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -71,6 +71,7 @@ class Engine:
         self.spec = spec
         self.runtime = runtime
         self.limits = limits
+        self.users = 0  # calls running on this engine; a retired engine closes when it reaches 0
         delay = limits.max_batch_delay_ms / 1000
         common = dict(
             metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows,
@@ -88,11 +89,18 @@ class Engine:
         await self.decoder.close()
 
     def warm_up(self) -> None:
-        """Run each graph once at batch 1 and at the batch limit, so the first call pays no set-up."""
+        """Run each graph at batch 1, 2 and the batch limit, so the first call pays no set-up, and
+        check every output's shape against model.json: a graph that disagrees is refused here."""
         c, h, w = self.spec.image_shape
-        for n in sorted({1, self.limits.max_batch_rows}):
-            self.runtime.encoder.run(np.zeros((n, c, h, w), np.float32))
-            self.runtime.decoder.run(np.zeros((n, self.spec.latent_dim), np.float32))
+        d = self.spec.latent_dim
+        for n in sorted({1, 2, self.limits.max_batch_rows}):
+            got = {
+                "encoder": [o.shape for o in self.runtime.encoder.run(np.zeros((n, c, h, w), np.float32))],
+                "decoder": [o.shape for o in self.runtime.decoder.run(np.zeros((n, d), np.float32))],
+            }
+            want = {"encoder": [(n, d), (n, d)], "decoder": [(n, c, h, w)]}
+            if got != want:
+                raise RepositoryError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
 
     def mean_image(self, params: np.ndarray) -> np.ndarray:
         """The decoder's output as an image in [0, 1]: sigmoid of logits, or the clipped Gaussian mean."""
@@ -160,3 +168,18 @@ class Engine:
             "kl": kl,
             "log_likelihood": logsumexp(log_px_z + log_pz - log_qz, axis=1) - math.log(k),
         }
+
+
+def load_engine(spec: ModelSpec, options: RuntimeOptions, limits: Limits, metrics: Metrics) -> Engine:
+    """Sessions for both graphs, warmed up and checked; RepositoryError says what is wrong with them."""
+    try:
+        engine = Engine(spec, load_runtime(spec, options), metrics, limits)
+    except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
+        raise RepositoryError(f"{spec.folder}: cannot load the graphs: {err}") from err
+    try:
+        engine.warm_up()
+    except RepositoryError:
+        raise
+    except Exception as err:
+        raise RepositoryError(f"{spec.folder}: warm-up failed: {err}") from err
+    return engine

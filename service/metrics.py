@@ -33,6 +33,7 @@ class Metrics:
         )
         self.queue_rows = Gauge("vae_queue_rows", "Rows waiting in a graph's batch queue", ["graph"], registry=r)
         self.rejections = Counter("vae_rejections", "Requests refused before compute, by reason", ["reason"], registry=r)
+        self.reloads = Counter("vae_model_reloads", "Model updates tried, by result (swapped, refused)", ["result"], registry=r)
         self.model_info = Gauge(
             "vae_model_info", "The model being served (value 1)", ["name", "version", "provider"], registry=r
         )

@@ -102,3 +102,11 @@ def load_spec(repo: Path, name: str | None = None, version: int | None = None, v
         if verify and expected and sha256(path) != expected:
             raise RepositoryError(f"{path}: sha256 does not match model.json (a torn or replaced file)")
     return spec
+
+
+def latest_version(repo: Path, name: str) -> int | None:
+    """The highest version folder of a model, without reading anything else (cheap enough to poll)."""
+    try:
+        return max((int(p.name) for p in (Path(repo) / name).iterdir() if p.is_dir() and p.name.isdigit()), default=None)
+    except OSError:
+        return None

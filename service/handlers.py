@@ -1,0 +1,252 @@
+"""The transport: grpc.aio handlers that validate, call the engine, and map errors to status codes.
+
+Each call takes the engine serving at its start and keeps it to the end, so a model swapped in
+meanwhile never answers half a call. Requests are parsed by a deserializer that cannot fail:
+bytes that are no valid message become a request the handler refuses with INVALID_ARGUMENT,
+rather than gRPC's own INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from service.api.vae.v1 import vae_pb2 as pb
+from service.batcher import BatchFailed, Closed, DeadlineExpired, QueueFull
+from service.engine import Engine, new_seed
+from service.metrics import Metrics
+from service.tensors import BadRequest, check_format, from_array, images_message, images_to_array, to_array
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+
+ERRORS: dict[type[Exception], grpc.StatusCode] = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Closed: grpc.StatusCode.UNAVAILABLE,
+    BatchFailed: grpc.StatusCode.INTERNAL,
+}
+
+
+class Malformed:
+    """What the deserializer hands over when the bytes are not a valid message."""
+
+    def __init__(self, message: str, error: str) -> None:
+        self.reason = f"request is not a valid {message}: {error}"
+
+
+def _parse(message: type) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as err:
+            return Malformed(message.__name__, str(err) or type(err).__name__)
+
+    return parse
+
+
+def _status(err: Exception) -> grpc.StatusCode:
+    return next((code for kind, code in ERRORS.items() if isinstance(err, kind)), grpc.StatusCode.INTERNAL)
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+def _seed(request: Any) -> int:
+    return new_seed(request.seed if request.HasField("seed") else None)
+
+
+def _count(n: int, field: str, limit: int) -> int:
+    if n < 1 or n > limit:
+        raise BadRequest(f"{field}: {n}; must be between 1 and {limit}")
+    return n
+
+
+def _images(engine: Engine, t: pb.Tensor, field: str = "images", max_rows: int | None = None) -> np.ndarray:
+    return images_to_array(t, field, engine.spec.image_shape, max_rows or engine.limits.max_request_rows)
+
+
+def _latents(engine: Engine, t: pb.Tensor, field: str, max_rows: int) -> np.ndarray:
+    return to_array(t, field, (engine.spec.latent_dim,), max_rows)
+
+
+def _format(engine: Engine, fmt: int) -> int:
+    return check_format(fmt, engine.spec.image_shape[0])
+
+
+def _temperature(request: pb.SampleRequest) -> float:
+    t = request.temperature if request.HasField("temperature") else 1.0
+    if not np.isfinite(t) or t < 0 or t > 100:
+        raise BadRequest(f"temperature: {t}; must be a finite number in [0, 100]")
+    return float(t)
+
+
+def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A unary handler, given the engine, inside the accounting of `VaeServicer.served`."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self.served(handler.__name__, request, context) as engine:
+            return await handler(self, engine, request, context)
+
+    return wrapped
+
+
+class VaeServicer:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine  # replaced whole on a model swap
+        self.metrics = metrics
+        self.draining = False
+        self.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def served(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Engine]:
+        """Count, time and map the errors of one call; pin the engine it runs on."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        engine = self.engine
+        engine.users += 1
+        self.in_flight += 1
+        try:
+            if self.draining:
+                raise Closed("the server is shutting down")
+            if isinstance(request, Malformed):
+                raise BadRequest(request.reason)
+            yield engine
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            code = _cancelled_code(context)
+            raise
+        except Exception as err:  # noqa: BLE001 - every error becomes a status code
+            code = _status(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %s", name, err, exc_info=not isinstance(err, BatchFailed))
+            await context.abort(code, str(err))
+        finally:
+            engine.users -= 1
+            self.in_flight -= 1
+            self.metrics.requests.labels(rpc=name, code=code.name).inc()
+            self.metrics.latency.labels(rpc=name).observe(time.perf_counter() - started)
+
+    @rpc
+    async def GetModelInfo(self, engine: Engine, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
+        s, lim = engine.spec, engine.limits
+        return pb.ModelInfo(
+            name=s.name, version=s.version, latent_dim=s.latent_dim, image_shape=list(s.image_shape),
+            likelihood=s.likelihood, execution_provider=engine.runtime.provider,
+            max_batch_rows=lim.max_batch_rows, max_batch_delay_ms=lim.max_batch_delay_ms,
+            max_request_rows=lim.max_request_rows, max_queue_rows=lim.max_queue_rows, dataset=s.dataset,
+            metrics=s.metrics,
+        )  # fmt: skip
+
+    @rpc
+    async def Sample(self, engine: Engine, request: pb.SampleRequest, context: Any) -> pb.SampleResponse:
+        n = _count(request.num_samples, "num_samples", engine.limits.max_request_rows)
+        fmt, temperature, seed = _format(engine, request.format), _temperature(request), _seed(request)
+        images = await engine.sample(n, seed, temperature, _deadline(context))
+        return pb.SampleResponse(images=images_message(images, fmt), seed=seed)
+
+    async def SampleStream(self, request: pb.SampleRequest, context: Any) -> AsyncIterator[pb.SampleResponse]:
+        """Sample in chunks: the concatenated chunks equal Sample's images for the same seed."""
+        async with self.served("SampleStream", request, context) as engine:
+            n = _count(request.num_samples, "num_samples", engine.limits.max_queue_rows)
+            fmt, temperature, seed = _format(engine, request.format), _temperature(request), _seed(request)
+            chunk = _count(request.chunk_rows or engine.limits.max_batch_rows, "chunk_rows", engine.limits.max_request_rows)
+            z = engine.latents(n, seed, temperature)
+            for offset in range(0, n, chunk):
+                images = await engine.decode(z[offset : offset + chunk], _deadline(context))
+                yield pb.SampleResponse(images=images_message(images, fmt), seed=seed, offset=offset)
+
+    @rpc
+    async def Encode(self, engine: Engine, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
+        mu, logvar = await engine.encode(_images(engine, request.images), _deadline(context))
+        sigma = np.exp(0.5 * logvar)
+        response = pb.EncodeResponse(mu=from_array(mu), sigma=from_array(sigma))
+        if request.sample:
+            response.seed = _seed(request)
+            response.z.CopyFrom(from_array(mu + engine.noise(response.seed, mu.shape) * sigma))
+        return response
+
+    @rpc
+    async def Decode(self, engine: Engine, request: pb.DecodeRequest, context: Any) -> pb.ImagesResponse:
+        z = _latents(engine, request.latents, "latents", engine.limits.max_request_rows)
+        fmt = _format(engine, request.format)
+        return pb.ImagesResponse(images=images_message(await engine.decode(z, _deadline(context)), fmt))
+
+    @rpc
+    async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, context: Any) -> pb.ImagesResponse:
+        x, fmt = _images(engine, request.images), _format(engine, request.format)
+        return pb.ImagesResponse(images=images_message(await engine.reconstruct(x, _deadline(context)), fmt))
+
+    @staticmethod
+    async def _end_point(engine: Engine, request: pb.InterpolateRequest, side: str, deadline: float | None) -> np.ndarray:
+        which = request.WhichOneof(side)
+        if which is None:
+            raise BadRequest(f"{side}: give {side}_image or {side}_latent")
+        t: pb.Tensor = getattr(request, which)
+        single = 1 if which.endswith("latent") else 3  # a lone latent [D] or image [C, H, W] is one row
+        if len(t.shape) == single:
+            t = pb.Tensor(shape=[1, *t.shape], dtype=t.dtype, data=t.data)
+        if which.endswith("latent"):
+            return _latents(engine, t, which, 1)[0]
+        mu, _ = await engine.encode(_images(engine, t, which, max_rows=1), deadline)
+        return mu[0]
+
+    @rpc
+    async def Interpolate(self, engine: Engine, request: pb.InterpolateRequest, context: Any) -> pb.InterpolateResponse:
+        steps, most = request.steps, engine.limits.max_interpolation_steps
+        if not 2 <= steps <= most:
+            raise BadRequest(f"steps: {steps}; must be between 2 and {most}")
+        if request.method not in pb.InterpolationMethod.values():
+            raise BadRequest(f"method: unknown interpolation method {request.method}")
+        fmt, deadline = _format(engine, request.format), _deadline(context)
+        start = await self._end_point(engine, request, "start", deadline)
+        end = await self._end_point(engine, request, "end", deadline)
+        spherical = request.method == pb.INTERPOLATION_METHOD_SPHERICAL
+        path, images = await engine.interpolate(start, end, steps, spherical, deadline)
+        return pb.InterpolateResponse(images=images_message(images, fmt), latents=from_array(path))
+
+    @rpc
+    async def Score(self, engine: Engine, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
+        x = _images(engine, request.images)
+        limits = engine.limits
+        k = _count(request.importance_samples or 64, "importance_samples", limits.max_importance_samples)
+        if len(x) * k > limits.max_queue_rows:
+            raise BadRequest(
+                f"images x importance_samples = {len(x) * k} decoder rows; at most {limits.max_queue_rows} "
+                "per request: send fewer images or a smaller k"
+            )
+        seed = _seed(request)
+        s = await engine.score(x, k, seed, _deadline(context))
+        scores = [
+            pb.ImageScore(elbo=e, reconstruction=r, kl=kl, log_likelihood=ll)
+            for e, r, kl, ll in zip(s["elbo"], s["reconstruction"], s["kl"], s["log_likelihood"])
+        ]
+        return pb.ScoreResponse(scores=scores, importance_samples=k, seed=seed)
+
+
+def add_to_server(servicer: VaeServicer, server: grpc.aio.Server) -> None:
+    """Register every RPC of the proto's VaeService, with the deserializers that cannot fail."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["VaeService"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=_parse(request), response_serializer=response.SerializeToString
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

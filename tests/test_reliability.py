@@ -1,0 +1,316 @@
+"""Reliability on the real server: model updates under load, broken updates refused, SIGTERM under
+load, overload, faults inside one batch, and a fuzz run of malformed requests."""
+
+import asyncio
+import json
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.api.vae.v1 import vae_pb2 as pb
+from service.api.vae.v1 import vae_pb2_grpc
+from service.batcher import Batcher, BatchFailed
+from service.client import VaeClient
+from service.metrics import Metrics
+from tests.conftest import ServerProcess
+from tests.test_service import metric, scrape
+
+
+class Load:
+    """Closed-loop callers in a background thread; every call's start time and status code kept."""
+
+    def __init__(self, target: str, request: pb.SampleRequest, concurrency: int = 8) -> None:
+        self.calls: list[tuple[float, str, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run(target, request, concurrency)))
+        self._thread.start()
+
+    async def _run(self, target: str, request: pb.SampleRequest, concurrency: int) -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+
+            async def caller() -> None:
+                while not self._stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        response = await stub.Sample(request, timeout=30)
+                        self.calls.append((started, "OK", response.images.tensor.data))
+                    except grpc.aio.AioRpcError as err:
+                        self.calls.append((started, err.code().name, b""))
+                        await asyncio.sleep(0.01)
+
+            await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+    def stop(self) -> Counter:
+        self._stop.set()
+        self._thread.join(60)
+        return Counter(code for _, code, _ in self.calls)
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory, digits):
+    """Another real model, trained with another seed: its answers differ from the first's."""
+    from training.config import ModelConfig, TrainConfig
+    from training.train import Trainer
+
+    out = tmp_path_factory.mktemp("second")
+    cfg = TrainConfig(model=ModelConfig(latent_dim=8, widths=(16, 32), hidden=64), epochs=3, batch_size=32, seed=5)
+    trainer = Trainer(cfg, out, digits)
+    trainer.fit()
+    return trainer.model.eval(), cfg
+
+
+@pytest.fixture
+def repo(model_repo, tmp_path):
+    """A private copy of the model repository, so a test can add versions to it."""
+    shutil.copytree(model_repo, tmp_path / "models")
+    return tmp_path / "models"
+
+
+def publish_broken(repo: Path, version: int, break_it) -> None:
+    """A version whose model.json checks out (hashes match) but whose graphs cannot serve."""
+    import hashlib
+
+    staging = repo / "digits" / f".staging-{version}"
+    shutil.copytree(repo / "digits" / "1", staging)
+    info = json.loads((staging / "model.json").read_text())
+    break_it(staging, info)
+    for role in ("encoder", "decoder"):
+        info["graphs"][role]["sha256"] = hashlib.sha256((staging / f"{role}.onnx").read_bytes()).hexdigest()
+    info["version"] = version
+    (staging / "model.json").write_text(json.dumps(info))
+    staging.rename(repo / "digits" / str(version))
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_hot_swap_under_load_then_broken_versions_are_refused(repo, second_model, tmp_path):
+    from export.repository import publish
+
+    proc = ServerProcess(repo, tmp_path / "swap.log", "--watch-seconds", "0.2")
+    request = pb.SampleRequest(num_samples=3, seed=11)
+    try:
+        with VaeClient(proc.target) as client:
+            v1_answer = client.sample(3, seed=11)
+            load = Load(proc.target, request)
+            time.sleep(0.5)
+            model, cfg = second_model
+            publish(model, cfg, repo, "digits")  # version 2, renamed into place atomically
+            wait_for(lambda: client.info().version == 2)
+            time.sleep(0.5)
+            codes = load.stop()
+            assert codes == Counter({"OK": codes["OK"]}) and codes["OK"] > 50, codes
+            answers = {data for _, _, data in load.calls}
+            assert len(answers) == 2  # the v1 answer, then the v2 answer: nothing in between
+            v2_answer = client.sample(3, seed=11)
+            assert not np.array_equal(v2_answer, v1_answer)
+            with torch_free_reference(model) as reference:
+                np.testing.assert_allclose(v2_answer, reference(3, 11), atol=1e-5)
+
+            publish_broken(repo, 3, lambda folder, info: (folder / "decoder.onnx").write_bytes(b"not an onnx graph"))
+            wait_for(lambda: metric(scrape(proc), "vae_model_reloads_total", result="refused") == 1)
+            publish_broken(repo, 4, lambda folder, info: info.update(image_shape=[1, 9, 9]))
+            wait_for(lambda: metric(scrape(proc), "vae_model_reloads_total", result="refused") == 2)
+            assert client.info().version == 2 and np.array_equal(client.sample(3, seed=11), v2_answer)
+            text = scrape(proc)
+            assert metric(text, "vae_model_info", name="digits", version="2", provider="CPUExecutionProvider") == 1
+            assert metric(text, "vae_model_reloads_total", result="swapped") == 1
+    finally:
+        assert proc.terminate() == 0
+    log = proc.log.read_text()
+    assert "model updated: digits v1 -> v2" in log and "retired v1" in log
+    assert log.count("model update refused, still serving v2") == 2
+    assert "cannot load the graphs" in log and "warm-up failed" in log
+
+
+class torch_free_reference:  # noqa: N801 - a context manager read as a phrase
+    """What the service should answer for Sample(n, seed), computed with torch from the same noise."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        import torch
+
+        def reference(n: int, seed: int) -> np.ndarray:
+            z = np.random.Generator(np.random.PCG64(seed)).standard_normal((n, self.model.cfg.latent_dim), dtype=np.float32)
+            with torch.no_grad():
+                return torch.sigmoid(self.model.decode(torch.from_numpy(z))).numpy()
+
+        return reference
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def test_sighup_reloads(repo, second_model, tmp_path):
+    from export.repository import publish
+
+    proc = ServerProcess(repo, tmp_path / "hup.log", "--watch-seconds", "0")
+    try:
+        publish(*second_model, repo, "digits")
+        with VaeClient(proc.target) as client:
+            time.sleep(0.3)
+            assert client.info().version == 1  # not watching: nothing happens on its own
+            proc.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: client.info().version == 2)
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_corrupt_repository_at_start_exits_with_a_message(repo, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    publish_broken(repo, 2, lambda folder, info: (folder / "encoder.onnx").write_bytes(b"\x00garbage"))
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "cannot serve" in done.stderr and "cannot load the graphs" in done.stderr
+
+
+def test_sigterm_under_load_fails_no_admitted_call(model_repo, tmp_path):
+    proc = ServerProcess(model_repo, tmp_path / "term.log", "--grace-seconds", "10")
+    load = Load(proc.target, pb.SampleRequest(num_samples=16, seed=1), concurrency=16)
+    time.sleep(1.0)
+    signalled = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(30) == 0
+    load.stop()
+    before = [code for started, code, _ in load.calls if started < signalled - 0.05]
+    assert len(before) > 20 and set(before) == {"OK"}, Counter(before)
+    after = {code for started, code, _ in load.calls if started > signalled + 0.05}
+    assert after <= {"UNAVAILABLE", "CANCELLED"}  # refused while draining, or dropped by our own stop()
+
+
+def test_overload_refuses_at_once_and_memory_comes_back(model_repo, tmp_path):
+    proc = ServerProcess(
+        model_repo, tmp_path / "overload.log", "--max-queue-rows", "256", "--max-batch-rows", "64",
+        "--max-request-rows", "256",
+    )  # fmt: skip
+    try:
+        pid = proc.proc.pid
+        rss = lambda: int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")).split()[1])  # noqa: E731
+        with VaeClient(proc.target) as client:
+            client.sample(256, seed=0)  # every buffer size the load will need, once
+        before = rss()
+        load = Load(proc.target, pb.SampleRequest(num_samples=128, seed=2), concurrency=24)  # ~12x the queue
+        time.sleep(3)
+        codes = load.stop()
+        assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"} and codes["OK"] > 10 and codes["RESOURCE_EXHAUSTED"] > 10, codes
+        text = scrape(proc)
+        refused = metric(text, "vae_rejections_total", reason="queue_full")
+        assert refused == codes["RESOURCE_EXHAUSTED"]
+        assert metric(text, "vae_queue_wait_seconds_count", graph="decoder") >= codes["OK"]
+        time.sleep(0.5)
+        assert rss() < before * 1.3 + 20_000, (before, rss())  # kB: no growth that stays
+        with VaeClient(proc.target) as client:
+            assert client.sample(2, seed=0).shape == (2, 1, 8, 8)
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_a_failing_batch_fails_only_its_own_calls():
+    """The real batcher, with a graph that fails on one poisoned batch: neighbours in later batches succeed."""
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        if (x < 0).any():
+            raise RuntimeError("poisoned batch")
+        return [x * 2]
+
+    async def scenario() -> tuple[list, list]:
+        batcher = Batcher("test", run, Metrics(), max_rows=4, max_delay=0.05, max_queue_rows=64)
+        batcher.start()
+        try:
+            poisoned = [batcher.submit(np.array([[-1.0]])), batcher.submit(np.array([[1.0]]))]  # one batch
+            first = await asyncio.gather(*poisoned, return_exceptions=True)
+            later = await asyncio.gather(*(batcher.submit(np.array([[float(i)]])) for i in range(3)))
+            return first, later
+        finally:
+            await batcher.close()
+
+    first, later = asyncio.run(scenario())
+    assert all(isinstance(r, BatchFailed) and "poisoned batch" in str(r) for r in first)
+    assert [float(out[0][0, 0]) for out in later] == [0.0, 2.0, 4.0]
+
+
+tensors = st.builds(
+    pb.Tensor,
+    shape=st.lists(st.integers(-5, 2**40), max_size=5),
+    dtype=st.integers(0, 5),
+    data=st.binary(max_size=600),
+)
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+requests = st.one_of(
+    st.builds(lambda n, s, t, f, c: ("Sample", pb.SampleRequest(num_samples=n, seed=s, temperature=t, format=f, chunk_rows=c)),
+              st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), floats, st.integers(0, 9), st.integers(0, 2**32 - 1)),
+    st.builds(lambda n, t: ("SampleStream", pb.SampleRequest(num_samples=n, temperature=t, chunk_rows=7)),
+              st.integers(0, 40), floats),
+    st.builds(lambda t, s: ("Encode", pb.EncodeRequest(images=t, sample=s)), tensors, st.booleans()),
+    st.builds(lambda t, f: ("Decode", pb.DecodeRequest(latents=t, format=f)), tensors, st.integers(0, 9)),
+    st.builds(lambda t: ("Reconstruct", pb.ReconstructRequest(images=t)), tensors),
+    st.builds(lambda a, b, n, m: ("Interpolate", pb.InterpolateRequest(start_latent=a, end_image=b, steps=n, method=m)),
+              tensors, tensors, st.integers(0, 2**32 - 1), st.integers(0, 9)),
+    st.builds(lambda t, k: ("Score", pb.ScoreRequest(images=t, importance_samples=k)), tensors, st.integers(0, 2**32 - 1)),
+    st.builds(lambda x: ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[1, 8], dtype=1, data=x.tobytes()))),
+              st.lists(floats, min_size=8, max_size=8).map(lambda v: np.array(v, np.float32))),
+)  # fmt: skip
+BAD_FOR_BAD_INPUT = {"INTERNAL", "UNKNOWN"}
+
+
+def test_fuzz_malformed_requests(server):
+    tried: Counter = Counter()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        raw = {m: channel.unary_unary(f"/vae.v1.VaeService/{m}") for m in ("Sample", "Encode", "Decode", "Score", "Interpolate")}
+
+        @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(requests)
+        def typed(case):
+            method, request = case
+            try:
+                result = getattr(stub, method)(request, timeout=10)
+                if method == "SampleStream":
+                    list(result)
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name
+            tried[code] += 1
+            assert code not in BAD_FOR_BAD_INPUT, (method, request, code)
+
+        @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(st.sampled_from(sorted(raw)), st.binary(max_size=300))
+        def garbage(method, payload):
+            try:
+                raw[method](payload, timeout=10)
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name
+            tried[code] += 1
+            assert code not in BAD_FOR_BAD_INPUT, (method, payload, code)
+
+        typed()
+        garbage()
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    print(f"\nfuzz: {sum(tried.values())} requests, by status: {dict(tried)}")
+    assert sum(tried.values()) >= 3000 and tried["INVALID_ARGUMENT"] > 1000
