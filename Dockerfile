@@ -54,11 +54,13 @@ ENTRYPOINT ["python3", "-m", "service"]
 # onnxruntime-gpu from the package index. Not built on this project's machines (no CUDA base image
 # reachable there); written from the NVIDIA and ONNX Runtime documentation.
 FROM ${GPU_BASE} AS gpu-python
+ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/*
 
 FROM gpu-python AS gpu-build
+ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-pip \
  && rm -rf /var/lib/apt/lists/*
