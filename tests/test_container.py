@@ -120,12 +120,13 @@ def test_image_holds_no_torch_pip_or_compiler(image):
     probe = (
         "import importlib.util as u, json, shutil; "
         "print(json.dumps({m: u.find_spec(m) is not None for m in ('torch', 'onnxruntime', 'grpc', 'pip', 'service')}"
-        " | {t: shutil.which(t) for t in ('gcc', 'cc', 'c++', 'make', 'pip', 'pip3')}))"
+        " | {'bin/' + t: shutil.which(t) for t in ('gcc', 'cc', 'c++', 'make', 'pip', 'pip3')}))"
     )
     found = json.loads(podman("run", "--rm", "--network", "host", "--no-healthcheck", "--entrypoint", "python3", image,
                               "-c", probe).stdout.strip().splitlines()[-1])  # fmt: skip
     assert found == {"torch": False, "onnxruntime": True, "grpc": True, "pip": False, "service": True,
-                     "gcc": None, "cc": None, "c++": None, "make": None, "pip": None, "pip3": None}  # fmt: skip
+                     "bin/gcc": None, "bin/cc": None, "bin/c++": None, "bin/make": None, "bin/pip": None,
+                     "bin/pip3": None}  # fmt: skip
     done = podman("run", "--rm", "--network", "host", "--no-healthcheck", "--entrypoint", "python3", image, "-c", "import torch",
                   check=False)  # fmt: skip
     assert done.returncode != 0 and "No module named 'torch'" in done.stderr

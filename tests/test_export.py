@@ -19,18 +19,12 @@ from export.repository import publish, versions
 from export.triton import layout
 from export.verify import ParityError, verify_parity
 from training.checkpoint import load_model
-from training.config import ModelConfig, TrainConfig
 from training.model import VAE
-from training.train import Trainer
 
 
 @pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory, digits):
-    out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(model=ModelConfig(latent_dim=6, widths=(16, 32), hidden=64), epochs=2, batch_size=32)
-    Trainer(cfg, out, digits).fit()
-    (out / "metrics.json").write_text(json.dumps({"test": {"elbo": -30.5, "nll": 29.9}}))
-    return out / "best.pt"
+def checkpoint_path(trained):
+    return trained / "best.pt"
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +52,9 @@ def test_layout_and_version_numbering(published):
 def test_model_json(published):
     info = json.loads((published / "digits" / "2" / "model.json").read_text())
     assert info["name"] == "digits" and info["version"] == 2
-    assert info["latent_dim"] == 6 and info["image_shape"] == [1, 8, 8]
+    assert info["latent_dim"] == 8 and info["image_shape"] == [1, 8, 8]
     assert info["likelihood"] == "bernoulli" and info["dataset"] == "digits"
-    assert info["metrics"] == {"elbo": -30.5, "nll": 29.9}
+    assert info["metrics"] == {"elbo": -27.0, "nll": 26.0}
     assert info["opset"] == OPSET >= 17
     assert set(info["exporters"]) == {"torch", "onnx", "onnxruntime"}
     for role in ("encoder", "decoder"):
@@ -75,7 +69,7 @@ def test_graphs_are_valid_and_describe_themselves(published):
         graph = onnx.load(str(published / "digits" / "1" / f"{role}.onnx"))
         onnx.checker.check_model(graph, full_check=True)
         meta = {p.key: p.value for p in graph.metadata_props}
-        assert meta["role"] == role and meta["latent_dim"] == "6" and meta["likelihood"] == "bernoulli"
+        assert meta["role"] == role and meta["latent_dim"] == "8" and meta["likelihood"] == "bernoulli"
         assert "VAE" in graph.doc_string
         assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
 
@@ -91,7 +85,7 @@ def test_dynamic_batch_matches_torch(published, checkpoint_path, n):
     with torch.no_grad():
         t_mu, t_logvar = model.encode(torch.from_numpy(x))
         t_logits = model.decode(t_mu)
-    assert mu.shape == logvar.shape == (n, 6) and logits.shape == (n, 1, 8, 8)
+    assert mu.shape == logvar.shape == (n, 8) and logits.shape == (n, 1, 8, 8)
     np.testing.assert_allclose(mu, t_mu.numpy(), atol=1e-4)
     np.testing.assert_allclose(logits, t_logits.numpy(), atol=1e-4)
 
@@ -135,7 +129,7 @@ def _triton_model_config(tmp_path):
 
 def test_triton_configs_parse_as_text_protobuf(published, tmp_path):
     ModelConfig_ = _triton_model_config(tmp_path / "pb")  # noqa: N806
-    for role, (inp, dims) in {"encoder": ("x", [1, 8, 8]), "decoder": ("z", [6])}.items():
+    for role, (inp, dims) in {"encoder": ("x", [1, 8, 8]), "decoder": ("z", [8])}.items():
         config = text_format.Parse((published / "digits" / "1" / f"{role}.config.pbtxt").read_text(), ModelConfig_())
         assert config.name == f"digits_{role}" and config.platform == "onnxruntime_onnx"
         assert config.max_batch_size == 256 and config.HasField("dynamic_batching")

@@ -157,15 +157,20 @@ def test_seeded_answers_do_not_depend_on_batch_neighbours(server, client):
         assert np.array_equal(images, solo[seed]), f"seed {seed} changed under load"
 
 
+def burst(target: str, count: int, rows: int) -> None:
+    """`count` Sample calls of `rows` rows, all sent at once."""
+
+    async def send() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=rows, seed=i)) for i in range(count)))
+
+    asyncio.run(send())
+
+
 def test_batching_merges_concurrent_requests(server):
     before = scrape(server)
-
-    async def burst() -> None:
-        async with grpc.aio.insecure_channel(server.target) as channel:
-            stub = vae_pb2_grpc.VaeServiceStub(channel)
-            await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=1, seed=i)) for i in range(64)))
-
-    asyncio.run(burst())
+    burst(server.target, count=64, rows=1)
     after = scrape(server)
     batches = metric(after, "vae_batch_rows_count", graph="decoder") - metric(before, "vae_batch_rows_count", graph="decoder")
     rows = metric(after, "vae_batch_rows_sum", graph="decoder") - metric(before, "vae_batch_rows_sum", graph="decoder")

@@ -1,6 +1,5 @@
 """Limits, deadlines, start-up failures and graceful shutdown, each on its own real server."""
 
-import asyncio
 import logging
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from service.config import parse_config
 from service.repository import RepositoryError, load_spec
 from service.runtime import CPU, CUDA, RuntimeOptions, choose_providers
 from tests.conftest import ROOT, ServerProcess
-from tests.test_service import metric, scrape
+from tests.test_service import burst, metric, scrape
 
 
 @pytest.fixture
@@ -168,13 +167,7 @@ def test_client_cli_writes_a_png(server, tmp_path):
 def test_batching_off_computes_every_request_alone(model_repo, tmp_path):
     proc = ServerProcess(model_repo, tmp_path / "off.log", "--batching", "off", "--max-batch-delay-ms", "50")
     try:
-
-        async def burst() -> None:
-            async with grpc.aio.insecure_channel(proc.target) as channel:
-                stub = vae_pb2_grpc.VaeServiceStub(channel)
-                await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=2, seed=i)) for i in range(20)))
-
-        asyncio.run(burst())
+        burst(proc.target, count=20, rows=2)
         text = scrape(proc)
         assert metric(text, "vae_batch_rows_count", graph="decoder") == 20
         assert metric(text, "vae_batch_rows_sum", graph="decoder") == 40
