@@ -41,7 +41,7 @@ def target() -> str:
     except SystemExit:  # flags this parser does not know: fall back to our own environment
         config = parse_config([], None)
     host = "127.0.0.1" if config.host in WILDCARDS else config.host
-    return f"{host}:{config.port}"
+    return f"{host}:{config.port if config.health_port is None else config.health_port}"
 
 
 def main() -> int:

@@ -16,6 +16,7 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     metrics_port: int = 9090
+    health_port: int | None = None
     metrics_addr: str = "0.0.0.0"
     device: str = "auto"
     intra_op_threads: int = 0
@@ -56,6 +57,7 @@ HELP = {
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
+    "health_port": "also serve grpc.health.v1 alone, in plaintext, on this port (for probes when the main port has TLS)",
     "watch_seconds": "how often to look for a newer model version (0: only on SIGHUP)",
     "tls_cert": "PEM certificate (chain) for TLS on the gRPC port; with --tls-key",
     "tls_key": "PEM private key for --tls-cert",
@@ -76,7 +78,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         default = f.default
         env_name = f"VAE_{f.name.upper()}"
         paths = {name: Path for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")}
-        kind = {"model_version": _optional_int, "model_name": str, **paths}.get(f.name, type(default))
+        kind = {"model_version": _optional_int, "health_port": _optional_int, "model_name": str, **paths}.get(
+            f.name, type(default)
+        )
         if env_name in env:
             default = kind(env[env_name])
         parser.add_argument(

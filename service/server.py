@@ -55,7 +55,9 @@ class Server:
         self.servicer = VaeServicer(load_engine(spec, self.options, self.limits, self.metrics), self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
+        self.probes: grpc.aio.Server | None = None  # the plaintext health-only port, if asked for
         self.port = 0
+        self.health_port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
         self._retiring: set[asyncio.Task] = set()
@@ -93,6 +95,12 @@ class Server:
             "mutual TLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext",
             f"bearer tokens ({len(tokens)})" if tokens else "off",
         )  # fmt: skip
+        if c.health_port is not None:
+            self.probes = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probes)
+            self.health_port = self.probes.add_insecure_port(f"{c.host}:{c.health_port}")
+            await self.probes.start()
+            log.info("health alone, in plaintext, on port %d", self.health_port)
         self._metrics_http, _ = self.metrics.serve(c.metrics_port, c.metrics_addr)
         self.metrics_port = self._metrics_http.server_port
         self._announce(self.engine)
@@ -177,6 +185,8 @@ class Server:
             log.warning("%d calls still running after the grace period: cancelling them", self.servicer.in_flight)
         if self.grpc:
             await self.grpc.stop(max(0.0, min(1.0, end - loop.time())))
+        if self.probes:
+            await self.probes.stop(0)
         await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.engine.close()
         if self._metrics_http:

@@ -6,6 +6,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from bench.processes import free_port
+from service.api.vae.v1 import vae_pb2 as pb
+from service.api.vae.v1 import vae_pb2_grpc
 from service.client import VaeClient
 from service.config import parse_config
 from service.security import load_tokens
@@ -35,8 +38,17 @@ def refused(make_client, code=grpc.StatusCode.UNAVAILABLE) -> str:
 
 def test_tls(model_repo, pki, tmp_path):
     cert, key = pki["server"]
-    proc = ServerProcess(model_repo, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key))
+    health_port = free_port()
+    proc = ServerProcess(
+        model_repo, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--health-port", str(health_port)
+    )
     try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:  # probes speak plaintext
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:  # and that port offers nothing else
+                vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with VaeClient(proc.target, ca=pki["ca"]) as client:
             assert client.sample(2, seed=0).shape == (2, 1, 8, 8)
         refused(lambda: VaeClient(proc.target, timeout=5))  # plaintext against TLS
