@@ -102,3 +102,18 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
         "encoder": {"inputs": {"x": [-1, c, h, w]}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
         "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, c, h, w]}},
     }
+
+
+def export_fp16_decoder(folder: Path) -> None:
+    """decoder_fp16.onnx: the decoder's weights and arithmetic in half precision for GPUs, with
+    float32 input and output kept (casts at the edges), so callers see the same interface."""
+    from onnxconverter_common import float16
+
+    graph = onnx.load(str(folder / "decoder.onnx"))
+    half = float16.convert_float_to_float16(graph, keep_io_types=True)
+    half.doc_string = graph.doc_string + " (float16 inside, float32 at the edges)"
+    for prop in half.metadata_props:
+        if prop.key == "role":
+            prop.value = "decoder_fp16"
+    onnx.save_model(half, str(folder / "decoder_fp16.onnx"))
+    onnx.checker.check_model(str(folder / "decoder_fp16.onnx"), full_check=True)

@@ -14,7 +14,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
-from export.graphs import OPSET, export_graphs
+from export.graphs import OPSET, export_fp16_decoder, export_graphs
 from export.triton import ROLES, triton_config
 from export.verify import verify_parity
 from service.repository import sha256  # the reader's own hash, so writer and reader cannot disagree
@@ -54,8 +54,9 @@ def manifest(
         "opset": OPSET,
         "exporters": {pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
         "graphs": {
-            role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signatures[role]}
-            for role in ROLES
+            role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signatures[role.removesuffix("_fp16")]}
+            for role in (*ROLES, "decoder_fp16")
+            if (folder / f"{role}.onnx").exists()
         },
         "parity_max_abs_diff": parity,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -64,14 +65,17 @@ def manifest(
 
 def publish(
     model: VAE, cfg: TrainConfig, models: Path, name: str, metrics: dict[str, Any] | None = None,
-    max_batch_size: int = 256,
+    max_batch_size: int = 256, fp16_decoder: bool = False,
 ) -> Path:  # fmt: skip
     """Export, verify and atomically publish the next version; return its folder."""
     model_dir = models / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a server running as another user must read it
     try:
         signatures = export_graphs(model, staging)
+        if fp16_decoder:
+            export_fp16_decoder(staging)
         parity = verify_parity(model, staging)
         while True:
             version = next_version(model_dir)

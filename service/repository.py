@@ -32,6 +32,7 @@ class ModelSpec:
     dataset: str
     metrics: dict[str, float] = field(default_factory=dict)
     decoder_output: str = "logits"
+    has_fp16_decoder: bool = False
 
     def graph(self, role: str) -> Path:
         return self.folder / f"{role}.onnx"
@@ -89,12 +90,13 @@ def load_spec(repo: Path, name: str | None = None, version: int | None = None, v
             dataset=str(info.get("dataset", "")),
             metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
             decoder_output=next(iter(info["graphs"]["decoder"]["outputs"])),
+            has_fp16_decoder="decoder_fp16" in info["graphs"],
         )
     except (KeyError, TypeError, ValueError, StopIteration) as err:
         raise RepositoryError(f"{folder}/model.json is missing or has a bad field: {err!r}") from err
     if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in ("bernoulli", "gaussian"):
         raise RepositoryError(f"{folder}/model.json: bad image_shape, latent_dim or likelihood")
-    for role in ROLES:
+    for role in (*ROLES, "decoder_fp16") if spec.has_fp16_decoder else ROLES:
         path = spec.graph(role)
         if not path.is_file():
             raise RepositoryError(f"{path} is missing")

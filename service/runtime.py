@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from service.repository import ModelSpec
+from service.repository import ModelSpec, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class RuntimeOptions:
     cuda_device_id: int = 0
     cuda_mem_limit_bytes: int = 0  # 0: no limit
     cpu_arena: bool = True
+    fp16_decoder: bool = False  # serve decoder_fp16.onnx (an export option, meant for GPUs)
 
 
 def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
@@ -90,9 +91,12 @@ class Runtime:
 
 def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     providers = choose_providers(options, ort.get_available_providers())
+    if options.fp16_decoder and not spec.has_fp16_decoder:
+        raise RepositoryError(f"{spec.folder}: --decoder-precision fp16 asked for, but the export wrote no decoder_fp16.onnx")
+    decoder = "decoder_fp16" if options.fp16_decoder else "decoder"
     runtime = Runtime(
         encoder=Graph(str(spec.graph("encoder")), options, providers),
-        decoder=Graph(str(spec.graph("decoder")), options, providers),
+        decoder=Graph(str(spec.graph(decoder)), options, providers),
     )
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if runtime.provider != wanted:

@@ -48,8 +48,9 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.options = RuntimeOptions(
-            config.device, config.intra_op_threads, config.inter_op_threads, cpu_arena=config.cpu_arena == "on"
-        )
+            config.device, config.intra_op_threads, config.inter_op_threads, cpu_arena=config.cpu_arena == "on",
+            fp16_decoder=config.decoder_precision == "fp16",
+        )  # fmt: skip
         self.limits = limits_from(config)
         spec = load_spec(config.model_repo, config.model_name, config.model_version)
         self.servicer = VaeServicer(load_engine(spec, self.options, self.limits, self.metrics), self.metrics)

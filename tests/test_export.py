@@ -42,6 +42,7 @@ def published(tmp_path_factory, checkpoint_path):
 def test_layout_and_version_numbering(published):
     model_dir = published / "digits"
     assert versions(model_dir) == [1, 2]
+    assert (model_dir / "1").stat().st_mode & 0o055 == 0o055  # readable by a server running as another user
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]  # no staging folder left behind
     for v in ("1", "2"):
         assert {p.name for p in (model_dir / v).iterdir()} == {
@@ -141,3 +142,35 @@ def test_triton_configs_parse_as_text_protobuf(published, tmp_path):
     assert (tmp_path / "triton" / "digits_decoder" / "2" / "decoder.onnx").stat().st_ino == (
         published / "digits" / "2" / "decoder.onnx"
     ).stat().st_ino
+
+
+def test_fp16_decoder_is_exported_verified_and_served(tmp_path, checkpoint_path, model_repo):
+    from tests.conftest import ROOT, ServerProcess
+
+    model, cfg, _ = load_model(checkpoint_path)
+    folder = publish(model, cfg, tmp_path / "models", "digits", fp16_decoder=True)
+    info = json.loads((folder / "model.json").read_text())
+    data = (folder / "decoder_fp16.onnx").read_bytes()
+    assert info["graphs"]["decoder_fp16"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert 0 < info["parity_max_abs_diff"]["decoder_fp16.logits"] <= 3e-2  # really half precision, within its limit
+    session = ort.InferenceSession(str(folder / "decoder_fp16.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == session.get_outputs()[0].type == "tensor(float)"  # float32 at the edges
+    assert len(data) < 0.75 * (folder / "decoder.onnx").stat().st_size  # half-size weights, plus the graph itself
+
+    from service.client import VaeClient
+
+    half = ServerProcess(tmp_path / "models", tmp_path / "fp16.log", "--decoder-precision", "fp16")
+    try:
+        with VaeClient(half.target) as client:
+            images = client.sample(16, seed=4)
+        with torch.no_grad():
+            z = np.random.Generator(np.random.PCG64(4)).standard_normal((16, 8), dtype=np.float32)
+            expected = torch.sigmoid(model.decode(torch.from_numpy(z))).numpy()
+        np.testing.assert_allclose(images, expected, atol=1e-2)
+    finally:
+        assert half.terminate() == 0
+    refused = subprocess.run(
+        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0",
+         "--decoder-precision", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "no decoder_fp16.onnx" in refused.stderr
