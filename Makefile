@@ -59,7 +59,7 @@ features: install
 evaluate: install
 	$(PY) -m training.evaluate --checkpoint $(RUNS)/mnist/best.pt --k 1000 --images 1000
 
-# Generated code is committed (the serving image needs no grpcio-tools); tests/test_proto.py proves it current.
+# Generated code is committed (the serving image needs no grpcio-tools); tests/test_service_lifecycle.py::test_generated_code_is_current proves it current.
 # The -I mapping makes the generated imports read `from service.api.vae.v1 import vae_pb2`.
 PROTO_OUT := service/api
 proto:

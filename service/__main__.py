@@ -7,6 +7,7 @@ import logging
 import sys
 
 from service.config import parse_config
+from service.config import ConfigError
 from service.repository import RepositoryError
 from service.server import serve
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("config: %s", config.to_log())
     try:
         asyncio.run(serve(config))
-    except RepositoryError as err:
+    except (RepositoryError, ConfigError) as err:
         logging.getLogger(__name__).error("cannot serve: %s", err)
         return 2
     return 0

@@ -68,6 +68,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{graph}")
         self._task: asyncio.Task | None = None
+        self._running: list[_Entry] = []  # the batch in the executor now
         self._company = False  # did the last batch find other requests waiting?
         self._gauge = metrics.queue_rows.labels(graph=graph)
 
@@ -75,17 +76,19 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.graph}")
 
     async def close(self) -> None:
-        """Stop taking batches, fail what is still queued, and let the batch in flight finish."""
+        """Stop taking batches and fail every call still waiting, queued or in the batch being
+        computed, with Closed; the worker thread finishes that batch on its own, unawaited."""
+        running = self._running  # taken first: cancelling the loop clears it
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self._queue:
-            entry = self._queue.popleft()
+        for entry in (*running, *self._queue):
             if not entry.future.done():
                 entry.future.set_exception(Closed("the server is shutting down"))
+        self._queue.clear()
         self._queued_rows = 0
         self._gauge.set(0)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
         """Queue `rows` (split if larger than a batch) and wait for the graph's outputs for them."""
@@ -165,6 +168,7 @@ class Batcher:
             x = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
             self.metrics.batch_rows.labels(graph=self.graph).observe(len(x))
             started = time.perf_counter()
+            self._running = batch
             try:
                 outputs = await loop.run_in_executor(self._executor, self.run, x)
             except Exception as err:  # noqa: BLE001 - one batch's failure must not end the loop
@@ -173,6 +177,7 @@ class Batcher:
                         entry.future.set_exception(BatchFailed(f"{self.graph} inference failed: {err}"))
                 continue
             finally:
+                self._running = []
                 self.metrics.compute.labels(graph=self.graph).observe(time.perf_counter() - started)
             offset = 0
             for entry in batch:

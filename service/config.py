@@ -69,6 +69,10 @@ HELP = {
 }
 
 
+class ConfigError(ValueError):
+    """Settings that cannot work together; the message says which."""
+
+
 def _optional_int(value: str) -> int | None:
     return None if value in ("", "none", "None") else int(value)
 
@@ -92,6 +96,11 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     config = ServerConfig(**vars(parser.parse_args(argv)))
     if config.batching not in ("on", "off"):
         parser.error(f"--batching must be on or off, got {config.batching!r}")
+    if not 1 <= config.max_batch_rows <= config.max_request_rows <= config.max_queue_rows:
+        parser.error(
+            "limits must satisfy 1 <= --max-batch-rows <= --max-request-rows <= --max-queue-rows, got "
+            f"{config.max_batch_rows}, {config.max_request_rows}, {config.max_queue_rows}"
+        )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

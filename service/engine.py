@@ -53,7 +53,7 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Spherical interpolation between vectors a and b [D] at fractions t [S]: [S, D]."""
     cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
     omega = math.acos(min(1.0, max(-1.0, cos)))
-    if omega < 1e-6:  # (anti)parallel: the sphere gives no direction, fall back to a straight line
+    if abs(math.sin(omega)) < 1e-6:  # (anti)parallel: no unique great circle, so a straight line
         return lerp(a, b, t)
     t = t[:, None]
     return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / math.sin(omega)

@@ -129,14 +129,14 @@ class VaeServicer:
             if isinstance(request, Malformed):
                 raise BadRequest(request.reason)
             yield engine
-        except asyncio.CancelledError:  # the client went away or its deadline passed
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
             code = _cancelled_code(context)
             raise
         except Exception as err:  # noqa: BLE001 - every error becomes a status code
             code = _status(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed: %s", name, err, exc_info=not isinstance(err, BatchFailed))
-            await context.abort(code, str(err))
+            await context.abort(code, str(err)[:1000])  # status details travel in a size-limited trailer
         finally:
             engine.users -= 1
             self.in_flight -= 1

@@ -31,7 +31,6 @@ class ModelSpec:
     gaussian_std: float
     dataset: str
     metrics: dict[str, float] = field(default_factory=dict)
-    decoder_output: str = "logits"
     has_fp16_decoder: bool = False
 
     def graph(self, role: str) -> Path:
@@ -65,8 +64,11 @@ def _pick_model(repo: Path, name: str | None) -> Path:
 
 def load_spec(repo: Path, name: str | None = None, version: int | None = None, verify: bool = True) -> ModelSpec:
     """The model to serve, checked: files present, fields sane, graph hashes matching."""
-    model_dir = _pick_model(Path(repo), name)
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    try:
+        model_dir = _pick_model(Path(repo), name)
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    except OSError as err:
+        raise RepositoryError(f"{repo}: cannot read the model repository: {err}") from err
     if not versions:
         raise RepositoryError(f"{model_dir}: no version folders")
     chosen = version if version is not None else versions[-1]
@@ -89,20 +91,24 @@ def load_spec(repo: Path, name: str | None = None, version: int | None = None, v
             gaussian_std=float(info.get("gaussian_std", 0.1)),
             dataset=str(info.get("dataset", "")),
             metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
-            decoder_output=next(iter(info["graphs"]["decoder"]["outputs"])),
             has_fp16_decoder="decoder_fp16" in info["graphs"],
         )
-    except (KeyError, TypeError, ValueError, StopIteration) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RepositoryError(f"{folder}/model.json is missing or has a bad field: {err!r}") from err
     if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in ("bernoulli", "gaussian"):
         raise RepositoryError(f"{folder}/model.json: bad image_shape, latent_dim or likelihood")
+    if spec.version != chosen:
+        raise RepositoryError(f"{folder}/model.json says version {spec.version}, its folder says {chosen}")
     for role in (*ROLES, "decoder_fp16") if spec.has_fp16_decoder else ROLES:
         path = spec.graph(role)
-        if not path.is_file():
-            raise RepositoryError(f"{path} is missing")
-        expected = info["graphs"][role].get("sha256")
-        if verify and expected and sha256(path) != expected:
-            raise RepositoryError(f"{path}: sha256 does not match model.json (a torn or replaced file)")
+        try:
+            expected = info["graphs"][role].get("sha256")
+            if not path.is_file():
+                raise RepositoryError(f"{path} is missing")
+            if verify and expected and sha256(path) != expected:
+                raise RepositoryError(f"{path}: sha256 does not match model.json (a torn or replaced file)")
+        except (KeyError, AttributeError, OSError) as err:
+            raise RepositoryError(f"{path}: cannot check it against model.json: {err!r}") from err
     return spec
 
 

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.config import ServerConfig
+from service.config import ConfigError, ServerConfig
 from service.engine import Engine, Limits, load_engine
 from service.handlers import SERVICE, VaeServicer, add_to_server
 from service.metrics import Metrics
@@ -52,6 +52,9 @@ class Server:
             fp16_decoder=config.decoder_precision == "fp16",
         )  # fmt: skip
         self.limits = limits_from(config)
+        self.tokens = load_tokens(config.auth_token_file)
+        if config.auth_token_file and not self.tokens:
+            raise ConfigError(f"{config.auth_token_file} holds no token: refusing to start without authentication")
         spec = load_spec(config.model_repo, config.model_name, config.model_version)
         self.servicer = VaeServicer(load_engine(spec, self.options, self.limits, self.metrics), self.metrics)
         self.health = health.aio.HealthServicer()
@@ -75,7 +78,7 @@ class Server:
     async def start(self) -> None:
         c = self.config
         limit = c.max_message_bytes
-        tokens = load_tokens(c.auth_token_file)
+        tokens = self.tokens
         denied = self.metrics.rejections.labels(reason="unauthenticated").inc
         self.grpc = grpc.aio.server(
             interceptors=[TokenAuth(tokens, denied)] if tokens else [],
@@ -125,15 +128,20 @@ class Server:
             c, current = self.config, self.engine
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
+            candidate = latest_version(c.model_repo, current.spec.name) if c.model_version is None else c.model_version
             try:
                 spec = await loop.run_in_executor(None, load_spec, c.model_repo, current.spec.name, c.model_version)
                 if (spec.version, spec.folder) == (current.spec.version, current.spec.folder):
                     return False
+                candidate = spec.version
                 engine = await loop.run_in_executor(None, load_engine, spec, self.options, self.limits, self.metrics)
             except RepositoryError as err:
                 self.metrics.reloads.labels(result="refused").inc()
-                self._refused_version = latest_version(c.model_repo, current.spec.name)
+                self._refused_version = candidate
                 log.error("model update refused, still serving v%d: %s", current.spec.version, err)
+                return False
+            if self._stopping is not None:  # shutting down meanwhile: never start what drain won't close
+                await engine.close()
                 return False
             engine.start()
             self.servicer.engine = engine  # new calls go to the new version from here on
@@ -148,6 +156,13 @@ class Server:
             task.add_done_callback(self._retiring.discard)
             return True
 
+    async def reload_logged(self) -> None:
+        """reload() for a signal handler: nobody awaits it, so its failures must reach the log."""
+        try:
+            await self.reload()
+        except Exception:  # noqa: BLE001
+            log.exception("model update failed; still serving v%d", self.engine.spec.version)
+
     async def _retire(self, engine: Engine) -> None:
         """Close a replaced engine once the calls that started on it have finished."""
         while engine.users:
@@ -161,7 +176,7 @@ class Server:
             await asyncio.sleep(every)
             newest = await asyncio.get_running_loop().run_in_executor(None, latest_version, self.config.model_repo, name)
             if newest not in (None, self.engine.spec.version, self._refused_version):
-                await self.reload()
+                await self.reload_logged()  # the watcher must outlive any one bad update
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
@@ -205,6 +220,6 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload_logged()))
     await server.start()
     await server.wait()

@@ -30,7 +30,8 @@ def to_array(t: pb.Tensor, field: str, tail: tuple[int, ...], max_rows: int, all
     shape = tuple(t.shape)
     expected = ("N", *tail)
     if len(shape) != len(expected) or tuple(shape[1:]) != tail:
-        raise BadRequest(f"{field}: shape must be [{', '.join(map(str, expected))}], got {list(shape)}")
+        shown = list(shape) if len(shape) <= 8 else f"{len(shape)} dimensions"
+        raise BadRequest(f"{field}: shape must be [{', '.join(map(str, expected))}], got {shown}")
     n = shape[0]
     if n < 1 or n > max_rows:
         raise BadRequest(f"{field}: {n} rows; must be between 1 and {max_rows}")

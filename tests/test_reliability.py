@@ -253,6 +253,29 @@ def test_a_failing_batch_fails_only_its_own_calls():
     assert [float(out[0][0, 0]) for out in later] == [0.0, 2.0, 4.0]
 
 
+def test_closing_a_batcher_fails_the_batch_in_flight():
+    """Callers in the batch being computed get Closed at once, not a wait for an answer that never comes."""
+    release = threading.Event()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        release.wait(10)
+        return [x]
+
+    async def scenario() -> BaseException:
+        batcher = Batcher("test", run, Metrics(), max_rows=4, max_delay=0.0, max_queue_rows=64)
+        batcher.start()
+        call = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.2)  # the batch is in the worker thread now
+        await batcher.close()
+        result = (await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 5))[0]  # fails, never hangs
+        release.set()
+        return result
+
+    from service.batcher import Closed
+
+    assert isinstance(asyncio.run(scenario()), Closed)
+
+
 tensors = st.builds(
     pb.Tensor,
     shape=st.lists(st.integers(-5, 2**40), max_size=5),

@@ -116,6 +116,8 @@ def test_interpolate_end_points(client, images, spherical):
     if spherical:
         norms = np.linalg.norm(path, axis=1)
         assert norms.min() >= min(norms[0], norms[-1]) - 1e-4  # slerp does not cut through the origin
+    _, opposite = client.interpolate(a, -a, steps=5, spherical=spherical, latents=True)  # no great circle: a line
+    assert np.isfinite(opposite).all() and np.abs(opposite).max() <= np.abs(a).max() + 1e-5
     from_images, image_path = client.interpolate(images[0], images[1], steps=5, spherical=spherical)
     np.testing.assert_allclose(image_path[[0, -1]], np.stack([a, b]), atol=1e-6)
     np.testing.assert_allclose(from_images[[0, -1]], ends, atol=1e-5)
@@ -189,6 +191,7 @@ BAD_REQUESTS = [
     ("Decode", pb.DecodeRequest(latents=from_array(np.full((1, 8), np.nan, np.float32))), "NaN"),
     ("Decode", pb.DecodeRequest(latents=from_array(np.full((1, 8), np.inf, np.float32))), "infinity"),
     ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[0, 8], dtype=pb.DTYPE_FLOAT32)), "rows"),
+    ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[3] * 20000, dtype=pb.DTYPE_FLOAT32)), "20000 dimensions"),
     ("Encode", pb.EncodeRequest(images=from_array(np.zeros((2, 1, 9, 8), np.float32))), "shape"),
     ("Encode", pb.EncodeRequest(images=from_array(np.full((1, 1, 8, 8), 3.0, np.float32))), "[0, 1]"),
     ("Encode", pb.EncodeRequest(images=pb.Tensor(shape=[1, 1, 8, 8], dtype=99, data=bytes(64))), "dtype"),

@@ -1,5 +1,6 @@
 """Limits, deadlines, start-up failures and graceful shutdown, each on its own real server."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def slow_server(model_repo, tmp_path):
     """Batches wait up to 1.5 s to fill, so requests sit in the queue long enough to test around them."""
     proc = ServerProcess(
         model_repo, tmp_path / "slow.log", "--max-batch-delay-ms", "1500", "--batch-delay", "always",
-        "--max-batch-rows", "64", "--max-queue-rows", "6", "--grace-seconds", "10",
+        "--max-batch-rows", "5", "--max-request-rows", "5", "--max-queue-rows", "6", "--grace-seconds", "10",
     )  # fmt: skip
     yield proc
     proc.terminate()
@@ -98,6 +99,11 @@ def test_repository_checks(model_repo, tmp_path):
         f.write(b"torn")
     with pytest.raises(RepositoryError, match="sha256"):
         load_spec(broken)
+    info = json.loads((broken / "digits" / "1" / "model.json").read_text())
+    del info["graphs"]["encoder"]
+    (broken / "digits" / "1" / "model.json").write_text(json.dumps(info))
+    with pytest.raises(RepositoryError, match="encoder"):
+        load_spec(broken)
     with pytest.raises(RepositoryError, match="version 7 not found"):
         load_spec(model_repo, version=7)
     with pytest.raises(RepositoryError, match="not found"):
@@ -116,6 +122,17 @@ def test_provider_selection(caplog):
     assert "serving on CPU" in caplog.text
     with pytest.raises(ValueError, match="device"):
         choose_providers(RuntimeOptions("tpu"), [CPU])
+
+
+def test_inconsistent_limits_and_empty_token_file_are_refused(model_repo, tmp_path):
+    with pytest.raises(SystemExit):
+        parse_config(["--max-batch-rows", "512", "--max-request-rows", "256"], env={})
+    (tmp_path / "tokens").write_text("# no token yet\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0",
+         "--auth-token-file", str(tmp_path / "tokens")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "holds no token" in done.stderr
 
 
 def test_config_from_flags_and_environment():

@@ -38,11 +38,15 @@ def image_grid(images: torch.Tensor, cols: int, pad: int = 1, min_cell: int = 28
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of rows a, b [N, D] at fractions t [S]: [N, S, D]."""
-    a_n, b_n = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
-    omega = torch.arccos((a_n * b_n).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7)).unsqueeze(1)
+    """Spherical interpolation of rows a, b [N, D] at fractions t [S]: [N, S, D]; a straight line
+    for (anti)parallel pairs, where no unique great circle exists."""
+    a_n = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b_n = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    omega = torch.arccos((a_n * b_n).sum(-1, keepdim=True).clamp(-1.0, 1.0)).unsqueeze(1)
+    sin = torch.sin(omega)
     t = t.view(1, -1, 1)
-    return (torch.sin((1 - t) * omega) * a.unsqueeze(1) + torch.sin(t * omega) * b.unsqueeze(1)) / torch.sin(omega)
+    curved = (torch.sin((1 - t) * omega) * a.unsqueeze(1) + torch.sin(t * omega) * b.unsqueeze(1)) / sin.clamp_min(1e-6)
+    return torch.where(sin.abs() < 1e-6, lerp(a, b, t.view(-1)), curved)
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -116,5 +116,5 @@ class VAE(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images decoded from z ~ N(0, temperature^2 I): the encoder is not needed to generate."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device) * temperature
-        return self.mean_image(self.decode(z))
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator) * temperature  # CPU draw: same z on any device
+        return self.mean_image(self.decode(z.to(device)))

@@ -95,6 +95,8 @@ class Trainer:
         self.best_val = state["best_val"]
         self.start_epoch = state["epoch"]
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.data_gen.set_state(state["data_rng"])
         log.info("resumed from %s at epoch %d", self.out / "last.pt", self.start_epoch)
 
@@ -131,10 +133,10 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        rng = torch.get_rng_state()
-        torch.manual_seed(self.cfg.seed)  # the same noise every epoch, and the training stream untouched
-        terms = elbo_terms(self.model, self.val_x)
-        torch.set_rng_state(rng)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the same noise every epoch; the training stream untouched
+            torch.manual_seed(self.cfg.seed)
+            terms = elbo_terms(self.model, self.val_x)
         recon, kl = terms["recon"].mean().item(), terms["kl"].mean().item()
         return {"neg_elbo": recon + kl, "recon": recon, "kl": kl, "active_units": active_units(terms["mu"])}
 
@@ -167,6 +169,7 @@ class Trainer:
                 best_val=self.best_val,
                 torch_rng=torch.get_rng_state(),
                 data_rng=self.data_gen.get_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             )
         return self.history
 
