@@ -7,6 +7,7 @@ They are compared in constant time. Health checks stay open, so probes need no t
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -37,11 +38,17 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     )
 
 
-def _token_matches(presented: bytes, tokens: list[bytes]) -> bool:
-    """Constant time in the token: every configured token is compared, whatever matched first."""
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+def _token_matches(presented: bytes, digests: list[bytes]) -> bool:
+    """Constant time: digests of equal length hide the token's length, and every configured token
+    is compared, whatever matched first."""
+    candidate = _digest(presented)
     matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(presented, token)
+    for digest in digests:
+        matched |= hmac.compare_digest(candidate, digest)
     return matched
 
 
@@ -51,7 +58,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: list[bytes], on_denied: Callable[[], None] | None = None) -> None:
         if not tokens:
             raise ValueError("token authentication needs at least one token")
-        self.tokens = tokens
+        self.digests = [_digest(t) for t in tokens]
         self.on_denied = on_denied
 
     async def intercept_service(
@@ -64,7 +71,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return await continuation(details)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() == "bearer" and _token_matches(presented.strip().encode(), self.tokens):
+        if scheme.lower() == "bearer" and _token_matches(presented.strip().encode(), self.digests):
             log.debug("auth: allowed %s", method)
             return await continuation(details)
         reason = "no bearer token" if not header else "unknown token"
