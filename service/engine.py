@@ -6,6 +6,7 @@ batching, so a seeded answer is the same whatever other requests share its batch
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class Engine:
         """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound.
 
         log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x); IWAE = logsumexp(log w) - log k.
+        The float64 arithmetic on n*k rows runs on a worker thread, off the event loop.
         """
         n, d = len(x), self.spec.latent_dim
         mu, logvar = await self.encode(x, deadline)
@@ -151,7 +153,13 @@ class Engine:
         eps = rng(seed).standard_normal((n, k, d))
         z = mu[:, None, :] + eps * np.exp(0.5 * logvar)[:, None, :]
         (params,) = await self.decoder.submit(z.reshape(n * k, d).astype(np.float32), deadline)
-        params = params.reshape(n, k, -1).astype(np.float64)
+        return await asyncio.to_thread(self._score_terms, x, params.reshape(n, k, -1), mu, logvar, eps, z)
+
+    def _score_terms(
+        self, x: np.ndarray, params: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, z: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        n, k = params.shape[:2]
+        params = params.astype(np.float64)
         target = x.reshape(n, 1, -1).astype(np.float64)
         if self.spec.likelihood == "bernoulli":
             log_px_z = (target * params - np.logaddexp(0.0, params)).sum(-1)
@@ -168,7 +176,6 @@ class Engine:
             "kl": kl,
             "log_likelihood": logsumexp(log_px_z + log_pz - log_qz, axis=1) - math.log(k),
         }
-
 
 def load_engine(spec: ModelSpec, options: RuntimeOptions, limits: Limits, metrics: Metrics) -> Engine:
     """Sessions for both graphs, warmed up and checked; RepositoryError says what is wrong with them."""
