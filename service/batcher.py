@@ -71,6 +71,9 @@ class Batcher:
         self._running: list[_Entry] = []  # the batch in the executor now
         self._company = False  # did the last batch find other requests waiting?
         self._gauge = metrics.queue_rows.labels(graph=graph)
+        self._wait = metrics.queue_wait.labels(graph=graph)  # children looked up once, not per request
+        self._rows = metrics.batch_rows.labels(graph=graph)
+        self._compute = metrics.compute.labels(graph=graph)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.graph}")
@@ -112,7 +115,7 @@ class Batcher:
         self._gauge.set(self._queued_rows)
         self._wake.set()
         try:
-            parts = await asyncio.gather(*futures)
+            parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         except BaseException:
             for f in futures:
                 f.cancel()  # entries still queued are skipped when a batch is formed
@@ -134,7 +137,7 @@ class Batcher:
                 if not entry.future.done():
                     entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
                 continue
-            self.metrics.queue_wait.labels(graph=self.graph).observe(now - entry.enqueued)
+            self._wait.observe(now - entry.enqueued)
             batch.append(entry)
             rows += len(entry.rows)
         self._gauge.set(self._queued_rows)
@@ -166,7 +169,7 @@ class Batcher:
                 continue
             self._company = len(batch) > 1 or bool(self._queue)
             x = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
-            self.metrics.batch_rows.labels(graph=self.graph).observe(len(x))
+            self._rows.observe(len(x))
             started = time.perf_counter()
             self._running = batch
             try:
@@ -178,7 +181,7 @@ class Batcher:
                 continue
             finally:
                 self._running = []
-                self.metrics.compute.labels(graph=self.graph).observe(time.perf_counter() - started)
+                self._compute.observe(time.perf_counter() - started)
             offset = 0
             for entry in batch:
                 k = len(entry.rows)
