@@ -42,7 +42,11 @@ def rng(seed: int) -> np.random.Generator:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    """float32 logistic via tanh (no overflow for large |x|), in place on one temporary."""
+    y = np.tanh(np.multiply(x, 0.5, dtype=np.float32))
+    y += 1.0
+    y *= 0.5
+    return y
 
 
 def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:

@@ -6,6 +6,8 @@ process and each scrape shows only its own server.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,6 +39,17 @@ class Metrics:
         self.model_info = Gauge(
             "vae_model_info", "The model being served (value 1)", ["name", "version", "provider"], registry=r
         )
+        self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def answered(self, rpc: str, code: str, seconds: float) -> None:
+        """Count and time one RPC. Runs on every call, so the label children are looked up once."""
+        children = self._answered.get((rpc, code))
+        if children is None:
+            children = self._answered[(rpc, code)] = (
+                self.requests.labels(rpc=rpc, code=code), self.latency.labels(rpc=rpc)
+            )  # fmt: skip
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_model(self, name: str, version: int, provider: str) -> None:
         self.model_info.clear()

@@ -14,6 +14,7 @@ from PIL import Image
 from service.api.vae.v1 import vae_pb2 as pb
 
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_UINT8: np.dtype("u1")}
+FORMATS = frozenset(pb.ImageFormat.values())
 
 
 class BadRequest(ValueError):
@@ -75,7 +76,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def check_format(fmt: int, channels: int) -> int:
-    if fmt not in pb.ImageFormat.values():
+    if fmt not in FORMATS:
         raise BadRequest(f"format: unknown image format {fmt}")
     if fmt == pb.IMAGE_FORMAT_PNG and channels not in (1, 3, 4):
         raise BadRequest(f"format: PNG needs 1, 3 or 4 channels, the model has {channels}")
