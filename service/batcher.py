@@ -70,12 +70,14 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: list[_Entry] = []  # the batch in the executor now
         self._company = False  # did the last batch find other requests waiting?
-        self._gauge = metrics.queue_rows.labels(graph=graph)
         self._wait = metrics.queue_wait.labels(graph=graph)  # children looked up once, not per request
         self._rows = metrics.batch_rows.labels(graph=graph)
         self._compute = metrics.compute.labels(graph=graph)
 
     def start(self) -> None:
+        """Serve batches; from now on the queue-depth gauge reads this batcher's queue (read at
+        scrape time, so a request pays nothing for it; a swapped-in engine's batcher takes it over)."""
+        self.metrics.queue_rows.labels(graph=self.graph).set_function(lambda: self._queued_rows)
         self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.graph}")
 
     async def close(self) -> None:
@@ -90,7 +92,6 @@ class Batcher:
                 entry.future.set_exception(Closed("the server is shutting down"))
         self._queue.clear()
         self._queued_rows = 0
-        self._gauge.set(0)
         self._executor.shutdown(wait=False)
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
@@ -112,7 +113,6 @@ class Batcher:
             self._queue.append(entry)
             futures.append(entry.future)
         self._queued_rows += n
-        self._gauge.set(self._queued_rows)
         self._wake.set()
         try:
             parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
@@ -140,7 +140,6 @@ class Batcher:
             self._wait.observe(now - entry.enqueued)
             batch.append(entry)
             rows += len(entry.rows)
-        self._gauge.set(self._queued_rows)
         return batch
 
     async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -22,9 +22,9 @@ from google.protobuf.message import DecodeError
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.batcher import BatchFailed, Closed, DeadlineExpired, QueueFull
-from service.engine import Engine, new_seed
+from service.engine import Engine, new_seed, normal
 from service.metrics import Metrics
-from service.tensors import BadRequest, check_format, from_array, images_message, images_to_array, to_array
+from service.tensors import BadRequest, check_format, fill_images, from_array, images_to_array, to_array
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
@@ -175,7 +175,9 @@ class VaeServicer:
         n = _count(request.num_samples, "num_samples", engine.limits.max_request_rows)
         fmt, temperature, seed = _format(engine, request.format), _temperature(request), _seed(request)
         images = await engine.sample(n, seed, temperature, _deadline(context))
-        return pb.SampleResponse(images=images_message(images, fmt), seed=seed)
+        response = pb.SampleResponse(seed=seed)
+        fill_images(response.images, images, fmt)
+        return response
 
     async def SampleStream(self, request: pb.SampleRequest, context: Any) -> AsyncIterator[pb.SampleResponse]:
         """Sample in chunks: the concatenated chunks equal Sample's images for the same seed."""
@@ -186,28 +188,36 @@ class VaeServicer:
             z = engine.latents(n, seed, temperature)
             for offset in range(0, n, chunk):
                 images = await engine.decode(z[offset : offset + chunk], _deadline(context))
-                yield pb.SampleResponse(images=images_message(images, fmt), seed=seed, offset=offset)
+                response = pb.SampleResponse(seed=seed, offset=offset)
+                fill_images(response.images, images, fmt)
+                yield response
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
         mu, logvar = await engine.encode(_images(engine, request.images), _deadline(context))
         sigma = np.exp(0.5 * logvar)
-        response = pb.EncodeResponse(mu=from_array(mu), sigma=from_array(sigma))
+        response = pb.EncodeResponse()
+        from_array(mu, into=response.mu)
+        from_array(sigma, into=response.sigma)
         if request.sample:
             response.seed = _seed(request)
-            response.z.CopyFrom(from_array(mu + engine.noise(response.seed, mu.shape) * sigma))
+            from_array(mu + normal(response.seed, mu.shape) * sigma, into=response.z)
         return response
 
     @rpc
     async def Decode(self, engine: Engine, request: pb.DecodeRequest, context: Any) -> pb.ImagesResponse:
         z = _latents(engine, request.latents, "latents", engine.limits.max_request_rows)
         fmt = _format(engine, request.format)
-        return pb.ImagesResponse(images=images_message(await engine.decode(z, _deadline(context)), fmt))
+        response = pb.ImagesResponse()
+        fill_images(response.images, await engine.decode(z, _deadline(context)), fmt)
+        return response
 
     @rpc
     async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, context: Any) -> pb.ImagesResponse:
         x, fmt = _images(engine, request.images), _format(engine, request.format)
-        return pb.ImagesResponse(images=images_message(await engine.reconstruct(x, _deadline(context)), fmt))
+        response = pb.ImagesResponse()
+        fill_images(response.images, await engine.reconstruct(x, _deadline(context)), fmt)
+        return response
 
     @staticmethod
     async def _end_point(engine: Engine, request: pb.InterpolateRequest, side: str, deadline: float | None) -> np.ndarray:
@@ -235,7 +245,10 @@ class VaeServicer:
         end = await self._end_point(engine, request, "end", deadline)
         spherical = request.method == pb.INTERPOLATION_METHOD_SPHERICAL
         path, images = await engine.interpolate(start, end, steps, spherical, deadline)
-        return pb.InterpolateResponse(images=images_message(images, fmt), latents=from_array(path))
+        response = pb.InterpolateResponse()
+        fill_images(response.images, images, fmt)
+        from_array(path, into=response.latents)
+        return response
 
     @rpc
     async def Score(self, engine: Engine, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:

@@ -56,10 +56,14 @@ def images_to_array(t: pb.Tensor, field: str, image_shape: tuple[int, int, int],
     return x
 
 
-def from_array(a: np.ndarray) -> pb.Tensor:
-    dtype = pb.DTYPE_UINT8 if a.dtype == np.uint8 else pb.DTYPE_FLOAT32
-    data = np.ascontiguousarray(a, dtype=DTYPES[dtype])
-    return pb.Tensor(shape=list(a.shape), dtype=dtype, data=data.tobytes())
+def from_array(a: np.ndarray, into: pb.Tensor | None = None) -> pb.Tensor:
+    """A Tensor holding `a` (uint8 stays uint8, all else float32), filled in place if `into` is given:
+    a message passed to a constructor is copied, one filled where it lies is not."""
+    t = pb.Tensor() if into is None else into
+    t.dtype = pb.DTYPE_UINT8 if a.dtype == np.uint8 else pb.DTYPE_FLOAT32
+    t.shape[:] = a.shape
+    t.data = np.ascontiguousarray(a, dtype=DTYPES[t.dtype]).tobytes()
+    return t
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -83,14 +87,16 @@ def check_format(fmt: int, channels: int) -> int:
     return fmt or pb.IMAGE_FORMAT_FLOAT32
 
 
-def images_message(images: np.ndarray, fmt: int) -> pb.Images:
-    """[N, C, H, W] float32 in [0, 1] as the format asked for (check_format first)."""
-    fmt = fmt or pb.IMAGE_FORMAT_FLOAT32
+def fill_images(out: pb.Images, images: np.ndarray, fmt: int) -> None:
+    """[N, C, H, W] float32 in [0, 1] into `out` (a response's field), in the format asked for
+    (check_format first)."""
+    out.format = fmt = fmt or pb.IMAGE_FORMAT_FLOAT32
     if fmt == pb.IMAGE_FORMAT_PNG:
-        return pb.Images(png=[png_bytes(im) for im in images], format=fmt)
-    if fmt == pb.IMAGE_FORMAT_UINT8:
-        return pb.Images(tensor=from_array(to_uint8(images)), format=fmt)
-    return pb.Images(tensor=from_array(images.astype(np.float32, copy=False)), format=fmt)
+        out.png.extend(png_bytes(im) for im in images)
+    elif fmt == pb.IMAGE_FORMAT_UINT8:
+        from_array(to_uint8(images), into=out.tensor)
+    else:
+        from_array(images.astype(np.float32, copy=False), into=out.tensor)
 
 
 def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:

@@ -47,10 +47,11 @@ def model_repo(tmp_path_factory, trained):
 
 def expected_sample(model, n: int, seed: int):
     """What Sample(n, seed) should answer, computed with torch from the service's own noise stream."""
-    import numpy as np
     import torch
 
-    z = np.random.Generator(np.random.PCG64(seed)).standard_normal((n, model.cfg.latent_dim), dtype=np.float32)
+    from service.engine import normal
+
+    z = normal(seed, (n, model.cfg.latent_dim))
     with torch.no_grad():
         return torch.sigmoid(model.decode(torch.from_numpy(z))).numpy()
 

@@ -255,6 +255,35 @@ def test_closing_a_batcher_fails_the_batch_in_flight():
     assert isinstance(asyncio.run(scenario()), Closed)
 
 
+def test_queue_depth_gauge_reads_the_waiting_rows():
+    """vae_queue_rows is read at scrape time: rows queued behind a busy graph show, and go when served."""
+    release = threading.Event()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        release.wait(10)
+        return [x]
+
+    async def scenario() -> tuple[float, float]:
+        metrics = Metrics()
+        depth = lambda: metrics.registry.get_sample_value("vae_queue_rows", {"graph": "test"})  # noqa: E731
+        batcher = Batcher("test", run, metrics, max_rows=2, max_delay=0.0, max_queue_rows=64)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
+            await asyncio.sleep(0.2)  # the first batch holds the graph
+            waiting = [asyncio.ensure_future(batcher.submit(np.ones((k, 1)))) for k in (1, 2)]
+            await asyncio.sleep(0.05)
+            queued = depth()
+            release.set()
+            await asyncio.gather(first, *waiting)
+            return queued, depth()
+        finally:
+            await batcher.close()
+
+    queued, after = asyncio.run(scenario())
+    assert (queued, after) == (3.0, 0.0)
+
+
 tensors = st.builds(
     pb.Tensor,
     shape=st.lists(st.integers(-5, 2**40), max_size=5),

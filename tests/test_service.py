@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.client import VaeClient
+from service.engine import normal
 from service.tensors import from_array
 from training.checkpoint import load_model
 from training.data import fixed_binarization
@@ -81,6 +83,19 @@ def test_sample_formats_and_seeds(client):
     assert decoded.shape == (10, 8, 8) and np.array_equal(decoded, u8[:, 0])
     cold = client.sample(10, seed=3, temperature=0.0)
     assert np.allclose(cold, cold[0])  # temperature 0: every sample is the decoded origin
+
+
+def test_noise_is_a_function_of_the_seed_alone():
+    first = normal(5, (4, 16))
+    normal(7, (3,))  # a draw between must not shift the stream
+    with ThreadPoolExecutor(1) as other:  # nor the thread it is drawn on
+        assert np.array_equal(other.submit(normal, 5, (4, 16)).result(), first)
+    assert np.array_equal(normal(5, (4, 16)), first)
+    assert not np.array_equal(normal(6, (4, 16)), first)
+    assert normal(0, (2,)).dtype == np.float32 and normal(2**64 - 1, (2,), np.float64).dtype == np.float64
+    draws = np.concatenate([normal(seed, (1000,), np.float64) for seed in range(200)])  # neighbouring seeds
+    assert abs(draws.mean()) < 0.01 and abs(draws.std() - 1) < 0.01
+    assert abs(np.corrcoef(draws.reshape(200, 1000)[:-1, 0], draws.reshape(200, 1000)[1:, 0])[0, 1]) < 0.25
 
 
 def test_sample_stream_equals_sample(client):
