@@ -107,13 +107,15 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
+        was_empty = not self._queue
         futures = []
         for start in range(0, n, self.max_rows):
             entry = _Entry(rows[start : start + self.max_rows], loop.create_future(), deadline, now)
             self._queue.append(entry)
             futures.append(entry.future)
         self._queued_rows += n
-        self._wake.set()
+        if was_empty or self._queued_rows >= self.max_rows:  # the only two events a waiting batcher needs
+            self._wake.set()
         try:
             parts = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         except BaseException:
@@ -148,16 +150,18 @@ class Batcher:
             await self._wake.wait()
         # Waiting for company only pays when requests do come together: a lone caller's batch goes
         # at once, so the delay costs nothing at low load and is spent only once batches merge.
-        wait = self.merge and (self._company or not self.adaptive_delay)
-        while wait and self._queued_rows < self.max_rows:
-            remaining = self._queue[0].enqueued + self.max_delay - loop.time()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+        # Only a full batch or the timer ends the wait: one wake-up per batch, not one per arrival.
+        if not (self.merge and (self._company or not self.adaptive_delay)) or self._queued_rows >= self.max_rows:
+            return
+        remaining = self._queue[0].enqueued + self.max_delay - loop.time()
+        if remaining <= 0:
+            return
+        self._wake.clear()
+        timer = loop.call_later(remaining, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            timer.cancel()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()

@@ -49,7 +49,7 @@ HELP = {
     "model_name": "model to serve; default: the only one in the repository",
     "model_version": "version to serve; default: the highest",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU), cpu or cuda",
-    "intra_op_threads": "onnxruntime threads per graph (0: one per core)",
+    "intra_op_threads": "onnxruntime threads per graph (0: one fewer than the cores, at least 1)",
     "max_batch_rows": "rows per batch sent to a graph",
     "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
     "max_queue_rows": "rows that may wait per graph before requests are refused",

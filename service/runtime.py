@@ -8,6 +8,7 @@ falls back to CPU silently when CUDA libraries are missing.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ CPU = "CPUExecutionProvider"
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
-    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    intra_op_threads: int = 0  # 0: see intra_op_threads()
     inter_op_threads: int = 1
     cuda_device_id: int = 0
     cuda_mem_limit_bytes: int = 0  # 0: no limit
@@ -55,13 +56,20 @@ def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str 
     return [(CUDA, cuda_options), CPU]
 
 
+def intra_op_threads(asked: int) -> int:
+    """Threads per graph; 0 asks for one fewer than the cores this process may run on (at least
+    one), because the event loop and gRPC's threads need a core of their own. ONNX Runtime's own
+    default, one per core, made Sample(1) at c=64 on 2 cores 10% slower (bench, README)."""
+    return asked if asked > 0 else max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 class Graph:
     """One ONNX graph and its session: numpy in, numpy out."""
 
     def __init__(self, path: str, options: RuntimeOptions, providers: list) -> None:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = options.intra_op_threads
+        so.intra_op_num_threads = intra_op_threads(options.intra_op_threads)
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
         # Spinning worker threads keep the cores busy between runs, starving the event loop and the
@@ -101,5 +109,5 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if runtime.provider != wanted:
         log.warning("asked onnxruntime for %s but the session runs on %s (CUDA libraries missing?)", wanted, runtime.provider)
-    log.info("graphs loaded on %s", runtime.provider)
+    log.info("graphs loaded on %s, %d intra-op threads each", runtime.provider, intra_op_threads(options.intra_op_threads))
     return runtime

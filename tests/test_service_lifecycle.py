@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.config import parse_config
 from service.repository import RepositoryError, load_spec
-from service.runtime import CPU, CUDA, RuntimeOptions, choose_providers
+from service.runtime import CPU, CUDA, Graph, RuntimeOptions, choose_providers
 from tests.conftest import ROOT, ServerProcess
 from tests.test_service import burst, metric, scrape
 
@@ -122,6 +123,13 @@ def test_provider_selection(caplog):
     assert "serving on CPU" in caplog.text
     with pytest.raises(ValueError, match="device"):
         choose_providers(RuntimeOptions("tpu"), [CPU])
+
+
+def test_default_threads_leave_a_core_to_the_event_loop(model_repo):
+    decoder = str(load_spec(model_repo).graph("decoder"))
+    threads = lambda options: Graph(decoder, options, [CPU]).session.get_session_options().intra_op_num_threads  # noqa: E731
+    assert threads(RuntimeOptions("cpu")) == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert threads(RuntimeOptions("cpu", intra_op_threads=3)) == 3
 
 
 def test_inconsistent_limits_and_empty_token_file_are_refused(model_repo, tmp_path):
