@@ -2,8 +2,8 @@
 each figure beside the limit it chases, all measured in the same run on the same machine.
 
 Limits: (a) ONNX Runtime in-process at the same batch size and threads (compute), (b) a bare
-grpc.aio server answering Sample with a prebuilt response of the same size (transport), and
-(c) the service itself with batching off.
+grpc.aio server answering Sample with a prebuilt response of the same size (transport), loaded in
+turns with the service, slice by slice, and (c) the service itself with batching off.
 """
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ async def load(target: str, method: str, request: Any, concurrency: int, duratio
         return await run_load(lambda: call(request), concurrency, duration, warmup)
 
 
+def side_by_side(
+    targets: list[str], method: str, request: Any, concurrency: int, duration: float, warmup: float, rounds: int = 3
+) -> list[LoadResult]:
+    """Load each target in turn, in `rounds` slices of duration/rounds: the machine's drift (it is
+    shared) then falls on all of them alike, and their ratio holds where absolute figures move."""
+    slices: list[list[LoadResult]] = [[] for _ in targets]
+    for _ in range(rounds):
+        for target, parts in zip(targets, slices):
+            parts.append(asyncio.run(load(target, method, request, concurrency, duration / rounds, warmup / rounds)))
+    return [LoadResult.combine(parts) for parts in slices]
+
+
 def summarise(s: Scenario, r: LoadResult, limit: dict[str, Any]) -> dict[str, Any]:
     rps = r.ok / r.seconds
     rows_per_s = rps * s.rows
@@ -97,10 +109,10 @@ def compute_limits(spec: ModelSpec, seconds: float, options: RuntimeOptions) -> 
     return {key: graph_rows_per_s(spec, key[0], key[1], options, seconds) for key in sorted(sizes)}
 
 
-def limit_for(s: Scenario, compute: dict[tuple[str, int], float], echo: dict[tuple[int, int], float]) -> dict[str, Any]:
-    if s.rpc == "Sample" and s.rows == 1:
-        return {"kind": f"bare grpc.aio echo, same response size, concurrency {s.concurrency}", "unit": "requests/s",
-                "value": round(echo[(s.rows, s.concurrency)], 1)}  # fmt: skip
+def limit_for(s: Scenario, compute: dict[tuple[str, int], float], echo: LoadResult | None) -> dict[str, Any]:
+    if echo is not None:
+        return {"kind": f"bare grpc.aio echo, same response size, concurrency {s.concurrency}, measured alternately",
+                "unit": "requests/s", "value": round(echo.ok / echo.seconds, 1)}  # fmt: skip
     if s.rpc == "Score":
         per_image = 1 / compute[("encoder", 4)] + s.k / compute[("decoder", 256)]
         return {"kind": f"onnxruntime in-process, encoder batch {s.rows} + decoder batch {s.rows * s.k}",
@@ -139,31 +151,28 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.cpu_count()} cores; {duration:.0f} s per scenario", flush=True)  # fmt: skip
     compute = compute_limits(spec, duration / 2, RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on"))
 
-    echo_rates: dict[tuple[int, int], float] = {}
     echo = EchoProcess(spec.image_shape, logs / "echo.log")
+    servers: dict[str, ServiceProcess] = {}
+    results, memory = [], {}
     try:
-        for c in sorted({s.concurrency for s in SCENARIOS if s.rpc == "Sample" and s.rows == 1}):
-            r = asyncio.run(load(echo.target, "Sample", pb.SampleRequest(num_samples=1, seed=1), c, duration, warmup))
-            echo_rates[(1, c)] = r.ok / r.seconds
+        for batching in ("on", "off"):  # started one after the other, so each start is timed alone
+            servers[batching] = ServiceProcess(args.model_repo, logs / f"service-{batching}.log", *threads, "--batching", batching)
+        memory["after_warmup_mb"] = round(rss_mb(servers["on"].proc.pid), 1)
+        for s in SCENARIOS:
+            method, request = make_request(spec, s)
+            target = servers[s.batching].target
+            if s.rpc == "Sample" and s.rows == 1:  # transport-bound: the echo is loaded alternately with it
+                r, echo_r = side_by_side([target, echo.target], method, request, s.concurrency, duration, warmup)
+            else:
+                r, echo_r = asyncio.run(load(target, method, request, s.concurrency, duration, warmup)), None
+            results.append(summarise(s, r, limit_for(s, compute, echo_r)))
+            print(f"  {s.rpc}({s.rows}) c={s.concurrency} batching {s.batching}: {results[-1]['requests_per_s']} req/s, "
+                  f"{results[-1]['ratio_to_limit']} of its limit", flush=True)  # fmt: skip
+        memory["after_load_mb"] = round(rss_mb(servers["on"].proc.pid), 1)
     finally:
-        echo.stop()
-
-    results, memory, cold = [], {}, {}
-    for batching in ("on", "off"):
-        server = ServiceProcess(args.model_repo, logs / f"service-{batching}.log", *threads, "--batching", batching)
-        try:
-            cold[batching] = server.cold_start_s
-            if batching == "on":
-                memory["after_warmup_mb"] = round(rss_mb(server.proc.pid), 1)
-            for s in (s for s in SCENARIOS if s.batching == batching):
-                method, request = make_request(spec, s)
-                r = asyncio.run(load(server.target, method, request, s.concurrency, duration, warmup))
-                results.append(summarise(s, r, limit_for(s, compute, echo_rates)))
-                print(f"  {s.rpc}({s.rows}) c={s.concurrency} batching {batching}: {results[-1]['requests_per_s']} req/s", flush=True)
-            if batching == "on":
-                memory["after_load_mb"] = round(rss_mb(server.proc.pid), 1)
-        finally:
-            server.stop()
+        for process in (echo, *servers.values()):
+            process.stop()
+    cold = {batching: server.cold_start_s for batching, server in servers.items()}
 
     on = next(r for r in results if r["rows_per_request"] == 1 and r["concurrency"] == 64 and r["batching"] == "on")
     off = next(r for r in results if r["batching"] == "off")

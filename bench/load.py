@@ -26,6 +26,15 @@ class LoadResult:
     def errors(self) -> int:
         return sum(self.codes.values()) - self.ok
 
+    @classmethod
+    def combine(cls, parts: list[LoadResult]) -> LoadResult:
+        """Several recorded slices of the same load as one result."""
+        whole = cls(parts[0].concurrency, sum(p.seconds for p in parts))
+        for p in parts:
+            whole.latencies += p.latencies
+            whole.codes += p.codes
+        return whole
+
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")
 
