@@ -255,6 +255,36 @@ def test_closing_a_batcher_fails_the_batch_in_flight():
     assert isinstance(asyncio.run(scenario()), Closed)
 
 
+def test_lone_quick_batches_run_on_the_event_loop_and_the_rest_on_the_worker():
+    threads: list[str] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        threads.append("loop" if threading.current_thread() is threading.main_thread() else "worker")
+        if len(x) > 20:
+            time.sleep(0.01)  # a slow batch: 300 us a row
+        return [x]
+
+    async def scenario() -> list[str]:
+        batcher = Batcher("test", run, Metrics(), max_rows=512, max_delay=0.0, max_queue_rows=4096)
+        batcher.start()
+        try:
+            for _ in range(5):  # nothing measured at first: the worker, until a lone row proves quick
+                await batcher.submit(np.ones((1, 1)))
+                if threads[-1] == "loop":
+                    break
+            later = len(threads)
+            await batcher.submit(np.ones((30, 1)))  # expected quick, so the loop; measured slow
+            await batcher.submit(np.ones((10, 1)))  # 10 rows at 300 us a row: the worker
+            await asyncio.gather(*(batcher.submit(np.ones((1, 1))) for _ in range(8)))  # company: the worker
+            return threads[later:]
+        finally:
+            await batcher.close()
+
+    later = asyncio.run(scenario())
+    assert threads[0] == "worker" and "loop" in threads[1:5]
+    assert later[:2] == ["loop", "worker"] and later[-1] == "worker"
+
+
 def test_queue_depth_gauge_reads_the_waiting_rows():
     """vae_queue_rows is read at scrape time: rows queued behind a busy graph show, and go when served."""
     release = threading.Event()
