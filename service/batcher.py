@@ -8,7 +8,7 @@ bounded in rows and refuses at once past the bound. A request larger than `max_r
 into several queue entries; a request whose deadline has passed is dropped before compute.
 Inference runs on a worker thread, off the event loop, except a lone batch that the last batch's
 time per row says will take under INLINE_SECONDS: handing it to the thread and back would cost
-more than computing it where it is (digits model, Sample(1) at concurrency 1: 0.64 -> 0.74 of
+more than computing it where it is (digits model, Sample(1) at concurrency 1: 0.65 -> 0.75 of
 the bare echo's requests/s).
 """
 
@@ -76,7 +76,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running: list[_Entry] = []  # the batch in the executor now
         self._company = False  # did the last batch find other requests waiting?
-        self._row_seconds = math.inf  # compute time per row of the last batch
+        self._row_seconds = math.inf  # time per row of the last batch, a hop to the worker included
         self._wait = metrics.queue_wait.labels(graph=graph)  # children looked up once, not per request
         self._rows = metrics.batch_rows.labels(graph=graph)
         self._compute = metrics.compute.labels(graph=graph)

@@ -61,7 +61,10 @@ def intra_op_threads(asked: int) -> int:
     """Threads per graph; 0 asks for one fewer than the cores this process may run on (at least
     one), because the event loop and gRPC's threads need a core of their own. ONNX Runtime's own
     default, one per core, made Sample(1) at c=64 on 2 cores 10% slower (bench, README)."""
-    return asked if asked > 0 else max(1, len(os.sched_getaffinity(0)) - 1)
+    if asked > 0:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 @functools.cache
