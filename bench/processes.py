@@ -56,7 +56,11 @@ class ServiceProcess(Process):
              "--metrics-port", str(self.metrics_port), "--metrics-addr", "127.0.0.1", *extra],
             log,
         )  # fmt: skip
-        self.cold_start_s = self._wait_serving()
+        try:
+            self.cold_start_s = self._wait_serving()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_serving(self, timeout: float = 120) -> float:
         with grpc.insecure_channel(self.target) as channel:

@@ -17,8 +17,8 @@ from service.server import serve
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives each thread that allocates an arena of its own and keeps what each has held: with
     the event loop, a worker per graph and Score's thread, the MNIST model's resident memory grew
-    28 MB under load; with two arenas, 16. Set before any thread starts, unless the environment
-    already sets MALLOC_ARENA_MAX; a libc other than glibc is left alone."""
+    28 MB under load; with two arenas, 16. Called before the server starts its threads, unless the
+    environment already sets MALLOC_ARENA_MAX; a libc other than glibc is left alone."""
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
         return
     try:

@@ -7,9 +7,9 @@ batch merged several): a lone request at low load goes straight to the model. Th
 bounded in rows and refuses at once past the bound. A request larger than `max_rows` is split
 into several queue entries; a request whose deadline has passed is dropped before compute.
 Inference runs on a worker thread, off the event loop, except a lone batch that the last batch's
-time per row says will take under INLINE_SECONDS: handing it to the thread and back would cost
-more than computing it where it is (digits model, Sample(1) at concurrency 1: 0.65 -> 0.75 of
-the bare echo's requests/s).
+time per row says will take under `inline_seconds` (on CPU): handing it to the thread and back
+would cost more than computing it where it is (digits model, Sample(1) at concurrency 1: 0.65 ->
+0.75 of the bare echo's requests/s).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from service.metrics import Metrics
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
-INLINE_SECONDS = 0.0005  # a lone batch expected to compute in less runs on the event loop itself
+INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs on the event loop itself
 
 
 class QueueFull(RuntimeError):
@@ -58,9 +58,12 @@ class Batcher:
     def __init__(
         self, graph: str, run: RunFn, metrics: Metrics, max_rows: int = 256, max_delay: float = 0.002,
         max_queue_rows: int = 4096, merge: bool = True, adaptive_delay: bool = True,
+        inline_seconds: float = INLINE_SECONDS,
     ) -> None:  # fmt: skip
         """merge=False turns batching off: one request (chunk) per graph call, never waiting to fill.
-        adaptive_delay=False makes every batch wait out `max_delay` to fill, company or not."""
+        adaptive_delay=False makes every batch wait out `max_delay` to fill, company or not.
+        inline_seconds=0 keeps every batch on the worker thread (a GPU's small batches cost launch
+        overhead that a time per row from large ones does not predict)."""
         self.graph = graph
         self.merge = merge
         self.adaptive_delay = adaptive_delay
@@ -69,6 +72,7 @@ class Batcher:
         self.max_rows = max_rows
         self.max_delay = max_delay
         self.max_queue_rows = max_queue_rows
+        self.inline_seconds = inline_seconds
         self._queue: deque[_Entry] = deque()
         self._queued_rows = 0
         self._wake = asyncio.Event()
@@ -183,7 +187,7 @@ class Batcher:
             started = time.perf_counter()
             self._running = batch
             try:
-                if not self._company and len(x) * self._row_seconds < INLINE_SECONDS:
+                if not self._company and len(x) * self._row_seconds < self.inline_seconds:
                     outputs = self.run(x)  # a lone, quick batch: the hop to the worker costs more
                 else:
                     outputs = await loop.run_in_executor(self._executor, self.run, x)
@@ -195,8 +199,8 @@ class Batcher:
             finally:
                 self._running = []
                 elapsed = time.perf_counter() - started
-                self._row_seconds = elapsed / len(x)
                 self._compute.observe(elapsed)
+            self._row_seconds = elapsed / len(x)  # only from successes: a quick failure predicts nothing
             offset = 0
             for entry in batch:
                 k = len(entry.rows)

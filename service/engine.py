@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batcher import Batcher
+from service.batcher import INLINE_SECONDS, Batcher
 from service.metrics import Metrics
 from service.repository import ModelSpec, RepositoryError
-from service.runtime import Runtime, RuntimeOptions, load_runtime
+from service.runtime import CPU, Runtime, RuntimeOptions, load_runtime
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -99,6 +99,7 @@ class Engine:
         common = dict(
             metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows,
             merge=limits.batching, adaptive_delay=limits.adaptive_delay,
+            inline_seconds=INLINE_SECONDS if runtime.provider == CPU else 0.0,
         )  # fmt: skip
         self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
         self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]

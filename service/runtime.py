@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -57,21 +58,37 @@ def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str 
     return [(CUDA, cuda_options), CPU]
 
 
-def intra_op_threads(asked: int) -> int:
-    """Threads per graph; 0 asks for one fewer than the cores this process may run on (at least
-    one), because the event loop and gRPC's threads need a core of their own. ONNX Runtime's own
-    default, one per core, made Sample(1) at c=64 on 2 cores 10% slower (bench, README)."""
-    if asked > 0:
-        return asked
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    CPU limit), which neither the affinity nor os.cpu_count() shows."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def intra_op_threads(asked: int) -> int:
+    """Threads per graph; 0 asks for one fewer than the available cores (at least one), because
+    the event loop and gRPC's threads need a core of their own. ONNX Runtime's own default, one
+    per physical core, made Sample(1) at c=64 on 2 cores 10% slower (bench, README)."""
+    return asked if asked > 0 else max(1, available_cores() - 1)
 
 
 @functools.cache
 def share_cpu_arena() -> None:
     """One CPU arena for all the process's sessions, grown by what is asked rather than by powers
     of two: the encoder and decoder stop keeping a peak each (MNIST model: 204 -> about 180 MB
-    resident after warm-up, no change in rows/s). Registered once, on ONNX Runtime's global env."""
+    resident after warm-up, no change in rows/s). Registered once, on ONNX Runtime's global env.
+    Growing by exactly what is asked fragments when batches grow step by step (a review experiment
+    without warm-up reached gigabytes); Engine.warm_up runs the largest batch before any traffic,
+    so the arena holds its peak from the start."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # max_mem default, kSameAsRequested
 

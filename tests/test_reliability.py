@@ -261,28 +261,45 @@ def test_lone_quick_batches_run_on_the_event_loop_and_the_rest_on_the_worker():
     def run(x: np.ndarray) -> list[np.ndarray]:
         threads.append("loop" if threading.current_thread() is threading.main_thread() else "worker")
         if len(x) > 20:
-            time.sleep(0.01)  # a slow batch: 300 us a row
+            time.sleep(0.2)  # a slow batch: about 7 ms a row
         return [x]
 
-    async def scenario() -> list[str]:
-        batcher = Batcher("test", run, Metrics(), max_rows=512, max_delay=0.0, max_queue_rows=4096)
+    async def scenario() -> None:
+        batcher = Batcher("test", run, Metrics(), max_rows=512, max_delay=0.0, inline_seconds=0.05)
         batcher.start()
         try:
-            for _ in range(5):  # nothing measured at first: the worker, until a lone row proves quick
-                await batcher.submit(np.ones((1, 1)))
-                if threads[-1] == "loop":
-                    break
-            later = len(threads)
+            await batcher.submit(np.ones((1, 1)))  # nothing measured yet: the worker
+            await batcher.submit(np.ones((1, 1)))  # lone and quick (well under 50 ms): the loop
             await batcher.submit(np.ones((30, 1)))  # expected quick, so the loop; measured slow
-            await batcher.submit(np.ones((10, 1)))  # 10 rows at 300 us a row: the worker
+            await batcher.submit(np.ones((10, 1)))  # 10 rows at 7 ms a row: the worker
             await asyncio.gather(*(batcher.submit(np.ones((1, 1))) for _ in range(8)))  # company: the worker
-            return threads[later:]
         finally:
             await batcher.close()
 
-    later = asyncio.run(scenario())
-    assert threads[0] == "worker" and "loop" in threads[1:5]
-    assert later[:2] == ["loop", "worker"] and later[-1] == "worker"
+    asyncio.run(scenario())
+    assert threads[:4] == ["worker", "loop", "loop", "worker"] and threads[-1] == "worker"
+
+
+def test_a_full_batch_goes_at_once_and_a_partial_one_when_the_delay_ends():
+    """With the delay always spent (adaptive off), a batch that fills leaves without waiting for it,
+    and one that never fills leaves when the timer ends the wait."""
+    batch_sizes: list[int] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        batch_sizes.append(len(x))
+        return [x]
+
+    async def scenario(max_delay: float, requests: int) -> None:
+        batcher = Batcher("test", run, Metrics(), max_rows=4, max_delay=max_delay, adaptive_delay=False)
+        batcher.start()
+        try:  # 60 s of delay would outlast the 10 s allowed: only a full batch can finish in time
+            await asyncio.wait_for(asyncio.gather(*(batcher.submit(np.ones((1, 1))) for _ in range(requests))), 10)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario(max_delay=60.0, requests=4))
+    asyncio.run(scenario(max_delay=0.05, requests=3))
+    assert batch_sizes == [4, 3]
 
 
 def test_queue_depth_gauge_reads_the_waiting_rows():

@@ -91,6 +91,8 @@ def test_noise_is_a_function_of_the_seed_alone():
     with ThreadPoolExecutor(1) as other:  # nor the thread it is drawn on
         assert np.array_equal(other.submit(normal, 5, (4, 16)).result(), first)
     assert np.array_equal(normal(5, (4, 16)), first)
+    # The stream is part of the API (a saved seed must keep giving the same images): pinned.
+    assert np.allclose(normal(1, (3,)), [-0.3228221, 1.0913948, -1.6034505], atol=1e-6)
     assert not np.array_equal(normal(6, (4, 16)), first)
     assert normal(0, (2,)).dtype == np.float32 and normal(2**64 - 1, (2,), np.float64).dtype == np.float64
     draws = np.concatenate([normal(seed, (1000,), np.float64) for seed in range(200)])  # neighbouring seeds

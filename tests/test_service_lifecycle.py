@@ -16,7 +16,7 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.config import parse_config
 from service.repository import RepositoryError, load_spec
-from service.runtime import CPU, CUDA, Graph, RuntimeOptions, choose_providers
+from service.runtime import CPU, CUDA, Graph, RuntimeOptions, available_cores, choose_providers
 from tests.conftest import ROOT, ServerProcess
 from tests.test_service import burst, metric, scrape
 
@@ -125,10 +125,17 @@ def test_provider_selection(caplog):
         choose_providers(RuntimeOptions("tpu"), [CPU])
 
 
-def test_default_threads_leave_a_core_to_the_event_loop(model_repo):
+def test_default_threads_leave_a_core_to_the_event_loop(model_repo, tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("max 100000\n")  # no quota
+    assert available_cores(limit) == affinity
+    limit.write_text("150000 100000\n")  # a container limited to 1.5 CPUs
+    assert available_cores(limit) == 1
+    assert available_cores(tmp_path / "absent") == affinity
     decoder = str(load_spec(model_repo).graph("decoder"))
     threads = lambda options: Graph(decoder, options, [CPU]).session.get_session_options().intra_op_num_threads  # noqa: E731
-    assert threads(RuntimeOptions("cpu")) == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert threads(RuntimeOptions("cpu")) == max(1, available_cores() - 1)
     assert threads(RuntimeOptions("cpu", intra_op_threads=3)) == 3
 
 
