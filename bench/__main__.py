@@ -172,7 +172,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for process in (echo, *servers.values()):
             process.stop()
-    cold = {batching: server.cold_start_s for batching, server in servers.items()}
 
     on = next(r for r in results if r["rows_per_request"] == 1 and r["concurrency"] == 64 and r["batching"] == "on")
     off = next(r for r in results if r["batching"] == "off")
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
         "quick": args.quick,
         "seconds_per_scenario": duration,
-        "cold_start_to_serving_s": round(cold["on"], 3),
+        "cold_start_to_serving_s": round(servers["on"].cold_start_s, 3),
         "resident_memory": memory,
         "batching_gain_sample1_c64": round(on["requests_per_s"] / off["requests_per_s"], 2),
         "compute_limits_rows_per_s": {f"{g}@{b}": round(v, 1) for (g, b), v in compute.items()},

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -28,6 +28,7 @@ from service.tensors import BadRequest, check_format, fill_images, from_array, i
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+R = TypeVar("R")
 
 ERRORS: dict[type[Exception], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -96,6 +97,12 @@ def _temperature(request: pb.SampleRequest) -> float:
     if not math.isfinite(t) or t < 0 or t > 100:
         raise BadRequest(f"temperature: {t}; must be a finite number in [0, 100]")
     return float(t)
+
+
+def _with_images(response: R, images: np.ndarray, fmt: int) -> R:
+    """`response` with `images` filled into its `images` field where it lies (no copy of the bytes)."""
+    fill_images(response.images, images, fmt)
+    return response
 
 
 class Call:
@@ -175,9 +182,7 @@ class VaeServicer:
         n = _count(request.num_samples, "num_samples", engine.limits.max_request_rows)
         fmt, temperature, seed = _format(engine, request.format), _temperature(request), _seed(request)
         images = await engine.sample(n, seed, temperature, _deadline(context))
-        response = pb.SampleResponse(seed=seed)
-        fill_images(response.images, images, fmt)
-        return response
+        return _with_images(pb.SampleResponse(seed=seed), images, fmt)
 
     async def SampleStream(self, request: pb.SampleRequest, context: Any) -> AsyncIterator[pb.SampleResponse]:
         """Sample in chunks: the concatenated chunks equal Sample's images for the same seed."""
@@ -188,9 +193,7 @@ class VaeServicer:
             z = engine.latents(n, seed, temperature)
             for offset in range(0, n, chunk):
                 images = await engine.decode(z[offset : offset + chunk], _deadline(context))
-                response = pb.SampleResponse(seed=seed, offset=offset)
-                fill_images(response.images, images, fmt)
-                yield response
+                yield _with_images(pb.SampleResponse(seed=seed, offset=offset), images, fmt)
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
@@ -208,16 +211,12 @@ class VaeServicer:
     async def Decode(self, engine: Engine, request: pb.DecodeRequest, context: Any) -> pb.ImagesResponse:
         z = _latents(engine, request.latents, "latents", engine.limits.max_request_rows)
         fmt = _format(engine, request.format)
-        response = pb.ImagesResponse()
-        fill_images(response.images, await engine.decode(z, _deadline(context)), fmt)
-        return response
+        return _with_images(pb.ImagesResponse(), await engine.decode(z, _deadline(context)), fmt)
 
     @rpc
     async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, context: Any) -> pb.ImagesResponse:
         x, fmt = _images(engine, request.images), _format(engine, request.format)
-        response = pb.ImagesResponse()
-        fill_images(response.images, await engine.reconstruct(x, _deadline(context)), fmt)
-        return response
+        return _with_images(pb.ImagesResponse(), await engine.reconstruct(x, _deadline(context)), fmt)
 
     @staticmethod
     async def _end_point(engine: Engine, request: pb.InterpolateRequest, side: str, deadline: float | None) -> np.ndarray:
@@ -245,8 +244,7 @@ class VaeServicer:
         end = await self._end_point(engine, request, "end", deadline)
         spherical = request.method == pb.INTERPOLATION_METHOD_SPHERICAL
         path, images = await engine.interpolate(start, end, steps, spherical, deadline)
-        response = pb.InterpolateResponse()
-        fill_images(response.images, images, fmt)
+        response = _with_images(pb.InterpolateResponse(), images, fmt)
         from_array(path, into=response.latents)
         return response
 

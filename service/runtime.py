@@ -146,5 +146,6 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if runtime.provider != wanted:
         log.warning("asked onnxruntime for %s but the session runs on %s (CUDA libraries missing?)", wanted, runtime.provider)
-    log.info("graphs loaded on %s, %d intra-op threads each", runtime.provider, intra_op_threads(options.intra_op_threads))
+    threads = runtime.decoder.session.get_session_options().intra_op_num_threads
+    log.info("graphs loaded on %s, %d intra-op threads each", runtime.provider, threads)
     return runtime

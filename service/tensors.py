@@ -96,7 +96,7 @@ def fill_images(out: pb.Images, images: np.ndarray, fmt: int) -> None:
     elif fmt == pb.IMAGE_FORMAT_UINT8:
         from_array(to_uint8(images), into=out.tensor)
     else:
-        from_array(images.astype(np.float32, copy=False), into=out.tensor)
+        from_array(images, into=out.tensor)  # float32 whatever comes in
 
 
 def tensor_to_numpy(t: pb.Tensor) -> np.ndarray:
