@@ -32,7 +32,7 @@ test: install
 train: install
 	$(PY) -m training --dataset digits --epochs 40 --out $(RUNS)/digits
 
-# The MNIST recipe measured in README.md.
+# The MNIST recipe measured in docs/training.md ("The MNIST recipe").
 train-mnist: install
 	$(PY) -m training --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 \
 		--latent-dim 32 --widths 32,64 --hidden 512 --warmup-epochs 1 --out $(RUNS)/mnist
@@ -48,7 +48,7 @@ model: train
 export: install
 	$(PY) -m export --checkpoint $(CHECKPOINT) --out $(MODELS) --name $(NAME)
 
-# Throughput and latency beside their limits (README "Benchmarks"); quick mode takes about a minute.
+# Throughput and latency beside their limits (docs/benchmarks.md); quick mode takes about a minute.
 bench: install
 	@if [ -z "$$(ls -A $(MODELS) 2>/dev/null)" ]; then $(MAKE) --no-print-directory model; fi
 	$(PY) -m bench --quick --model-repo $(MODELS) --json $(RUNS)/bench.json
