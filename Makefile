@@ -83,17 +83,21 @@ WHEELS     := deploy/wheels
 export CONTAINERS_CONF ?= $(CURDIR)/deploy/containers.conf
 PODMAN_BUILD = $(PODMAN) build --isolation chroot --network host --format docker
 
-.PHONY: image image-gpu base-image wheels
+.PHONY: image image-gpu base-image wheels podman
 
-image: base-image wheels
+# Said in one line, before anything else runs: what is missing, and what works instead.
+podman:
+	@command -v $(PODMAN) >/dev/null 2>&1 || { echo "make image needs $(PODMAN): apt-get install podman runc debootstrap (or, with Docker: docker build --target cpu -t vae-serve .)" >&2; exit 1; }
+
+image: podman base-image wheels
 	$(PODMAN_BUILD) --target cpu --build-arg BASE=$(BASE_IMAGE) $(IMAGE_ARGS) -t $(IMAGE) .
 	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 
 # Needs a registry that serves the CUDA base image (GPU_BASE in the Dockerfile) and the package index.
-image-gpu:
+image-gpu: podman
 	$(PODMAN_BUILD) --target gpu $(IMAGE_ARGS) -t $(GPU_IMAGE) .
 
-base-image:
+base-image: podman
 	bash deploy/base-image.sh $(BASE_IMAGE)
 
 # Wheels for the base image's CPython 3.11 on glibc 2.36 (bookworm), whatever Python runs pip here.

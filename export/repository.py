@@ -17,11 +17,9 @@ from typing import Any
 from export.graphs import OPSET, export_fp16_decoder, export_graphs
 from export.triton import ROLES, triton_config
 from export.verify import verify_parity
-from service.repository import sha256  # the reader's own hash, so writer and reader cannot disagree
+from service.repository import FORMAT, sha256  # the reader's own, so writer and reader cannot disagree
 from training.config import TrainConfig
 from training.model import VAE
-
-FORMAT = 1
 
 
 def versions(model_dir: Path) -> list[int]:

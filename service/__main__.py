@@ -8,17 +8,17 @@ import logging
 import os
 import sys
 
-from service.config import parse_config
-from service.config import ConfigError
+from service.config import ConfigError, parse_config
 from service.repository import RepositoryError
+from service.runtime import ModelLoadError
 from service.server import serve
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread that allocates an arena of its own and keeps what each has held: with
-    the event loop, a worker per graph and Score's thread, the MNIST model's resident memory grew
-    28 MB under load; with two arenas, 16. Called before the server starts its threads, unless the
-    environment already sets MALLOC_ARENA_MAX; a libc other than glibc is left alone."""
+    """glibc gives each thread that allocates an arena of its own and keeps what each has held, and
+    the server has several such threads (the event loop, a worker per graph, Score's arithmetic):
+    two arenas hold resident memory down under load. Called before the server starts its threads,
+    unless the environment already sets MALLOC_ARENA_MAX; a libc other than glibc is left alone."""
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
         return
     try:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("config: %s", config.to_log())
     try:
         asyncio.run(serve(config))
-    except (RepositoryError, ConfigError) as err:
+    except (RepositoryError, ModelLoadError, ConfigError) as err:
         logging.getLogger(__name__).error("cannot serve: %s", err)
         return 2
     return 0

@@ -12,9 +12,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from PIL import Image
 
 from service.api.vae.v1 import vae_pb2 as pb
@@ -108,6 +112,18 @@ class VaeClient:
         return {key: np.array([getattr(s, key) for s in r.scores]) for key in keys}
 
 
+def plain(message: Message) -> dict[str, Any]:
+    """A message as JSON-ready values, every field shown. Protobuf's own JSON form writes 64-bit
+    integers as strings (JavaScript cannot hold them); a person reading `info` wants numbers."""
+    out = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+    for field in message.DESCRIPTOR.fields:
+        if field.cpp_type in wide and field.name in out:
+            value = out[field.name]
+            out[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return out
+
+
 def grid_png(images: np.ndarray, path: Path, cols: int | None = None, min_cell: int = 28) -> None:
     """Save [N, C, H, W] images in [0, 1] as one PNG grid, small images scaled up for viewing."""
     n, c, h, w = images.shape
@@ -183,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     with VaeClient(args.target, args.timeout, ca=args.ca, cert=args.cert, key=args.key, token=args.token) as client:
         try:
             if args.command == "info":
-                from google.protobuf.json_format import MessageToDict
-
-                print(json.dumps(MessageToDict(client.info(), preserving_proto_field_name=True), indent=2))
+                print(json.dumps(plain(client.info()), indent=2))
             elif args.command == "sample":
                 _save(client.sample(args.n, args.seed, args.temperature), args.out)
             elif args.command == "encode":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +37,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
     max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_calls: int = 256
     grace_seconds: float = 10.0
     watch_seconds: float = 5.0
     log_level: str = "INFO"
@@ -66,7 +68,12 @@ HELP = {
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "auth_token_file": "bearer tokens, one per line (VAE_AUTH_TOKENS adds comma-separated ones)",
     "metrics_addr": "address the metrics HTTP endpoint binds to",
+    "max_concurrent_calls": "calls served at once on the gRPC port; beyond it RESOURCE_EXHAUSTED (bounds memory "
+    "at about this times --max-message-bytes)",
 }
+
+
+MESSAGE_OVERHEAD = 64 * 1024  # protobuf framing and the small fields beside a message's tensors
 
 
 class ConfigError(ValueError):
@@ -101,6 +108,13 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             "limits must satisfy 1 <= --max-batch-rows <= --max-request-rows <= --max-queue-rows, got "
             f"{config.max_batch_rows}, {config.max_request_rows}, {config.max_queue_rows}"
         )
+    if config.max_interpolation_steps > config.max_queue_rows:
+        parser.error(
+            f"--max-interpolation-steps {config.max_interpolation_steps} can never be met: an interpolation's "
+            f"steps are decoded as one request, and the queue holds --max-queue-rows {config.max_queue_rows}"
+        )
+    if config.max_concurrent_calls < 1:
+        parser.error(f"--max-concurrent-calls must be at least 1, got {config.max_concurrent_calls}")
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:
@@ -112,3 +126,19 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     if config.batch_delay not in ("adaptive", "always"):
         parser.error(f"--batch-delay must be adaptive or always, got {config.batch_delay!r}")
     return config
+
+
+def check_message_size(config: ServerConfig, image_shape: tuple[int, int, int], latent_dim: int) -> None:
+    """Refuse limits whose largest legal request or answer would not fit in one gRPC message: the
+    calls they allow would fail with RESOURCE_EXHAUSTED from gRPC itself, whatever the client did."""
+    image, latent = 4 * math.prod(image_shape), 4 * latent_dim  # float32 bytes per row
+    largest = {
+        "--max-request-rows images or Encode's mu, sigma and z": config.max_request_rows * max(image, 3 * latent),
+        "--max-interpolation-steps images and latents": config.max_interpolation_steps * (image + latent),
+    }
+    for what, size in largest.items():
+        if size + MESSAGE_OVERHEAD > config.max_message_bytes:
+            raise ConfigError(
+                f"{what} of a {'x'.join(map(str, image_shape))} model with {latent_dim} latents take {size} bytes, "
+                f"more than --max-message-bytes {config.max_message_bytes}: lower the limit or raise --max-message-bytes"
+            )

@@ -18,7 +18,7 @@ import numpy as np
 from service.batcher import INLINE_SECONDS, Batcher
 from service.metrics import Metrics
 from service.repository import ModelSpec, RepositoryError
-from service.runtime import CPU, Runtime, RuntimeOptions, load_runtime
+from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -44,8 +44,8 @@ _generators = threading.local()
 
 def normal(seed: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
     """Standard normal noise, a function of the seed alone: PCG64 with its 128-bit state and
-    increment taken from BLAKE2b of the seed. Setting the state of a per-thread generator costs
-    half of `PCG64(seed)`'s SeedSequence, and this runs on the event loop for every Sample."""
+    increment taken from BLAKE2b of the seed. Setting the state of a per-thread generator is
+    cheaper than `PCG64(seed)`'s SeedSequence, and this runs on the event loop for every Sample."""
     generator = getattr(_generators, "generator", None)
     if generator is None:
         generator = _generators.generator = np.random.Generator(np.random.PCG64(0))
@@ -94,7 +94,7 @@ class Engine:
         self.spec = spec
         self.runtime = runtime
         self.limits = limits
-        self.users = 0  # calls running on this engine; a retired engine closes when it reaches 0
+        self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
         delay = limits.max_batch_delay_ms / 1000
         common = dict(
             metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows,
@@ -124,7 +124,7 @@ class Engine:
             }
             want = {"encoder": [(n, d), (n, d)], "decoder": [(n, c, h, w)]}
             if got != want:
-                raise RepositoryError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
+                raise ModelLoadError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
 
     def mean_image(self, params: np.ndarray) -> np.ndarray:
         """The decoder's output as an image in [0, 1]: sigmoid of logits, or the clipped Gaussian mean."""
@@ -140,6 +140,11 @@ class Engine:
         """mu and log-variance per image."""
         mu, logvar = await self.encoder.submit(x, deadline)
         return mu, logvar
+
+    @staticmethod
+    def posterior_sample(mu: np.ndarray, sigma: np.ndarray, seed: int) -> np.ndarray:
+        """z = mu + eps * sigma, eps ~ N(0, I): one draw from q(z|x) per image, a function of the seed."""
+        return mu + normal(seed, mu.shape) * sigma
 
     def latents(self, n: int, seed: int, temperature: float) -> np.ndarray:
         """z ~ N(0, temperature^2 I), [n, D]: a function of the seed alone."""
@@ -198,15 +203,18 @@ class Engine:
         }
 
 def load_engine(spec: ModelSpec, options: RuntimeOptions, limits: Limits, metrics: Metrics) -> Engine:
-    """Sessions for both graphs, warmed up and checked; RepositoryError says what is wrong with them."""
+    """Sessions for both graphs, warmed up and checked; ModelLoadError (or RepositoryError, for a
+    missing file) says what is wrong with them."""
     try:
         engine = Engine(spec, load_runtime(spec, options), metrics, limits)
-    except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
-        raise RepositoryError(f"{spec.folder}: cannot load the graphs: {err}") from err
-    try:
-        engine.warm_up()
     except RepositoryError:
         raise
+    except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
+        raise ModelLoadError(f"{spec.folder}: cannot load the graphs: {err}") from err
+    try:
+        engine.warm_up()
+    except ModelLoadError:
+        raise
     except Exception as err:
-        raise RepositoryError(f"{spec.folder}: warm-up failed: {err}") from err
+        raise ModelLoadError(f"{spec.folder}: warm-up failed: {err}") from err
     return engine

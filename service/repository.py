@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("encoder", "decoder")
+FORMAT = 1  # model.json's layout; export writes it, and a version of another format is refused
 
 
 class RepositoryError(RuntimeError):
@@ -79,6 +80,11 @@ def load_spec(repo: Path, name: str | None = None, version: int | None = None, v
         info: dict[str, Any] = json.loads((folder / "model.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise RepositoryError(f"{folder}/model.json unreadable: {err}") from err
+    if info.get("format") != FORMAT:
+        raise RepositoryError(
+            f"{folder}/model.json: format {info.get('format')!r}; this server reads format {FORMAT} (export it again, "
+            "or run a server of the version that wrote it)"
+        )
     try:
         shape = tuple(int(s) for s in info["image_shape"])
         spec = ModelSpec(
@@ -105,7 +111,9 @@ def load_spec(repo: Path, name: str | None = None, version: int | None = None, v
             expected = info["graphs"][role].get("sha256")
             if not path.is_file():
                 raise RepositoryError(f"{path} is missing")
-            if verify and expected and sha256(path) != expected:
+            if not expected:  # an unchecked graph could be torn or swapped: never serve one
+                raise RepositoryError(f"{path}: model.json gives no sha256 for it")
+            if verify and sha256(path) != expected:
                 raise RepositoryError(f"{path}: sha256 does not match model.json (a torn or replaced file)")
         except (KeyError, AttributeError, OSError) as err:
             raise RepositoryError(f"{path}: cannot check it against model.json: {err!r}") from err

@@ -24,6 +24,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+class ModelLoadError(RuntimeError):
+    """ONNX Runtime could not open a version's graphs, or they failed their warm-up; the files
+    themselves passed the repository's checks."""
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
@@ -76,19 +81,18 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 def intra_op_threads(asked: int) -> int:
     """Threads per graph; 0 asks for one fewer than the available cores (at least one), because
-    the event loop and gRPC's threads need a core of their own. ONNX Runtime's own default, one
-    per physical core, made Sample(1) at c=64 on 2 cores 10% slower (bench, README)."""
+    the event loop and gRPC's threads need a core of their own: ONNX Runtime's own default, one
+    per physical core, made small requests slower (docs/benchmarks.md)."""
     return asked if asked > 0 else max(1, available_cores() - 1)
 
 
 @functools.cache
 def share_cpu_arena() -> None:
     """One CPU arena for all the process's sessions, grown by what is asked rather than by powers
-    of two: the encoder and decoder stop keeping a peak each (MNIST model: 204 -> about 180 MB
-    resident after warm-up, no change in rows/s). Registered once, on ONNX Runtime's global env.
-    Growing by exactly what is asked fragments when batches grow step by step (a review experiment
-    without warm-up reached gigabytes); Engine.warm_up runs the largest batch before any traffic,
-    so the arena holds its peak from the start."""
+    of two, so the encoder and decoder do not keep a peak each. Registered once, on ONNX Runtime's
+    global env. Growing by exactly what is asked fragments when batches grow step by step;
+    Engine.warm_up runs the largest batch before any traffic, so the arena holds its peak from the
+    start."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # max_mem default, kSameAsRequested
 
@@ -106,14 +110,14 @@ class Graph:
         # gRPC threads that share them; a served model runs in bursts, so let them sleep.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        # The CPU arena keeps the peak of the largest batch it has seen: faster (MNIST decoder at
-        # batch 256: 4,500 rows/s against 3,000 without), but resident for good.
+        # The CPU arena keeps the peak of the largest batch it has seen: faster for large batches,
+        # but resident for good.
         so.enable_cpu_mem_arena = options.cpu_arena
         if options.cpu_arena:
             share_cpu_arena()
             so.add_session_config_entry("session.use_env_allocators", "1")
         # Memory patterns are planned and kept per input shape; with a batch size that changes from
-        # call to call they pile up in the arena (MNIST: +50 MB over mixed batches), for no speed.
+        # call to call they pile up in the arena, for no speed.
         so.enable_mem_pattern = False
         self.session = ort.InferenceSession(path, so, providers=providers)
         self.input_name = self.session.get_inputs()[0].name

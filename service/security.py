@@ -82,6 +82,12 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return _deny(handler, f"{reason}: send 'authorization: Bearer <token>'")
 
 
+def _unread(data: bytes) -> None:
+    """The deserializer of a denied call: its body is never parsed, so an unauthenticated caller
+    costs no message decoding, however large or malformed what it sent."""
+    return None
+
+
 def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as the real one that only aborts with UNAUTHENTICATED."""
 
@@ -92,12 +98,9 @@ def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethod
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler is not None and handler.response_streaming and not handler.request_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, handler.request_deserializer, handler.response_serializer)
-    if handler is not None and handler.request_streaming:
-        return grpc.stream_stream_rpc_method_handler(
-            abort_stream, handler.request_deserializer, handler.response_serializer
-        )
-    deserializer = handler.request_deserializer if handler else None
     serializer = handler.response_serializer if handler else None
-    return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
+    if handler is not None and handler.response_streaming and not handler.request_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, _unread, serializer)
+    if handler is not None and handler.request_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, _unread, serializer)
+    return grpc.unary_unary_rpc_method_handler(abort, _unread, serializer)

@@ -18,16 +18,18 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 
-from service.config import ConfigError, ServerConfig
+from service.config import ConfigError, ServerConfig, check_message_size
 from service.engine import Engine, Limits, load_engine
 from service.handlers import SERVICE, VaeServicer, add_to_server
 from service.metrics import Metrics
-from service.repository import RepositoryError, latest_version, load_spec
-from service.runtime import RuntimeOptions
+from service.repository import ModelSpec, RepositoryError, latest_version, load_spec
+from service.runtime import ModelLoadError, RuntimeOptions
 from service.security import TokenAuth, load_tokens, server_credentials
 
 log = logging.getLogger(__name__)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def limits_from(config: ServerConfig) -> Limits:
@@ -43,6 +45,27 @@ def limits_from(config: ServerConfig) -> Limits:
     )
 
 
+def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection as grpc.reflection.v1alpha (what grpcio-reflection ships) and as v1, which
+    newer clients ask for first. The two protocols' messages are the same field for field, so
+    v1alpha's servicer and message classes read and write v1's bytes."""
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": method}) for name in names[-2:])
+    )
+
+
+def check_spec(config: ServerConfig, spec: ModelSpec) -> None:
+    """Settings that this model's shapes make impossible refuse the model (at start: the process)."""
+    check_message_size(config, spec.image_shape, spec.latent_dim)
+
+
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -56,6 +79,7 @@ class Server:
         if config.auth_token_file and not self.tokens:
             raise ConfigError(f"{config.auth_token_file} holds no token: refusing to start without authentication")
         spec = load_spec(config.model_repo, config.model_name, config.model_version)
+        check_spec(config, spec)
         self.servicer = VaeServicer(load_engine(spec, self.options, self.limits, self.metrics), self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
@@ -83,10 +107,11 @@ class Server:
         self.grpc = grpc.aio.server(
             interceptors=[TokenAuth(tokens, denied)] if tokens else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            maximum_concurrent_rpcs=c.max_concurrent_calls,
         )
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        enable_reflection(self.grpc, (SERVICE, health.SERVICE_NAME))
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{c.host}:{c.port}"
@@ -99,6 +124,11 @@ class Server:
             "mutual TLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext",
             f"bearer tokens ({len(tokens)})" if tokens else "off",
         )  # fmt: skip
+        if tokens and not c.tls_cert:
+            log.warning(
+                "bearer tokens on a plaintext port travel in clear: anyone on the network path can read and "
+                "replay them; give --tls-cert and --tls-key"
+            )
         if c.health_port is not None:
             self.probes = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probes)
@@ -134,8 +164,9 @@ class Server:
                 if (spec.version, spec.folder) == (current.spec.version, current.spec.folder):
                     return False
                 candidate = spec.version
+                check_spec(c, spec)
                 engine = await loop.run_in_executor(None, load_engine, spec, self.options, self.limits, self.metrics)
-            except RepositoryError as err:
+            except (RepositoryError, ModelLoadError, ConfigError) as err:
                 self.metrics.reloads.labels(result="refused").inc()
                 self._refused_version = candidate
                 log.error("model update refused, still serving v%d: %s", current.spec.version, err)
@@ -165,7 +196,7 @@ class Server:
 
     async def _retire(self, engine: Engine) -> None:
         """Close a replaced engine once the calls that started on it have finished."""
-        while engine.users:
+        while engine.active_calls:
             await asyncio.sleep(0.05)
         await engine.close()
         log.info("retired v%d", engine.spec.version)

@@ -14,6 +14,13 @@ from training.data import load_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Every server under test reads VAE_* settings from its environment: a developer's exported
+    VAE_AUTH_TOKENS or VAE_DEVICE must not change what the tests run against."""
+    for name in [n for n in os.environ if n.startswith("VAE_")]:
+        del os.environ[name]
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The 8x8 digits bundled with scikit-learn: real data, no network, trains in seconds."""
@@ -43,6 +50,15 @@ def model_repo(tmp_path_factory, trained):
     model, cfg, _ = load_model(trained / "best.pt")
     publish(model, cfg, repo, "digits", {"elbo": -27.0, "nll": 26.0})
     return repo
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll until `predicate()` holds: for ordering a test by an event the server shows (a metric,
+    a log line, a status). The timeout only ends a test that would otherwise hang."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
 
 
 def expected_sample(model, n: int, seed: int):

@@ -3,6 +3,7 @@ the image (Dockerfile) and the server (service/config.py): ports, paths, user, p
 settings, and a termination grace period that covers the server's drain."""
 
 import re
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def test_deployment_agrees_with_the_image_and_the_server(name, target):
         assert c["image"].endswith(":gpu")
     else:
         assert "nvidia.com/gpu" not in res["limits"] and config.device == "cpu"
+        # Threads come from the server's default (the cgroup's CPU limit less one core for the event
+        # loop); a fixed count here would be wrong whenever the limit changes.
+        assert config.intra_op_threads == DEFAULTS.intra_op_threads == 0
 
 
 def test_services_reach_the_pods():
@@ -154,3 +158,13 @@ def test_prometheus_scrapes_the_metrics_port():
     local = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (static,) = local["scrape_configs"]
     assert static["static_configs"][0]["targets"] == [f"127.0.0.1:{DEFAULTS.metrics_port}"]
+
+
+def test_make_image_without_podman_says_what_to_install():
+    done = subprocess.run(
+        ["make", "--no-print-directory", "image", "PODMAN=/nonexistent/podman"], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    first = done.stderr.splitlines()[0]
+    assert "apt-get install podman" in first and "docker build" in first, done.stderr

@@ -22,7 +22,7 @@ from service.api.vae.v1 import vae_pb2_grpc
 from service.batcher import Batcher, BatchFailed
 from service.client import VaeClient
 from service.metrics import Metrics
-from tests.conftest import ServerProcess, expected_sample
+from tests.conftest import ServerProcess, expected_sample, wait_for
 from tests.test_service import metric, scrape
 
 
@@ -90,13 +90,6 @@ def publish_broken(repo: Path, version: int, break_it) -> None:
     info["version"] = version
     (staging / "model.json").write_text(json.dumps(info))
     staging.rename(repo / "digits" / str(version))
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_hot_swap_under_load_then_broken_versions_are_refused(repo, second_model, tmp_path):
@@ -183,7 +176,7 @@ def test_sigterm_under_load_fails_no_admitted_call(model_repo, tmp_path):
 
 def test_overload_refuses_at_once_and_memory_comes_back(model_repo, tmp_path):
     proc = ServerProcess(
-        model_repo, tmp_path / "overload.log", "--max-queue-rows", "256", "--max-batch-rows", "64",
+        model_repo, tmp_path / "overload.log", "--max-queue-rows", "256", "--max-batch-rows", "64", "--max-interpolation-steps", "256",
         "--max-request-rows", "256",
     )  # fmt: skip
     try:

@@ -1,6 +1,9 @@
 """TLS, mutual TLS and bearer tokens on the real server: the right client gets in, every wrong one
 gets the right status code."""
 
+import asyncio
+from types import SimpleNamespace
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,7 +14,7 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.client import VaeClient
 from service.config import parse_config
-from service.security import load_tokens
+from service.security import TokenAuth, load_tokens
 from tests.certs import CA
 from tests.conftest import ServerProcess
 from tests.test_service import metric, scrape
@@ -98,7 +101,39 @@ def test_bearer_tokens(model_repo, tmp_path):
         assert proc.terminate() == 0
     log = proc.log.read_text()
     assert "auth: denied /vae.v1.VaeService/Sample (unknown token)" in log
+    assert "bearer tokens on a plaintext port travel in clear" in log  # no --tls-cert here
     assert TOKEN not in log
+
+
+def test_a_denied_call_is_never_parsed():
+    """The interceptor's answer to an unknown caller reads nothing: the real handler's
+    deserializer, which would decode the body, is never called."""
+    parsed = []
+
+    def deserializer(data: bytes) -> bytes:
+        parsed.append(data)
+        return data
+
+    async def handler(request: object, context: object) -> None:
+        raise AssertionError("a denied call reached the handler")
+
+    real = {
+        "unary": grpc.unary_unary_rpc_method_handler(handler, deserializer, bytes),
+        "server streaming": grpc.unary_stream_rpc_method_handler(handler, deserializer, bytes),
+        "bidirectional": grpc.stream_stream_rpc_method_handler(handler, deserializer, bytes),
+    }
+    auth = TokenAuth([TOKEN.encode()])
+    for kind, method in real.items():
+
+        async def continuation(details: object, method=method) -> grpc.RpcMethodHandler:
+            return method
+
+        details = SimpleNamespace(method="/vae.v1.VaeService/Sample", invocation_metadata=(("authorization", "Bearer nope"),))
+        denied = asyncio.run(auth.intercept_service(continuation, details))
+        assert denied is not method and denied.request_deserializer is not deserializer, kind
+        assert denied.request_deserializer(b"\xff" * 1000) is None, kind
+        assert (denied.request_streaming, denied.response_streaming) == (method.request_streaming, method.response_streaming)
+    assert parsed == []
 
 
 def test_tokens_from_environment_and_file(tmp_path):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
@@ -208,6 +210,8 @@ BAD_REQUESTS = [
     ("Decode", pb.DecodeRequest(latents=from_array(np.full((1, 8), np.nan, np.float32))), "NaN"),
     ("Decode", pb.DecodeRequest(latents=from_array(np.full((1, 8), np.inf, np.float32))), "infinity"),
     ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[0, 8], dtype=pb.DTYPE_FLOAT32)), "rows"),
+    ("Decode", pb.DecodeRequest(latents=from_array(np.full((2, 8), 1e38, np.float32))), "magnitude 1e+38"),
+    ("Decode", pb.DecodeRequest(latents=from_array(np.full((1, 8), -1.5e4, np.float32))), "within [-10000, 10000]"),
     ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[3] * 20000, dtype=pb.DTYPE_FLOAT32)), "20000 dimensions"),
     ("Encode", pb.EncodeRequest(images=from_array(np.zeros((2, 1, 9, 8), np.float32))), "shape"),
     ("Encode", pb.EncodeRequest(images=from_array(np.full((1, 1, 8, 8), 3.0, np.float32))), "[0, 1]"),
@@ -220,6 +224,9 @@ BAD_REQUESTS = [
     ("Interpolate", pb.InterpolateRequest(
         start_latent=from_array(np.zeros(5, np.float32)), end_latent=from_array(np.ones(8, np.float32)), steps=3
     ), "shape"),  # fmt: skip
+    ("Interpolate", pb.InterpolateRequest(
+        start_latent=from_array(np.zeros(8, np.float32)), end_latent=from_array(np.full(8, 1e30, np.float32)), steps=3
+    ), "end_latent: a latent of magnitude"),  # fmt: skip
     ("Score", pb.ScoreRequest(images=from_array(np.zeros((1, 1, 8, 8), np.float32)), importance_samples=10**6), "importance"),
     ("Score", pb.ScoreRequest(images=from_array(np.zeros((1000, 1, 8, 8), np.float32)), importance_samples=1000), "fewer"),
 ]
@@ -234,6 +241,13 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, client
     assert client.sample(2, seed=0).shape == (2, 1, 8, 8)
 
 
+def test_latents_at_the_bound_give_finite_images(client):
+    for value in (1e4, -1e4):
+        for fmt in ("float32", "uint8"):
+            images = client.decode(np.full((2, 8), value, np.float32), format=fmt)
+            assert np.isfinite(images.astype(np.float32)).all() and images.shape == (2, 1, 8, 8)
+
+
 def test_health_and_reflection(server):
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -244,6 +258,23 @@ def test_health_and_reflection(server):
         service = db.FindFileContainingSymbol("vae.v1.VaeService")
         assert "Sample" in str(service)
 
+        # grpc.reflection.v1, which newer clients (grpcurl 1.9 and later) ask for first: the same
+        # messages as v1alpha under another package, so v1alpha's classes speak it.
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb.ServerReflectionResponse.FromString,
+        )
+        asks = [
+            reflection_pb.ServerReflectionRequest(list_services=""),
+            reflection_pb.ServerReflectionRequest(file_containing_symbol="vae.v1.VaeService"),
+        ]
+        listed, found = list(v1(iter(asks), timeout=10))
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"vae.v1.VaeService", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in found.file_descriptor_response.file_descriptor_proto]
+        assert any(f.package == "vae.v1" and "VaeService" in [s.name for s in f.service] for f in files)
+
 
 def test_metrics_scrape(server, client, stub):
     client.sample(3, seed=0)
@@ -253,9 +284,13 @@ def test_metrics_scrape(server, client, stub):
     assert metric(text, "vae_requests_total", rpc="Sample", code="OK") >= 1
     assert metric(text, "vae_requests_total", rpc="Decode", code="INVALID_ARGUMENT") >= 1
     assert metric(text, "vae_model_info", name="digits", version="1", provider="CPUExecutionProvider") == 1
-    for name in ("vae_request_duration_seconds_bucket", "vae_queue_wait_seconds_count", "vae_compute_seconds_sum",
-                 "vae_batch_rows_bucket", "vae_queue_rows"):  # fmt: skip
-        assert name in text
+    # Each family has a sample, not only its HELP and TYPE lines, and the calls above moved it.
+    assert metric(text, "vae_request_duration_seconds_count", rpc="Sample") >= 1
+    assert metric(text, "vae_request_duration_seconds_bucket", rpc="Sample", le="+Inf") >= 1
+    assert metric(text, "vae_queue_wait_seconds_count", graph="decoder") >= 1
+    assert metric(text, "vae_compute_seconds_sum", graph="decoder") > 0
+    assert metric(text, "vae_batch_rows_bucket", graph="decoder", le="+Inf") >= 1
+    assert any(line.startswith('vae_queue_rows{graph="decoder"} ') for line in text.splitlines())
 
 
 def test_serving_process_has_not_imported_torch(server):
