@@ -126,3 +126,16 @@ def latest_version(repo: Path, name: str) -> int | None:
         return max((int(p.name) for p in (Path(repo) / name).iterdir() if p.is_dir() and p.name.isdigit()), default=None)
     except OSError:
         return None
+
+
+def version_state(repo: Path, name: str, version: int) -> tuple[object, ...] | None:
+    """What a version folder holds now, cheaply: model.json's content and each file's size and
+    modification time. A refused version is tried again once this changes (its copy finished, a
+    file was fixed), and not before: a broken version is not reloaded on every poll."""
+    folder = Path(repo) / name / str(version)
+    try:
+        files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+        manifest = (folder / "model.json").read_bytes() if (folder / "model.json").is_file() else b""
+    except OSError:
+        return None
+    return (version, hashlib.sha256(manifest).hexdigest(), files)

@@ -24,7 +24,7 @@ from service.config import ConfigError, ServerConfig, check_message_size
 from service.engine import Engine, Limits, load_engine
 from service.handlers import SERVICE, VaeServicer, add_to_server
 from service.metrics import Metrics
-from service.repository import ModelSpec, RepositoryError, latest_version, load_spec
+from service.repository import ModelSpec, RepositoryError, latest_version, load_spec, version_state
 from service.runtime import ModelLoadError, RuntimeOptions
 from service.security import TokenAuth, load_tokens, server_credentials
 
@@ -90,7 +90,7 @@ class Server:
         self._metrics_http: Any = None
         self._retiring: set[asyncio.Task] = set()
         self._reload_lock = asyncio.Lock()
-        self._refused_version: int | None = None
+        self._refused: tuple[object, ...] | None = None  # version_state() of the version last refused
         self._watcher: asyncio.Task | None = None
         self._stopping: asyncio.Task | None = None
         self._stopped = asyncio.Event()
@@ -158,17 +158,19 @@ class Server:
             c, current = self.config, self.engine
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            candidate = latest_version(c.model_repo, current.spec.name) if c.model_version is None else c.model_version
+            name = current.spec.name
+            candidate = latest_version(c.model_repo, name) if c.model_version is None else c.model_version
+            # Taken before loading: a file that changes while the load runs is seen as a change.
+            seen = None if candidate is None else await loop.run_in_executor(None, version_state, c.model_repo, name, candidate)
             try:
                 spec = await loop.run_in_executor(None, load_spec, c.model_repo, current.spec.name, c.model_version)
                 if (spec.version, spec.folder) == (current.spec.version, current.spec.folder):
                     return False
-                candidate = spec.version
                 check_spec(c, spec)
                 engine = await loop.run_in_executor(None, load_engine, spec, self.options, self.limits, self.metrics)
             except (RepositoryError, ModelLoadError, ConfigError) as err:
                 self.metrics.reloads.labels(result="refused").inc()
-                self._refused_version = candidate
+                self._refused = seen
                 log.error("model update refused, still serving v%d: %s", current.spec.version, err)
                 return False
             if self._stopping is not None:  # shutting down meanwhile: never start what drain won't close
@@ -201,12 +203,18 @@ class Server:
         await engine.close()
         log.info("retired v%d", engine.spec.version)
 
+    def _update_waiting(self) -> bool:
+        """A version newer than the one serving, unless it is the one refused and unchanged since."""
+        repo, name = self.config.model_repo, self.engine.spec.name
+        newest = latest_version(repo, name)
+        if newest is None or newest == self.engine.spec.version:
+            return False
+        return self._refused is None or self._refused[0] != newest or version_state(repo, name, newest) != self._refused
+
     async def _watch(self, every: float) -> None:
-        name = self.engine.spec.name
         while True:
             await asyncio.sleep(every)
-            newest = await asyncio.get_running_loop().run_in_executor(None, latest_version, self.config.model_repo, name)
-            if newest not in (None, self.engine.spec.version, self._refused_version):
+            if await asyncio.get_running_loop().run_in_executor(None, self._update_waiting):
                 await self.reload_logged()  # the watcher must outlive any one bad update
 
     async def stop(self) -> None:
