@@ -72,7 +72,7 @@ def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str,
     pairs = torch.stack([x.view(2, 16, *x.shape[1:]), recon.view(2, 16, *x.shape[1:])], dim=1)
     save(image_grid(pairs.reshape(-1, *x.shape[1:]), cols=16), "reconstructions.png")
 
-    steps = torch.linspace(0, 1, 10)
+    steps = torch.linspace(0, 1, 10, device=mu.device)  # on the model's device: a CUDA run draws these too
     a, b = mu[:6], mu[6:12]
     for name, path_fn in (("linear", lerp), ("slerp", slerp)):
         z = path_fn(a, b, steps).reshape(-1, mu.shape[1])
@@ -81,7 +81,7 @@ def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str,
     # Traverse the 8 most used latent dimensions from -3 to 3, starting at one test image's encoding.
     all_mu, _ = model.encode(test_images[:500])
     dims = all_mu.var(dim=0).argsort(descending=True)[:8]
-    values = torch.linspace(-3, 3, 9)
+    values = torch.linspace(-3, 3, 9, device=mu.device)
     z = mu[0].repeat(len(dims), len(values), 1)
     for row, d in enumerate(dims):
         z[row, :, d] = values
