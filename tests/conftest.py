@@ -16,9 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every server under test reads VAE_* settings from its environment: a developer's exported
-    VAE_AUTH_TOKENS or VAE_DEVICE must not change what the tests run against."""
+    VAE_AUTH_TOKENS or VAE_DEVICE must not change what the tests run against. Torch gets one
+    thread, here and in the processes the tests start: with a core taken by another process, its
+    threads wait on each other and small training runs take many times longer."""
     for name in [n for n in os.environ if n.startswith("VAE_")]:
         del os.environ[name]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """The architecture follows the image shape: any (C, H, W) round-trips to the same shape."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -28,10 +30,29 @@ def test_sample_is_an_image_in_unit_range_and_seeded():
     assert 0.0 <= a.min() and a.max() <= 1.0
 
 
-def test_gaussian_mean_is_unbounded_identity():
+def service_mean_image(likelihood: str, params: torch.Tensor) -> torch.Tensor:
+    """What the service shows for these decoder outputs: its own `Engine.mean_image`, on numpy."""
+    from service.engine import Engine
+
+    engine = SimpleNamespace(spec=SimpleNamespace(likelihood=likelihood))
+    return torch.from_numpy(Engine.mean_image(engine, params.numpy()))
+
+
+def test_gaussian_mean_image_is_clipped_as_the_service_clips_it():
     model = VAE(ModelConfig(image_shape=(1, 8, 8), latent_dim=4, likelihood="gaussian"))
     params = torch.randn(2, 1, 8, 8) * 3
-    assert torch.equal(model.mean_image(params), params)
+    assert torch.equal(model.likelihood_mean(params), params)  # the likelihood's mean is unbounded
+    image = model.mean_image(params)
+    assert torch.equal(image, params.clamp(0, 1)) and ((params < 0) | (params > 1)).any()
+    assert torch.equal(image, service_mean_image("gaussian", params))
+    drawn = model.sample(64, temperature=5.0)
+    assert 0.0 <= drawn.min() and drawn.max() <= 1.0
+
+
+def test_bernoulli_mean_image_matches_the_service():
+    model = VAE(ModelConfig(image_shape=(1, 8, 8), latent_dim=4))
+    logits = torch.randn(2, 1, 8, 8) * 5
+    torch.testing.assert_close(model.mean_image(logits), service_mean_image("bernoulli", logits), rtol=0, atol=1e-6)
 
 
 def test_bad_config_is_refused():

@@ -1,8 +1,11 @@
 """Real (short) training runs on the bundled digits: the loss falls, seeds repeat, checkpoints round-trip."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,9 @@ from training.config import ModelConfig, TrainConfig
 from training.evaluate import evaluate, prepare_eval_images
 from training.features import feature_distance, load_feature_net, train_feature_net
 from training.figures import FIGURES
-from training.train import Trainer, kl_weight, run
+from training.losses import kl_per_dim
+from training.model import VAE
+from training.train import Trainer, kl_weight, objective, run
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -52,6 +57,55 @@ def test_resume_continues_exactly(digits, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")  # meta weights hold no data
+def test_resume_onto_another_device_restores_every_generator(digits, tmp_path):
+    # No GPU here, so the "meta" device stands in for CUDA: a trainer whose model lives off the CPU.
+    # Reading the checkpoint onto that device put the generators' states there too, and
+    # torch.set_rng_state (like torch.cuda.set_rng_state) takes only a CPU ByteTensor: it raised.
+    Trainer(small_config(epochs=1), tmp_path, digits).fit()
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    elsewhere = Trainer(small_config(epochs=2, device="meta"), tmp_path, digits)
+    assert elsewhere.device.type == "meta" and not torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    elsewhere.resume()
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    assert torch.equal(elsewhere.data_gen.get_state(), saved["data_rng"])
+    assert elsewhere.start_epoch == 1 and elsewhere.history == saved["history"]
+    assert elsewhere.best_val == saved["best_val"]
+    # The weights and the optimizer's moments went to the model's device, as they would to a GPU.
+    assert all(p.device.type == "meta" for p in elsewhere.model.parameters())
+    moments = [v for s in elsewhere.optimizer.state.values() for k, v in s.items() if k != "step"]
+    assert len(moments) == 2 * len(list(elsewhere.model.parameters()))
+    assert all(t.device.type == "meta" for t in moments)
+    steps = {float(s["step"]) for s in elsewhere.optimizer.state.values()}
+    assert steps == {float(s["step"]) for s in saved["optimizer"]["state"].values()} and len(steps) == 1
+    # What checkpoint.load hands out is all on the CPU, whatever device reads it.
+    state = checkpoint.load(tmp_path / "last.pt")
+    tensors = [state["torch_rng"], state["data_rng"], *state["model"].values()]
+    tensors += [t for s in state["optimizer"]["state"].values() for t in s.values()]
+    assert all(t.device.type == "cpu" for t in tensors)
+
+
+def test_checkpoint_is_on_disk_before_its_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(f"rename {Path(src).name} -> {Path(dst).name}")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    cfg = small_config()
+    model = VAE(cfg.model)
+    checkpoint.save(tmp_path / "last.pt", model, cfg, epoch=3)
+    assert events == ["fsync file", "rename last.tmp -> last.pt", "fsync dir"]
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 3 and not (tmp_path / "last.tmp").exists()
+
+
 def test_checkpoint_round_trip(digits, tmp_path):
     trainer = Trainer(small_config(epochs=1), tmp_path, digits)
     trainer.fit()
@@ -78,10 +132,38 @@ def test_kl_warmup_ramps_to_beta():
     assert [kl_weight(cfg, p) for p in (0, 1, 4, 9)] == [0.0, 0.5, 2.0, 2.0]
 
 
-def test_free_bits_and_beta_change_the_objective(digits, tmp_path):
-    plain = Trainer(small_config(epochs=1), tmp_path / "a", digits).fit()[0]["train"]["loss"]
-    heavy = Trainer(small_config(epochs=1, beta=4.0, free_bits=0.5), tmp_path / "b", digits).fit()[0]["train"]["loss"]
-    assert heavy != plain
+def digits_model(digits) -> VAE:
+    torch.manual_seed(0)
+    return VAE(ModelConfig(image_shape=digits.image_shape, latent_dim=8, widths=(16, 32), hidden=64))
+
+
+def objective_with(model, x, cfg, feature_net=None):
+    """The loss for one batch, with the same reparameterization noise whatever the config."""
+    torch.manual_seed(1)
+    return objective(model, x, cfg, cfg.beta, feature_net)
+
+
+def test_beta_and_free_bits_each_change_the_objective(digits, tmp_path):
+    # Each setting alone, everything else equal, at one batch where its effect is known exactly...
+    model, x = digits_model(digits), digits.train.images[:64]
+    plain, stats = objective_with(model, x, small_config())
+    recon, kl = stats["recon"], stats["kl"]
+    assert plain.item() == pytest.approx(recon + kl, rel=1e-6)
+    assert objective_with(model, x, small_config(beta=4.0))[0].item() == pytest.approx(recon + 4 * kl, rel=1e-6)
+    with torch.no_grad():
+        per_dim = kl_per_dim(*model.encode(x)).mean(dim=0)  # the encoder is deterministic: the same KL
+    low, high = per_dim.min().item() / 2, per_dim.max().item() + 1.0
+    assert objective_with(model, x, small_config(free_bits=low))[0].item() == pytest.approx(plain.item(), rel=1e-6)
+    floored = objective_with(model, x, small_config(free_bits=high))[0].item()
+    assert floored == pytest.approx(recon + 8 * high, rel=1e-6) and floored > plain.item() + 1.0
+    # ...and in training: a run that changes only one of them is not the plain run.
+    runs = {}
+    for name, overrides in {"plain": {}, "beta": {"beta": 4.0}, "free_bits": {"free_bits": 0.5}}.items():
+        trainer = Trainer(small_config(epochs=1, **overrides), tmp_path / name, digits)
+        runs[name] = (trainer.fit()[0]["train"]["loss"], trainer.model.state_dict())
+    for name in ("beta", "free_bits"):
+        assert runs[name][0] != runs["plain"][0], f"{name} alone did not change the training loss"
+        assert not all(torch.equal(a, b) for a, b in zip(runs[name][1].values(), runs["plain"][1].values()))
 
 
 def test_feature_map_reconstruction(digits, tmp_path):
@@ -92,12 +174,41 @@ def test_feature_map_reconstruction(digits, tmp_path):
     assert feature_distance(net, x, x).abs().max().item() == 0.0
     assert (feature_distance(net, x, torch.rand_like(x)) > 0).all()
 
-    cfg = small_config(epochs=3, reconstruction="both", feature_checkpoint=str(tmp_path / "feat" / "features.pt"))
-    trainer = Trainer(cfg, tmp_path / "vae", digits)
-    before = [p.detach().clone() for p in trainer.feature_net.parameters()]
-    history = trainer.fit()
+    # The feature term alone changes the objective, by exactly its weight times the feature distance:
+    # the same model, batch and noise, with and without it.
+    features = str(tmp_path / "feat" / "features.pt")
+    model, x = digits_model(digits), digits.train.images[:64]
+    pixel, _ = objective_with(model, x, small_config())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        distance = feature_distance(net, x, model.likelihood_mean(model(x)[0])).mean().item()
+    assert distance > 1.0
+    for weight in (1.0, 2.5):
+        cfg = small_config(reconstruction="both", feature_weight=weight, feature_checkpoint=features)
+        both, _ = objective_with(model, x, cfg, net)
+        assert both.item() == pytest.approx(pixel.item() + weight * distance, rel=1e-5)
+
+    # In training: weight 0 gives the pixel-only run exactly (the control: nothing else differs),
+    # weight 1 trains another model, and its loss carries the feature term on top of the -ELBO.
+    runs = {}
+    variants = {"pixel": {}, "weight 0": {"feature_weight": 0.0}, "weight 1": {"feature_weight": 1.0}}
+    for name, overrides in variants.items():
+        if overrides:
+            overrides |= {"reconstruction": "both", "feature_checkpoint": features}
+        runs[name] = Trainer(small_config(epochs=2, **overrides), tmp_path / name, digits)
+    before = [p.detach().clone() for p in runs["weight 1"].feature_net.parameters()]
+    histories = {name: trainer.fit() for name, trainer in runs.items()}
+    weights = {name: list(trainer.model.state_dict().values()) for name, trainer in runs.items()}
+    losses = {name: [(h["train"], h["val"]) for h in history] for name, history in histories.items()}
+    assert losses["weight 0"] == losses["pixel"] and losses["weight 1"] != losses["pixel"]
+    assert all(torch.equal(a, b) for a, b in zip(weights["weight 0"], weights["pixel"]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights["weight 1"], weights["pixel"]))
+    extra = {name: h[0]["train"]["loss"] - h[0]["train"]["neg_elbo"] for name, h in histories.items()}
+    assert extra["weight 1"] > 1.0  # the feature term's share of the logged loss
+    assert abs(extra["pixel"]) < 1e-3 and abs(extra["weight 0"]) < 1e-3, extra
+    history = histories["weight 1"]
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.feature_net.parameters()))  # frozen
+    assert all(torch.equal(a, b) for a, b in zip(before, runs["weight 1"].feature_net.parameters()))  # frozen
 
 
 def test_feature_reconstruction_needs_a_feature_network():

@@ -1,6 +1,8 @@
 """Checkpoints: plain tensors and containers, loaded with weights_only=True (nothing is unpickled).
 
 A checkpoint carries the full config, so `load_model` can rebuild the network without any flags.
+Checkpoints are always read onto the CPU: the random generators' saved states must be CPU
+ByteTensors to be restored, whatever device trained the model. Weights move to the device after.
 """
 
 from __future__ import annotations
@@ -18,24 +20,44 @@ FORMAT = 1
 
 
 def save(path: Path, model: VAE, cfg: TrainConfig, **extra: Any) -> None:
-    """Write atomically (temp file then rename) so a crash never leaves a torn checkpoint."""
+    """Write atomically and durably: a temp file, flushed to disk, renamed over `path`, and the
+    rename itself flushed, so neither a crash nor a power cut leaves a torn or missing checkpoint."""
     state = {"format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(), **extra}
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def load(path: Path | str, device: torch.device | str = "cpu") -> dict[str, Any]:
-    state = torch.load(path, map_location=device, weights_only=True)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the file itself is already on disk
+    finally:
+        os.close(fd)
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    """The checkpoint dict, every tensor on the CPU."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
     return state
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig, dict[str, Any]]:
-    """The VAE in eval mode, its training config, and the whole checkpoint dict."""
-    state = load(path, device)
+    """The VAE on `device` in eval mode, its training config, and the whole checkpoint dict (on the CPU)."""
+    state = load(path)
     cfg = from_dict(TrainConfig, state["config"])
-    model = VAE(cfg.model).to(device)
+    model = VAE(cfg.model)
     model.load_state_dict(state["model"])
-    return model.eval(), cfg, state
+    return model.to(device).eval(), cfg, state

@@ -53,9 +53,10 @@ def feature_distance(net: FeatureNet, x: torch.Tensor, x_hat: torch.Tensor) -> t
 
 def load_feature_net(path: str | Path, device: torch.device | str = "cpu") -> FeatureNet:
     """A frozen FeatureNet from a features.pt file (loaded without unpickling arbitrary objects)."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    net = FeatureNet(tuple(state["image_shape"]), state["classes"], state["width"]).to(device)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # read on the CPU, like checkpoints
+    net = FeatureNet(tuple(state["image_shape"]), state["classes"], state["width"])
     net.load_state_dict(state["model"])
+    net.to(device)
     net.eval().requires_grad_(False)
     return net
 

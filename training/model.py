@@ -104,9 +104,15 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
-        """The expected image under p(x|z), in [0, 1] for Bernoulli."""
+    def likelihood_mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x|z] under p(x|z): sigmoid of the Bernoulli logits, or the Gaussian mean as it is (unbounded)."""
         return torch.sigmoid(params) if self.cfg.likelihood == "bernoulli" else params
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as an image in [0, 1]: sigmoid of the logits, or the Gaussian mean
+        clipped to [0, 1], exactly as the service shows it (`service.engine.Engine.mean_image`)."""
+        mean = self.likelihood_mean(params)
+        return mean if self.cfg.likelihood == "bernoulli" else mean.clamp(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)

@@ -60,7 +60,10 @@ def objective(
     if cfg.reconstruction in ("pixel", "both"):
         recon_term = recon_term + pixel.mean()
     if feature_net is not None:
-        recon_term = recon_term + cfg.feature_weight * feature_distance(feature_net, x, model.mean_image(params)).mean()
+        # The unclipped mean: clipping a Gaussian mean to [0, 1] here would stop this term's gradient
+        # for every pixel outside the range, and with features alone nothing would pull it back.
+        x_hat = model.likelihood_mean(params)
+        recon_term = recon_term + cfg.feature_weight * feature_distance(feature_net, x, x_hat).mean()
     kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl.mean()
     loss = recon_term + beta * kl_term
     stats = {"loss": loss.item(), "recon": pixel.mean().item(), "kl": kl.mean().item()}
@@ -87,8 +90,12 @@ class Trainer:
         self.start_epoch = 0
 
     def resume(self) -> None:
-        """Continue from last.pt: weights, optimizer, history and every random generator's state."""
-        state = checkpoint.load(self.out / "last.pt", self.device)
+        """Continue from last.pt: weights, optimizer, history and every random generator's state.
+
+        The checkpoint is read onto the CPU, where the generators' states must be; the weights are
+        copied into the model on its device, and the optimizer's state follows its parameters' device
+        (torch's `Optimizer.load_state_dict` moves it)."""
+        state = checkpoint.load(self.out / "last.pt")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
