@@ -4,9 +4,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.data import load_dataset
@@ -65,6 +67,19 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
     while not predicate():
         assert time.monotonic() < end, "condition not reached in time"
         time.sleep(0.05)
+
+
+class HeldGraph:
+    """A graph's run function for batcher tests: it signals when a batch reaches it and holds the
+    batch until released, so a test orders itself on `computing`, not on the clock."""
+
+    def __init__(self) -> None:
+        self.computing, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self.computing.set()
+        self.release.wait(10)
+        return [x]
 
 
 def expected_sample(model, n: int, seed: int):

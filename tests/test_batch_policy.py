@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 from service.batcher import INLINE_SECONDS, Batcher, BatchPolicy, QueueFull, QueueState, Take, Wait
 from service.metrics import Metrics
+from tests.conftest import HeldGraph
 
 DELAY = 0.002
 
@@ -362,12 +362,8 @@ async def _until(condition) -> None:
 def test_a_cancelled_call_leaves_the_queue_count_at_once():
     """Calls queued behind a busy graph and then cancelled free their rows before the next batch
     forms: the depth gauge drops, a new call fits in the freed room, and each is counted once."""
-    started, release = threading.Event(), threading.Event()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        started.set()
-        release.wait(10)
-        return [x]
+    run = HeldGraph()
+    started, release = run.computing, run.release
 
     async def scenario() -> dict[str, float]:
         metrics = Metrics()
@@ -416,12 +412,8 @@ def test_a_cancelled_call_leaves_the_queue_count_at_once():
 def test_a_call_cancelled_under_a_forming_batch_is_counted_once():
     """If the batch forms between the caller's cancellation and its own clean-up, the batcher takes
     its rows off and counts it; the clean-up that follows counts nothing more."""
-    started, release = threading.Event(), threading.Event()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        started.set()
-        release.wait(10)
-        return [x]
+    run = HeldGraph()
+    started, release = run.computing, run.release
 
     async def scenario() -> tuple[int, float, bool]:
         metrics = Metrics()
@@ -450,12 +442,8 @@ def test_a_call_cancelled_under_a_forming_batch_is_counted_once():
 
 
 def test_closing_with_calls_queued_leaves_the_count_at_zero():
-    started, release = threading.Event(), threading.Event()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        started.set()
-        release.wait(10)
-        return [x]
+    run = HeldGraph()
+    started, release = run.computing, run.release
 
     async def scenario() -> tuple[int, list]:
         batcher = Batcher("test", run, Metrics(), max_rows=2, max_delay=0.0, inline_seconds=0.0)

@@ -22,7 +22,7 @@ from service.api.vae.v1 import vae_pb2_grpc
 from service.batcher import Batcher, BatchFailed
 from service.client import VaeClient
 from service.metrics import Metrics
-from tests.conftest import ServerProcess, expected_sample, wait_for
+from tests.conftest import HeldGraph, ServerProcess, expected_sample, wait_for
 from tests.test_service import metric, scrape
 
 
@@ -271,12 +271,8 @@ def test_a_failing_batch_fails_only_its_own_calls():
 
 def test_closing_a_batcher_fails_the_batch_in_flight():
     """Callers in the batch being computed get Closed at once, not a wait for an answer that never comes."""
-    computing, release = threading.Event(), threading.Event()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        computing.set()
-        release.wait(10)
-        return [x]
+    run = HeldGraph()
+    computing, release = run.computing, run.release
 
     async def scenario() -> BaseException:
         batcher = Batcher("test", run, Metrics(), max_rows=4, max_delay=0.0, max_queue_rows=64, inline_seconds=0)
@@ -345,12 +341,8 @@ def test_a_full_batch_goes_at_once_and_a_partial_one_when_the_delay_ends():
 
 def test_queue_depth_gauge_reads_the_waiting_rows():
     """vae_queue_rows is read at scrape time: rows queued behind a busy graph show, and go when served."""
-    computing, release = threading.Event(), threading.Event()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        computing.set()
-        release.wait(10)
-        return [x]
+    run = HeldGraph()
+    computing, release = run.computing, run.release
 
     async def scenario() -> tuple[float, float]:
         metrics = Metrics()
