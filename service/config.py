@@ -68,8 +68,8 @@ HELP = {
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "auth_token_file": "bearer tokens, one per line (VAE_AUTH_TOKENS adds comma-separated ones)",
     "metrics_addr": "address the metrics HTTP endpoint binds to",
-    "max_concurrent_calls": "calls served at once on the gRPC port; beyond it RESOURCE_EXHAUSTED (bounds memory "
-    "at about this times --max-message-bytes)",
+    "max_concurrent_calls": "vae.v1 calls in progress at once; beyond it RESOURCE_EXHAUSTED at once (health checks "
+    "are not counted)",
 }
 
 

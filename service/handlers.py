@@ -33,9 +33,14 @@ R = TypeVar("R")
 # this, a decoder's activations overflow float32 and its images turn to NaN.
 MAX_ABS_LATENT = 1e4
 
+class TooManyCalls(RuntimeError):
+    """The server already runs --max-concurrent-calls calls."""
+
+
 ERRORS: dict[type[Exception], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyCalls: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Closed: grpc.StatusCode.UNAVAILABLE,
     BatchFailed: grpc.StatusCode.INTERNAL,
@@ -124,6 +129,9 @@ class Call:
         self.refusal: Exception | None = None
         if servicer.draining:
             self.refusal = Closed("the server is shutting down")
+        elif servicer.in_flight >= servicer.max_calls:
+            servicer.metrics.rejections.labels(reason="concurrent_calls").inc()
+            self.refusal = TooManyCalls(f"{servicer.in_flight} calls already running (--max-concurrent-calls); retry later")
         elif isinstance(request, Malformed):
             self.refusal = BadRequest(request.reason)
 
@@ -167,9 +175,12 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
 
 
 class VaeServicer:
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, max_calls: int = 256) -> None:
+        """`max_calls` caps this service's calls in progress; health checks and reflection are
+        other services, so a probe still answers while the cap refuses inference calls."""
         self.engine = engine  # replaced whole on a model swap
         self.metrics = metrics
+        self.max_calls = max_calls
         self.draining = False
         self.in_flight = 0
 

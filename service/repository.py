@@ -128,14 +128,16 @@ def latest_version(repo: Path, name: str) -> int | None:
         return None
 
 
-def version_state(repo: Path, name: str, version: int) -> tuple[object, ...] | None:
-    """What a version folder holds now, cheaply: model.json's content and each file's size and
-    modification time. A refused version is tried again once this changes (its copy finished, a
-    file was fixed), and not before: a broken version is not reloaded on every poll."""
+def version_state(repo: Path, name: str, version: int) -> tuple[object, ...]:
+    """What a version folder holds now, cheaply: model.json's content and each file's size, inode
+    and change times (a copy made with `cp -p` keeps the modification time, not the change time).
+    A refused version is tried again once this changes (its copy finished, a file was fixed), and
+    not before: a broken version, an unreadable one too, is not reloaded on every poll."""
     folder = Path(repo) / name / str(version)
     try:
-        files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+        stats = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
         manifest = (folder / "model.json").read_bytes() if (folder / "model.json").is_file() else b""
-    except OSError:
-        return None
+    except OSError as err:
+        return (version, f"unreadable: {err}", ())
+    files = tuple(sorted((name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats))
     return (version, hashlib.sha256(manifest).hexdigest(), files)

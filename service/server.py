@@ -80,7 +80,8 @@ class Server:
             raise ConfigError(f"{config.auth_token_file} holds no token: refusing to start without authentication")
         spec = load_spec(config.model_repo, config.model_name, config.model_version)
         check_spec(config, spec)
-        self.servicer = VaeServicer(load_engine(spec, self.options, self.limits, self.metrics), self.metrics)
+        engine = load_engine(spec, self.options, self.limits, self.metrics)
+        self.servicer = VaeServicer(engine, self.metrics, config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.probes: grpc.aio.Server | None = None  # the plaintext health-only port, if asked for
@@ -107,7 +108,6 @@ class Server:
         self.grpc = grpc.aio.server(
             interceptors=[TokenAuth(tokens, denied)] if tokens else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            maximum_concurrent_rpcs=c.max_concurrent_calls,
         )
         add_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

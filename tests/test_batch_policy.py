@@ -353,10 +353,14 @@ def test_run_with_a_fake_clock_every_live_entry_is_served_once_in_order(max_rows
 # The mechanism: a cancelled call leaves the queue count at once.
 
 
-async def _until(condition) -> None:
-    """Yield to the event loop until `condition()` holds: ordered by events, not by the clock."""
-    while not condition():
+async def _until(condition, turns: int = 100_000) -> None:
+    """Yield to the event loop until `condition()` holds: ordered by events, not by the clock; a
+    bounded number of loop turns, so a regression fails rather than hangs."""
+    for _ in range(turns):
+        if condition():
+            return
         await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
 
 
 def test_a_cancelled_call_leaves_the_queue_count_at_once():
@@ -375,7 +379,7 @@ def test_a_cancelled_call_leaves_the_queue_count_at_once():
         seen = {}
         try:
             first = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
-            await asyncio.to_thread(started.wait, 10)  # the first batch holds the graph
+            assert await asyncio.to_thread(started.wait, 30)  # the first batch holds the graph
             calls = [asyncio.ensure_future(batcher.submit(np.ones((k, 1)))) for k in (1, 2, 1)]
             await _until(lambda: depth() == 4.0)
             with pytest.raises(QueueFull):
@@ -421,7 +425,7 @@ def test_a_call_cancelled_under_a_forming_batch_is_counted_once():
         batcher.start()
         try:
             first = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
-            await asyncio.to_thread(started.wait, 10)
+            assert await asyncio.to_thread(started.wait, 30)
             call = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
             await _until(lambda: batcher.queue.rows == 1)
             call.cancel()  # the entry's future is cancelled now; the caller's clean-up runs on its next step
@@ -449,7 +453,7 @@ def test_closing_with_calls_queued_leaves_the_count_at_zero():
         batcher = Batcher("test", run, Metrics(), max_rows=2, max_delay=0.0, inline_seconds=0.0)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
-        await asyncio.to_thread(started.wait, 10)
+        assert await asyncio.to_thread(started.wait, 30)
         queued = [asyncio.ensure_future(batcher.submit(np.ones((k, 1)))) for k in (1, 3)]
         await _until(lambda: batcher.queue.rows == 4)
         await batcher.close()

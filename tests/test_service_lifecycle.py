@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.config import ConfigError, check_message_size, parse_config
-from service.repository import RepositoryError, load_spec
+from service.repository import RepositoryError, load_spec, version_state
 from service.runtime import CPU, CUDA, Graph, RuntimeOptions, available_cores, choose_providers
 from tests.conftest import ROOT, ServerProcess, wait_for
 from tests.test_service import burst, metric, scrape
@@ -61,8 +61,10 @@ def test_full_queue_refuses_at_once(held_server):
 def test_expired_deadline_is_dropped_before_compute(held_server):
     with grpc.insecure_channel(held_server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
+        doomed = stub.Sample.future(pb.SampleRequest(num_samples=2), timeout=5)
+        queued(held_server, 2)  # admitted, then held past its deadline
         with pytest.raises(grpc.RpcError) as err:
-            stub.Sample(pb.SampleRequest(num_samples=2), timeout=0.3)  # held past its deadline
+            doomed.result()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         queued(held_server, 0)  # its rows leave the queue once its caller is gone, before any batch forms
         full = sample(stub, 5)  # the next batch computes only the live request
@@ -129,6 +131,9 @@ def test_repository_checks(model_repo, tmp_path):
         (broken / "digits" / "1" / "model.json").write_text(json.dumps(info))
         with pytest.raises(RepositoryError, match=f"format {fmt}; this server reads format 1"):
             load_spec(broken)
+    # A version that cannot be read has a state too, the same while it stays so: it is refused
+    # once, not on every poll.
+    assert version_state(broken, "digits", 9) == version_state(broken, "digits", 9) != version_state(broken, "digits", 1)
     with pytest.raises(RepositoryError, match="version 7 not found"):
         load_spec(model_repo, version=7)
     with pytest.raises(RepositoryError, match="not found"):
@@ -262,8 +267,8 @@ def test_adaptive_delay_lets_a_lone_request_through(model_repo, tmp_path):
 
 
 def test_concurrent_calls_are_capped(model_repo, tmp_path):
-    """Past --max-concurrent-calls a call is refused with RESOURCE_EXHAUSTED before anything is
-    read, and the calls admitted are served."""
+    """Past --max-concurrent-calls a call is refused at once with RESOURCE_EXHAUSTED, and the calls
+    admitted are served."""
     proc = ServerProcess(
         model_repo, tmp_path / "capped.log", "--max-concurrent-calls", "2", "--max-batch-delay-ms", "600000",
         "--batch-delay", "always", "--max-batch-rows", "5",
@@ -275,20 +280,17 @@ def test_concurrent_calls_are_capped(model_repo, tmp_path):
             queued(proc, 4)
             with pytest.raises(grpc.RpcError) as err:
                 stub.Sample(pb.SampleRequest(num_samples=1), timeout=60)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-concurrent-calls" in err.value.details()
             assert not any(f.done() for f in held)
+            # Probes are not counted: at the cap, health still answers, so no orchestrator
+            # restarts a busy server.
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert metric(scrape(proc), "vae_rejections_total", reason="concurrent_calls") == 1
             for f in held:
                 f.cancel()
             queued(proc, 0)  # their rows left the queue at once; their slots free as their handlers end
-
-            def admitted() -> bool:
-                try:
-                    return stub.Sample(pb.SampleRequest(num_samples=5), timeout=60).images.tensor.shape == [5, 1, 8, 8]
-                except grpc.RpcError as err:
-                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        raise
-                    return False
-
-            wait_for(admitted)
+            wait_for(lambda: metric(scrape(proc), "vae_requests_total", rpc="Sample", code="CANCELLED") == 2)
+            assert stub.Sample(pb.SampleRequest(num_samples=5), timeout=60).images.tensor.shape == [5, 1, 8, 8]
     finally:
         assert proc.terminate() == 0
