@@ -24,7 +24,7 @@ from service.config import ConfigError, ServerConfig, check_message_size
 from service.engine import Engine, Limits, load_engine
 from service.handlers import SERVICE, VaeServicer, add_to_server
 from service.metrics import Metrics
-from service.repository import ModelSpec, RepositoryError, latest_version, load_spec, version_state
+from service.repository import RepositoryError, latest_version, load_spec, version_state
 from service.runtime import ModelLoadError, RuntimeOptions
 from service.security import TokenAuth, load_tokens, server_credentials
 
@@ -61,11 +61,6 @@ def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -
     )
 
 
-def check_spec(config: ServerConfig, spec: ModelSpec) -> None:
-    """Settings that this model's shapes make impossible refuse the model (at start: the process)."""
-    check_message_size(config, spec.image_shape, spec.latent_dim)
-
-
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -79,7 +74,7 @@ class Server:
         if config.auth_token_file and not self.tokens:
             raise ConfigError(f"{config.auth_token_file} holds no token: refusing to start without authentication")
         spec = load_spec(config.model_repo, config.model_name, config.model_version)
-        check_spec(config, spec)
+        check_message_size(config, spec.image_shape, spec.latent_dim)  # at start, refuses the process
         engine = load_engine(spec, self.options, self.limits, self.metrics)
         self.servicer = VaeServicer(engine, self.metrics, config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()
@@ -161,12 +156,14 @@ class Server:
             name = current.spec.name
             candidate = latest_version(c.model_repo, name) if c.model_version is None else c.model_version
             # Taken before loading: a file that changes while the load runs is seen as a change.
-            seen = None if candidate is None else await loop.run_in_executor(None, version_state, c.model_repo, name, candidate)
+            seen = None
+            if candidate is not None:
+                seen = await loop.run_in_executor(None, version_state, c.model_repo, name, candidate)
             try:
                 spec = await loop.run_in_executor(None, load_spec, c.model_repo, current.spec.name, c.model_version)
                 if (spec.version, spec.folder) == (current.spec.version, current.spec.folder):
                     return False
-                check_spec(c, spec)
+                check_message_size(c, spec.image_shape, spec.latent_dim)  # refuses this version
                 engine = await loop.run_in_executor(None, load_engine, spec, self.options, self.limits, self.metrics)
             except (RepositoryError, ModelLoadError, ConfigError) as err:
                 self.metrics.reloads.labels(result="refused").inc()

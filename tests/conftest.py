@@ -90,7 +90,7 @@ def expected_sample(model, n: int, seed: int):
 
     z = normal(seed, (n, model.cfg.latent_dim))
     with torch.no_grad():
-        return torch.sigmoid(model.decode(torch.from_numpy(z))).numpy()
+        return model.mean_image(model.decode(torch.from_numpy(z))).numpy()
 
 
 class ServerProcess:
