@@ -6,7 +6,6 @@ then renamed into place: a reader never sees half a version, and a failed export
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -17,48 +16,13 @@ from typing import Any
 from export.graphs import OPSET, export_fp16_decoder, export_graphs
 from export.triton import ROLES, triton_config
 from export.verify import verify_parity
-from service.repository import FORMAT, sha256  # the reader's own, so writer and reader cannot disagree
+from service.manifest import version_numbers, write_manifest  # the reader's own: they cannot disagree
 from training.config import TrainConfig
 from training.model import VAE
 
 
-def versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def next_version(model_dir: Path) -> int:
-    return max(versions(model_dir), default=0) + 1
-
-
-def manifest(
-    name: str, version: int, cfg: TrainConfig, signatures: dict[str, Any], folder: Path, metrics: dict[str, Any],
-    parity: dict[str, float], max_batch_size: int,
-) -> dict[str, Any]:  # fmt: skip
-    """model.json: everything the service needs to know, and how the graphs came to be."""
-    m = cfg.model
-    return {
-        "format": FORMAT,
-        "name": name,
-        "version": version,
-        "latent_dim": m.latent_dim,
-        "image_shape": list(m.image_shape),
-        "likelihood": m.likelihood,
-        "gaussian_std": m.gaussian_std,
-        "dataset": cfg.dataset,
-        "max_batch_size": max_batch_size,
-        "metrics": metrics,
-        "opset": OPSET,
-        "exporters": {pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
-        "graphs": {
-            role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signatures[role.removesuffix("_fp16")]}
-            for role in (*ROLES, "decoder_fp16")
-            if (folder / f"{role}.onnx").exists()
-        },
-        "parity_max_abs_diff": parity,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return max(version_numbers(model_dir), default=0) + 1
 
 
 def publish(
@@ -77,8 +41,16 @@ def publish(
         parity = verify_parity(model, staging)
         while True:
             version = next_version(model_dir)
-            info = manifest(name, version, cfg, signatures, staging, metrics or {}, parity, max_batch_size)
-            (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+            m = cfg.model
+            roles = [role for role in (*ROLES, "decoder_fp16") if (staging / f"{role}.onnx").exists()]
+            write_manifest(
+                staging, name=name, version=version, latent_dim=m.latent_dim, image_shape=m.image_shape,
+                likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset,
+                graphs={role: signatures[role.removesuffix("_fp16")] for role in roles},
+                max_batch_size=max_batch_size, metrics=metrics or {}, opset=OPSET,
+                exporters={pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
+                parity_max_abs_diff=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )  # fmt: skip
             for role in ROLES:
                 text = triton_config(name, role, signatures[role], max_batch_size)
                 (staging / f"{role}.config.pbtxt").write_text(text)

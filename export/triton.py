@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-ROLES = ("encoder", "decoder")
+from service.manifest import ROLES, version_numbers
 
 
 def _tensor(name: str, dims: list[int]) -> str:
@@ -41,7 +41,7 @@ def layout(model_dir: Path, triton_repo: Path) -> list[Path]:
     """Build <triton_repo>/<name>_<role>/{config.pbtxt, <version>/<role>.onnx} from every version."""
     name = model_dir.name
     made = []
-    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    versions = [model_dir / str(v) for v in version_numbers(model_dir)]
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no version folders")
     for role in ROLES:

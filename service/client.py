@@ -1,8 +1,9 @@
 """A Python client (numpy in, numpy out) and a command line for the VAE service.
 
     python -m service.client sample -n 64 --out grid.png
-    python -m service.client info
+    python -m service.client --model mnist --version 2 info
     python -m service.client reconstruct --input digits.npy --out recon.png
+    python -m service.client models | load NAME | unload NAME
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def _images(msg: pb.Images) -> np.ndarray | list[bytes]:
 
 class VaeClient:
     """Blocking client. Images go in as [N, C, H, W] float32 in [0, 1] (or uint8) and come back
-    in the format asked for: float32 (default), uint8, or a list of PNG files."""
+    in the format asked for: float32 (default), uint8, or a list of PNG files. Every call goes to
+    `model` (default: the server's default model) at `version` (0: the newest it serves), and
+    `answered_by` holds the (model, version) that answered the last one."""
 
     def __init__(
         self, target: str = "localhost:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 << 20,
         ca: Path | None = None, cert: Path | None = None, key: Path | None = None, token: str | None = None,
+        model: str = "", version: int = 0,
     ) -> None:  # fmt: skip
         """TLS when `ca` is given (the CA that signed the server's certificate); mutual TLS with
         `cert` and `key` as well; `token` is sent as `authorization: Bearer <token>`."""
+        self.model, self.version = model, version
+        self.answered_by: tuple[str, int] | None = None
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         if ca or cert:
             credentials = grpc.ssl_channel_credentials(
@@ -64,33 +70,53 @@ class VaeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _target(self) -> dict[str, Any]:
+        return {"model_name": self.model, "model_version": self.version}
+
+    def _answered(self, response: Any) -> Any:
+        self.answered_by = (response.model_name, response.model_version)
+        return response
+
+    def models(self) -> pb.ListModelsResponse:
+        """Every model and version of the server's repository, with its state."""
+        return self.stub.ListModels(pb.ListModelsRequest(), **self.call)
+
+    def load(self, name: str, version: int = 0) -> pb.ListModelsResponse:
+        """Serve a model (its policy's versions, or also `version`) and wait until it is ready; needs an admin token."""
+        return self.stub.LoadModel(pb.LoadModelRequest(model_name=name, model_version=version), **self.call)
+
+    def unload(self, name: str, version: int = 0) -> pb.ListModelsResponse:
+        """Stop serving a model (or one version) once its calls finish; needs an admin token."""
+        return self.stub.UnloadModel(pb.UnloadModelRequest(model_name=name, model_version=version), **self.call)
+
     def info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self.call)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(**self._target()), **self.call)
 
     def sample(
         self, n: int, seed: int | None = None, temperature: float | None = None, format: str = "float32"
     ) -> np.ndarray | list[bytes]:
-        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format])
-        return _images(self.stub.Sample(request, **self.call).images)
+        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format], **self._target())
+        return _images(self._answered(self.stub.Sample(request, **self.call)).images)
 
     def sample_stream(self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None) -> np.ndarray:
-        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, chunk_rows=chunk_rows)
-        return np.concatenate([_images(r.images) for r in self.stub.SampleStream(request, **self.call)])
+        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, chunk_rows=chunk_rows, **self._target())
+        return np.concatenate([_images(self._answered(r).images) for r in self.stub.SampleStream(request, **self.call)])
 
     def encode(
         self, images: np.ndarray, sample: bool = False, seed: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """mu, sigma, and z (when sample=True)."""
-        r = self.stub.Encode(pb.EncodeRequest(images=from_array(images), sample=sample, seed=seed), **self.call)
+        request = pb.EncodeRequest(images=from_array(images), sample=sample, seed=seed, **self._target())
+        r = self._answered(self.stub.Encode(request, **self.call))
         return tensor_to_numpy(r.mu), tensor_to_numpy(r.sigma), tensor_to_numpy(r.z) if sample else None
 
     def decode(self, latents: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
-        request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format])
-        return _images(self.stub.Decode(request, **self.call).images)
+        request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format], **self._target())
+        return _images(self._answered(self.stub.Decode(request, **self.call)).images)
 
     def reconstruct(self, images: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
-        request = pb.ReconstructRequest(images=from_array(images), format=FORMATS[format])
-        return _images(self.stub.Reconstruct(request, **self.call).images)
+        request = pb.ReconstructRequest(images=from_array(images), format=FORMATS[format], **self._target())
+        return _images(self._answered(self.stub.Reconstruct(request, **self.call)).images)
 
     def interpolate(
         self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool = False, latents: bool = False,
@@ -99,15 +125,16 @@ class VaeClient:
         """Images along the path and its latents; start/end are images [C, H, W] or latents [D]."""
         kind = "latent" if latents else "image"
         method = pb.INTERPOLATION_METHOD_SPHERICAL if spherical else pb.INTERPOLATION_METHOD_LINEAR
-        request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format])
+        request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format], **self._target())
         getattr(request, f"start_{kind}").CopyFrom(from_array(start))
         getattr(request, f"end_{kind}").CopyFrom(from_array(end))
-        r = self.stub.Interpolate(request, **self.call)
+        r = self._answered(self.stub.Interpolate(request, **self.call))
         return _images(r.images), tensor_to_numpy(r.latents)
 
     def score(self, images: np.ndarray, k: int = 64, seed: int | None = None) -> dict[str, np.ndarray]:
         """Per image, in nats: elbo, reconstruction, kl, log_likelihood (IWAE, k samples)."""
-        r = self.stub.Score(pb.ScoreRequest(images=from_array(images), importance_samples=k, seed=seed), **self.call)
+        request = pb.ScoreRequest(images=from_array(images), importance_samples=k, seed=seed, **self._target())
+        r = self._answered(self.stub.Score(request, **self.call))
         keys = ("elbo", "reconstruction", "kl", "log_likelihood")
         return {key: np.array([getattr(s, key) for s in r.scores]) for key in keys}
 
@@ -172,8 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", type=Path, help="client certificate (PEM), for mutual TLS")
     parser.add_argument("--key", type=Path, help="client private key (PEM), for mutual TLS")
     parser.add_argument("--token", default=os.environ.get("VAE_TOKEN"), help="bearer token (default: $VAE_TOKEN)")
+    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
+    parser.add_argument("--version", type=int, default=0, help="model version (default: the newest served)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info")
+    sub.add_parser("models", help="every model and version of the repository, with its state")
+    for name in ("load", "unload"):
+        p = sub.add_parser(name, help=f"{name} a model (needs an admin token when auth is on)")
+        p.add_argument("name")
+        p.add_argument("--only-version", type=int, default=0, help="one version (default: the policy's, or all)")
     p = sub.add_parser("sample")
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--seed", type=int)
@@ -196,10 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    with VaeClient(args.target, args.timeout, ca=args.ca, cert=args.cert, key=args.key, token=args.token) as client:
+    connection = dict(ca=args.ca, cert=args.cert, key=args.key, token=args.token, model=args.model, version=args.version)
+    with VaeClient(args.target, args.timeout, **connection) as client:
         try:
             if args.command == "info":
                 print(json.dumps(plain(client.info()), indent=2))
+            elif args.command in ("models", "load", "unload"):
+                if args.command == "models":
+                    listing = client.models()
+                else:
+                    listing = getattr(client, args.command)(args.name, args.only_version)
+                for m in listing.models:
+                    state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
+                    default = " (default)" if m.name == listing.default_model else ""
+                    print(f"{m.name}{default}\tv{m.version}\t{state}\t{m.reason}".rstrip())
             elif args.command == "sample":
                 _save(client.sample(args.n, args.seed, args.temperature), args.out)
             elif args.command == "encode":

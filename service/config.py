@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from service.repository import VersionPolicy
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     model_repo: Path = Path("models")
+    models: str = ""
+    default_model: str | None = None
+    version_policy: str = "latest:1"
     model_name: str | None = None
     model_version: int | None = None
     host: str = "[::]"
@@ -26,16 +31,18 @@ class ServerConfig:
     inter_op_threads: int = 1
     max_batch_rows: int = 256
     max_batch_delay_ms: float = 2.0
-    max_queue_rows: int = 16384
+    max_queue_rows: int = 32768
     max_request_rows: int = 1024
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
+    max_request_share: float = 0.5
     batching: str = "on"
     batch_delay: str = "adaptive"
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
+    admin_token_file: Path | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_calls: int = 256
     grace_seconds: float = 10.0
@@ -48,8 +55,14 @@ class ServerConfig:
 
 HELP = {
     "model_repo": "model repository folder (MODELS/<name>/<version>/...)",
-    "model_name": "model to serve; default: the only one in the repository",
-    "model_version": "version to serve; default: the highest",
+    "models": "comma-separated models to serve (LoadModel adds others); default: every model in the repository",
+    "default_model": "the model a request with an empty model_name gets; default: the only model, if one",
+    "version_policy": "versions served per model: latest:N, all, or specific:V1,V2 (a model's serving.json may override)",
+    "model_name": "shorthand for --models NAME --default-model NAME",
+    "model_version": "shorthand for --version-policy specific:VERSION",
+    "max_request_share": "share of a graph's queue one request may fill (Score's images x importance_samples)",
+    "admin_token_file": "bearer tokens for LoadModel/UnloadModel, one per line (VAE_ADMIN_TOKENS adds comma-separated "
+    "ones); with --auth-token-file and without this, model control is refused",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU), cpu or cuda",
     "intra_op_threads": "onnxruntime threads per graph (0: one fewer than the cores, at least 1)",
     "max_batch_rows": "rows per batch sent to a graph",
@@ -90,8 +103,9 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     for f in fields(ServerConfig):
         default = f.default
         env_name = f"VAE_{f.name.upper()}"
-        paths = {name: Path for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")}
-        kind = {"model_version": _optional_int, "health_port": _optional_int, "model_name": str, **paths}.get(
+        paths = {name: Path for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file")}
+        optional = {"model_version": _optional_int, "health_port": _optional_int, "model_name": str, "default_model": str}
+        kind = {**optional, **paths}.get(
             f.name, type(default)
         )
         if env_name in env:
@@ -101,6 +115,16 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (env {env_name}, default %(default)s)",
         )  # fmt: skip
     config = ServerConfig(**vars(parser.parse_args(argv)))
+    if config.model_name:
+        config = replace(config, models=config.models or config.model_name, default_model=config.default_model or config.model_name)
+    if config.model_version is not None:
+        config = replace(config, version_policy=f"specific:{config.model_version}")
+    try:
+        VersionPolicy.parse(config.version_policy)
+    except ValueError as err:
+        parser.error(f"--version-policy: {err}")
+    if not 0 < config.max_request_share <= 1:
+        parser.error(f"--max-request-share must be in (0, 1], got {config.max_request_share}")
     if config.batching not in ("on", "off"):
         parser.error(f"--batching must be on or off, got {config.batching!r}")
     if not 1 <= config.max_batch_rows <= config.max_request_rows <= config.max_queue_rows:

@@ -17,22 +17,33 @@ import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
 from service.metrics import Metrics
-from service.repository import ModelSpec, RepositoryError
+from service.manifest import ModelSpec, RepositoryError
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
 
 LOG_2PI = math.log(2 * math.pi)
+SCORE_CHUNK_VALUES = 1 << 21  # float64 values per chunk of Score's arithmetic (16 MiB)
 
 
 @dataclass(frozen=True)
-class Limits:
+class BatchSettings:
+    """What configures one model's batchers: the flags, overridden per model by its serving.json."""
+
     max_batch_rows: int = 256
     max_batch_delay_ms: float = 2.0
-    max_queue_rows: int = 16384
+    max_queue_rows: int = 32768
+    batching: bool = True  # off: every request is computed alone (for comparison)
+    adaptive_delay: bool = True  # skip the batch delay while requests come alone
+    warmup_batch_sizes: tuple[int, ...] = ()  # (): 1, 2 and max_batch_rows
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for, the same for every model."""
+
     max_request_rows: int = 1024  # images or latents in one request
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
-    batching: bool = True  # off: every request is computed alone (for comparison)
-    adaptive_delay: bool = True  # skip the batch delay while requests come alone
+    max_request_share: float = 0.5  # of a graph's queue that one request (Score's images x k) may fill
 
 
 def new_seed(seed: int | None) -> int:
@@ -90,19 +101,27 @@ def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 class Engine:
     """One served model: its spec, its graphs behind batchers, and the operations of the API."""
 
-    def __init__(self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, limits: Limits) -> None:
+    def __init__(
+        self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, batch: BatchSettings, limits: RequestLimits
+    ) -> None:
         self.spec = spec
         self.runtime = runtime
+        self.batch = batch
         self.limits = limits
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
-        delay = limits.max_batch_delay_ms / 1000
         common = dict(
-            metrics=metrics, max_rows=limits.max_batch_rows, max_delay=delay, max_queue_rows=limits.max_queue_rows,
-            merge=limits.batching, adaptive_delay=limits.adaptive_delay,
+            metrics=metrics, labels={"model": spec.name, "version": str(spec.version)},
+            max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
+            max_queue_rows=batch.max_queue_rows, merge=batch.batching, adaptive_delay=batch.adaptive_delay,
             inline_seconds=INLINE_SECONDS if runtime.provider == CPU else 0.0,
         )  # fmt: skip
         self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
         self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
+
+    @property
+    def max_request_cost(self) -> int:
+        """Rows one request may queue on a graph: a share of the queue, so no one request fills it."""
+        return max(self.limits.max_request_rows, int(self.limits.max_request_share * self.batch.max_queue_rows))
 
     def start(self) -> None:
         self.encoder.start()
@@ -113,11 +132,13 @@ class Engine:
         await self.decoder.close()
 
     def warm_up(self) -> None:
-        """Run each graph at batch 1, 2 and the batch limit, so the first call pays no set-up, and
-        check every output's shape against model.json: a graph that disagrees is refused here."""
+        """Run each graph at the warm-up sizes (default 1, 2 and the batch limit), so the first call
+        pays no set-up, and check every output's shape against model.json: a graph that disagrees is
+        refused here. The batch limit comes last and largest, so the shared arena holds its peak."""
         c, h, w = self.spec.image_shape
         d = self.spec.latent_dim
-        for n in sorted({1, 2, self.limits.max_batch_rows}):
+        sizes = self.batch.warmup_batch_sizes or (1, 2)
+        for n in sorted({*sizes, self.batch.max_batch_rows}):
             got = {
                 "encoder": [o.shape for o in self.runtime.encoder.run(np.zeros((n, c, h, w), np.float32))],
                 "decoder": [o.shape for o in self.runtime.decoder.run(np.zeros((n, d), np.float32))],
@@ -184,13 +205,11 @@ class Engine:
         self, x: np.ndarray, params: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, z: np.ndarray
     ) -> dict[str, np.ndarray]:
         n, k = params.shape[:2]
-        params = params.astype(np.float64)
         target = x.reshape(n, 1, -1).astype(np.float64)
-        if self.spec.likelihood == "bernoulli":
-            log_px_z = (target * params - np.logaddexp(0.0, params)).sum(-1)
-        else:
-            var = self.spec.gaussian_std**2
-            log_px_z = -0.5 * ((target - params) ** 2 / var + math.log(var) + LOG_2PI).sum(-1)
+        # log p(x|z) in float64 over a few importance samples at a time: the temporaries of one
+        # chunk stay near SCORE_CHUNK_VALUES, whatever n x k the request has.
+        step = max(1, SCORE_CHUNK_VALUES // max(1, n * params.shape[2]))
+        log_px_z = np.concatenate([self._log_px_z(target, params[:, j : j + step]) for j in range(0, k, step)], axis=1)
         log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
         log_qz = -0.5 * (LOG_2PI + logvar[:, None, :] + eps**2).sum(-1)
         kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
@@ -202,11 +221,22 @@ class Engine:
             "log_likelihood": logsumexp(log_px_z + log_pz - log_qz, axis=1) - math.log(k),
         }
 
-def load_engine(spec: ModelSpec, options: RuntimeOptions, limits: Limits, metrics: Metrics) -> Engine:
+    def _log_px_z(self, target: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """log p(x|z) per (image, sample): target [n, 1, P], params [n, s, P] -> [n, s]."""
+        params = params.astype(np.float64)
+        if self.spec.likelihood == "bernoulli":
+            return (target * params - np.logaddexp(0.0, params)).sum(-1)
+        var = self.spec.gaussian_std**2
+        return -0.5 * ((target - params) ** 2 / var + math.log(var) + LOG_2PI).sum(-1)
+
+
+def load_engine(
+    spec: ModelSpec, options: RuntimeOptions, batch: BatchSettings, limits: RequestLimits, metrics: Metrics
+) -> Engine:
     """Sessions for both graphs, warmed up and checked; ModelLoadError (or RepositoryError, for a
     missing file) says what is wrong with them."""
     try:
-        engine = Engine(spec, load_runtime(spec, options), metrics, limits)
+        engine = Engine(spec, load_runtime(spec, options), metrics, batch, limits)
     except RepositoryError:
         raise
     except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs

@@ -24,10 +24,12 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.batcher import BatchFailed, Closed, DeadlineExpired, QueueFull
 from service.engine import Engine, new_seed
 from service.metrics import Metrics
+from service.models import LOADING, READY, UNAVAILABLE, UNLOADING, LoadFailed, ModelNotFound, Models, ModelUnavailable, Status
 from service.tensors import BadRequest, check_format, fill_images, from_array, images_to_array, to_array
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+ADMIN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("LoadModel", "UnloadModel"))  # need an admin token
 R = TypeVar("R")
 # Prior latents lie within a few units of 0 (temperature 100 keeps them within hundreds); far past
 # this, a decoder's activations overflow float32 and its images turn to NaN.
@@ -44,6 +46,9 @@ ERRORS: dict[type[Exception], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Closed: grpc.StatusCode.UNAVAILABLE,
     BatchFailed: grpc.StatusCode.INTERNAL,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    LoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -119,31 +124,36 @@ def _with_images(response: R, images: np.ndarray, fmt: int) -> R:
 
 class Call:
     """One call's accounting, as `async with Call(...) as engine`: counts and times it, maps its
-    error to a status code, and pins the engine it runs on. A class rather than an
-    @asynccontextmanager generator, because it runs on every call and a generator costs more."""
+    error to a status code, and pins the engine (model version) it runs on, resolved from the
+    request's model_name and model_version. A class rather than an @asynccontextmanager
+    generator, because it runs on every call and a generator costs more."""
 
-    __slots__ = ("servicer", "name", "context", "engine", "started", "refusal")
+    __slots__ = ("servicer", "name", "context", "request", "engine", "started", "refusal")
 
     def __init__(self, servicer: VaeServicer, name: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        self.servicer, self.name, self.context = servicer, name, context
+        self.servicer, self.name, self.context, self.request = servicer, name, context, request
         self.refusal: Exception | None = None
+        self.engine: Engine | None = None
         if servicer.draining:
             self.refusal = Closed("the server is shutting down")
         elif servicer.in_flight >= servicer.max_calls:
-            servicer.metrics.rejections.labels(reason="concurrent_calls").inc()
+            servicer.metrics.rejections.labels(reason="concurrent_calls", model="").inc()
             self.refusal = TooManyCalls(f"{servicer.in_flight} calls already running (--max-concurrent-calls); retry later")
         elif isinstance(request, Malformed):
             self.refusal = BadRequest(request.reason)
 
     async def __aenter__(self) -> Engine:
         self.started = time.perf_counter()
-        self.engine = self.servicer.engine
-        self.engine.active_calls += 1
         self.servicer.in_flight += 1
-        if self.refusal is not None:
-            await self.__aexit__(type(self.refusal), self.refusal, None)  # accounts, then aborts: raises
-            raise self.refusal
-        return self.engine
+        if self.refusal is None:
+            try:
+                self.engine = self.servicer.models.resolve(self.request.model_name, self.request.model_version)
+                self.engine.active_calls += 1
+                return self.engine
+            except (ModelNotFound, ModelUnavailable) as err:
+                self.refusal = err
+        await self.__aexit__(type(self.refusal), self.refusal, None)  # accounts, then aborts: raises
+        raise self.refusal  # type: ignore[misc]
 
     async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
         code = grpc.StatusCode.OK
@@ -157,41 +167,111 @@ class Call:
                 await self.context.abort(code, str(err)[:1000])  # status details travel in a size-limited trailer
             return False
         finally:
-            self.engine.active_calls -= 1
+            engine = self.engine
+            if engine is not None:
+                engine.active_calls -= 1
             self.servicer.in_flight -= 1
-            self.servicer.metrics.answered(self.name, code.name, time.perf_counter() - self.started)
+            model = engine.spec.name if engine is not None else ""  # never a name a client made up: no label flood
+            self.servicer.metrics.answered(self.name, code.name, model, time.perf_counter() - self.started)
+
+
+def _answered_by(response: R, engine: Engine) -> R:
+    if isinstance(response, pb.ModelInfo):  # names its model in its own fields
+        return response
+    response.model_name = engine.spec.name
+    response.model_version = engine.spec.version
+    return response
 
 
 def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A unary handler, given the engine, inside a `Call`."""
+    """A unary handler, given the engine, inside a `Call`; its response names the model and version."""
     name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with Call(self, name, request, context) as engine:
-            return await handler(self, engine, request, context)
+            return _answered_by(await handler(self, engine, request, context), engine)
 
     return wrapped
 
 
+def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A model-control handler: not tied to one engine and not counted against
+    --max-concurrent-calls (loading a model must work on a busy server), but counted and timed."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            if isinstance(request, Malformed):
+                raise BadRequest(request.reason)
+            if self.draining:
+                raise Closed("the server is shutting down")
+            return await handler(self, request, context)
+        except Exception as err:  # noqa: BLE001 - every error becomes a status code
+            code = _status(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed: %s", name, err, exc_info=True)
+            await context.abort(code, str(err)[:1000])
+        finally:
+            self.metrics.answered(name, code.name, "", time.perf_counter() - started)
+
+    return wrapped
+
+
+STATES = {
+    READY: pb.MODEL_STATE_READY, LOADING: pb.MODEL_STATE_LOADING, UNLOADING: pb.MODEL_STATE_UNLOADING,
+    UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
+}  # fmt: skip
+
+
+def _model_name(request: pb.LoadModelRequest | pb.UnloadModelRequest) -> str:
+    if not request.model_name:
+        raise BadRequest("model_name: required (ListModels shows what the repository holds)")
+    if request.model_version < 0:
+        raise BadRequest(f"model_version: {request.model_version}; must be 0 (the policy's versions) or a version")
+    return request.model_name
+
+
 class VaeServicer:
-    def __init__(self, engine: Engine, metrics: Metrics, max_calls: int = 256) -> None:
-        """`max_calls` caps this service's calls in progress; health checks and reflection are
-        other services, so a probe still answers while the cap refuses inference calls."""
-        self.engine = engine  # replaced whole on a model swap
+    def __init__(self, models: Models, metrics: Metrics, max_calls: int = 256) -> None:
+        """`max_calls` caps this service's inference calls in progress; health checks and
+        reflection are other services, so a probe still answers while the cap refuses calls."""
+        self.models = models
         self.metrics = metrics
         self.max_calls = max_calls
         self.draining = False
         self.in_flight = 0
 
+    def _listing(self, statuses: list[Status]) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[pb.ModelStatus(name=s.name, version=s.version, state=STATES[s.state], reason=s.reason) for s in statuses],
+            default_model=self.models.default or "",
+        )
+
+    @control
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        return self._listing(self.models.statuses())
+
+    @control
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.ListModelsResponse:
+        name = _model_name(request)
+        return self._listing(await self.models.load(name, request.model_version))
+
+    @control
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: Any) -> pb.ListModelsResponse:
+        name = _model_name(request)
+        return self._listing(await self.models.unload(name, request.model_version))
+
     @rpc
     async def GetModelInfo(self, engine: Engine, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
-        s, lim = engine.spec, engine.limits
+        s, batch = engine.spec, engine.batch
         return pb.ModelInfo(
             name=s.name, version=s.version, latent_dim=s.latent_dim, image_shape=list(s.image_shape),
             likelihood=s.likelihood, execution_provider=engine.runtime.provider,
-            max_batch_rows=lim.max_batch_rows, max_batch_delay_ms=lim.max_batch_delay_ms,
-            max_request_rows=lim.max_request_rows, max_queue_rows=lim.max_queue_rows, dataset=s.dataset,
+            max_batch_rows=batch.max_batch_rows, max_batch_delay_ms=batch.max_batch_delay_ms,
+            max_request_rows=engine.limits.max_request_rows, max_queue_rows=batch.max_queue_rows, dataset=s.dataset,
             metrics=s.metrics,
         )  # fmt: skip
 
@@ -205,13 +285,15 @@ class VaeServicer:
     async def SampleStream(self, request: pb.SampleRequest, context: Any) -> AsyncIterator[pb.SampleResponse]:
         """Sample in chunks: the concatenated chunks equal Sample's images for the same seed."""
         async with Call(self, "SampleStream", request, context) as engine:
-            n = _count(request.num_samples, "num_samples", engine.limits.max_queue_rows)
+            n = _count(request.num_samples, "num_samples", engine.batch.max_queue_rows)
             fmt, temperature, seed = _format(engine, request.format), _temperature(request), _seed(request)
-            chunk = _count(request.chunk_rows or engine.limits.max_batch_rows, "chunk_rows", engine.limits.max_request_rows)
+            limit = engine.limits.max_request_rows
+            chunk = _count(request.chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
             z = engine.latents(n, seed, temperature)
             for offset in range(0, n, chunk):
                 images = await engine.decode(z[offset : offset + chunk], _deadline(context))
-                yield _with_images(pb.SampleResponse(seed=seed, offset=offset), images, fmt)
+                response = pb.SampleResponse(seed=seed, offset=offset)
+                yield _answered_by(_with_images(response, images, fmt), engine)
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
@@ -269,12 +351,11 @@ class VaeServicer:
     @rpc
     async def Score(self, engine: Engine, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
         x = _images(engine, request.images)
-        limits = engine.limits
-        k = _count(request.importance_samples or 64, "importance_samples", limits.max_importance_samples)
-        if len(x) * k > limits.max_queue_rows:
+        k = _count(request.importance_samples or 64, "importance_samples", engine.limits.max_importance_samples)
+        if len(x) * k > engine.max_request_cost:
             raise BadRequest(
-                f"images x importance_samples = {len(x) * k} decoder rows; at most {limits.max_queue_rows} "
-                "per request: send fewer images or a smaller k"
+                f"images x importance_samples = {len(x) * k} decoder rows; at most {engine.max_request_cost} per "
+                "request (--max-request-share of the queue): send fewer images or a smaller k"
             )
         seed = _seed(request)
         s = await engine.score(x, k, seed, _deadline(context))

@@ -18,42 +18,78 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("vae_requests", "RPCs answered, by method and status code", ["rpc", "code"], registry=r)
+        self.requests = Counter(
+            "vae_requests", "RPCs answered, by method, status code and model", ["rpc", "code", "model"], registry=r
+        )
         self.latency = Histogram(
-            "vae_request_duration_seconds", "Time from receiving an RPC to answering it", ["rpc"],
+            "vae_request_duration_seconds", "Time from receiving an RPC to answering it", ["rpc", "model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        per_graph = ["model", "version", "graph"]
         self.queue_wait = Histogram(
-            "vae_queue_wait_seconds", "Time a request waited in a graph's batch queue", ["graph"],
+            "vae_queue_wait_seconds", "Time a request waited in a graph's batch queue", per_graph,
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.compute = Histogram(
-            "vae_compute_seconds", "Time one batch spent in ONNX Runtime", ["graph"], buckets=LATENCY_BUCKETS, registry=r
+            "vae_compute_seconds", "Time one batch spent in ONNX Runtime", per_graph, buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_rows = Histogram(
-            "vae_batch_rows", "Rows in each batch sent to a graph", ["graph"], buckets=ROW_BUCKETS, registry=r
+            "vae_batch_rows", "Rows in each batch sent to a graph", per_graph, buckets=ROW_BUCKETS, registry=r
         )
-        self.queue_rows = Gauge("vae_queue_rows", "Rows waiting in a graph's batch queue", ["graph"], registry=r)
-        self.rejections = Counter("vae_rejections", "Requests refused before compute, by reason", ["reason"], registry=r)
-        self.reloads = Counter("vae_model_reloads", "Model updates tried, by result (swapped, refused)", ["result"], registry=r)
+        self.queue_rows = Gauge("vae_queue_rows", "Rows waiting in a graph's batch queue", per_graph, registry=r)
+        self.rejections = Counter(
+            "vae_rejections", "Requests refused before compute, by reason and model ('' before one is chosen)",
+            ["reason", "model"], registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "vae_model_reloads", "Model versions loaded, by result (swapped: replaced an older one, loaded, refused)",
+            ["result", "model"], registry=r,
+        )  # fmt: skip
         self.model_info = Gauge(
-            "vae_model_info", "The model being served (value 1)", ["name", "version", "provider"], registry=r
+            "vae_model_info", "A version being served (value 1)", ["name", "version", "provider"], registry=r
         )
-        self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.model_state = Gauge(
+            "vae_model_state", "1 for each model version's current state (READY, LOADING, UNLOADING, UNAVAILABLE)",
+            ["model", "version", "state"], registry=r,
+        )  # fmt: skip
+        self._answered: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._states: dict[tuple[str, str], str] = {}
+        self._info_labels: dict[tuple[str, str], tuple[str, str, str]] = {}
 
-    def answered(self, rpc: str, code: str, seconds: float) -> None:
+    def answered(self, rpc: str, code: str, model: str, seconds: float) -> None:
         """Count and time one RPC. Runs on every call, so the label children are looked up once."""
-        children = self._answered.get((rpc, code))
+        key = (rpc, code, model)
+        children = self._answered.get(key)
         if children is None:
-            children = self._answered[(rpc, code)] = (
-                self.requests.labels(rpc=rpc, code=code), self.latency.labels(rpc=rpc)
+            children = self._answered[key] = (
+                self.requests.labels(rpc=rpc, code=code, model=model), self.latency.labels(rpc=rpc, model=model)
             )  # fmt: skip
         children[0].inc()
         children[1].observe(seconds)
 
-    def set_model(self, name: str, version: int, provider: str) -> None:
-        self.model_info.clear()
-        self.model_info.labels(name=name, version=str(version), provider=provider).set(1)
+    def set_state(self, model: str, version: int, state: str | None, provider: str = "") -> None:
+        """A version's state: one series at 1 for it (none once it leaves the repository), and its
+        info series while it is READY."""
+        key = (model, str(version))
+        old = self._states.pop(key, None)
+        if old is not None:
+            self.model_state.remove(model, key[1], old)
+            if old == "READY":
+                self.model_info.remove(*self._info_labels.pop(key))
+        if state is None:
+            return
+        self._states[key] = state
+        self.model_state.labels(model=model, version=key[1], state=state).set(1)
+        if state == "READY":
+            self._info_labels[key] = (model, key[1], provider)
+            self.model_info.labels(name=model, version=key[1], provider=provider).set(1)
+
+    def forget_graph(self, model: str, version: int, graph: str) -> None:
+        """Drop an unloaded version's queue gauge, which would otherwise read a closed queue."""
+        try:
+            self.queue_rows.remove(model, str(version), graph)
+        except KeyError:
+            pass
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> tuple[object, object]:
         """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""

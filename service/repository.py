@@ -1,131 +1,157 @@
-"""Reading the model repository: the one place on the serving side that parses model.json.
+"""The model repository as the server sees it: which models and versions it holds, which versions
+a model's policy serves, and its per-model settings (serving.json).
 
-MODELS/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}; the highest integer version is
-served unless one is asked for. Graph files are checked against the sha256 in model.json, so a
-torn copy or a swapped file is refused at start rather than served.
+    MODELS/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}   (service.manifest reads it)
+    MODELS/<name>/serving.json                                       optional, per model
+
+Everything here reads files and decides; loading sessions is `service.models`' job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROLES = ("encoder", "decoder")
-FORMAT = 1  # model.json's layout; export writes it, and a version of another format is refused
+from service.manifest import MANIFEST, ModelSpec, RepositoryError, read_manifest, version_numbers
+
+__all__ = ["ModelSpec", "RepositoryError", "ServingConfig", "VersionPolicy", "load_spec", "scan", "version_state"]
+
+SERVING_FILE = "serving.json"
 
 
-class RepositoryError(RuntimeError):
-    """The model repository is missing, incomplete or inconsistent; the message says how."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    version: int
-    folder: Path
-    latent_dim: int
-    image_shape: tuple[int, int, int]
-    likelihood: str
-    gaussian_std: float
-    dataset: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    has_fp16_decoder: bool = False
-
-    def graph(self, role: str) -> Path:
-        return self.folder / f"{role}.onnx"
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (graphs can be large)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _pick_model(repo: Path, name: str | None) -> Path:
+def scan(repo: Path) -> dict[str, list[int]]:
+    """Every model folder of the repository with its versions; a folder with no version folder
+    yet (an export in progress) is not a model. Hidden folders are skipped."""
+    repo = Path(repo)
     if not repo.is_dir():
         raise RepositoryError(f"model repository {repo} does not exist")
-    if name:
-        folder = repo / name
-        if not folder.is_dir():
-            raise RepositoryError(f"model {name!r} not found in {repo}")
-        return folder
-    candidates = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
-    with_versions = [p for p in candidates if any(v.name.isdigit() for v in p.iterdir())]
-    if len(with_versions) != 1:
-        found = ", ".join(p.name for p in with_versions) or "none"
-        raise RepositoryError(f"{repo}: expected exactly one model when no name is given, found {found}")
-    return with_versions[0]
+    try:
+        folders = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        raise RepositoryError(f"{repo}: cannot read the model repository: {err}") from err
+    found = {}
+    for folder in folders:
+        try:
+            versions = version_numbers(folder)
+        except OSError:
+            continue  # unreadable now; seen again on the next scan
+        if versions:
+            found[folder.name] = versions
+    return found
 
 
 def load_spec(repo: Path, name: str | None = None, version: int | None = None, verify: bool = True) -> ModelSpec:
-    """The model to serve, checked: files present, fields sane, graph hashes matching."""
-    try:
-        model_dir = _pick_model(Path(repo), name)
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    except OSError as err:
-        raise RepositoryError(f"{repo}: cannot read the model repository: {err}") from err
-    if not versions:
-        raise RepositoryError(f"{model_dir}: no version folders")
-    chosen = version if version is not None else versions[-1]
-    if chosen not in versions:
-        raise RepositoryError(f"{model_dir}: version {chosen} not found (have {versions})")
-    folder = model_dir / str(chosen)
-    try:
-        info: dict[str, Any] = json.loads((folder / "model.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RepositoryError(f"{folder}/model.json unreadable: {err}") from err
-    if info.get("format") != FORMAT:
-        raise RepositoryError(
-            f"{folder}/model.json: format {info.get('format')!r}; this server reads format {FORMAT} (export it again, "
-            "or run a server of the version that wrote it)"
-        )
-    try:
-        shape = tuple(int(s) for s in info["image_shape"])
-        spec = ModelSpec(
-            name=str(info["name"]),
-            version=int(info["version"]),
-            folder=folder,
-            latent_dim=int(info["latent_dim"]),
-            image_shape=shape,  # type: ignore[arg-type]
-            likelihood=str(info["likelihood"]),
-            gaussian_std=float(info.get("gaussian_std", 0.1)),
-            dataset=str(info.get("dataset", "")),
-            metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
-            has_fp16_decoder="decoder_fp16" in info["graphs"],
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise RepositoryError(f"{folder}/model.json is missing or has a bad field: {err!r}") from err
-    if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in ("bernoulli", "gaussian"):
-        raise RepositoryError(f"{folder}/model.json: bad image_shape, latent_dim or likelihood")
-    if spec.version != chosen:
-        raise RepositoryError(f"{folder}/model.json says version {spec.version}, its folder says {chosen}")
-    for role in (*ROLES, "decoder_fp16") if spec.has_fp16_decoder else ROLES:
-        path = spec.graph(role)
+    """One version of one model, checked: the named model (or the only one), the named version
+    (or the newest). For tools that want a single model; the server goes through `scan`."""
+    models = scan(repo)
+    if name is None:
+        if len(models) != 1:
+            found = ", ".join(models) or "none"
+            raise RepositoryError(f"{repo}: expected exactly one model when no name is given, found {found}")
+        name = next(iter(models))
+    if name not in models:
+        raise RepositoryError(f"model {name!r} not found in {repo} (have {', '.join(models) or 'none'})")
+    chosen = models[name][-1] if version is None else version
+    if chosen not in models[name]:
+        raise RepositoryError(f"{Path(repo) / name}: version {chosen} not found (have {models[name]})")
+    return read_manifest(Path(repo) / name / str(chosen), verify)
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model are served, as Triton's version_policy: the newest N, all, or the
+    ones listed."""
+
+    kind: str = "latest"  # latest | all | specific
+    count: int = 1  # latest: how many
+    versions: tuple[int, ...] = ()  # specific: which
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """`latest:N`, `all` or `specific:3,5`."""
+        kind, _, arg = text.strip().partition(":")
         try:
-            expected = info["graphs"][role].get("sha256")
-            if not path.is_file():
-                raise RepositoryError(f"{path} is missing")
-            if not expected:  # an unchecked graph could be torn or swapped: never serve one
-                raise RepositoryError(f"{path}: model.json gives no sha256 for it")
-            if verify and sha256(path) != expected:
-                raise RepositoryError(f"{path}: sha256 does not match model.json (a torn or replaced file)")
-        except (KeyError, AttributeError, OSError) as err:
-            raise RepositoryError(f"{path}: cannot check it against model.json: {err!r}") from err
-    return spec
+            if kind == "latest":
+                policy = cls("latest", int(arg or 1))
+                if policy.count >= 1:
+                    return policy
+            elif kind == "all" and not arg:
+                return cls("all")
+            elif kind == "specific":
+                versions = tuple(sorted({int(v) for v in arg.split(",")}))
+                if versions and min(versions) >= 1:
+                    return cls("specific", versions=versions)
+        except ValueError:
+            pass
+        raise ValueError(f"version policy {text!r}: give latest:N (N >= 1), all, or specific:V1,V2")
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions to serve out of those that can be served, ascending."""
+        if self.kind == "all":
+            return sorted(versions)
+        if self.kind == "specific":
+            return sorted(set(versions) & set(self.versions))
+        return sorted(versions)[-self.count :]
+
+    def __str__(self) -> str:
+        if self.kind == "specific":
+            return "specific:" + ",".join(map(str, self.versions))
+        return "all" if self.kind == "all" else f"latest:{self.count}"
 
 
-def latest_version(repo: Path, name: str) -> int | None:
-    """The highest version folder of a model, without reading anything else (cheap enough to poll)."""
+@dataclass(frozen=True)
+class ServingConfig:
+    """MODELS/<name>/serving.json: per-model batching, warm-up and version policy. A field left out
+    takes the server's flag."""
+
+    max_batch_rows: int | None = None
+    max_batch_delay_ms: float | None = None
+    max_queue_rows: int | None = None
+    warmup_batch_sizes: tuple[int, ...] | None = None
+    version_policy: VersionPolicy | None = None
+    allow_interface_change: bool = False  # a new version may change image shape, latent size, likelihood, prior
+
+
+def read_serving_config(model_dir: Path) -> ServingConfig:
+    """The model's serving.json, or the defaults when it has none; RepositoryError if it is broken."""
+    path = Path(model_dir) / SERVING_FILE
     try:
-        return max((int(p.name) for p in (Path(repo) / name).iterdir() if p.is_dir() and p.name.isdigit()), default=None)
-    except OSError:
+        raw: Any = json.loads(path.read_text())
+    except FileNotFoundError:
+        return ServingConfig()
+    except (OSError, json.JSONDecodeError) as err:
+        raise RepositoryError(f"{path} unreadable: {err}") from err
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{path}: expected a JSON object")
+    unknown = set(raw) - {f for f in ServingConfig.__dataclass_fields__}
+    if unknown:
+        raise RepositoryError(f"{path}: unknown settings {sorted(unknown)}")
+    try:
+        config = ServingConfig(
+            max_batch_rows=_positive(raw, "max_batch_rows", int),
+            max_batch_delay_ms=_positive(raw, "max_batch_delay_ms", float, zero=True),
+            max_queue_rows=_positive(raw, "max_queue_rows", int),
+            warmup_batch_sizes=tuple(int(n) for n in raw["warmup_batch_sizes"]) if "warmup_batch_sizes" in raw else None,
+            version_policy=VersionPolicy.parse(raw["version_policy"]) if "version_policy" in raw else None,
+            allow_interface_change=bool(raw.get("allow_interface_change", False)),
+        )
+    except (TypeError, ValueError) as err:
+        raise RepositoryError(f"{path}: {err}") from err
+    if config.warmup_batch_sizes is not None and min(config.warmup_batch_sizes, default=1) < 1:
+        raise RepositoryError(f"{path}: warmup_batch_sizes must be positive")
+    return config
+
+
+def _positive(raw: dict[str, Any], key: str, kind: type, zero: bool = False) -> Any:
+    if key not in raw:
         return None
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{key} must be a {'non-negative' if zero else 'positive'} number, got {value!r}")
+    return kind(value)
 
 
 def version_state(repo: Path, name: str, version: int) -> tuple[object, ...]:
@@ -136,7 +162,7 @@ def version_state(repo: Path, name: str, version: int) -> tuple[object, ...]:
     folder = Path(repo) / name / str(version)
     try:
         stats = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
-        manifest = (folder / "model.json").read_bytes() if (folder / "model.json").is_file() else b""
+        manifest = (folder / MANIFEST).read_bytes() if (folder / MANIFEST).is_file() else b""
     except OSError as err:
         return (version, f"unreadable: {err}", ())
     files = tuple(sorted((name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats))

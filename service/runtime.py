@@ -7,7 +7,6 @@ falls back to CPU silently when CUDA libraries are missing.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.repository import ModelSpec, RepositoryError
+from service.manifest import ModelSpec, RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,7 @@ class RuntimeOptions:
     cuda_mem_limit_bytes: int = 0  # 0: no limit
     cpu_arena: bool = True
     fp16_decoder: bool = False  # serve decoder_fp16.onnx (an export option, meant for GPUs)
+    shared_threads: bool = False  # every session on one process-wide pool (the server); else a pool per session
 
 
 def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
@@ -86,15 +86,33 @@ def intra_op_threads(asked: int) -> int:
     return asked if asked > 0 else max(1, available_cores() - 1)
 
 
-@functools.cache
-def share_cpu_arena() -> None:
-    """One CPU arena for all the process's sessions, grown by what is asked rather than by powers
-    of two, so the encoder and decoder do not keep a peak each. Registered once, on ONNX Runtime's
-    global env. Growing by exactly what is asked fragments when batches grow step by step;
-    Engine.warm_up runs the largest batch before any traffic, so the arena holds its peak from the
-    start."""
+_environment_threads: list[int | None] = []  # set once: what the process's environment was made with
+
+
+def shared_environment(threads: int | None, inter_op_threads: int) -> None:
+    """Set up ONNX Runtime's process-wide environment, once, before its first session.
+
+    threads: with a number, every session that opts in (`use_per_session_threads = False`) runs on
+    one global intra-op pool of that size, so M models on C cores use the same threads as one
+    model, not M x 2 pools (ONNX Runtime's answer for many models in one process). The global
+    pool's size cannot change once the environment exists, so it is fixed by the first call.
+
+    Also one CPU arena for all the process's sessions, grown by what is asked rather than by powers
+    of two, so graphs do not keep a peak each. Growing by exactly what is asked fragments when
+    batches grow step by step; Engine.warm_up runs the largest batch before any traffic, so the
+    arena holds its peak from the start."""
+    if _environment_threads:
+        return
+    _environment_threads.append(threads)
+    if threads is not None:
+        ort.set_global_thread_pool_sizes(threads, inter_op_threads)
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # max_mem default, kSameAsRequested
+
+
+def _environment(options: RuntimeOptions) -> None:
+    threads = intra_op_threads(options.intra_op_threads) if options.shared_threads else None
+    shared_environment(threads, options.inter_op_threads)
 
 
 class Graph:
@@ -103,8 +121,12 @@ class Graph:
     def __init__(self, path: str, options: RuntimeOptions, providers: list) -> None:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = intra_op_threads(options.intra_op_threads)
-        so.inter_op_num_threads = options.inter_op_threads
+        _environment(options)
+        if options.shared_threads:
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = intra_op_threads(options.intra_op_threads)
+            so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
         # Spinning worker threads keep the cores busy between runs, starving the event loop and the
         # gRPC threads that share them; a served model runs in bursts, so let them sleep.
@@ -114,7 +136,6 @@ class Graph:
         # but resident for good.
         so.enable_cpu_mem_arena = options.cpu_arena
         if options.cpu_arena:
-            share_cpu_arena()
             so.add_session_config_entry("session.use_env_allocators", "1")
         # Memory patterns are planned and kept per input shape; with a batch size that changes from
         # call to call they pile up in the arena, for no speed.
@@ -150,6 +171,9 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if runtime.provider != wanted:
         log.warning("asked onnxruntime for %s but the session runs on %s (CUDA libraries missing?)", wanted, runtime.provider)
-    threads = runtime.decoder.session.get_session_options().intra_op_num_threads
-    log.info("graphs loaded on %s, %d intra-op threads each", runtime.provider, threads)
+    if options.shared_threads:
+        threads = f"the process's shared pool of {intra_op_threads(options.intra_op_threads)} intra-op threads"
+    else:
+        threads = f"{runtime.decoder.session.get_session_options().intra_op_num_threads} intra-op threads each"
+    log.info("%s v%d: graphs loaded on %s, %s", spec.name, spec.version, runtime.provider, threads)
     return runtime

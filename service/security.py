@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def load_tokens(token_file: Path | None, env: dict[str, str] | None = None) -> list[bytes]:
+def load_tokens(token_file: Path | None, env: dict[str, str] | None = None, variable: str = "VAE_AUTH_TOKENS") -> list[bytes]:
     env = os.environ if env is None else env
-    tokens = [t.strip() for t in env.get("VAE_AUTH_TOKENS", "").split(",")]
+    tokens = [t.strip() for t in env.get(variable, "").split(",")]
     if token_file:
         tokens += [line.strip() for line in Path(token_file).read_text().splitlines()]
     return [t.encode() for t in tokens if t and not t.startswith("#")]
@@ -53,12 +53,21 @@ def _token_matches(presented: bytes, digests: list[bytes]) -> bool:
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED unless the call carries `authorization: Bearer <token>` with a known token."""
+    """UNAUTHENTICATED unless the call carries `authorization: Bearer <token>` with a known token.
 
-    def __init__(self, tokens: list[bytes], on_denied: Callable[[], None] | None = None) -> None:
-        if not tokens:
+    Model control (`admin_methods`) takes admin tokens only: an inference token gets
+    PERMISSION_DENIED there. With admin tokens alone (no inference tokens), inference is open and
+    only model control is guarded; with inference tokens alone, model control is refused to all."""
+
+    def __init__(
+        self, tokens: list[bytes], on_denied: Callable[[str], None] | None = None, admin_tokens: list[bytes] | None = None,
+        admin_methods: frozenset[str] = frozenset(),
+    ) -> None:  # fmt: skip
+        if not tokens and not admin_tokens:
             raise ValueError("token authentication needs at least one token")
         self.digests = [_digest(t) for t in tokens]
+        self.admin_digests = [_digest(t) for t in admin_tokens or ()]
+        self.admin_methods = admin_methods
         self.on_denied = on_denied
 
     async def intercept_service(
@@ -71,15 +80,33 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return await continuation(details)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() == "bearer" and _token_matches(presented.strip().encode(), self.digests):
+        token = presented.strip().encode() if scheme.lower() == "bearer" else None
+        admin = token is not None and bool(self.admin_digests) and _token_matches(token, self.admin_digests)
+        if method in self.admin_methods:
+            if admin:
+                return await continuation(details)
+            if token is not None and self.digests and _token_matches(token, self.digests):
+                return await self._denied(
+                    continuation, details, grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
+                    "model control needs an admin token (--admin-token-file); this token may only call inference",
+                )  # fmt: skip
+        elif admin or not self.digests or (token is not None and _token_matches(token, self.digests)):
             log.debug("auth: allowed %s", method)
             return await continuation(details)
         reason = "no bearer token" if not header else "unknown token"
-        log.warning("auth: denied %s (%s)", method, reason)
+        return await self._denied(
+            continuation, details, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+            f"{reason}: send 'authorization: Bearer <token>'",
+        )  # fmt: skip
+
+    async def _denied(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails, code: grpc.StatusCode, reason: str, message: str,
+    ) -> grpc.RpcMethodHandler:  # fmt: skip
+        log.warning("auth: denied %s (%s)", details.method, message.split(":")[0])
         if self.on_denied:
-            self.on_denied()
-        handler = await continuation(details)
-        return _deny(handler, f"{reason}: send 'authorization: Bearer <token>'")
+            self.on_denied(reason)
+        return _deny(await continuation(details), message, code)
 
 
 def _unread(data: bytes) -> None:
@@ -88,14 +115,16 @@ def _unread(data: bytes) -> None:
     return None
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as the real one that only aborts with UNAUTHENTICATED."""
+def _deny(
+    handler: grpc.RpcMethodHandler | None, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as the real one that only aborts with `code`."""
 
     async def abort(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def abort_stream(request: object, context: grpc.aio.ServicerContext):  # noqa: ANN202
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     serializer = handler.response_serializer if handler else None

@@ -15,7 +15,8 @@ import torch
 from google.protobuf import text_format
 
 from export.graphs import OPSET
-from export.repository import publish, versions
+from export.repository import publish
+from service.manifest import version_numbers
 from export.triton import layout
 from export.verify import ParityError, verify_parity
 from training.checkpoint import load_model
@@ -41,7 +42,7 @@ def published(tmp_path_factory, checkpoint_path):
 
 def test_layout_and_version_numbering(published):
     model_dir = published / "digits"
-    assert versions(model_dir) == [1, 2]
+    assert version_numbers(model_dir) == [1, 2]
     assert (model_dir / "1").stat().st_mode & 0o055 == 0o055  # readable by a server running as another user
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]  # no staging folder left behind
     for v in ("1", "2"):

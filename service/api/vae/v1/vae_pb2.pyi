@@ -25,6 +25,14 @@ class InterpolationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERPOLATION_METHOD_UNSPECIFIED: _ClassVar[InterpolationMethod]
     INTERPOLATION_METHOD_LINEAR: _ClassVar[InterpolationMethod]
     INTERPOLATION_METHOD_SPHERICAL: _ClassVar[InterpolationMethod]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_UNLOADING: _ClassVar[ModelState]
+    MODEL_STATE_UNAVAILABLE: _ClassVar[ModelState]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_UINT8: DType
@@ -35,6 +43,11 @@ IMAGE_FORMAT_PNG: ImageFormat
 INTERPOLATION_METHOD_UNSPECIFIED: InterpolationMethod
 INTERPOLATION_METHOD_LINEAR: InterpolationMethod
 INTERPOLATION_METHOD_SPHERICAL: InterpolationMethod
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_UNLOADING: ModelState
+MODEL_STATE_UNAVAILABLE: ModelState
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -57,8 +70,12 @@ class Images(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[_Iterable[bytes]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "latent_dim", "image_shape", "likelihood", "execution_provider", "max_batch_rows", "max_batch_delay_ms", "max_request_rows", "max_queue_rows", "dataset", "metrics")
@@ -96,75 +113,103 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latent_dim: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., likelihood: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_request_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("num_samples", "seed", "temperature", "format", "chunk_rows")
+    __slots__ = ("num_samples", "seed", "temperature", "format", "chunk_rows", "model_name", "model_version")
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     num_samples: int
     seed: int
     temperature: float
     format: ImageFormat
     chunk_rows: int
-    def __init__(self, num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., chunk_rows: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("images", "seed", "offset")
+    __slots__ = ("images", "seed", "offset", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Images
     seed: int
     offset: int
-    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("images", "sample", "seed")
+    __slots__ = ("images", "sample", "seed", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     sample: bool
     seed: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("mu", "sigma", "z", "seed")
+    __slots__ = ("mu", "sigma", "z", "seed", "model_name", "model_version")
     MU_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     mu: Tensor
     sigma: Tensor
     z: Tensor
     seed: int
-    def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., sigma: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., sigma: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("latents", "format")
+    __slots__ = ("latents", "format", "model_name", "model_version")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     latents: Tensor
     format: ImageFormat
-    def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ReconstructRequest(_message.Message):
-    __slots__ = ("images", "format")
+    __slots__ = ("images", "format", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     format: ImageFormat
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ImagesResponse(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Images
-    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
-    __slots__ = ("start_image", "start_latent", "end_image", "end_latent", "steps", "method", "format")
+    __slots__ = ("start_image", "start_latent", "end_image", "end_latent", "steps", "method", "format", "model_name", "model_version")
     START_IMAGE_FIELD_NUMBER: _ClassVar[int]
     START_LATENT_FIELD_NUMBER: _ClassVar[int]
     END_IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +217,8 @@ class InterpolateRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     start_image: Tensor
     start_latent: Tensor
     end_image: Tensor
@@ -179,25 +226,35 @@ class InterpolateRequest(_message.Message):
     steps: int
     method: InterpolationMethod
     format: ImageFormat
-    def __init__(self, start_image: _Optional[_Union[Tensor, _Mapping]] = ..., start_latent: _Optional[_Union[Tensor, _Mapping]] = ..., end_image: _Optional[_Union[Tensor, _Mapping]] = ..., end_latent: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, start_image: _Optional[_Union[Tensor, _Mapping]] = ..., start_latent: _Optional[_Union[Tensor, _Mapping]] = ..., end_image: _Optional[_Union[Tensor, _Mapping]] = ..., end_latent: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class InterpolateResponse(_message.Message):
-    __slots__ = ("images", "latents")
+    __slots__ = ("images", "latents", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Images
     latents: Tensor
-    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("images", "importance_samples", "seed")
+    __slots__ = ("images", "importance_samples", "seed", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     importance_samples: int
     seed: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ImageScore(_message.Message):
     __slots__ = ("elbo", "reconstruction", "kl", "log_likelihood")
@@ -212,11 +269,55 @@ class ImageScore(_message.Message):
     def __init__(self, elbo: _Optional[float] = ..., reconstruction: _Optional[float] = ..., kl: _Optional[float] = ..., log_likelihood: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "importance_samples", "seed")
+    __slots__ = ("scores", "importance_samples", "seed", "model_name", "model_version")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ImageScore]
     importance_samples: int
     seed: int
-    def __init__(self, scores: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    model_name: str
+    model_version: int
+    def __init__(self, scores: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "version", "state", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    state: ModelState
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "default_model")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    default_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,21 @@ class VaeServiceStub:
                 request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/vae.v1.VaeService/ListModels',
+                request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/vae.v1.VaeService/LoadModel',
+                request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/vae.v1.VaeService/UnloadModel',
+                request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class VaeServiceServicer:
@@ -135,6 +150,30 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Model control. Every model and version in the repository, with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model (the versions its policy keeps, or the one version named) and wait until it
+        serves; FAILED_PRECONDITION with the reason if its files cannot be served. Needs an admin
+        token when token authentication is on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a model (every version, or the one named) once its calls in flight finish; it stays
+        unloaded, whatever the repository holds, until LoadModel names it. Needs an admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +216,21 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.FromString,
                     response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsRequest.FromString,
+                    response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.LoadModelRequest.FromString,
+                    response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.UnloadModelRequest.FromString,
+                    response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +449,87 @@ class VaeService:
             '/vae.v1.VaeService/Score',
             service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.SerializeToString,
             service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/ListModels',
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsRequest.SerializeToString,
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/LoadModel',
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.LoadModelRequest.SerializeToString,
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/UnloadModel',
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.UnloadModelRequest.SerializeToString,
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

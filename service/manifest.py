@@ -1,0 +1,143 @@
+"""model.json, the manifest of one model version: the one module that knows its format.
+
+Export writes it with `write_manifest`, the service reads it with `read_manifest`, and every walk
+over a model's version folders goes through `version_numbers`, so writer, reader and scans cannot
+disagree. It lives on the serving side because the serving image carries `service/` and not
+`export/`; it needs nothing beyond the standard library.
+
+    MODELS/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1  # model.json's layout; a version of another format is refused
+ROLES = ("encoder", "decoder")  # the graphs every version has; decoder_fp16 is optional
+MANIFEST = "model.json"
+
+
+class RepositoryError(RuntimeError):
+    """The model repository is missing, incomplete or inconsistent; the message says how."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the service needs to know about one version, read from its model.json."""
+
+    name: str
+    version: int
+    folder: Path
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    likelihood: str
+    gaussian_std: float
+    dataset: str
+    prior: str = "standard"
+    metrics: dict[str, float] = field(default_factory=dict)
+    has_fp16_decoder: bool = False
+
+    def graph(self, role: str) -> Path:
+        return self.folder / f"{role}.onnx"
+
+    @property
+    def interface(self) -> dict[str, object]:
+        """What a client depends on: a new version that changes any of it is another model."""
+        return {
+            "image_shape": self.image_shape, "latent_dim": self.latent_dim, "likelihood": self.likelihood,
+            "prior": self.prior,
+        }  # fmt: skip
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (graphs can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """A model's version folders (integer names), ascending; none when the folder is missing.
+    Hidden staging folders and anything else are not versions."""
+    try:
+        return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.name.isdigit() and p.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def write_manifest(
+    folder: Path, *, name: str, version: int, latent_dim: int, image_shape: tuple[int, ...], likelihood: str,
+    gaussian_std: float, dataset: str, graphs: dict[str, dict[str, Any]], prior: str = "standard", **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Write folder/model.json for the graphs already in `folder`: `graphs` maps each role to its
+    signature, and the file name and sha256 are added here. `extra` (metrics, provenance) is kept
+    as given."""
+    info = {
+        "format": FORMAT, "name": name, "version": version, "latent_dim": latent_dim,
+        "image_shape": list(image_shape), "likelihood": likelihood, "gaussian_std": gaussian_std,
+        "dataset": dataset, "prior": prior,
+        "graphs": {
+            role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signature}
+            for role, signature in graphs.items()
+        },
+        **extra,
+    }  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
+    """One version, checked: files present, fields sane, graph hashes matching (with verify), so a
+    torn copy or a swapped file is refused rather than served."""
+    folder = Path(folder)
+    try:
+        info: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RepositoryError(f"{folder}/{MANIFEST} unreadable: {err}") from err
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise RepositoryError(
+            f"{folder}/{MANIFEST}: format {found!r}; this server reads format {FORMAT} (export it again, "
+            "or run a server of the version that wrote it)"
+        )
+    try:
+        spec = ModelSpec(
+            name=str(info["name"]),
+            version=int(info["version"]),
+            folder=folder,
+            latent_dim=int(info["latent_dim"]),
+            image_shape=tuple(int(s) for s in info["image_shape"]),  # type: ignore[arg-type]
+            likelihood=str(info["likelihood"]),
+            gaussian_std=float(info.get("gaussian_std", 0.1)),
+            dataset=str(info.get("dataset", "")),
+            prior=str(info.get("prior", "standard")),
+            metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
+            has_fp16_decoder="decoder_fp16" in info["graphs"],
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
+    if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in ("bernoulli", "gaussian"):
+        raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape, latent_dim or likelihood")
+    if spec.prior != "standard":
+        raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r}; this server serves the standard prior")
+    if folder.name.isdigit() and spec.version != int(folder.name):
+        raise RepositoryError(f"{folder}/{MANIFEST} says version {spec.version}, its folder says {folder.name}")
+    for role in (*ROLES, "decoder_fp16") if spec.has_fp16_decoder else ROLES:
+        path = spec.graph(role)
+        try:
+            expected = info["graphs"][role].get("sha256")
+            if not path.is_file():
+                raise RepositoryError(f"{path} is missing")
+            if not expected:  # an unchecked graph could be torn or swapped: never serve one
+                raise RepositoryError(f"{path}: {MANIFEST} gives no sha256 for it")
+            if verify and sha256(path) != expected:
+                raise RepositoryError(f"{path}: sha256 does not match {MANIFEST} (a torn or replaced file)")
+        except (KeyError, AttributeError, OSError) as err:
+            raise RepositoryError(f"{path}: cannot check it against {MANIFEST}: {err!r}") from err
+    return spec
