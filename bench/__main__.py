@@ -3,7 +3,9 @@ each figure beside the limit it chases, all measured in the same run on the same
 
 Limits: (a) ONNX Runtime in-process at the same batch size and threads (compute), (b) a bare
 grpc.aio server answering Sample with a prebuilt response of the same size (transport), loaded in
-turns with the service, slice by slice, and (c) the service itself with batching off.
+turns with the service, slice by slice, and (c) the service itself with batching off. Then the
+mixes of bench/mixes.py: small calls beside a huge Score, one load over four models, and memory
+per added model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import onnxruntime as ort
 
 from bench.limits import graph_rows_per_s
 from bench.load import LoadResult, run_load
+from bench.mixes import fairness, many_models, memory_by_models
 from bench.processes import EchoProcess, ServiceProcess, rss_mb
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, server and limit alike")
     parser.add_argument("--cpu-arena", choices=("on", "off"), default="on", help="onnxruntime's CPU arena, likewise")
+    parser.add_argument("--part", choices=("all", "single", "mixes"), default="all",
+                        help="single: one model's scenarios beside their limits; mixes: several kinds of traffic at once")  # fmt: skip
     args = parser.parse_args(argv)
     duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
     spec = load_spec(args.model_repo)
@@ -149,6 +154,39 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"model {spec.name} v{spec.version} {list(spec.image_shape)} latent {spec.latent_dim}; "
           f"{os.cpu_count()} cores; {duration:.0f} s per scenario", flush=True)  # fmt: skip
+    report: dict[str, Any] = {
+        "model": {"name": spec.name, "version": spec.version, "image_shape": list(spec.image_shape), "latent_dim": spec.latent_dim},
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
+        "quick": args.quick,
+        "seconds_per_scenario": duration,
+    }
+    if args.part in ("all", "single"):
+        report |= single_model(args, spec, duration, warmup, threads, logs)
+    if args.part in ("all", "mixes"):
+        report |= mixes(spec, duration, warmup, threads, logs)
+    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+def mixes(spec: ModelSpec, duration: float, warmup: float, threads: list[str], logs: Path) -> dict[str, Any]:
+    out = {"fairness": fairness(spec, duration, warmup, threads, logs)}
+    f = out["fairness"]
+    print(f"  Sample(1) c=16 p99 {f['alone']['sample']['p99_ms']} ms alone, {f['beside_score']['sample']['p99_ms']} ms "
+          f"beside Score(16, k=1000): {f['p99_ratio']}x; Score {f['beside_score']['score']['requests_per_s']} req/s", flush=True)  # fmt: skip
+    out["many_models"] = many_models(spec, duration, warmup, threads, logs)
+    m = out["many_models"]
+    print(f"  Sample(1) c=64: {m['one_model']['requests_per_s']} req/s on one model, {m['four_models']['requests_per_s']} "
+          f"over four: {m['ratio']} of it", flush=True)  # fmt: skip
+    out["memory_by_models"] = memory_by_models(spec, (1, 4, 8), threads, logs)
+    print(f"  resident memory by models served: {out['memory_by_models']}", flush=True)
+    return out
+
+
+def single_model(
+    args: argparse.Namespace, spec: ModelSpec, duration: float, warmup: float, threads: list[str], logs: Path
+) -> dict[str, Any]:
     compute = compute_limits(spec, duration / 2, RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on"))
 
     echo = EchoProcess(spec.image_shape, logs / "echo.log")
@@ -176,23 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     on = next(r for r in results if r["rows_per_request"] == 1 and r["concurrency"] == 64 and r["batching"] == "on")
     off = next(r for r in results if r["batching"] == "off")
     report = {
-        "model": {"name": spec.name, "version": spec.version, "image_shape": list(spec.image_shape), "latent_dim": spec.latent_dim},
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
-        "quick": args.quick,
-        "seconds_per_scenario": duration,
         "cold_start_to_serving_s": round(servers["on"].cold_start_s, 3),
         "resident_memory": memory,
         "batching_gain_sample1_c64": round(on["requests_per_s"] / off["requests_per_s"], 2),
         "compute_limits_rows_per_s": {f"{g}@{b}": round(v, 1) for (g, b), v in compute.items()},
         "scenarios": results,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(table(results))
     print(f"\ncold start to SERVING {report['cold_start_to_serving_s']} s; resident memory {memory} MB; "
-          f"batching on/off at Sample(1) c=64: {report['batching_gain_sample1_c64']}x; wrote {args.json}")  # fmt: skip
+          f"batching on/off at Sample(1) c=64: {report['batching_gain_sample1_c64']}x", flush=True)  # fmt: skip
+    return report
 
 
 if __name__ == "__main__":

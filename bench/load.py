@@ -35,6 +35,15 @@ class LoadResult:
             whole.codes += p.codes
         return whole
 
+    @classmethod
+    def combine_concurrent(cls, parts: list[LoadResult]) -> LoadResult:
+        """Loads that ran side by side over the same window as one load of their total concurrency."""
+        whole = cls(sum(p.concurrency for p in parts), max(p.seconds for p in parts))
+        for p in parts:
+            whole.latencies += p.latencies
+            whole.codes += p.codes
+        return whole
+
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")
 

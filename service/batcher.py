@@ -1,21 +1,35 @@
-"""Dynamic batching for one graph: requests queue as rows, and batches go out full or on time.
+"""Dynamic batching for one graph: requests queue whole, and batches are shared fairly among them.
 
 A batch leaves when it holds `max_rows` rows, or when the oldest queued request has waited
 `max_delay` seconds, and only when this graph's executor is free: whatever queued while the model
 was busy forms the next batch. The delay is only spent while requests arrive together (the last
-batch merged several): a lone request at low load goes straight to the model. The queue is
-bounded in rows and refuses at once past the bound; a request whose caller goes away leaves the
-count at once. A request larger than `max_rows` is split into several queue entries; a request
-whose deadline has passed is dropped before compute. Inference runs on a worker thread, off the
-event loop, except a lone batch that the last batch's time per row says will take under
-`inline_seconds` (on CPU): handing it to the thread and back would cost more than computing it
-where it is.
+batch merged several): a lone request at low load goes straight to the model.
+
+A queue entry is a whole request: its rows, and how many of them batches have taken so far. When
+every waiting row fits in one batch, the batch is all of them in queue order: the hot path, many
+small calls at once, with nothing to sort. When they do not fit, the batch's rows are shared
+max-min fairly among the waiting requests: those that need less than the fair level get all their
+remaining rows, the large ones split what is left, oldest first on ties. One request of 16,000 rows
+therefore cannot hold a one-row request back for seconds: the small one rides the next batch. While
+requests come together (several wait, or the last batch was shared), none takes more than
+`max_share_rows` of a batch, so batches stay short and a small request arriving behind a large one
+is not held long; a request alone gets full batches. A request larger than a batch is so served
+across several, and answered with its outputs put back together once its last rows are computed.
+Answers do not depend on which batch carried a row: the graphs work row by row, and seeded noise is
+drawn before batching.
+
+The queue is bounded in rows and refuses at once past the bound; a request whose caller goes away
+leaves the count at once. A request whose deadline passes is failed at the next decision: unrun if
+no batch had taken its rows yet, and otherwise before its remaining rows are taken. Inference runs
+on a worker thread, off the event loop, except a lone batch that the last batch's time per row says
+will take under `inline_seconds` (on CPU): handing it to the thread and back would cost more than
+computing it where it is.
 
 Two parts. `BatchPolicy.decide(queue, now)` is the whole decision and is pure: from the queue and
-the time it answers `Take` (these entries now, on the loop or the worker) or `Wait` (until a time);
-no asyncio, the clock passed in, so tables test it. `Batcher` is the mechanism: it owns the
-futures, the worker thread and the timer, asks the policy whenever the graph is free, and does
-what it says.
+the time it answers `Take` (these rows of these entries now, on the loop or the worker) or `Wait`
+(until a time); no asyncio, the clock passed in, so tables test it. `Batcher` is the mechanism: it
+owns the futures, the worker thread and the timer, asks the policy whenever the graph is free, and
+does what it says.
 """
 
 from __future__ import annotations
@@ -24,9 +38,10 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +50,7 @@ from service.metrics import Metrics
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs on the event loop itself
+UNLABELLED: Mapping[str, str] = MappingProxyType({"model": "", "version": ""})
 
 
 class QueueFull(RuntimeError):
@@ -42,7 +58,8 @@ class QueueFull(RuntimeError):
 
 
 class DeadlineExpired(RuntimeError):
-    """The request's deadline passed while it waited; it was not computed."""
+    """The request's deadline passed while it waited; it was not computed (or, when batches had taken
+    some of its rows, not finished)."""
 
 
 class BatchFailed(RuntimeError):
@@ -57,15 +74,16 @@ class Closed(RuntimeError):
 
 
 class Queued(Protocol):
-    """A queue entry as the policy sees it."""
+    """A queue entry as the policy sees it: one request."""
 
     n: int  # rows
+    taken: int  # rows already taken into batches; the next batch takes from row `taken` on
     deadline: float | None  # event-loop time; None: none
     enqueued: float  # event-loop time
 
     @property
     def abandoned(self) -> bool:
-        """Its caller went away: it is passed over, never computed, and its rows no longer wait."""
+        """Its caller went away, or it failed: it is passed over, and its rows no longer wait."""
         ...
 
 
@@ -73,9 +91,10 @@ class Queued(Protocol):
 class QueueState:
     """What the policy decides from: the queue, and what the last batch showed. The mechanism owns it."""
 
-    entries: deque = field(default_factory=deque)  # Queued, oldest first; abandoned ones stay until a batch passes them
-    rows: int = 0  # rows waiting: in entries not yet taken, expired or withdrawn
-    last_merged: bool = False  # the last batch held several entries or left some waiting
+    entries: deque = field(default_factory=deque)  # Queued, oldest first; abandoned ones stay until a decision passes
+    rows: int = 0  # rows waiting: in entries, not yet taken, expired or withdrawn
+    last_merged: bool = False  # the last batch held several requests or left rows waiting
+    last_shared: bool = False  # the last batch held several requests: more are likely on their way
     seconds_per_row: float = math.inf  # the last successful batch's time per row, a hop to the worker included
 
 
@@ -89,14 +108,17 @@ class Wait:
 
 @dataclass(slots=True)
 class Take:
-    """Pop the first `consumed` entries: compute `batch` (`rows` rows), fail `expired` unrun, and pass
-    over the abandoned ones among them."""
+    """Compute `slices` now, `rows` rows in all: (entry, k) pairs in queue order, each the entry's
+    next k rows (from row `entry.taken`). Fail `expired` (unrun, or unfinished if batches had taken
+    some of their rows). The decision looked at the first `scanned` entries of the queue, and every
+    entry it finishes (all rows taken, expired, or abandoned and passed over) is among them: the
+    mechanism tidies that prefix only, never the whole queue."""
 
-    consumed: int
-    batch: list
+    scanned: int
+    slices: list[tuple[Queued, int]]
     rows: int
     expired: Sequence
-    merged: bool  # several entries in the batch, or some left waiting: the next batch waits for company
+    merged: bool  # several requests in the batch, or rows left waiting: the next batch waits for company
     inline: bool  # run it on the event loop, not the worker thread
 
 
@@ -106,12 +128,25 @@ _NONE: tuple = ()
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
-    """When a batch goes and what it holds: rows first in, first out, up to `max_rows`.
+    """When a batch goes and what it holds: every waiting row when they fit in `max_rows`, and
+    otherwise max-min fair shares of `max_rows` rows among the waiting requests.
 
-    merge=False turns batching off: one entry per graph call, never waiting to fill.
-    adaptive_delay=False makes every batch wait out `max_delay` to fill, company or not.
-    inline_seconds=0 keeps every batch on the worker thread (a GPU's small batches cost launch
-    overhead that a time per row from large ones does not predict).
+    Max-min fair: a request wanting less than the fair level gets all its remaining rows, and the
+    larger ones split what is left evenly, the older ones taking the odd rows; with more requests
+    waiting than `max_rows`, the oldest `max_rows` get one row each.
+
+    While requests come together, one takes at most `max_share_rows` rows of a batch (None:
+    `max_rows // 4`): a large request then goes in short batches, so a small request arriving behind
+    it waits for a short batch, not a full one. Together means several wait, or the last batch held
+    several: a caller answered by that batch is likely sending its next request while this one
+    computes, as the adaptive delay also assumes. This is the one case where a batch leaves short
+    while rows wait, by design; a request alone, in the queue and in the last batch, gets full
+    batches. `max_share_rows >= max_rows` leaves plain max-min fairness.
+
+    merge=False turns batching off: one request per graph call (up to `max_rows` of its rows), oldest
+    first, never waiting to fill. adaptive_delay=False makes every batch wait out `max_delay` to
+    fill, company or not. inline_seconds=0 keeps every batch on the worker thread (a GPU's small
+    batches cost launch overhead that a time per row from large ones does not predict).
     """
 
     max_rows: int = 256
@@ -119,6 +154,11 @@ class BatchPolicy:
     merge: bool = True
     adaptive_delay: bool = True
     inline_seconds: float = INLINE_SECONDS
+    max_share_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1 or (self.max_share_rows is not None and self.max_share_rows < 1):
+            raise ValueError(f"a batch and a share hold at least one row: {self}")
 
     def decide(self, queue: QueueState, now: float) -> Take | Wait:
         """Asked whenever the graph is free and something may have changed."""
@@ -133,35 +173,122 @@ class BatchPolicy:
                     if until > now:
                         return Wait(until)
                     break
-        return self.take(queue.entries, queue.seconds_per_row, now)
+        return self.take(queue, now)
 
-    def take(self, entries: Iterable[Queued], seconds_per_row: float, now: float) -> Take:
-        """The batch that goes now: entries in queue order while they fit (one with merge off); the
-        expired ones among them are failed, and abandoned ones are passed over whatever their size."""
-        max_rows, merge = self.max_rows, self.merge
-        batch: list = []
+    def take(self, queue: QueueState, now: float) -> Take:
+        """The batch that goes now."""
+        if not self.merge:
+            return self._oldest(queue, now)
+        if queue.rows <= self.max_rows:
+            return self._everything(queue, now)
+        return self._fair(queue, now)
+
+    def _everything(self, queue: QueueState, now: float) -> Take:
+        """Every waiting row fits: all of them, in queue order. The hot path (a crowd of one-row
+        calls), so one pass and nothing sorted; the expired are failed, the abandoned passed over."""
+        slices: list = []
         expired: list | None = None
-        rows = consumed = 0
-        left_waiting = False
-        for entry in entries:
+        rows = 0
+        for entry in queue.entries:
             if entry.abandoned:
-                consumed += 1
                 continue
-            n = entry.n
-            if rows + n > max_rows or (batch and not merge):
-                left_waiting = True
-                break
-            consumed += 1
             if entry.deadline is not None and entry.deadline <= now:
                 if expired is None:
                     expired = []
                 expired.append(entry)
                 continue
-            batch.append(entry)
-            rows += n
-        merged = len(batch) > 1 or left_waiting
-        inline = len(batch) == 1 and not left_waiting and rows * seconds_per_row < self.inline_seconds
-        return Take(consumed, batch, rows, expired or _NONE, merged, inline)
+            k = entry.n - entry.taken
+            slices.append((entry, k))
+            rows += k
+        inline = len(slices) == 1 and rows * queue.seconds_per_row < self.inline_seconds
+        return Take(len(queue.entries), slices, rows, expired or _NONE, len(slices) > 1, inline)
+
+    def _fair(self, queue: QueueState, now: float) -> Take:
+        """More rows wait than a batch holds: max-min fair shares among the oldest live requests. At
+        most `max_rows` requests can get a row, so the scan stops there: bounded by the batch, not
+        the queue."""
+        max_rows = self.max_rows
+        live: list = []
+        expired: list | None = None
+        scanned = 0
+        for entry in queue.entries:
+            if entry.abandoned:
+                scanned += 1
+                continue
+            if len(live) == max_rows:
+                break
+            scanned += 1
+            if entry.deadline is not None and entry.deadline <= now:
+                if expired is None:
+                    expired = []
+                expired.append(entry)
+                continue
+            live.append(entry)
+        wanted = [entry.n - entry.taken for entry in live]
+        total = sum(wanted)
+        shares = wanted if total <= max_rows else self.shares(wanted, queue.last_shared)  # expired ones may make room
+        rows = sum(shares)
+        left = rows < total or scanned < len(queue.entries)  # rows left waiting, or perhaps beyond the scan
+        lone = len(live) == 1
+        inline = lone and not left and rows * queue.seconds_per_row < self.inline_seconds
+        return Take(scanned, list(zip(live, shares)), rows, expired or _NONE, left or not lone, inline)
+
+    def shares(self, wanted: Sequence[int], company: bool = False) -> list[int]:
+        """Max-min fair shares of one batch among requests wanting these rows, oldest first; none
+        above `max_share_rows` while requests come together (several here, or `company`: the last
+        batch held several). With no more requests than `max_rows`, every share is at least one row
+        (the fair level never drops below one)."""
+        max_rows = self.max_rows
+        if len(wanted) > max_rows:
+            return [1] * max_rows + [0] * (len(wanted) - max_rows)
+        together = company or len(wanted) > 1
+        cap = (self.max_share_rows or max(1, max_rows // 4)) if together else max_rows
+        shares = [min(w, cap) for w in wanted]
+        room = max_rows
+        if sum(shares) <= room:
+            return shares  # everyone gets what it wants, up to the cap: the batch goes short
+        # Water-filling: the smallest wants are met while they are under an even split of the room
+        # left; the rest split that room, the oldest taking the odd rows. The sort is stable, so
+        # equal wants stay oldest first.
+        by_size = sorted(range(len(shares)), key=shares.__getitem__)
+        for met, i in enumerate(by_size):
+            rest = len(by_size) - met
+            if shares[i] * rest > room:
+                level, odd = divmod(room, rest)
+                for rank, j in enumerate(sorted(by_size[met:])):
+                    shares[j] = level + (rank < odd)
+                break
+            room -= shares[i]
+        return shares
+
+    def _oldest(self, queue: QueueState, now: float) -> Take:
+        """Batching off: the oldest live request alone, up to `max_rows` of its rows; the expired
+        ones before it are failed and the abandoned passed over."""
+        chosen = None
+        expired: list | None = None
+        scanned = 0
+        left = False
+        for entry in queue.entries:
+            if entry.abandoned:
+                scanned += 1
+                continue
+            if chosen is not None:
+                left = True  # another request waits behind it
+                break
+            scanned += 1
+            if entry.deadline is not None and entry.deadline <= now:
+                if expired is None:
+                    expired = []
+                expired.append(entry)
+                continue
+            chosen = entry
+        if chosen is None:
+            return Take(scanned, [], 0, expired or _NONE, False, False)
+        wanted = chosen.n - chosen.taken
+        k = min(wanted, self.max_rows)
+        left = left or k < wanted
+        inline = not left and k * queue.seconds_per_row < self.inline_seconds
+        return Take(scanned, [(chosen, k)], k, expired or _NONE, left, inline)
 
 
 # The mechanism: futures, the worker thread, the timer.
@@ -174,13 +301,18 @@ class _Entry:
     future: asyncio.Future
     deadline: float | None  # event-loop time
     enqueued: float
-    queued: bool = True  # its rows count in the queue: not yet taken, expired or withdrawn
+    taken: int = 0  # rows taken into batches so far
+    queued: bool = True  # some of its rows count in the queue: not yet taken, and not expired or withdrawn
+    parts: list | None = None  # the outputs of its slices computed so far, when it spans several batches
 
     @property
     def abandoned(self) -> bool:
-        return self.future.done()  # while queued, only a caller that went away leaves its future done
+        return self.future.done()  # while queued, only a caller that went away or a failure leaves it done
 
 
+# A batch's share of an entry: (entry, k), the k rows up to `entry.taken`. They stay the last rows
+# taken until the batch is answered, since the policy is asked only while the graph is free.
+_Slice = tuple[_Entry, int]
 _RELEASED = np.empty((0,), np.float32)  # a withdrawn entry's rows: it holds no memory while it waits to be passed over
 
 
@@ -188,28 +320,33 @@ class Batcher:
     def __init__(
         self, graph: str, run: RunFn, metrics: Metrics, max_rows: int = 256, max_delay: float = 0.002,
         max_queue_rows: int = 4096, merge: bool = True, adaptive_delay: bool = True,
-        inline_seconds: float = INLINE_SECONDS,
+        inline_seconds: float = INLINE_SECONDS, max_share_rows: int | None = None,
+        labels: Mapping[str, str] = UNLABELLED,
     ) -> None:  # fmt: skip
-        """The batching options are `BatchPolicy`'s; `max_queue_rows` bounds the rows waiting."""
+        """The batching options are `BatchPolicy`'s; `max_queue_rows` bounds the rows waiting.
+        `labels` ("model" and "version") name the served model on this batcher's metrics."""
         self.graph = graph
         self.run = run
         self.metrics = metrics
-        self.policy = BatchPolicy(max_rows, max_delay, merge, adaptive_delay, inline_seconds)
+        self.policy = BatchPolicy(max_rows, max_delay, merge, adaptive_delay, inline_seconds, max_share_rows)
         self.max_queue_rows = max_queue_rows
+        self.labels = dict(labels)
         self.queue = QueueState()
         self._wake = asyncio.Event()  # set on an arrival at an empty queue and when a batch fills
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{graph}")
         self._task: asyncio.Task | None = None
-        self._computing: list[_Entry] = []  # the batch being computed now
-        self._wait = metrics.queue_wait.labels(graph=graph)  # children looked up once, not per request
-        self._rows = metrics.batch_rows.labels(graph=graph)
-        self._compute = metrics.compute.labels(graph=graph)
+        self._computing: list[_Slice] = []  # the batch being computed now
+        children = {"graph": graph, **self.labels}
+        self._wait = metrics.queue_wait.labels(**children)  # children looked up once, not per request
+        self._rows = metrics.batch_rows.labels(**children)
+        self._compute = metrics.compute.labels(**children)
 
     def start(self) -> None:
         """Serve batches; from now on the queue-depth gauge reads this batcher's queue (read at
-        scrape time, so a request pays nothing for it; a swapped-in engine's batcher takes it over)."""
+        scrape time, so a request pays nothing for it; a batcher started later with the same labels
+        takes it over)."""
         queue = self.queue
-        self.metrics.queue_rows.labels(graph=self.graph).set_function(lambda: queue.rows)
+        self.metrics.queue_rows.labels(graph=self.graph, **self.labels).set_function(lambda: queue.rows)
         self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.graph}")
 
     async def close(self) -> None:
@@ -219,8 +356,9 @@ class Batcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for entry in (*computing, *self.queue.entries):
+        for entry in (*(entry for entry, _ in computing), *self.queue.entries):
             entry.queued = False
+            entry.parts = None
             if not entry.future.done():
                 entry.future.set_exception(Closed("the server is shutting down"))
         self.queue.entries.clear()
@@ -228,80 +366,90 @@ class Batcher:
         self._executor.shutdown(wait=False)
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
-        """Queue `rows` (split if larger than a batch) and wait for the graph's outputs for them."""
+        """Queue `rows` as one request (served across several batches if larger than one) and wait
+        for the graph's outputs for them."""
         n = len(rows)
         if self._task is None or self._task.done():
             raise Closed("the server is shutting down")
         queue = self.queue
         if queue.rows + n > self.max_queue_rows:
-            self.metrics.rejections.labels(reason="queue_full").inc()
+            self._reject("queue_full")
             raise QueueFull(
                 f"{self.graph} queue is full ({queue.rows} of {self.max_queue_rows} rows waiting, "
                 f"request needs {n}); retry later"
             )
+        if n == 0:
+            return []  # nothing to compute (as before: no outputs)
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        max_rows = self.policy.max_rows
+        entry = _Entry(rows, n, loop.create_future(), deadline, loop.time())
         was_empty = queue.rows == 0
-        if 0 < n <= max_rows:  # the common case: one entry, no list
-            entry = _Entry(rows, n, loop.create_future(), deadline, now)
-            queue.entries.append(entry)
-            chunks = None
-        else:
-            chunks = [
-                _Entry(rows[start : start + max_rows], min(max_rows, n - start), loop.create_future(), deadline, now)
-                for start in range(0, n, max_rows)
-            ]
-            queue.entries.extend(chunks)
+        queue.entries.append(entry)
         queue.rows += n
-        if was_empty or queue.rows >= max_rows:  # the only two events a waiting batcher needs
+        if was_empty or queue.rows >= self.policy.max_rows:  # the only two events a waiting batcher needs
             self._wake.set()
         try:
-            if chunks is None:
-                return await entry.future
-            parts = await asyncio.gather(*[chunk.future for chunk in chunks])
+            return await entry.future
         except BaseException:
-            self._withdraw((entry,) if chunks is None else chunks)
+            self._withdraw(entry)
             raise
-        return [np.concatenate(outs) for outs in zip(*parts)]
 
-    def _withdraw(self, entries: Iterable[_Entry]) -> None:
-        """The caller went away (cancelled, or another of its chunks failed): its rows still queued
-        leave the count now, so callers that left cannot hold the queue full."""
-        queue = self.queue
-        for entry in entries:
-            if entry.queued:
-                entry.queued = False
-                entry.rows = _RELEASED
-                queue.rows -= entry.n
-                self.metrics.rejections.labels(reason="cancelled").inc()
-            entry.future.cancel()  # a queued one is passed over; a computing one's answer is dropped
+    def _reject(self, reason: str) -> None:
+        self.metrics.rejections.labels(reason=reason, model=self.labels["model"]).inc()
 
-    def _pop(self, take: Take, now: float) -> list[_Entry]:
-        """Carry out `take` on the queue: pop its entries, fail the expired ones, time the waits."""
+    def _unqueue(self, entry: _Entry) -> None:
+        """Its rows not yet taken leave the queue count (once: it is no longer queued after)."""
+        entry.queued = False
+        self.queue.rows -= entry.n - entry.taken
+
+    def _withdraw(self, entry: _Entry) -> None:
+        """The caller went away: its rows still waiting leave the count now, so callers that left
+        cannot hold the queue full. (A failed or expired entry was unqueued already: nothing counted.)"""
+        if entry.queued:
+            self._unqueue(entry)
+            entry.rows = _RELEASED
+            self._reject("cancelled")
+        entry.parts = None
+        entry.future.cancel()  # a queued one is passed over; a computing one's answer is dropped
+
+    def _take(self, take: Take, now: float) -> list[_Slice]:
+        """Carry out `take` on the queue: mark its rows taken, fail the expired entries, and drop the
+        entries it finished from the scanned prefix, counting a caller that went away but has not
+        withdrawn yet. A request's queue wait is timed when its first rows are taken."""
         queue = self.queue
-        popleft = queue.entries.popleft
         observe = self._wait.observe
-        batch = take.batch
-        if take.consumed == len(batch):  # nothing to pass over or fail: the batch is the queue's head
-            for entry in batch:
-                popleft()
-                entry.queued = False
+        batch: list[_Slice] = take.slices  # type: ignore[assignment] - the policy saw these _Entry as Queued
+        unfinished = 0
+        for entry, k in batch:
+            if entry.taken == 0:
                 observe(now - entry.enqueued)
-            queue.rows -= take.rows
+            entry.taken += k
+            if entry.taken < entry.n:
+                unfinished += 1
+            else:
+                entry.queued = False  # all its rows are in batches now
+        queue.rows -= take.rows
+        entries = queue.entries
+        if take.scanned == len(entries) == len(batch) and not unfinished:  # the hot path: the whole queue went
+            entries.clear()
             return batch
-        for _ in range(take.consumed):
+        for entry in take.expired:
+            self._unqueue(entry)
+            self._reject("deadline")
+            done = f"{entry.taken} of its {entry.n} rows computed" if entry.taken else "not computed"
+            entry.parts = None
+            entry.future.set_exception(DeadlineExpired(f"deadline passed while queued; {done}"))
+        popleft = entries.popleft
+        kept: list[_Entry] = []  # requests with rows still to take, in queue order
+        for _ in range(take.scanned):
             entry = popleft()
             if entry.queued:
-                entry.queued = False
-                queue.rows -= entry.n
                 if entry.future.done():  # its caller went away and has not withdrawn it yet
-                    self.metrics.rejections.labels(reason="cancelled").inc()
-        for entry in take.expired:
-            self.metrics.rejections.labels(reason="deadline").inc()
-            entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
-        for entry in batch:
-            observe(now - entry.enqueued)
+                    self._unqueue(entry)
+                    self._reject("cancelled")
+                else:
+                    kept.append(entry)
+        if kept:
+            entries.extendleft(reversed(kept))
         return batch
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, until: float) -> None:
@@ -325,11 +473,16 @@ class Batcher:
             if isinstance(decision, Wait):
                 await self._sleep(loop, decision.until)
                 continue
-            batch = self._pop(decision, now)
+            batch = self._take(decision, now)
             if not batch:
                 continue
             queue.last_merged = decision.merged
-            x = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
+            queue.last_shared = len(batch) > 1
+            if len(batch) == 1:
+                entry, k = batch[0]
+                x = entry.rows if k == entry.n else entry.rows[entry.taken - k : entry.taken]
+            else:
+                x = np.concatenate([entry.rows[entry.taken - k : entry.taken] for entry, k in batch])
             self._rows.observe(len(x))
             started = time.perf_counter()
             self._computing = batch
@@ -339,8 +492,11 @@ class Batcher:
                 else:
                     outputs = await loop.run_in_executor(self._executor, self.run, x)
             except Exception as err:  # noqa: BLE001 - one batch's failure must not end the loop
-                for entry in batch:
+                for entry, _ in batch:
                     if not entry.future.done():
+                        if entry.queued:  # rows it still had waiting leave the count: it will not finish
+                            self._unqueue(entry)
+                        entry.parts = None
                         entry.future.set_exception(BatchFailed(f"{self.graph} inference failed: {err}"))
                 continue
             finally:
@@ -348,9 +504,24 @@ class Batcher:
                 elapsed = time.perf_counter() - started
                 self._compute.observe(elapsed)
             queue.seconds_per_row = elapsed / len(x)  # only from successes: a quick failure predicts nothing
-            offset = 0
-            for entry in batch:
-                k = entry.n
-                if not entry.future.done():
-                    entry.future.set_result([out[offset : offset + k] for out in outputs])
-                offset += k
+            self._answer(batch, outputs)
+
+    @staticmethod
+    def _answer(batch: list[_Slice], outputs: list[np.ndarray]) -> None:
+        """Hand each slice its rows of the outputs: a request answered in one batch at once, one
+        spread over several once its last slice is in (batches run one at a time, in order, so its
+        slices come back in row order)."""
+        offset = 0
+        for entry, k in batch:
+            if not entry.future.done():
+                part = [out[offset : offset + k] for out in outputs]
+                if k == entry.n:
+                    entry.future.set_result(part)
+                else:
+                    if entry.parts is None:
+                        entry.parts = []
+                    entry.parts.append(part)
+                    if entry.taken == entry.n:
+                        entry.future.set_result([np.concatenate(outs) for outs in zip(*entry.parts)])
+                        entry.parts = None
+            offset += k

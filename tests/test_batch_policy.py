@@ -1,8 +1,11 @@
 """The batch policy on its own: tables of cases and properties, no asyncio, a fake clock passed in.
 
-`BatchPolicy.decide(queue, now)` answers Take (these entries now) or Wait (until a time). The
-entries here are plain records; time is a number the test moves. The one asyncio test at the end
-checks the mechanism's side of cancellation: a cancelled call's rows leave the queue count at once.
+`BatchPolicy.decide(queue, now)` answers Take (these rows of these requests now) or Wait (until a
+time). The entries here are plain records; time is a number the test moves. The asyncio tests at
+the end check the mechanism's side: a cancelled call's rows leave the queue count at once, a small
+call queued behind a huge one rides the next batch, a request spread over several batches is put
+back together in order, and the metrics carry the model's labels. They are ordered by events (a
+batch seen computing, loop turns, a clock that moves only when told), never by sleeps.
 """
 
 from __future__ import annotations
@@ -17,11 +20,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.batcher import INLINE_SECONDS, Batcher, BatchPolicy, QueueFull, QueueState, Take, Wait
+from service.batcher import (
+    INLINE_SECONDS,
+    Batcher,
+    BatchFailed,
+    BatchPolicy,
+    DeadlineExpired,
+    QueueFull,
+    QueueState,
+    Take,
+    Wait,
+)
 from service.metrics import Metrics
 from tests.conftest import HeldGraph
 
 DELAY = 0.002
+UNLABELLED = {"model": "", "version": ""}
 
 
 @dataclass(eq=False)
@@ -30,6 +44,11 @@ class Entry:
     enqueued: float = 0.0
     deadline: float | None = None
     abandoned: bool = False
+    taken: int = 0
+
+    @property
+    def wanted(self) -> int:
+        return self.n - self.taken
 
 
 class FakeClock:
@@ -43,18 +62,43 @@ class FakeClock:
         return self.now
 
 
-def state(*sizes: int, last_merged: bool = False, seconds_per_row: float = math.inf, **entry) -> QueueState:
+def state(
+    *sizes: int, last_merged: bool = False, last_shared: bool = False, seconds_per_row: float = math.inf, **entry
+) -> QueueState:
     """A queue of fresh entries of these sizes, oldest first."""
     entries = deque(Entry(n, **entry) for n in sizes)
-    return QueueState(entries, sum(n for n in sizes), last_merged, seconds_per_row)
+    return QueueState(entries, sum(n for n in sizes), last_merged, last_shared, seconds_per_row)
 
 
-def queue_of(entries: list[Entry], last_merged: bool = False, seconds_per_row: float = math.inf) -> QueueState:
-    return QueueState(deque(entries), sum(e.n for e in entries if not e.abandoned), last_merged, seconds_per_row)
+def queue_of(
+    entries: list[Entry], last_merged: bool = False, last_shared: bool = False, seconds_per_row: float = math.inf
+) -> QueueState:
+    rows = sum(e.wanted for e in entries if not e.abandoned)
+    return QueueState(deque(entries), rows, last_merged, last_shared, seconds_per_row)
 
 
-def sizes(take: Take) -> list[int]:
-    return [e.n for e in take.batch]
+def batch(take: Take) -> list[Entry]:
+    return [e for e, _ in take.slices]
+
+
+def shares(take: Take) -> list[int]:
+    return [k for _, k in take.slices]
+
+
+def carry_out(queue: QueueState, take: Take) -> None:
+    """The mechanism's part, as `Batcher._take` and `_serve` do it: the rows taken, the expired
+    failed (their rows leave the count), the finished entries dropped from the scanned prefix only,
+    and what the batch showed noted for the next decision."""
+    for entry, k in take.slices:
+        entry.taken += k
+    queue.rows -= take.rows
+    for entry in take.expired:
+        queue.rows -= entry.wanted
+        entry.abandoned = True  # its future now holds DeadlineExpired
+    scanned = [queue.entries.popleft() for _ in range(take.scanned)]
+    queue.entries.extendleft(reversed([e for e in scanned if not e.abandoned and e.wanted]))
+    if take.slices:
+        queue.last_merged, queue.last_shared = take.merged, len(take.slices) > 1
 
 
 # When a batch goes: wait for company only with merging on, and then only after a merged batch
@@ -79,6 +123,7 @@ def sizes(take: Take) -> list[int]:
         (True, True, True, (2, 2), 0.0, "take"),
         (True, False, False, (4,), 0.0, "take"),
         (True, False, False, (3, 3), 0.0, "take"),
+        (True, False, False, (9,), 0.0, "take"),  # one request larger than a batch
         # the oldest has waited the delay: it goes
         (True, True, True, (1,), DELAY, "take"),
         (True, False, False, (1,), DELAY + 1.0, "take"),
@@ -90,7 +135,7 @@ def test_waits_for_company_only_under_adaptive_delay_after_a_merged_batch(
     policy = BatchPolicy(max_rows=4, max_delay=DELAY, merge=merge, adaptive_delay=adaptive)
     decision = policy.decide(state(*queued, last_merged=last_merged), now)
     if expected == "take":
-        assert isinstance(decision, Take) and decision.batch
+        assert isinstance(decision, Take) and decision.slices
     else:
         assert decision == Wait(expected)
 
@@ -118,45 +163,137 @@ def test_a_timed_wait_ends_in_a_take_when_the_clock_reaches_it():
     clock.advance(DELAY / 2)
     assert policy.decide(queue, clock.now) == decision  # nothing changed: the same wait
     clock.now = decision.until
-    assert sizes(policy.decide(queue, clock.now)) == [1, 1]
+    assert shares(policy.decide(queue, clock.now)) == [1, 1]
 
 
-# What a batch holds: rows first in, first out, up to max_rows.
+def test_a_request_partly_served_long_ago_does_not_wait_for_company():
+    """The delay counts from when the request arrived, not from its last batch: the rest of a large
+    request goes at once even after a merged batch."""
+    policy = BatchPolicy(max_rows=8, max_delay=DELAY)
+    take = policy.decide(queue_of([Entry(20, enqueued=0.0, taken=16)], last_merged=True), 1.0)
+    assert isinstance(take, Take) and shares(take) == [4] and not take.merged
+
+
+# What a batch holds: every waiting row when they fit, in order; max-min fair shares when they do not.
 
 
 @pytest.mark.parametrize(
-    "queued, expected, merged",
+    "max_rows, max_share_rows, queued, expected, merged",
     [
-        ((1,), [1], False),
-        ((1, 1, 1), [1, 1, 1], True),
-        ((4, 1), [4], True),  # full: the next one waits
-        ((3, 2), [3], True),  # first in, first out: 2 does not fit beside 3, and nothing jumps it
-        ((3, 2, 1), [3], True),
-        ((2, 2), [2, 2], True),
-        ((1, 2, 1), [1, 2, 1], True),
+        # everything fits: all of it, in queue order
+        (4, None, (1,), [1], False),
+        (4, None, (1, 1, 1), [1, 1, 1], True),
+        (4, None, (2, 2), [2, 2], True),
+        (4, None, (1, 2, 1), [1, 2, 1], True),
+        (4, None, (3, 1), [3, 1], True),  # no cap when nothing is left waiting: the batch is simply full
+        (4, None, (4,), [4], False),
+        # a request alone gets full batches, however large
+        (4, None, (9,), [4], True),
+        (8, None, (20,), [8], True),
+        # plain max-min (the cap out of the way): small wants met, the large ones split the rest
+        (4, 4, (4, 1), [3, 1], True),
+        (4, 4, (3, 2), [2, 2], True),  # an even split: 2 no longer waits behind 3
+        (4, 4, (3, 2, 1), [2, 1, 1], True),  # the 1 is met; 3 and 2 split 3 rows, the older takes the odd one
+        (4, 4, (4, 4), [2, 2], True),
+        (4, 4, (1, 5, 5), [1, 2, 1], True),
+        (6, 6, (1, 5, 5), [1, 3, 2], True),
+        # more requests than rows: the oldest max_rows get one row each
+        (4, None, (1, 1, 1, 1, 1), [1, 1, 1, 1], True),
+        (4, 4, (3, 2, 2, 2, 2), [1, 1, 1, 1], True),
+        # the cap while several wait (default max_rows // 4): short batches, the small ones all in
+        (8, None, (8, 1), [2, 1], True),
+        (8, None, (5, 5), [2, 2], True),
+        (8, None, (9, 1, 1, 1, 1, 1, 1, 1), [1, 1, 1, 1, 1, 1, 1, 1], True),  # fair level 1: the cap does not bind
+        (8, 3, (9, 1, 1), [3, 1, 1], True),
+        (8, 1, (9, 9), [1, 1], True),
     ],
 )
-def test_a_batch_takes_entries_in_order_while_they_fit(queued, expected, merged):
-    policy = BatchPolicy(max_rows=4, max_delay=0.0)
-    take = policy.decide(state(*queued), 1.0)
+def test_a_batch_holds_everything_that_fits_or_fair_shares(max_rows, max_share_rows, queued, expected, merged):
+    policy = BatchPolicy(max_rows=max_rows, max_delay=0.0, max_share_rows=max_share_rows)
+    queue = state(*queued)
+    take = policy.decide(queue, 1.0)
     assert isinstance(take, Take)
-    assert sizes(take) == expected and take.rows == sum(expected) and take.merged is merged
-    assert take.consumed == len(expected) and not take.expired
+    assert batch(take) == list(queue.entries)[: len(expected)]  # in queue order, the oldest first
+    assert shares(take) == expected and take.rows == sum(expected) and take.merged is merged
+    assert not take.expired
+
+
+def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
+    """The measured case: 16,000 decoder rows queued first, then 16 one-row Sample calls. The next
+    batch holds every small row and the large request's share beside them."""
+    policy = BatchPolicy(max_rows=256, max_delay=0.0)
+    queue = state(16_000, *[1] * 16)
+    take = policy.decide(queue, 1.0)
+    assert shares(take) == [64] + [1] * 16  # the cap: max_rows // 4 while others wait
+    assert batch(take) == list(queue.entries) and take.scanned == 17 and take.merged
+    # plain max-min: the large one takes all that the small ones leave, and the batch is full
+    uncapped = BatchPolicy(max_rows=256, max_delay=0.0, max_share_rows=256).decide(state(16_000, *[1] * 16), 1.0)
+    assert shares(uncapped) == [240] + [1] * 16
+    # the small callers answered are likely sending again: the next batch stays short, although
+    # the large one waits alone; after a batch of its own, it gets full batches again
+    carry_out(queue, take)
+    assert [e.wanted for e in queue.entries] == [16_000 - 64] and queue.last_shared
+    alone = policy.decide(queue, 1.0)
+    assert shares(alone) == [64]
+    carry_out(queue, alone)
+    assert shares(policy.decide(queue, 1.0)) == [256]
+
+
+@pytest.mark.parametrize(
+    "queued, last_shared, expected",
+    [
+        ((20,), False, [8]),  # alone, and alone in the last batch: a full batch
+        ((20,), True, [2]),  # alone now, but the last batch was shared: company is on its way
+        ((5,), True, [5]),  # everything fits: all of it, no cap
+        ((20, 1), False, [2, 1]),  # several waiting: capped whatever the last batch held
+    ],
+)
+def test_the_cap_holds_while_requests_come_together(queued, last_shared, expected):
+    policy = BatchPolicy(max_rows=8, max_delay=0.0)
+    take = policy.decide(state(*queued, last_shared=last_shared), 1.0)
+    assert shares(take) == expected and take.merged is (sum(queued) > sum(expected) or len(queued) > 1)
+
+
+def test_a_partly_served_request_is_shared_by_the_rows_it_still_wants():
+    policy = BatchPolicy(max_rows=8, max_delay=0.0, max_share_rows=8)
+    entries = [Entry(100, taken=97), Entry(6)]
+    take = policy.decide(queue_of(entries), 1.0)
+    assert shares(take) == [3, 5] and take.rows == 8  # 3 rows left of the first: all of them
+
+
+def test_with_more_requests_than_rows_the_scan_stops_at_the_batch():
+    """The oldest max_rows requests each take a row; the decision looks no further into the queue."""
+    policy = BatchPolicy(max_rows=256, max_delay=0.0)
+    queue = state(*[1] * 1000)
+    take = policy.decide(queue, 1.0)
+    assert take.rows == 256 and shares(take) == [1] * 256 and take.scanned == 256 and take.merged
+    assert batch(take) == list(queue.entries)[:256]
 
 
 @pytest.mark.parametrize("queued", [(1, 1, 1), (4, 4), (2, 1), (1,)])
 def test_merge_off_takes_one_entry(queued):
     policy = BatchPolicy(max_rows=4, max_delay=DELAY, merge=False)
     take = policy.decide(state(*queued, last_merged=True), 0.0)
-    assert isinstance(take, Take) and sizes(take) == [queued[0]] and take.consumed == 1
+    assert isinstance(take, Take) and shares(take) == [queued[0]] and take.scanned == 1
     assert take.merged is (len(queued) > 1)  # the rest wait for the next batch
+
+
+def test_merge_off_takes_a_large_request_a_batch_at_a_time():
+    policy = BatchPolicy(max_rows=4, max_delay=0.0, merge=False)
+    queue = state(10, 1)
+    sizes = []
+    while queue.rows:
+        take = policy.decide(queue, 1.0)
+        sizes.append(shares(take))
+        carry_out(queue, take)
+    assert sizes == [[4], [4], [2], [1]]  # first in, first out: batching off is the unshared baseline
 
 
 def test_merge_off_passes_expired_entries_to_reach_one_live_entry():
     policy = BatchPolicy(max_rows=4, max_delay=0.0, merge=False)
     old, live, next_ = Entry(1, deadline=0.5), Entry(2), Entry(1)
     take = policy.decide(queue_of([old, live, next_]), 1.0)
-    assert take.batch == [live] and list(take.expired) == [old] and take.consumed == 2 and take.merged
+    assert take.slices == [(live, 2)] and list(take.expired) == [old] and take.scanned == 2 and take.merged
 
 
 @pytest.mark.parametrize(
@@ -174,26 +311,58 @@ def test_expired_entries_are_dropped(deadlines, expected_batch, expected_expired
     policy = BatchPolicy(max_rows=8, max_delay=0.0)
     entries = [Entry(2, deadline=d) for d in deadlines]
     take = policy.decide(queue_of(entries), 1.0)
-    assert take.batch == [entries[i] for i in expected_batch]
+    assert batch(take) == [entries[i] for i in expected_batch]
     assert list(take.expired) == [entries[i] for i in expected_expired]
-    assert take.rows == 2 * len(expected_batch) and take.consumed == len(deadlines)
+    assert take.rows == 2 * len(expected_batch) and take.scanned == len(deadlines)
 
 
 def test_expired_rows_do_not_count_toward_the_batch():
+    """The expired one's rows made the queue look larger than a batch; the live rows all fit."""
     policy = BatchPolicy(max_rows=4, max_delay=0.0)
     entries = [Entry(3, deadline=0.5), Entry(4)]
     take = policy.decide(queue_of(entries), 1.0)
-    assert take.batch == [entries[1]] and list(take.expired) == [entries[0]] and take.rows == 4
+    assert take.slices == [(entries[1], 4)] and list(take.expired) == [entries[0]] and take.rows == 4
+
+
+def test_a_request_that_expires_midway_is_failed_and_its_rows_stop_being_taken():
+    policy = BatchPolicy(max_rows=4, max_delay=0.0)
+    big, small = Entry(10, deadline=2.0), Entry(1)
+    queue = queue_of([big, small])
+    first = policy.decide(queue, 1.0)
+    assert shares(first) == [1, 1]  # the default cap with max_rows 4: one row each
+    carry_out(queue, first)
+    assert list(queue.entries) == [big] and queue.rows == 9
+    late = policy.decide(queue, 2.0)  # its deadline has come while 9 of its rows wait
+    assert list(late.expired) == [big] and not late.slices
+    carry_out(queue, late)
+    assert queue.rows == 0 and not queue.entries
 
 
 def test_abandoned_entries_are_passed_over_whatever_their_size():
     policy = BatchPolicy(max_rows=4, max_delay=0.0)
     entries = [Entry(1), Entry(4, abandoned=True), Entry(2), Entry(3, abandoned=True)]
     take = policy.decide(queue_of(entries), 1.0)
-    assert take.batch == [entries[0], entries[2]] and take.consumed == 4 and not take.expired
+    assert batch(take) == [entries[0], entries[2]] and take.scanned == 4 and not take.expired
     assert take.merged  # two entries in it
     lone = policy.decide(queue_of([Entry(1), Entry(2, abandoned=True)], seconds_per_row=0.0), 1.0)
-    assert lone.consumed == 2 and not lone.merged  # a caller that left is not company
+    assert lone.scanned == 2 and not lone.merged  # a caller that left is not company
+
+
+def test_shares_are_max_min_fair_on_their_own():
+    policy = BatchPolicy(max_rows=10, max_delay=0.0, max_share_rows=10)
+    assert policy.shares([1, 100, 2, 100]) == [1, 4, 2, 3]  # 7 rows split 4 and 3, the older the 4
+    assert policy.shares([100]) == [10]
+    assert policy.shares([1] * 12) == [1] * 10 + [0, 0]  # more requests than rows: the oldest
+    assert BatchPolicy(max_rows=10, max_delay=0.0).shares([100, 1]) == [2, 1]  # the cap, 10 // 4
+    assert BatchPolicy(max_rows=10, max_delay=0.0).shares([100], company=True) == [2]  # alone, after company
+
+
+def test_the_share_must_hold_a_row():
+    with pytest.raises(ValueError):
+        BatchPolicy(max_share_rows=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(max_rows=0)
+    assert BatchPolicy(max_rows=2).shares([5, 5]) == [1, 1]  # the default cap never drops under a row
 
 
 # Where a batch runs: inline (on the event loop) only when it is lone, small and quick, on CPU.
@@ -210,8 +379,10 @@ CPU, GPU = INLINE_SECONDS, 0.0
         (CPU, INLINE_SECONDS, (1,), True, False),  # expected to take the whole budget: not under it
         (CPU, 1e-4, (8,), True, False),  # lone but slow: 8e-4 s
         (CPU, 1e-6, (1, 1), True, False),  # two merged
-        (CPU, 1e-6, (8, 1), True, False),  # lone in its batch, but another waits behind it
+        (CPU, 1e-6, (8, 1), True, False),  # two waiting: shared
+        (CPU, 1e-6, (20,), True, False),  # lone in its batch, but its own rows wait behind it
         (CPU, 1e-6, (1, 1), False, False),  # merge off, another waiting
+        (CPU, 1e-6, (20,), False, False),  # merge off, its own rows waiting
         (GPU, 0.0, (1,), True, False),  # never on a GPU
         (GPU, 1e-9, (1,), True, False),
     ],
@@ -226,28 +397,39 @@ def test_inline_only_for_a_lone_small_quick_batch_on_cpu(inline_seconds, seconds
 
 
 @st.composite
-def scenarios(draw):
-    max_rows = draw(st.integers(1, 8))
-    policy = BatchPolicy(
+def policies(draw, max_rows: int | None = None) -> BatchPolicy:
+    max_rows = max_rows or draw(st.integers(1, 8))
+    return BatchPolicy(
         max_rows=max_rows,
         max_delay=draw(st.sampled_from([0.0, 0.001, 0.5])),
         merge=draw(st.booleans()),
         adaptive_delay=draw(st.booleans()),
         inline_seconds=draw(st.sampled_from([0.0, INLINE_SECONDS])),
+        max_share_rows=draw(st.one_of(st.none(), st.integers(1, max_rows + 1))),
     )
+
+
+@st.composite
+def scenarios(draw):
+    policy = draw(policies())
+    max_rows = policy.max_rows
     times = sorted(draw(st.lists(st.floats(0.0, 1.0), min_size=0, max_size=12)))
-    entries = [
-        Entry(
-            n=draw(st.integers(1, max_rows)),
-            enqueued=t,
-            deadline=draw(st.one_of(st.none(), st.floats(0.0, 2.0))),
-            abandoned=draw(st.integers(0, 4)) == 0,  # a caller that went away, now and then
+    entries = []
+    for t in times:
+        n = draw(st.integers(1, 3 * max_rows))  # some larger than a batch
+        entries.append(
+            Entry(
+                n=n,
+                enqueued=t,
+                deadline=draw(st.one_of(st.none(), st.floats(0.0, 2.0))),
+                abandoned=draw(st.integers(0, 4)) == 0,  # a caller that went away, now and then
+                taken=draw(st.sampled_from([0, 0, 0, n - 1, n // 2])),  # some partly served already
+            )
         )
-        for t in times
-    ]
     queue = queue_of(
         entries,
         last_merged=draw(st.booleans()),
+        last_shared=draw(st.booleans()),
         seconds_per_row=draw(st.sampled_from([math.inf, 0.0, 1e-6, 1e-3])),
     )
     now = max(times, default=0.0) + draw(st.sampled_from([0.0, 0.0005, 0.001, 0.6, 1.0]))
@@ -257,30 +439,74 @@ def scenarios(draw):
 property_settings = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
+def waiting(queue: QueueState, now: float) -> list[Entry]:
+    """The requests a batch may take rows from now: not abandoned, not expired, oldest first."""
+    return [e for e in queue.entries if not e.abandoned and (e.deadline is None or e.deadline > now)]
+
+
+def cap(policy: BatchPolicy, several: bool) -> int:
+    return (policy.max_share_rows or max(1, policy.max_rows // 4)) if several else policy.max_rows
+
+
 @property_settings
 @given(scenarios())
-def test_a_batch_never_exceeds_max_rows_and_takes_a_prefix_of_the_queue(scenario):
+def test_a_batch_never_exceeds_max_rows_and_takes_only_from_the_scanned_prefix(scenario):
     policy, queue, now = scenario
     decision = policy.decide(queue, now)
     if isinstance(decision, Wait):
         return
     entries = list(queue.entries)
-    assert decision.rows == sum(e.n for e in decision.batch) <= policy.max_rows
-    # first in, first out: the batch and the expired are the live entries of a prefix of the queue, in order
-    live_prefix = [e for e in entries[: decision.consumed] if not e.abandoned]
-    assert decision.batch == [e for e in live_prefix if e not in decision.expired]
-    assert list(decision.expired) == [e for e in live_prefix if e in decision.expired]
+    prefix = entries[: decision.scanned]
+    taken = batch(decision)
+    assert decision.rows == sum(shares(decision)) <= policy.max_rows
+    assert all(1 <= k <= e.wanted for e, k in decision.slices)  # every slice takes rows the request still wants
+    # in queue order, each request once, all of them (and the expired) within the scanned prefix
+    assert taken == [e for e in prefix if e in taken]
+    assert list(decision.expired) == [e for e in prefix if e in decision.expired]
+    assert not any(e.abandoned for e in [*taken, *decision.expired])
     assert all(e.deadline is not None and e.deadline <= now for e in decision.expired)
-    assert all(e.deadline is None or e.deadline > now for e in decision.batch)
-    if not policy.merge:
-        assert len(decision.batch) <= 1
+    assert all(e.deadline is None or e.deadline > now for e in taken)
+    if policy.merge:  # every live request the decision looked at takes a row
+        assert taken == [e for e in prefix if e in waiting(queue, now)]
+    else:
+        assert len(taken) <= 1
     if decision.inline:
-        assert len(decision.batch) == 1 and policy.inline_seconds > 0
+        assert len(taken) == 1 and policy.inline_seconds > 0
+        assert decision.rows == sum(e.wanted for e in waiting(queue, now))  # nothing left waiting
 
 
 @property_settings
 @given(scenarios())
-def test_never_short_while_rows_wait_and_the_worker_is_free_past_the_delay(scenario):
+def test_shares_are_max_min_fair_and_the_oldest_request_is_always_served(scenario):
+    policy, queue, now = scenario
+    decision = policy.decide(queue, now)
+    live = waiting(queue, now)
+    if isinstance(decision, Wait) or not live:
+        return
+    got = dict((id(e), k) for e, k in decision.slices)
+    share = [got.get(id(e), 0) for e in live]
+    assert share[0] >= 1  # the oldest waiting request always gets a row
+    if not policy.merge:
+        assert share == [min(live[0].wanted, policy.max_rows)] + [0] * (len(live) - 1)
+        return
+    wanted = [e.wanted for e in live]
+    if sum(wanted) <= policy.max_rows:
+        assert share == wanted  # everything fits: everything goes
+        return
+    limit = [min(w, cap(policy, len(live) > 1 or queue.last_shared)) for w in wanted]
+    assert all(s <= c for s, c in zip(share, limit))
+    short = [i for i, (s, c) in enumerate(zip(share, limit)) if s < c]  # held back by fairness, not the cap
+    assert decision.rows == policy.max_rows or not short  # a short batch only when every request met its cap
+    for i in short:  # max-min: no one gets more than a held-back request, but for one odd row to an older one
+        assert all(s <= share[i] + 1 for s in share)
+        assert all(s <= share[i] for s in share[i + 1 :])
+
+
+@property_settings
+@given(scenarios())
+def test_never_short_while_rows_wait_past_the_delay_except_for_the_share_cap(scenario):
+    """Rows are left behind only when the batch is full, batching is off, or requests come together
+    and every one in the batch took its capped share."""
     policy, queue, now = scenario
     live = [e for e in queue.entries if not e.abandoned]
     if not live:
@@ -288,10 +514,16 @@ def test_never_short_while_rows_wait_and_the_worker_is_free_past_the_delay(scena
     now = max(now, live[0].enqueued + policy.max_delay)  # the oldest has waited the delay
     decision = policy.decide(queue, now)
     assert isinstance(decision, Take)  # the worker is free (it is asking): never a wait
-    left = [e for e in live if e not in decision.batch and e not in decision.expired]
-    if left:  # something is left behind only when it cannot join: the batch is full for it, or merge is off
-        assert decision.rows + left[0].n > policy.max_rows or (not policy.merge and len(decision.batch) == 1)
+    got = dict((id(e), k) for e, k in decision.slices)
+    left = [e for e in waiting(queue, now) if got.get(id(e), 0) < e.wanted]
+    if left:  # rows are left behind only when the batch is full, merge is off, or every share is at its cap
         assert decision.merged
+        together = len(waiting(queue, now)) > 1 or queue.last_shared
+        assert (
+            decision.rows == policy.max_rows
+            or not policy.merge
+            or (together and all(k == min(e.wanted, cap(policy, True)) for e, k in decision.slices))
+        )
 
 
 @property_settings
@@ -312,45 +544,67 @@ def test_a_wait_is_only_for_company_and_ends_when_the_oldest_has_waited_the_dela
 
 @property_settings
 @given(
-    st.integers(1, 6),
-    st.booleans(),
-    st.lists(st.tuples(st.integers(1, 6), st.floats(0.0, 0.01), st.booleans()), max_size=30),
+    policies(),
+    st.lists(
+        st.tuples(st.integers(1, 20), st.floats(0.0, 0.01), st.booleans(), st.one_of(st.none(), st.floats(0.0, 0.05))),
+        max_size=30,
+    ),
 )
-def test_run_with_a_fake_clock_every_live_entry_is_served_once_in_order(max_rows, merge, arrivals):
-    """Play the mechanism's part with a clock that moves only when told: requests arrive, the policy
-    decides, a batch takes a fixed time. Every entry whose caller stays is served once, in order."""
-    policy = BatchPolicy(max_rows=max_rows, max_delay=DELAY, merge=merge)
-    clock, queue, served, compute = FakeClock(), QueueState(), [], 0.003
+def test_run_with_a_fake_clock_every_row_of_every_live_request_is_served_once(policy, arrivals):
+    """Play the mechanism's part with a clock that moves only when told: requests (some larger than
+    a batch) arrive, the policy decides, a batch takes a fixed time. Every row of every request whose
+    caller stays is served exactly once, in order, unless its deadline passes first: then it fails
+    once and no row of it is taken at or after its deadline. Every batch serves the oldest request."""
+    clock, queue, compute = FakeClock(), QueueState(), 0.003
+    served: dict[int, list[tuple[int, int]]] = {}  # per request: (first row, rows) of each slice
+    expired: dict[int, list[float]] = {}
     pending = deque()
     at = 0.0
-    for n, gap, gone in arrivals:
+    for n, gap, gone, patience in arrivals:
         at += gap
-        pending.append((at, Entry(min(n, max_rows), enqueued=at, abandoned=gone)))
+        entry = Entry(n, enqueued=at, abandoned=gone, deadline=None if patience is None else at + patience)
+        pending.append((at, entry))
     everyone = [entry for _, entry in pending]
-    while pending or queue.rows:
+    for _ in range(10_000):
         while pending and pending[0][0] <= clock.now:  # arrivals up to now join the queue
             _, entry = pending.popleft()
             queue.entries.append(entry)
             queue.rows += 0 if entry.abandoned else entry.n
+        if not pending and not queue.rows:
+            break
         decision = policy.decide(queue, clock.now)
         if isinstance(decision, Wait):
             if decision.until == math.inf:
                 assert queue.rows == 0  # a wait without end only when nothing waits
-            if not pending and decision.until == math.inf:
-                break
             clock.now = min(decision.until, pending[0][0] if pending else math.inf)
             continue
-        assert decision.rows <= max_rows and decision.batch
-        for _ in range(decision.consumed):
-            entry = queue.entries.popleft()
-            queue.rows -= 0 if entry.abandoned else entry.n
-        served.extend(decision.batch)
-        queue.last_merged = decision.merged
-        clock.advance(compute)
-    assert served == [e for e in everyone if not e.abandoned]
+        assert decision.rows <= policy.max_rows
+        oldest = waiting(queue, clock.now)
+        assert not oldest or (decision.slices and decision.slices[0][0] is oldest[0])
+        for entry, k in decision.slices:
+            served.setdefault(id(entry), []).append((entry.taken, k))
+        for entry in decision.expired:
+            expired.setdefault(id(entry), []).append(clock.now)
+        carry_out(queue, decision)
+        assert queue.rows == sum(e.wanted for e in queue.entries if not e.abandoned)
+        if decision.slices:
+            clock.advance(compute)
+    else:
+        raise AssertionError("the queue never drained")
+    assert queue.rows == 0 and all(e.abandoned for e in queue.entries)  # withdrawn callers wait to be passed over
+    for entry in everyone:
+        slices = served.get(id(entry), [])
+        assert [start for start, _ in slices] == list(np.cumsum([0] + [k for _, k in slices])[:-1])  # in order, no gap
+        rows = sum(k for _, k in slices)
+        if entry.abandoned and id(entry) not in expired:  # a caller that went away: nothing computed
+            assert not slices
+        elif id(entry) in expired:
+            assert len(expired[id(entry)]) == 1 and expired[id(entry)][0] >= entry.deadline and rows < entry.n
+        else:
+            assert rows == entry.n  # every row, once
 
 
-# The mechanism: a cancelled call leaves the queue count at once.
+# The mechanism.
 
 
 async def _until(condition, turns: int = 100_000) -> None:
@@ -363,6 +617,180 @@ async def _until(condition, turns: int = 100_000) -> None:
     raise AssertionError("condition not reached")
 
 
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class NumberedGraph(HeldGraph):
+    """HeldGraph's holding (the first batch waits for `release`), answering each row with itself
+    and the number of the batch that computed it: the test counts batches, not seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []  # the rows in each batch, in order
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self.batches.append(len(x))
+        number = len(self.batches) - 1
+        (out,) = super().__call__(x)
+        return [out, np.full(len(x), number)]
+
+
+def test_a_small_call_behind_a_huge_one_rides_the_next_batch():
+    """A 1-row call queued behind a 10,000-row one is answered by the second batch, beside the large
+    one's share, not after the large one's 40 batches; the large one's answer is its rows in order."""
+    run = NumberedGraph()
+
+    async def scenario():
+        batcher = Batcher("test", run, Metrics(), max_rows=256, max_delay=0.0, max_queue_rows=20_000, inline_seconds=0)
+        batcher.start()
+        try:
+            rows = np.arange(10_000, dtype=np.float32).reshape(-1, 1)
+            big = asyncio.ensure_future(batcher.submit(rows))
+            assert await asyncio.to_thread(run.computing.wait, 30)  # its first batch holds the graph
+            small = asyncio.ensure_future(batcher.submit(np.full((1, 1), -1.0, np.float32)))
+            await _until(lambda: batcher.queue.rows == 10_000 - 256 + 1)
+            run.release.set()
+            small_out = await asyncio.wait_for(small, 10)
+            big_out = await asyncio.wait_for(big, 30)
+            return rows, small_out, big_out
+        finally:
+            run.release.set()
+            await batcher.close()
+
+    rows, small_out, big_out = asyncio.run(scenario())
+    assert small_out[0].tolist() == [[-1.0]] and int(small_out[1][0]) <= 1  # in the first two batches
+    assert run.batches[:2] == [256, 64 + 1]  # the second: the large one's capped share and the small row
+    assert np.array_equal(big_out[0], rows)  # every row, in order
+    assert np.all(np.diff(big_out[1]) >= 0) and sum(run.batches) == 10_001
+
+
+def test_requests_spread_over_several_batches_answer_as_if_run_alone():
+    """Large and small requests queued together and shared across batches: each gets exactly what
+    the graph gives for its rows alone, every output put back together in row order."""
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return [x * 2 + 1, x.sum(axis=1)]
+
+    async def scenario(requests: list[np.ndarray]) -> list[list[np.ndarray]]:
+        batcher = Batcher("test", run, Metrics(), max_rows=8, max_delay=0.0, max_share_rows=3, inline_seconds=0)
+        batcher.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(batcher.submit(r) for r in requests)), 30)
+        finally:
+            await batcher.close()
+
+    rng = np.random.default_rng(0)
+    requests = [rng.normal(size=(n, 3)).astype(np.float32) for n in (50, 1, 3, 17, 1, 8, 9, 2)]
+    for rows, outs in zip(requests, asyncio.run(scenario(requests))):
+        want = run(rows)
+        assert len(outs) == len(want) and all(np.array_equal(o, w) for o, w in zip(outs, want))
+
+
+def test_a_failed_batch_fails_a_spread_request_once_and_frees_its_waiting_rows():
+    """A request spread over batches fails with the batch that fails; its rows still waiting leave
+    the count at once, without being counted as cancelled, and no later batch takes them."""
+    batches: list[int] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        batches.append(len(x))
+        if (x < 0).any():
+            raise RuntimeError("poisoned rows")
+        return [x]
+
+    async def scenario():
+        metrics = Metrics()
+        batcher = Batcher("test", run, metrics, max_rows=2, max_delay=0.0, inline_seconds=0)
+        batcher.start()
+        try:
+            rows = np.array([[1.0], [2.0], [-3.0], [4.0], [5.0]])  # its second batch is poisoned
+            result = await asyncio.gather(batcher.submit(rows), return_exceptions=True)
+            return result[0], batcher.queue.rows, sample(metrics, "vae_rejections_total", reason="cancelled", model="")
+        finally:
+            await batcher.close()
+
+    error, left, cancelled = asyncio.run(scenario())
+    assert isinstance(error, BatchFailed) and "poisoned rows" in str(error)
+    assert (batches, left, cancelled) == ([2, 2], 0, 0.0)
+
+
+class FakeClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose time moves only when the test says: deadlines fall between events."""
+
+    now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_a_deadline_passing_midway_fails_the_request_and_frees_its_rows():
+    """Deadlines on the loop's clock, moved by hand between batches: a request whose first batch ran
+    fails at the next decision, unfinished, and one never taken is dropped unrun; their rows leave
+    the count and each counts once as a deadline rejection."""
+    run = NumberedGraph()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        metrics = Metrics()
+        batcher = Batcher("test", run, metrics, max_rows=2, max_delay=0.0, inline_seconds=0)
+        batcher.start()
+        try:
+            spread = asyncio.ensure_future(batcher.submit(np.ones((5, 1)), deadline=1.0))
+            assert await asyncio.to_thread(run.computing.wait, 30)  # its first 2 rows are computing
+            unrun = asyncio.ensure_future(batcher.submit(np.ones((1, 1)), deadline=1.0))
+            await _until(lambda: batcher.queue.rows == 3 + 1)
+            loop.now = 1.0  # both deadlines have come
+            run.release.set()
+            results = await asyncio.wait_for(asyncio.gather(spread, unrun, return_exceptions=True), 10)
+            return results, batcher.queue.rows, sample(metrics, "vae_rejections_total", reason="deadline", model="")
+        finally:
+            run.release.set()
+            await batcher.close()
+
+    with asyncio.Runner(loop_factory=FakeClockLoop) as runner:
+        (spread, unrun), left, rejected = runner.run(scenario())
+    assert isinstance(spread, DeadlineExpired) and "2 of its 5 rows" in str(spread)
+    assert isinstance(unrun, DeadlineExpired) and "not computed" in str(unrun)
+    assert (run.batches, left, rejected) == ([2], 0, 2.0)
+
+
+def test_metrics_carry_the_model_and_version():
+    run = HeldGraph()
+
+    async def scenario() -> dict[str, float]:
+        metrics = Metrics()
+        labels = {"model": "mnist", "version": "7", "graph": "decoder"}
+        batcher = Batcher(
+            "decoder", run, metrics, max_rows=2, max_delay=0.0, max_queue_rows=3, inline_seconds=0,
+            labels={"model": "mnist", "version": "7"},
+        )  # fmt: skip
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
+            assert await asyncio.to_thread(run.computing.wait, 30)
+            queued = asyncio.ensure_future(batcher.submit(np.ones((3, 1))))
+            await _until(lambda: batcher.queue.rows == 3)
+            seen = {"queued": sample(metrics, "vae_queue_rows", **labels)}
+            with pytest.raises(QueueFull):
+                await batcher.submit(np.ones((1, 1)))
+            run.release.set()
+            await asyncio.wait_for(asyncio.gather(first, queued), 10)
+            seen["batches"] = sample(metrics, "vae_batch_rows_count", **labels)
+            seen["rows"] = sample(metrics, "vae_batch_rows_sum", **labels)
+            seen["computed"] = sample(metrics, "vae_compute_seconds_count", **labels)
+            seen["waits"] = sample(metrics, "vae_queue_wait_seconds_count", **labels)  # one per request
+            seen["full"] = sample(metrics, "vae_rejections_total", reason="queue_full", model="mnist")
+            seen["after"] = sample(metrics, "vae_queue_rows", **labels)
+            return seen
+        finally:
+            run.release.set()
+            await batcher.close()
+
+    assert asyncio.run(scenario()) == {
+        "queued": 3.0, "batches": 3.0, "rows": 5.0, "computed": 3.0, "waits": 2.0, "full": 1.0, "after": 0.0,
+    }  # fmt: skip
+
+
 def test_a_cancelled_call_leaves_the_queue_count_at_once():
     """Calls queued behind a busy graph and then cancelled free their rows before the next batch
     forms: the depth gauge drops, a new call fits in the freed room, and each is counted once."""
@@ -371,9 +799,8 @@ def test_a_cancelled_call_leaves_the_queue_count_at_once():
 
     async def scenario() -> dict[str, float]:
         metrics = Metrics()
-        sample = metrics.registry.get_sample_value
-        depth = lambda: sample("vae_queue_rows", {"graph": "test"})  # noqa: E731
-        cancelled = lambda: sample("vae_rejections_total", {"reason": "cancelled"}) or 0.0  # noqa: E731
+        depth = lambda: sample(metrics, "vae_queue_rows", graph="test", **UNLABELLED)  # noqa: E731
+        cancelled = lambda: sample(metrics, "vae_rejections_total", reason="cancelled", model="")  # noqa: E731
         batcher = Batcher("test", run, metrics, max_rows=2, max_delay=0.0, max_queue_rows=4, inline_seconds=0.0)
         batcher.start()
         seen = {}
@@ -413,6 +840,34 @@ def test_a_cancelled_call_leaves_the_queue_count_at_once():
     }
 
 
+def test_a_spread_request_cancelled_midway_frees_its_rows_once():
+    """A caller that goes away while its request is partly served: the rows it still had waiting
+    leave the count at once, it is counted once, and no later batch takes its rows."""
+    run = NumberedGraph()
+
+    async def scenario():
+        metrics = Metrics()
+        batcher = Batcher("test", run, metrics, max_rows=2, max_delay=0.0, inline_seconds=0)
+        batcher.start()
+        try:
+            call = asyncio.ensure_future(batcher.submit(np.ones((7, 1))))
+            assert await asyncio.to_thread(run.computing.wait, 30)  # its first 2 rows are computing
+            await _until(lambda: batcher.queue.rows == 5)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            left = batcher.queue.rows
+            run.release.set()
+            after = await asyncio.wait_for(batcher.submit(np.ones((1, 1))), 10)  # the next batch: this call alone
+            count = sample(metrics, "vae_rejections_total", reason="cancelled", model="")
+            return left, int(after[1][0]), count, batcher.queue.rows
+        finally:
+            run.release.set()
+            await batcher.close()
+
+    assert asyncio.run(scenario()) == (0, 1, 1.0, 0)
+    assert run.batches == [2, 1]
+
+
 def test_a_call_cancelled_under_a_forming_batch_is_counted_once():
     """If the batch forms between the caller's cancellation and its own clean-up, the batcher takes
     its rows off and counts it; the clean-up that follows counts nothing more."""
@@ -431,12 +886,12 @@ def test_a_call_cancelled_under_a_forming_batch_is_counted_once():
             call.cancel()  # the entry's future is cancelled now; the caller's clean-up runs on its next step
             loop = asyncio.get_running_loop()
             take = batcher.policy.decide(batcher.queue, loop.time())
-            assert isinstance(take, Take) and take.consumed == 1 and not take.batch
-            batcher._pop(take, loop.time())  # the batcher gets there first
+            assert isinstance(take, Take) and take.scanned == 1 and not take.slices
+            batcher._take(take, loop.time())  # the batcher gets there first
             await asyncio.gather(call, return_exceptions=True)
             release.set()
             await first
-            count = metrics.registry.get_sample_value("vae_rejections_total", {"reason": "cancelled"})
+            count = sample(metrics, "vae_rejections_total", reason="cancelled", model="")
             return batcher.queue.rows, count, call.cancelled()
         finally:
             release.set()
@@ -452,10 +907,10 @@ def test_closing_with_calls_queued_leaves_the_count_at_zero():
     async def scenario() -> tuple[int, list]:
         batcher = Batcher("test", run, Metrics(), max_rows=2, max_delay=0.0, inline_seconds=0.0)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
+        first = asyncio.ensure_future(batcher.submit(np.ones((5, 1))))  # spread: 2 rows computing, 3 waiting
         assert await asyncio.to_thread(started.wait, 30)
         queued = [asyncio.ensure_future(batcher.submit(np.ones((k, 1)))) for k in (1, 3)]
-        await _until(lambda: batcher.queue.rows == 4)
+        await _until(lambda: batcher.queue.rows == 3 + 4)
         await batcher.close()
         results = await asyncio.gather(first, *queued, return_exceptions=True)
         release.set()
