@@ -386,6 +386,15 @@ requests = st.one_of(
     st.builds(lambda t, k: ("Score", pb.ScoreRequest(images=t, importance_samples=k)), tensors, st.integers(0, 2**32 - 1)),
     st.builds(lambda x: ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[1, 8], dtype=1, data=x.tobytes()))),
               st.lists(floats, min_size=8, max_size=8).map(lambda v: np.array(v, np.float32))),
+    st.builds(lambda name, v: ("Sample", pb.SampleRequest(num_samples=1, model_name=name, model_version=v)),
+              st.text(max_size=20), st.integers(-(2**63), 2**63 - 1)),
+    st.builds(lambda name, v: ("GetModelInfo", pb.GetModelInfoRequest(model_name=name, model_version=v)),
+              st.text(max_size=20), st.integers(-(2**63), 2**63 - 1)),
+    st.just(("ListModels", pb.ListModelsRequest())),
+    # Model control with any name but the served one's: the shared server must keep serving it.
+    st.builds(lambda name, v, kind: (kind.__name__.removesuffix("Request"), kind(model_name=name, model_version=v)),
+              st.text(max_size=20).filter(lambda name: name != "digits"), st.integers(-(2**63), 2**63 - 1),
+              st.sampled_from([pb.LoadModelRequest, pb.UnloadModelRequest])),
 )  # fmt: skip
 BAD_FOR_BAD_INPUT = {"INTERNAL", "UNKNOWN"}
 
@@ -394,7 +403,8 @@ def test_fuzz_malformed_requests(server):
     tried: Counter = Counter()
     with grpc.insecure_channel(server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
-        raw = {m: channel.unary_unary(f"/vae.v1.VaeService/{m}") for m in ("Sample", "Encode", "Decode", "Score", "Interpolate")}
+        methods = ("Sample", "Encode", "Decode", "Score", "Interpolate", "ListModels", "LoadModel", "UnloadModel")
+        raw = {m: channel.unary_unary(f"/vae.v1.VaeService/{m}") for m in methods}
 
         @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(requests)
