@@ -62,9 +62,10 @@ evaluate: install
 # Generated code is committed (the serving image needs no grpcio-tools); tests/test_service_lifecycle.py::test_generated_code_is_current proves it current.
 # The -I mapping makes the generated imports read `from service.api.vae.v1 import vae_pb2`.
 PROTO_OUT := service/api
+PROTOS    := proto/vae/v1/vae.proto proto/inference/grpc_service.proto
 proto:
-	$(PY) -m grpc_tools.protoc -I$(PROTO_OUT)=proto --python_out=. --pyi_out=. --grpc_python_out=. proto/vae/v1/vae.proto
-	touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/vae/__init__.py $(PROTO_OUT)/vae/v1/__init__.py
+	$(PY) -m grpc_tools.protoc -I$(PROTO_OUT)=proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/vae/__init__.py $(PROTO_OUT)/vae/v1/__init__.py $(PROTO_OUT)/inference/__init__.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

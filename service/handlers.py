@@ -78,7 +78,7 @@ def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
@@ -128,10 +128,14 @@ class Call:
     request's model_name and model_version. A class rather than an @asynccontextmanager
     generator, because it runs on every call and a generator costs more."""
 
-    __slots__ = ("servicer", "name", "context", "request", "engine", "started", "refusal")
+    __slots__ = ("servicer", "name", "context", "request", "route", "engine", "started", "refusal")
 
-    def __init__(self, servicer: VaeServicer, name: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        self.servicer, self.name, self.context, self.request = servicer, name, context, request
+    def __init__(
+        self, servicer: VaeServicer, name: str, request: Any, context: grpc.aio.ServicerContext,
+        route: Callable[[Any], tuple[str, int]] = lambda r: (r.model_name, r.model_version),
+    ) -> None:  # fmt: skip
+        """`route` reads the (model name, version) a request asks for; BadRequest if it cannot."""
+        self.servicer, self.name, self.context, self.request, self.route = servicer, name, context, request, route
         self.refusal: Exception | None = None
         self.engine: Engine | None = None
         if servicer.draining:
@@ -147,10 +151,10 @@ class Call:
         self.servicer.in_flight += 1
         if self.refusal is None:
             try:
-                self.engine = self.servicer.models.resolve(self.request.model_name, self.request.model_version)
+                self.engine = self.servicer.models.resolve(*self.route(self.request))
                 self.engine.active_calls += 1
                 return self.engine
-            except (ModelNotFound, ModelUnavailable) as err:
+            except (ModelNotFound, ModelUnavailable, BadRequest) as err:
                 self.refusal = err
         await self.__aexit__(type(self.refusal), self.refusal, None)  # accounts, then aborts: raises
         raise self.refusal  # type: ignore[misc]
@@ -201,7 +205,8 @@ def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     name = handler.__name__
 
     @functools.wraps(handler)
-    async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """`self` is a servicer with `metrics`, `draining` and `rpc_prefix` (each protocol labels its RPCs)."""
         started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             if isinstance(request, Malformed):
@@ -215,7 +220,7 @@ def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
                 log.error("%s failed: %s", name, err, exc_info=True)
             await context.abort(code, str(err)[:1000])
         finally:
-            self.metrics.answered(name, code.name, "", time.perf_counter() - started)
+            self.metrics.answered(self.rpc_prefix + name, code.name, "", time.perf_counter() - started)
 
     return wrapped
 
@@ -235,6 +240,8 @@ def _model_name(request: pb.LoadModelRequest | pb.UnloadModelRequest) -> str:
 
 
 class VaeServicer:
+    rpc_prefix = ""  # the `rpc` label of this protocol's calls in the metrics
+
     def __init__(self, models: Models, metrics: Metrics, max_calls: int = 256) -> None:
         """`max_calls` caps this service's inference calls in progress; health checks and
         reflection are other services, so a probe still answers while the cap refuses calls."""
@@ -279,7 +286,7 @@ class VaeServicer:
     async def Sample(self, engine: Engine, request: pb.SampleRequest, context: Any) -> pb.SampleResponse:
         n = _count(request.num_samples, "num_samples", engine.limits.max_request_rows)
         fmt, temperature, seed = _format(engine, request.format), _temperature(request), _seed(request)
-        images = await engine.sample(n, seed, temperature, _deadline(context))
+        images = await engine.sample(n, seed, temperature, deadline_of(context))
         return _with_images(pb.SampleResponse(seed=seed), images, fmt)
 
     async def SampleStream(self, request: pb.SampleRequest, context: Any) -> AsyncIterator[pb.SampleResponse]:
@@ -291,13 +298,13 @@ class VaeServicer:
             chunk = _count(request.chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
             z = engine.latents(n, seed, temperature)
             for offset in range(0, n, chunk):
-                images = await engine.decode(z[offset : offset + chunk], _deadline(context))
+                images = await engine.decode(z[offset : offset + chunk], deadline_of(context))
                 response = pb.SampleResponse(seed=seed, offset=offset)
                 yield _answered_by(_with_images(response, images, fmt), engine)
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
-        mu, logvar = await engine.encode(_images(engine, request.images), _deadline(context))
+        mu, logvar = await engine.encode(_images(engine, request.images), deadline_of(context))
         sigma = np.exp(0.5 * logvar)
         response = pb.EncodeResponse()
         from_array(mu, into=response.mu)
@@ -311,12 +318,12 @@ class VaeServicer:
     async def Decode(self, engine: Engine, request: pb.DecodeRequest, context: Any) -> pb.ImagesResponse:
         z = _latents(engine, request.latents, "latents", engine.limits.max_request_rows)
         fmt = _format(engine, request.format)
-        return _with_images(pb.ImagesResponse(), await engine.decode(z, _deadline(context)), fmt)
+        return _with_images(pb.ImagesResponse(), await engine.decode(z, deadline_of(context)), fmt)
 
     @rpc
     async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, context: Any) -> pb.ImagesResponse:
         x, fmt = _images(engine, request.images), _format(engine, request.format)
-        return _with_images(pb.ImagesResponse(), await engine.reconstruct(x, _deadline(context)), fmt)
+        return _with_images(pb.ImagesResponse(), await engine.reconstruct(x, deadline_of(context)), fmt)
 
     @staticmethod
     async def _end_point(engine: Engine, request: pb.InterpolateRequest, side: str, deadline: float | None) -> np.ndarray:
@@ -339,7 +346,7 @@ class VaeServicer:
             raise BadRequest(f"steps: {steps}; must be between 2 and {most}")
         if request.method not in pb.InterpolationMethod.values():
             raise BadRequest(f"method: unknown interpolation method {request.method}")
-        fmt, deadline = _format(engine, request.format), _deadline(context)
+        fmt, deadline = _format(engine, request.format), deadline_of(context)
         start = await self._end_point(engine, request, "start", deadline)
         end = await self._end_point(engine, request, "end", deadline)
         spherical = request.method == pb.INTERPOLATION_METHOD_SPHERICAL
@@ -358,7 +365,7 @@ class VaeServicer:
                 "request (--max-request-share of the queue): send fewer images or a smaller k"
             )
         seed = _seed(request)
-        s = await engine.score(x, k, seed, _deadline(context))
+        s = await engine.score(x, k, seed, deadline_of(context))
         scores = [
             pb.ImageScore(elbo=e, reconstruction=r, kl=kl, log_likelihood=ll)
             for e, r, kl, ll in zip(s["elbo"], s["reconstruction"], s["kl"], s["log_likelihood"])
@@ -366,13 +373,15 @@ class VaeServicer:
         return pb.ScoreResponse(scores=scores, importance_samples=k, seed=seed)
 
 
-def add_to_server(servicer: VaeServicer, server: grpc.aio.Server) -> None:
-    """Register every RPC of the proto's VaeService, with the deserializers that cannot fail."""
+def add_to_server(servicer: Any, server: grpc.aio.Server, module: Any = pb, service: str = "VaeService") -> None:
+    """Register every RPC of `service` (in the generated `module`) with the servicer's method of
+    the same name, each with a deserializer that cannot fail."""
+    descriptor = module.DESCRIPTOR.services_by_name[service]
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["VaeService"].methods:
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+    for method in descriptor.methods:
+        request, response = getattr(module, method.input_type.name), getattr(module, method.output_type.name)
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             getattr(servicer, method.name), request_deserializer=_parse(request), response_serializer=response.SerializeToString
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))

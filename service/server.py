@@ -25,6 +25,9 @@ from service.engine import BatchSettings, RequestLimits
 from service.handlers import ADMIN_METHODS, SERVICE, VaeServicer, add_to_server
 from service.metrics import Metrics
 from service.models import READY, Models
+from service.open_inference import ADMIN_METHODS as OIP_ADMIN_METHODS
+from service.open_inference import SERVICE as OIP_SERVICE
+from service.open_inference import InferenceServicer, oip
 from service.repository import RepositoryError, VersionPolicy
 from service.runtime import RuntimeOptions
 from service.security import TokenAuth, load_tokens, server_credentials
@@ -123,15 +126,17 @@ class Server:
         def denied(reason: str) -> None:
             self.metrics.rejections.labels(reason=reason, model="").inc()
 
-        auth = TokenAuth(tokens, denied, self.admin_tokens, ADMIN_METHODS) if tokens or self.admin_tokens else None
+        admin = ADMIN_METHODS | OIP_ADMIN_METHODS
+        auth = TokenAuth(tokens, denied, self.admin_tokens, admin) if tokens or self.admin_tokens else None
         self.grpc = grpc.aio.server(
             interceptors=[auth] if auth else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         add_to_server(self.servicer, self.grpc)
+        add_to_server(InferenceServicer(self.servicer), self.grpc, oip, "GRPCInferenceService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        enable_reflection(self.grpc, (SERVICE, health.SERVICE_NAME))
-        for name in ("", SERVICE):
+        enable_reflection(self.grpc, (SERVICE, OIP_SERVICE, health.SERVICE_NAME))
+        for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{c.host}:{c.port}"
         if c.tls_cert and c.tls_key:
@@ -144,7 +149,10 @@ class Server:
             f"bearer tokens ({len(tokens)}, admin {len(self.admin_tokens)})" if auth else "off",
         )  # fmt: skip
         if tokens and not self.admin_tokens:
-            log.info("model control (LoadModel, UnloadModel) is refused: tokens are on and no --admin-token-file is given")
+            log.info(
+                "model control (LoadModel, UnloadModel, RepositoryModelLoad/Unload) is refused: tokens are on and "
+                "no --admin-token-file is given"
+            )
         if auth and not c.tls_cert:
             log.warning(
                 "bearer tokens on a plaintext port travel in clear: anyone on the network path can read and "
@@ -159,7 +167,7 @@ class Server:
         self._metrics_http, _ = self.metrics.serve(c.metrics_port, c.metrics_addr)
         self.metrics_port = self._metrics_http.server_port
         await self.grpc.start()
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if c.watch_seconds > 0:
             self._watcher = asyncio.ensure_future(self._watch(c.watch_seconds))

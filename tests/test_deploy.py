@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from service.config import ServerConfig, parse_config
-from service.server import SERVICE
+from service.handlers import SERVICE  # not service.server: it loads the inference protocol's messages, which tritonclient holds in its tests
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -168,3 +168,32 @@ def test_make_image_without_podman_says_what_to_install():
     assert done.returncode != 0
     first = done.stderr.splitlines()[0]
     assert "apt-get install podman" in first and "docker build" in first, done.stderr
+
+
+def test_kserve_predictor_agrees_with_the_image_and_the_server():
+    """deploy/kserve: the serving image as a KServe predictor on the v2 protocol over gRPC."""
+    (isvc,) = documents(ROOT / "deploy" / "kserve" / "inferenceservice.yaml")
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    notes = isvc["metadata"]["annotations"]
+    assert notes["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    predictor = isvc["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    assert c["name"] == "kserve-container" and c["image"] == DEPLOYMENTS["vae-serve"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    image = image_facts("cpu")
+    env = image["env"] | {e["name"]: e["value"] for e in c.get("env", [])}
+    assert all(k[4:].lower() in {f.name for f in fields(ServerConfig)} for k in env), env
+    config = parse_config(c.get("args", []), env)
+    # KServe sends gRPC to the port named h2c: the server's gRPC port, which the image exposes.
+    (port,) = c["ports"]
+    assert (port["name"], port["containerPort"]) == ("h2c", config.port) and config.port in image["expose"]
+    assert int(notes["prometheus.kserve.io/port"]) == config.metrics_port and notes["prometheus.kserve.io/path"] == "/metrics"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["grpc"]["port"] == config.port, probe
+    assert c["readinessProbe"]["grpc"]["service"] == "inference.GRPCInferenceService"
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "models"]
+    assert mount["mountPath"] == str(config.model_repo) == "/models" and mount["readOnly"]
+    (volume,) = [v for v in predictor["volumes"] if v["name"] == "models"]
+    (pvc,) = of_kind("PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert c["securityContext"]["runAsUser"] == image["uid"] and c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert config.grace_seconds + 1 <= 30  # the pod's default termination grace

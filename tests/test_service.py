@@ -254,10 +254,10 @@ def test_latents_at_the_bound_give_finite_images(client):
 def test_health_and_reflection(server):
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", "vae.v1.VaeService"):
+        for name in ("", "vae.v1.VaeService", "inference.GRPCInferenceService"):
             assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
         db = ProtoReflectionDescriptorDatabase(channel)
-        assert "vae.v1.VaeService" in db.get_services() and "grpc.health.v1.Health" in db.get_services()
+        assert {"vae.v1.VaeService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= set(db.get_services())
         service = db.FindFileContainingSymbol("vae.v1.VaeService")
         assert "Sample" in str(service)
 

@@ -202,7 +202,7 @@ def test_generated_code_is_current(tmp_path):
     from grpc_tools import protoc
 
     args = ["protoc", "-Iservice/api=proto", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}", "proto/vae/v1/vae.proto"]  # fmt: skip
+            f"--grpc_python_out={tmp_path}", "proto/vae/v1/vae.proto", "proto/inference/grpc_service.proto"]  # fmt: skip
     import os
 
     cwd = os.getcwd()
@@ -211,9 +211,10 @@ def test_generated_code_is_current(tmp_path):
         assert protoc.main(args) == 0
     finally:
         os.chdir(cwd)
-    for name in ("vae_pb2.py", "vae_pb2.pyi", "vae_pb2_grpc.py"):
-        fresh = (tmp_path / "service/api/vae/v1" / name).read_text()
-        assert fresh == (ROOT / "service/api/vae/v1" / name).read_text(), f"{name} is stale: run make proto"
+    for package, stem in (("vae/v1", "vae"), ("inference", "grpc_service")):
+        for name in (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"):
+            fresh = (tmp_path / "service/api" / package / name).read_text()
+            assert fresh == (ROOT / "service/api" / package / name).read_text(), f"{name} is stale: run make proto"
 
 
 def test_client_cli_writes_a_png(server, tmp_path):

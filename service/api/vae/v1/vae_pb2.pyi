@@ -156,7 +156,7 @@ class EncodeRequest(_message.Message):
     seed: int
     model_name: str
     model_version: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: bool = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("mu", "sigma", "z", "seed", "model_name", "model_version")

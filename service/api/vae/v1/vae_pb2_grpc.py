@@ -5,7 +5,7 @@ import warnings
 
 from service.api.vae.v1 import vae_pb2 as service_dot_api_dot_vae_dot_v1_dot_vae__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class VaeServiceStub:
+class VaeServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -91,7 +91,7 @@ class VaeServiceStub:
                 _registered_method=True)
 
 
-class VaeServiceServicer:
+class VaeServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetModelInfo(self, request, context):
@@ -240,7 +240,7 @@ def add_VaeServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class VaeService:
+class VaeService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
