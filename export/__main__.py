@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = json.loads(metrics_file.read_text())["test"] if metrics_file.exists() else {}
     try:
         folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, args.fp16_decoder)
-    except ParityError as err:
+    except (ParityError, ValueError) as err:
         print(f"export failed, nothing published: {err}", file=sys.stderr)
         return 1
     info = json.loads((folder / "model.json").read_text())

@@ -30,6 +30,11 @@ def publish(
     max_batch_size: int = 256, fp16_decoder: bool = False,
 ) -> Path:  # fmt: skip
     """Export, verify and atomically publish the next version; return its folder."""
+    if cfg.model.kind != "vae":
+        raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
+    if cfg.model.prior != "standard":
+        raise ValueError("a flow-prior model cannot be exported yet: its prior graphs are not written, and served "
+                         "as it is it would be sampled from N(0, I)")  # fmt: skip
     model_dir = models / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))

@@ -172,3 +172,13 @@ def test_fp16_decoder_is_exported_verified_and_served(tmp_path, checkpoint_path,
          "--decoder-precision", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert refused.returncode == 2 and "no decoder_fp16.onnx" in refused.stderr
+
+
+@pytest.mark.parametrize("settings, message", [({"kind": "ae"}, "autoencoder is not exported"), ({"prior": "flow"}, "flow-prior")])
+def test_models_the_service_cannot_serve_are_not_exported(tmp_path, settings, message):
+    from training.config import ModelConfig, TrainConfig
+
+    cfg = TrainConfig(model=ModelConfig(image_shape=(1, 8, 8), latent_dim=4, hidden=16, **settings))
+    with pytest.raises(ValueError, match=message):
+        publish(VAE(cfg.model), cfg, tmp_path / "models", "m")
+    assert not (tmp_path / "models").exists()  # nothing published, not even the model's folder

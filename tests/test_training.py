@@ -261,3 +261,78 @@ def test_cli_rejects_bad_flags(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "feature-checkpoint" in done.stderr
+
+
+def test_standard_prior_objective_is_the_closed_form_elbo(digits):
+    # The standard prior's loss is what it always was: reconstruction + closed-form KL at the same noise,
+    # and its checkpoint holds the encoder and decoder alone.
+    from training.losses import kl_divergence, reconstruction_nll
+
+    model, x = digits_model(digits), digits.train.images[:64]
+    cfg = small_config()
+    assert cfg.model.prior == "standard" and cfg.model.kind == "vae"
+    loss, stats = objective_with(model, x, cfg)
+    torch.manual_seed(1)
+    mu, logvar = model.encode(x)
+    params = model.decode(mu + torch.randn_like(mu) * torch.exp(0.5 * logvar))
+    recon = reconstruction_nll(params, x, "bernoulli").mean()
+    kl = kl_divergence(mu, logvar).mean()
+    assert stats["kl"] == kl.item() and stats["recon"] == recon.item()
+    assert loss.item() == pytest.approx((recon + kl).item(), rel=1e-7)
+    assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "decoder"}
+    # Sampling draws z ~ N(0, T^2 I) and decodes it, as before.
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(5)) * 0.5
+    expected = model.mean_image(model.decode(z))
+    assert torch.equal(model.sample(3, 0.5, torch.Generator().manual_seed(5)), expected)
+
+
+def test_autoencoder_trains_and_is_evaluated(digits, tmp_path):
+    import math
+
+    from training.evaluate import iwae_nll
+
+    model_cfg = ModelConfig(latent_dim=8, widths=(16, 32), hidden=64, kind="ae")
+    cfg = TrainConfig(model=model_cfg, epochs=3, batch_size=32, iwae_k=20, eval_images=50)
+    metrics = run(cfg, tmp_path, data=digits)
+    history = metrics["history"]
+    assert history[-1]["train"]["recon"] < history[0]["train"]["recon"]
+    assert "kl" not in history[0]["train"] and history[0]["train"]["loss"] == history[0]["train"]["recon"]
+    test = metrics["test"]
+    assert test["nll"] is None and test["elbo"] is None and "no density" in test["note"]
+    assert math.isfinite(test["reconstruction"])
+    for name in (*FIGURES, "samples_fitted.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model, saved_cfg, _ = checkpoint.load_model(tmp_path / "best.pt")
+    assert saved_cfg.model.kind == "ae" and model.encoder.head.out_features == 8  # a code, no variance
+    # Deterministic: the code is mu, the same on every call, and reconstruction uses it.
+    x = digits.test.images[:10]
+    assert torch.equal(model(x)[0], model(x)[0]) and model(x)[2] is None
+    # The fitted Gaussian is the mean and covariance of the training codes.
+    codes = model.encode(prepare_eval_images(digits.train.images, "bernoulli", seed=1))[0]
+    assert torch.allclose(model.code_mean, codes.mean(0), atol=1e-5)
+    cov = model.code_scale_tril @ model.code_scale_tril.T
+    assert torch.allclose(cov, torch.cov(codes.T), rtol=1e-2, atol=1e-3)
+    fitted = model.sample_z(20_000, source="fitted", generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(fitted.mean(0), codes.mean(0), atol=0.1 * codes.std(0).max().item())
+    prior = model.sample_z(5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(prior, torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))
+    assert evaluate(model, prepare_eval_images(x, "bernoulli"), k=5)["nll"] is None
+    with pytest.raises(ValueError, match="no density"):
+        iwae_nll(model, x, 5)
+
+
+def test_cli_model_and_prior_flags(tmp_path):
+    from training.__main__ import parse_args
+
+    cfg, _, _ = parse_args(["--out", str(tmp_path), "--prior", "flow", "--flow-layers", "3", "--flow-hidden", "32"])
+    assert (cfg.model.prior, cfg.model.flow_layers, cfg.model.flow_hidden, cfg.model.kind) == ("flow", 3, 32, "vae")
+    cfg, _, _ = parse_args(["--out", str(tmp_path), "--model", "ae"])
+    assert cfg.model.kind == "ae" and cfg.model.prior == "standard"
+    default, _, _ = parse_args(["--out", str(tmp_path)])
+    assert default.model.prior == "standard" and default.model.kind == "vae" and default.classifier is None
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "--out", str(tmp_path), "--model", "ae", "--prior", "flow"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "autoencoder" in done.stderr

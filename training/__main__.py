@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     model.add_argument("--hidden", type=int, default=m.hidden)
     model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=m.likelihood)
     model.add_argument("--gaussian-std", type=float, default=m.gaussian_std)
+    model.add_argument("--model", dest="kind", choices=("vae", "ae"), default=m.kind,
+                       help="vae, or ae: the deterministic autoencoder baseline (reconstruction alone)")  # fmt: skip
+    model.add_argument("--prior", choices=("standard", "flow"), default=m.prior,
+                       help="p(z): N(0, I), or a learned RealNVP flow of N(0, I)")  # fmt: skip
+    model.add_argument("--flow-layers", type=int, default=m.flow_layers, help="coupling layers of the flow prior")
+    model.add_argument("--flow-hidden", type=int, default=m.flow_hidden, help="hidden units per coupling network")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs)
     opt.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -48,11 +54,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--iwae-k", type=int, default=d.iwae_k, help="importance samples for the NLL estimate")
     ev.add_argument("--eval-images", type=int, default=d.eval_images, help="test images to evaluate")
+    ev.add_argument("--classifier", help="features.pt from python -m training.features: sample-quality figures")
+    ev.add_argument("--quality-samples", type=int, default=d.quality_samples, help="samples scored for sample quality")
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
-    model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std"}
-    model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
+    model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "kind", "prior",
+                  "flow_layers", "flow_hidden"}  # fmt: skip
     try:
+        model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
         cfg = TrainConfig(model=model_cfg, **args)
     except ValueError as err:
         p.error(str(err))
@@ -66,10 +75,16 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics = run(cfg, out, resume)
     test = metrics["test"]
-    print(
-        f"test on {test['images']} images: -ELBO {-test['elbo']:.2f} nats, NLL (IWAE k={test['iwae_k']}) "
-        f"{test['nll']:.2f} nats; wrote {out}/best.pt, metrics.json and {len(metrics['figures'])} figures"
-    )
+    if test["nll"] is None:
+        scores = f"reconstruction {test['reconstruction']:.2f} nats (an autoencoder: no ELBO, no NLL)"
+    else:
+        scores = f"-ELBO {-test['elbo']:.2f} nats, NLL (IWAE k={test['iwae_k']}) {test['nll']:.2f} nats"
+    figures = len(metrics["figures"])
+    print(f"test on {test['images']} images: {scores}; wrote {out}/best.pt, metrics.json and {figures} figures")
+    if "quality" in test:
+        from training.evaluate import quality_lines
+
+        print("\n".join(quality_lines(test["quality"])))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from typing import Any
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 RECONSTRUCTIONS = ("pixel", "features", "both")
+KINDS = ("vae", "ae")
+PRIORS = ("standard", "flow")
 
 
 @dataclass
@@ -20,6 +22,10 @@ class ModelConfig:
     hidden: int = 256  # width of the fully connected layer between the convs and the latent
     likelihood: str = "bernoulli"  # p(x|z): bernoulli (logits) or gaussian (mean, fixed std)
     gaussian_std: float = 0.1
+    kind: str = "vae"  # vae, or ae: a deterministic autoencoder (the code is mu), trained on reconstruction alone
+    prior: str = "standard"  # p(z): standard N(0, I), or flow: a learned invertible map of N(0, I)
+    flow_layers: int = 4  # affine coupling layers of the flow prior
+    flow_hidden: int = 64  # hidden units of each coupling's network
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
@@ -30,6 +36,14 @@ class ModelConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.latent_dim < 1 or not self.widths:
             raise ValueError("latent_dim must be >= 1 and widths non-empty")
+        if self.kind not in KINDS:
+            raise ValueError(f"model must be one of {KINDS}, got {self.kind!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.kind == "ae" and self.prior != "standard":
+            raise ValueError("an autoencoder has no prior to learn: --prior flow needs --model vae")
+        if self.prior == "flow" and (self.latent_dim < 2 or self.flow_layers < 1 or self.flow_hidden < 1):
+            raise ValueError("the flow prior needs latent_dim >= 2, flow_layers >= 1 and flow_hidden >= 1")
 
 
 @dataclass
@@ -55,6 +69,8 @@ class TrainConfig:
     iwae_k: int = 1000
     eval_images: int = 1000
     grad_clip: float = 0.0
+    classifier: str | None = None  # features.pt of training.features: sample-quality metrics at the end of a run
+    quality_samples: int = 10_000  # samples scored for the Frechet distance and the class statistics
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:

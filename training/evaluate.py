@@ -1,8 +1,11 @@
-"""Test-set evaluation: ELBO and its terms, and the importance-weighted log-likelihood bound (IWAE).
+"""Test-set evaluation: ELBO and its terms, the importance-weighted log-likelihood bound (IWAE), and
+sample quality judged by the project's classifier (`training.quality`).
 
-`python -m training.evaluate --checkpoint DIR/best.pt --k 1000 --images 1000` scores any checkpoint.
-Bernoulli models are scored on test images binarized once with a fixed seed, so figures from
-different runs are comparable.
+`python -m training.evaluate --checkpoint DIR/best.pt --k 1000 --images 1000 [--classifier F.pt]`
+scores any checkpoint. Bernoulli models are scored on test images binarized once with a fixed seed,
+so figures from different runs are comparable. Under a flow prior, the KL is the Monte Carlo estimate
+log q(z|x) - log p(z) and the IWAE weights use the flow's log p(z). An autoencoder has no density:
+it gets its reconstruction loss, no ELBO and no NLL.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from typing import Any
 import torch
 
 from training.checkpoint import load_model
-from training.data import fixed_binarization, load_dataset
-from training.losses import iwae_bound, kl_divergence, reconstruction_nll
+from training.data import Dataset, fixed_binarization, load_dataset
+from training.features import load_feature_net
+from training.losses import iwae_bound, kl_divergence, monte_carlo_kl, reconstruction_nll
 from training.model import VAE
+from training.quality import sample_quality
+
+AE_NOTE = "a deterministic autoencoder defines no density: no ELBO, KL or NLL, only its reconstruction loss"
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +45,25 @@ def prepare_eval_images(x: torch.Tensor, likelihood: str, n: int | None = None, 
 
 @torch.no_grad()
 def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Per-example reconstruction NLL, KL and ELBO (one z sample each), plus the posterior means."""
+    """Per-example reconstruction NLL, KL and ELBO (one z sample each), plus the posterior means.
+
+    KL is closed form under N(0, I), the one-sample estimate log q(z|x) - log p(z) under the flow
+    prior. An autoencoder gets only "recon" (decoded from its code) and "mu"."""
     cfg = model.cfg
     recon, kl, mus = [], [], []
     for xb in x.split(batch_size):
         mu, logvar = model.encode(xb)
-        params = model.decode(model.reparameterize(mu, logvar))
+        z = model.reparameterize(mu, logvar) if logvar is not None else mu
+        params = model.decode(z)
         recon.append(reconstruction_nll(params, xb, cfg.likelihood, cfg.gaussian_std))
-        kl.append(kl_divergence(mu, logvar))
+        if logvar is not None:
+            flow = cfg.prior == "flow"
+            kl.append(monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z)) if flow else kl_divergence(mu, logvar))
         mus.append(mu)
-    r, k = torch.cat(recon), torch.cat(kl)
+    r = torch.cat(recon)
+    if not kl:
+        return {"recon": r, "mu": torch.cat(mus)}
+    k = torch.cat(kl)
     return {"recon": r, "kl": k, "elbo": -(r + k), "mu": torch.cat(mus)}
 
 
@@ -58,8 +74,11 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 @torch.no_grad()
 def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10) -> torch.Tensor:
-    """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL)."""
+    """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL),
+    with the model's own prior density (N(0, I) or the flow)."""
     cfg = model.cfg
+    if not model.variational:
+        raise ValueError(AE_NOTE)
     gen = torch.Generator(device=x.device).manual_seed(seed)
 
     def decode_nll(z: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -68,7 +87,7 @@ def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int
     out = []
     for xb in x.split(batch_size):
         mu, logvar = model.encode(xb)
-        out.append(-iwae_bound(decode_nll, xb, mu, logvar, k, generator=gen))
+        out.append(-iwae_bound(decode_nll, xb, mu, logvar, k, generator=gen, prior_log_prob=model.prior_log_prob))
     return torch.cat(out)
 
 
@@ -77,8 +96,20 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
     torch.manual_seed(seed)
     started = time.perf_counter()
     terms = elbo_terms(model, x)
-    nll = iwae_nll(model, x, k, seed)
     c, h, w = model.cfg.image_shape
+    if not model.variational:
+        return {
+            "images": len(x),
+            "model": "ae",
+            "reconstruction": terms["recon"].mean().item(),
+            "elbo": None,
+            "kl": None,
+            "nll": None,
+            "note": AE_NOTE,
+            "active_units": active_units(terms["mu"]),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    nll = iwae_nll(model, x, k, seed)
     return {
         "images": len(x),
         "iwae_k": k,
@@ -92,11 +123,57 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
     }
 
 
-def evaluate_checkpoint(path: Path, k: int, images: int | None, data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_quality(
+    model: VAE, data: Dataset, classifier: str | Path, n: int = 10_000, seed: int = 0
+) -> dict[str, Any]:
+    """Sample quality (`training.quality.sample_quality`) on the whole test set, with the classifier
+    read from `classifier` (a features.pt); `seed` draws the samples. The model encodes the test
+    images as it is scored on them: binarized once with seed 0 for Bernoulli models."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    net = load_feature_net(classifier, device)
+    test = data.test.images
+    inputs = prepare_eval_images(test, model.cfg.likelihood)
+    labels, train = data.test.labels, data.train.images
+    result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed)
+    return {"classifier": str(classifier), **result, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def evaluate_checkpoint(
+    path: Path, k: int, images: int | None, data_dir: str | None = None, classifier: str | None = None,
+    quality_samples: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Scores of a checkpoint; quality figures with `classifier`, or the one its run was trained with."""
     model, cfg, _ = load_model(path)
-    data = load_dataset(cfg.dataset, Path(data_dir or cfg.data_dir) if (data_dir or cfg.data_dir) else None, seed=cfg.seed)
+    folder = data_dir or cfg.data_dir
+    data = load_dataset(cfg.dataset, Path(folder) if folder else None, seed=cfg.seed)
     x = prepare_eval_images(data.test.images, cfg.model.likelihood, images)
-    return evaluate(model, x, k)
+    result = evaluate(model, x, k)
+    classifier = classifier or cfg.classifier
+    if classifier:
+        result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples)
+    return result
+
+
+def quality_lines(quality: dict[str, Any]) -> list[str]:
+    """The sample-quality figures as a few readable lines."""
+    q = quality
+    lines = [
+        f"classifier {q['classifier']}: accuracy {q['classifier_accuracy']:.3f} on the {q['test_images']} test "
+        f"images ({q['classifier_accuracy_on_model_inputs']:.3f} on the model's inputs)",
+        f"reconstruction accuracy {q['reconstruction_accuracy']:.3f} (reconstructions labelled as the input's class)",
+        f"FD of real training images vs test: {quality['fd_train_vs_test']:.2f} "
+        f"({quality['fd_train_vs_test_n']} images; the floor; FD is this project's classifier, not FID)",
+    ]
+    sources = {"samples": "samples, z from the prior", "samples_fitted": "samples, z from the fitted Gaussian"}
+    for key, what in sources.items():
+        if key in quality:
+            s = quality[key]
+            lines.append(
+                f"{what}: n {s['n']}, FD {s['fd']:.2f}, mean top-class probability {s['mean_top_probability']:.3f}, "
+                f"class entropy {s['class_entropy_nats']:.3f} nats (max {s['class_entropy_max_nats']:.3f})"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,12 +182,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=1000, help="importance samples per image")
     parser.add_argument("--images", type=int, default=1000, help="test images, a seeded draw (0: all)")
     parser.add_argument("--data-dir", help="overrides the data directory stored in the checkpoint")
+    parser.add_argument("--classifier", help="features.pt for the sample-quality figures (default: the run's own)")
+    parser.add_argument("--samples", type=int, help="samples scored for sample quality (default: the run's, 10000)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = evaluate_checkpoint(args.checkpoint, args.k, args.images or None, args.data_dir)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.k, args.images or None, args.data_dir, args.classifier, args.samples
+    )
     text = json.dumps(result, indent=2)
     print(text)
+    if "quality" in result:
+        for line in quality_lines(result["quality"]):
+            log.info("%s", line)
     if args.out:
         args.out.write_text(text + "\n")
 

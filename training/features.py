@@ -1,7 +1,9 @@
 """A small classifier CNN whose middle-layer activations serve as a perceptual reconstruction loss.
 
 No pretrained network can be downloaded here, so the project trains its own on the same data:
-`python -m training.features --dataset digits --epochs 5 --out DIR` writes DIR/features.pt.
+`python -m training.features --dataset digits --out DIR` writes DIR/features.pt. The same network
+is the judge of sample quality (`training.quality`): its penultimate activations for the Frechet
+distance, its class probabilities for the class statistics.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from torch import nn
 from training.data import load_dataset
 
 log = logging.getLogger(__name__)
+
+# (epochs, batch size) by dataset: the 1,200 training digits need many more, smaller steps than
+# MNIST's 54,000 images to train the classifier well (30 epochs of 32: 98% test accuracy; 5 of 128: 87%).
+SCHEDULES = {"digits": (30, 32)}
+DEFAULT_SCHEDULE = (5, 128)
 
 
 class FeatureNet(nn.Module):
@@ -40,6 +47,15 @@ class FeatureNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.front(x)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer: the pooled activations the class logits are read from, [N, 2 * width]."""
+        return self.back[:-1](self.front(x))
+
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate activations and class logits in one pass."""
+        h = self.embed(x)
+        return h, self.back[-1](h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.back(self.front(x))
 
@@ -62,8 +78,13 @@ def load_feature_net(path: str | Path, device: torch.device | str = "cpu") -> Fe
 
 
 def train_feature_net(
-    dataset: str, out: Path, epochs: int = 5, data_dir: str | None = None, seed: int = 0, width: int = 32
-) -> dict[str, float]:
+    dataset: str, out: Path, epochs: int | None = None, data_dir: str | None = None, seed: int = 0, width: int = 32,
+    batch_size: int | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Train the classifier; epochs and batch size default to the dataset's schedule (`SCHEDULES`)."""
+    default_epochs, default_batch = SCHEDULES.get(dataset, DEFAULT_SCHEDULE)
+    epochs = default_epochs if epochs is None else epochs
+    batch_size = default_batch if batch_size is None else batch_size
     torch.manual_seed(seed)
     data = load_dataset(dataset, Path(data_dir) if data_dir else None, seed=seed)
     classes = int(data.train.labels.max()) + 1
@@ -72,7 +93,7 @@ def train_feature_net(
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         net.train()
-        for idx in torch.randperm(len(data.train), generator=gen).split(128):
+        for idx in torch.randperm(len(data.train), generator=gen).split(batch_size):
             loss = F.cross_entropy(net(data.train.images[idx]), data.train.labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -82,7 +103,10 @@ def train_feature_net(
             accuracy = (net(data.test.images).argmax(1) == data.test.labels).float().mean().item()
         log.info("feature net epoch %d: test accuracy %.4f", epoch + 1, accuracy)
     out.mkdir(parents=True, exist_ok=True)
-    state = {"image_shape": list(data.image_shape), "classes": classes, "width": width, "model": net.state_dict()}
+    state = {
+        "image_shape": list(data.image_shape), "classes": classes, "width": width, "model": net.state_dict(),
+        "dataset": dataset, "test_accuracy": accuracy,
+    }  # fmt: skip
     torch.save(state, out / "features.pt")
     return {"test_accuracy": accuracy}
 
@@ -91,13 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, help="default: 30 for digits, 5 otherwise")
+    parser.add_argument("--batch-size", type=int, help="default: 32 for digits, 128 otherwise")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = train_feature_net(args.dataset, args.out, args.epochs, args.data_dir, args.seed, args.width)
+    result = train_feature_net(
+        args.dataset, args.out, args.epochs, args.data_dir, args.seed, args.width, args.batch_size
+    )
     print(f"wrote {args.out / 'features.pt'} (test accuracy {result['test_accuracy']:.4f})")
 
 

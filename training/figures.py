@@ -1,5 +1,6 @@
 """The pictures a person looks at to judge a VAE: samples, reconstructions, interpolations,
-latent traversals and the loss curves, written as PNG files."""
+latent traversals and the loss curves, written as PNG files. An autoencoder gets the same, its
+samples.png decoded from z ~ N(0, I), plus samples_fitted.png from the Gaussian fitted to its codes."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str,
         paths.append(out / name)
 
     save(image_grid(model.sample(64, generator=gen), cols=8), "samples.png")
+    if model.cfg.kind == "ae":
+        fitted = model.sample(64, generator=torch.Generator().manual_seed(seed), source="fitted")
+        save(image_grid(fitted, cols=8), "samples_fitted.png")
 
     x = test_images[:32]
     mu, _ = model.encode(x)
@@ -99,8 +103,11 @@ def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("neg_elbo", "recon", "kl"), ("-ELBO (nats)", "reconstruction (nats)", "KL (nats)")):
+    titles = {"neg_elbo": "-ELBO (nats)", "recon": "reconstruction (nats)", "kl": "KL (nats)"}
+    panels = [(k, t) for k, t in titles.items() if history and k in history[0]["train"]]  # an autoencoder: recon only
+    fig, axes = plt.subplots(1, len(panels), figsize=(13 * len(panels) / 3, 3.6), squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels):
         ax.plot(epochs, [h["train"][key] for h in history], label="train")
         ax.plot(epochs, [h["val"][key] for h in history], label="validation")
         ax.set_title(title)

@@ -36,6 +36,19 @@ def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> to
     return torch.clamp(per_dim, min=free_bits).sum()
 
 
+def monte_carlo_kl(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """log q(z|x) - log p(z) at the reparameterized z: a one-sample, unbiased estimate of KL(q || p)
+    per example [N], for a prior with no closed-form KL (the flow). `log_prior` is log p(z) [N]."""
+    return gaussian_log_prob(z, mu, logvar) - log_prior
+
+
+def free_bits_total(kl: torch.Tensor, free_bits: float, latent_dim: int) -> torch.Tensor:
+    """Free bits for a KL that does not split by dimension: the batch mean of the per-example KL [N],
+    held at least `free_bits * latent_dim` nats (the same total floor as `free_bits_kl`, as one group).
+    Returns a scalar. Below the floor the KL term gets no gradient at all."""
+    return torch.clamp(kl.mean(), min=free_bits * latent_dim)
+
+
 def reconstruction_nll(params: torch.Tensor, x: torch.Tensor, likelihood: str, gaussian_std: float = 0.1) -> torch.Tensor:
     """-log p(x|z) per example: Bernoulli from logits (BCE), or Gaussian with fixed std (scaled MSE)."""
     if likelihood == "bernoulli":
@@ -63,11 +76,13 @@ def iwae_bound(
     k: int,
     chunk: int = 100,
     generator: torch.Generator | None = None,
+    prior_log_prob: Callable[[torch.Tensor], torch.Tensor] = standard_normal_log_prob,
 ) -> torch.Tensor:
     """log p(x) >= log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x) (Burda et al.): [N].
 
-    `decode_nll(z, x)` gives -log p(x|z) for z [M, D] and x [M, ...]. Samples are drawn in chunks of
-    `chunk` per image to bound memory; the log-weights are combined with one logsumexp at the end.
+    `decode_nll(z, x)` gives -log p(x|z) for z [M, D] and x [M, ...]; `prior_log_prob(z)` gives
+    log p(z) over the last dimension (N(0, I) unless a learned prior is passed). Samples are drawn in
+    chunks of `chunk` per image to bound memory; the log-weights are combined with one logsumexp.
     """
     n, d = mu.shape
     log_w = []
@@ -77,5 +92,5 @@ def iwae_bound(
         z = mu.unsqueeze(1) + eps * torch.exp(0.5 * logvar).unsqueeze(1)
         xs = x.unsqueeze(1).expand(n, m, *x.shape[1:]).reshape(n * m, *x.shape[1:])
         log_px_z = -decode_nll(z.reshape(n * m, d), xs).view(n, m)
-        log_w.append(log_px_z + standard_normal_log_prob(z) - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1)))
+        log_w.append(log_px_z + prior_log_prob(z) - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1)))
     return torch.logsumexp(torch.cat(log_w, dim=1), dim=1) - math.log(k)

@@ -2,6 +2,12 @@
 
 Built from the image shape, so 8x8, 28x28 and 3-channel images all work: each encoder stage halves
 the spatial size (rounding up) and the decoder's transposed convolutions undo exactly those sizes.
+
+The same class holds the two variants the config names: a flow prior (`prior="flow"`, the
+`training.flow.FlowPrior` as the submodule `flow`) in place of N(0, I), and the deterministic
+autoencoder baseline (`kind="ae"`: the encoder gives only the code mu, `encode` returns logvar None,
+and the buffers `code_mean`, `code_scale_tril` hold a Gaussian fitted to its training codes).
+A standard-prior VAE has neither, so its state dict is what it always was.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
+from training.flow import FlowPrior
+from training.losses import standard_normal_log_prob
 
 
 class ResBlock(nn.Module):
@@ -33,7 +41,7 @@ def stage_sizes(height: int, width: int, stages: int) -> list[tuple[int, int]]:
 
 
 class Encoder(nn.Module):
-    """x [N, C, H, W] in [0, 1] -> mu, logvar [N, D]."""
+    """x [N, C, H, W] in [0, 1] -> mu, logvar [N, D]; for an autoencoder mu alone (logvar None)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -47,10 +55,14 @@ class Encoder(nn.Module):
         fh, fw = stage_sizes(h, w, len(cfg.widths))[-1]
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.hidden = nn.Sequential(nn.Linear(in_ch * fh * fw, cfg.hidden), nn.SiLU())
-        self.head = nn.Linear(cfg.hidden, 2 * cfg.latent_dim)
+        self.variational = cfg.kind == "vae"
+        self.head = nn.Linear(cfg.hidden, (2 if self.variational else 1) * cfg.latent_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.head(self.hidden(self.features(x))).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.head(self.hidden(self.features(x)))
+        if not self.variational:
+            return out, None
+        mu, logvar = out.chunk(2, dim=-1)
         return mu, logvar
 
 
@@ -90,9 +102,39 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        if cfg.prior == "flow":
+            self.flow = FlowPrior(cfg.latent_dim, cfg.flow_layers, cfg.flow_hidden)
+        if cfg.kind == "ae":
+            self.register_buffer("code_mean", torch.zeros(cfg.latent_dim))
+            self.register_buffer("code_scale_tril", torch.eye(cfg.latent_dim))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def variational(self) -> bool:
+        return self.cfg.kind == "vae"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """mu and logvar of q(z|x); an autoencoder's code and None."""
         return self.encoder(x)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) summed over the last dimension: N(0, I), or the flow's change of variables."""
+        if self.cfg.prior == "flow":
+            return self.flow.log_prob(z)
+        return standard_normal_log_prob(z)
+
+    def prior_z(self, eps: torch.Tensor) -> torch.Tensor:
+        """The latent for base noise eps: eps itself under N(0, I), f(eps) under the flow prior."""
+        return self.flow(eps) if self.cfg.prior == "flow" else eps
+
+    @torch.no_grad()
+    def fit_code_gaussian(self, codes: torch.Tensor, jitter: float = 1e-4) -> None:
+        """An autoencoder's ex-post density: the mean and full covariance of its codes [N, D]."""
+        mean = codes.mean(dim=0)
+        centred = codes - mean
+        cov = centred.T @ centred / max(len(codes) - 1, 1)
+        eye = torch.eye(len(mean), dtype=cov.dtype, device=cov.device)
+        self.code_mean.copy_(mean)
+        self.code_scale_tril.copy_(torch.linalg.cholesky(cov + jitter * cov.diagonal().mean().clamp_min(1e-8) * eye))
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,13 +156,33 @@ class VAE(nn.Module):
         mean = self.likelihood_mean(params)
         return mean if self.cfg.likelihood == "bernoulli" else mean.clamp(0.0, 1.0)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Decoder output, mu, logvar: z = mu + eps * sigma for a VAE, z = mu for an autoencoder."""
         mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        z = self.reparameterize(mu, logvar) if logvar is not None else mu
+        return self.decode(z), mu, logvar
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images decoded from z ~ N(0, temperature^2 I): the encoder is not needed to generate."""
+    def sample_z(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
+    ) -> torch.Tensor:
+        """Latents to decode: eps ~ N(0, temperature^2 I) mapped through the prior (N(0, I) or the flow);
+        `source="fitted"` (autoencoders) maps eps through the Gaussian fitted to the training codes."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator) * temperature  # CPU draw: same z on any device
-        return self.mean_image(self.decode(z.to(device)))
+        eps = torch.randn(n, self.cfg.latent_dim, generator=generator) * temperature  # CPU draw: same z on any device
+        eps = eps.to(device)
+        if source == "fitted":
+            if self.cfg.kind != "ae":
+                raise ValueError("only an autoencoder has a fitted code Gaussian")
+            return self.code_mean + eps @ self.code_scale_tril.T
+        if source != "prior":
+            raise ValueError(f"source must be prior or fitted, got {source!r}")
+        return self.prior_z(eps)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
+    ) -> torch.Tensor:
+        """Images decoded from z = f(eps), eps ~ N(0, temperature^2 I) (f the identity under the standard
+        prior): the encoder is not needed to generate. See `sample_z` for `source`."""
+        return self.mean_image(self.decode(self.sample_z(n, temperature, generator, source)))

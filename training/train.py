@@ -1,4 +1,5 @@
-"""The training loop: negative ELBO with beta, KL warm-up and free bits; best and last checkpoints.
+"""The training loop: negative ELBO with beta, KL warm-up and free bits (or, for the autoencoder
+baseline, the reconstruction alone); best and last checkpoints.
 
 Everything random draws from generators seeded by the config, and their states are saved in the
 last checkpoint, so the same seed gives the same run and `--resume` continues it exactly.
@@ -19,10 +20,10 @@ from tqdm import tqdm
 from training import checkpoint
 from training.config import TrainConfig, to_dict
 from training.data import Dataset, binarize, load_dataset
-from training.evaluate import active_units, elbo_terms, evaluate, prepare_eval_images
+from training.evaluate import active_units, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
-from training.losses import free_bits_kl, kl_divergence, reconstruction_nll
+from training.losses import free_bits_kl, free_bits_total, kl_divergence, monte_carlo_kl, reconstruction_nll
 from training.model import VAE
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,17 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
 def objective(
     model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss to minimise and the true (unweighted) per-example terms for logging."""
+    """The loss to minimise and the true (unweighted) per-example terms for logging.
+
+    The KL term: closed form against N(0, I) with free bits per dimension; under the flow prior the
+    one-sample Monte Carlo estimate log q(z|x) - log p(z) at the reparameterized z, with free bits as
+    one floor of free_bits * latent_dim nats on its batch mean (a flow's KL has no per-dimension
+    split). An autoencoder has no KL term: its loss is the reconstruction alone."""
     mcfg = model.cfg
-    params, mu, logvar = model(x)
+    mu, logvar = model.encode(x)
+    z = model.reparameterize(mu, logvar) if logvar is not None else mu
+    params = model.decode(z)
     pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
-    kl = kl_divergence(mu, logvar)
     recon_term = torch.zeros((), device=x.device)
     if cfg.reconstruction in ("pixel", "both"):
         recon_term = recon_term + pixel.mean()
@@ -64,7 +71,14 @@ def objective(
         # for every pixel outside the range, and with features alone nothing would pull it back.
         x_hat = model.likelihood_mean(params)
         recon_term = recon_term + cfg.feature_weight * feature_distance(feature_net, x, x_hat).mean()
-    kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl.mean()
+    if logvar is None:
+        return recon_term, {"loss": recon_term.item(), "recon": pixel.mean().item()}
+    if mcfg.prior == "flow":
+        kl = monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z))
+        kl_term = free_bits_total(kl, cfg.free_bits, mcfg.latent_dim) if cfg.free_bits > 0 else kl.mean()
+    else:
+        kl = kl_divergence(mu, logvar)
+        kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl.mean()
     loss = recon_term + beta * kl_term
     stats = {"loss": loss.item(), "recon": pixel.mean().item(), "kl": kl.mean().item()}
     return loss, stats
@@ -113,7 +127,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, epoch)
         batches = torch.randperm(len(self.data.train), generator=self.data_gen).split(cfg.batch_size)
-        totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+        totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0} if model.variational else {"loss": 0.0, "recon": 0.0}
         seen = 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, idx in enumerate(bar):
@@ -133,8 +147,9 @@ class Trainer:
             seen += len(idx)
             bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
         avg = {k: v / seen for k, v in totals.items()}
-        avg["neg_elbo"] = avg["recon"] + avg["kl"]
-        avg["beta"] = beta
+        if model.variational:
+            avg["neg_elbo"] = avg["recon"] + avg["kl"]
+            avg["beta"] = beta
         return avg
 
     @torch.no_grad()
@@ -144,7 +159,10 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):  # the same noise every epoch; the training stream untouched
             torch.manual_seed(self.cfg.seed)
             terms = elbo_terms(self.model, self.val_x)
-        recon, kl = terms["recon"].mean().item(), terms["kl"].mean().item()
+        recon = terms["recon"].mean().item()
+        if "kl" not in terms:  # an autoencoder: reconstruction only
+            return {"recon": recon, "active_units": active_units(terms["mu"])}
+        kl = terms["kl"].mean().item()
         return {"neg_elbo": recon + kl, "recon": recon, "kl": kl, "active_units": active_units(terms["mu"])}
 
     def fit(self) -> list[dict[str, Any]]:
@@ -157,14 +175,22 @@ class Trainer:
             val = self.validate()
             record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": round(time.perf_counter() - started, 2)}
             self.history.append(record)
-            log.info(
-                "epoch %d/%d  train -elbo %.2f (recon %.2f, kl %.2f)  val -elbo %.2f (recon %.2f, kl %.2f)  "
-                "active units %d  %.1fs",
-                epoch + 1, self.cfg.epochs, train["neg_elbo"], train["recon"], train["kl"],
-                val["neg_elbo"], val["recon"], val["kl"], val["active_units"], record["seconds"],
-            )  # fmt: skip
-            if -val["neg_elbo"] > self.best_val:
-                self.best_val = -val["neg_elbo"]
+            if self.model.variational:
+                log.info(
+                    "epoch %d/%d  train -elbo %.2f (recon %.2f, kl %.2f)  val -elbo %.2f (recon %.2f, kl %.2f)  "
+                    "active units %d  %.1fs",
+                    epoch + 1, self.cfg.epochs, train["neg_elbo"], train["recon"], train["kl"],
+                    val["neg_elbo"], val["recon"], val["kl"], val["active_units"], record["seconds"],
+                )  # fmt: skip
+            else:
+                log.info(
+                    "epoch %d/%d  train recon %.2f  val recon %.2f  active units %d  %.1fs",
+                    epoch + 1, self.cfg.epochs, train["recon"], val["recon"], val["active_units"], record["seconds"],
+                )  # fmt: skip
+            # The best checkpoint: highest validation ELBO (an autoencoder: lowest reconstruction loss).
+            score = -val["neg_elbo"] if "neg_elbo" in val else -val["recon"]
+            if score > self.best_val:
+                self.best_val = score
                 checkpoint.save(self.out / "best.pt", self.model, self.cfg, epoch=epoch + 1)
             checkpoint.save(
                 self.out / "last.pt",
@@ -181,8 +207,20 @@ class Trainer:
         return self.history
 
 
+@torch.no_grad()
+def fit_autoencoder_codes(model: VAE, data: Dataset, batch_size: int = 1000) -> None:
+    """An autoencoder's ex-post Gaussian: mean and covariance of its codes for the training images
+    (prepared as for scoring: binarized once for Bernoulli models)."""
+    device = next(model.parameters()).device
+    x = prepare_eval_images(data.train.images, model.cfg.likelihood, seed=1)
+    codes = torch.cat([model.encode(xb.to(device))[0] for xb in x.split(batch_size)])
+    model.fit_code_gaussian(codes)
+
+
 def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
-    """Train, then evaluate the best checkpoint on the test set, write metrics.json and the figures."""
+    """Train, then evaluate the best checkpoint on the test set, write metrics.json and the figures.
+
+    An autoencoder's best checkpoint gets its fitted code Gaussian first (and is saved again with it)."""
     started = time.perf_counter()
     trainer = Trainer(cfg, out, data)
     if resume and (out / "last.pt").exists():
@@ -191,9 +229,18 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     train_seconds = sum(h["seconds"] for h in history)
 
     model, _, best = checkpoint.load_model(out / "best.pt", trainer.device)
+    if not model.variational:
+        fit_autoencoder_codes(model, trainer.data)
+        checkpoint.save(out / "best.pt", model, cfg, epoch=best["epoch"])
     test_x = prepare_eval_images(trainer.data.test.images, cfg.model.likelihood, cfg.eval_images).to(trainer.device)
     log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
     test = evaluate(model, test_x, cfg.iwae_k)
+    if cfg.classifier:
+        test["quality"] = evaluate_quality(model, trainer.data, cfg.classifier, cfg.quality_samples)
+        for line in quality_lines(test["quality"]):
+            log.info("%s", line)
+    else:
+        log.info("no --classifier: no sample-quality figures (train one with python -m training.features)")
     figures = write_figures(model, trainer.data.test.images.to(trainer.device), history, out, cfg.seed)
     metrics = {
         "config": to_dict(cfg),
@@ -205,8 +252,11 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         "figures": [p.name for p in figures],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info(
-        "test: -elbo %.2f nats, nll (iwae k=%d) %.2f nats, kl %.2f, active units %d",
-        -test["elbo"], cfg.iwae_k, test["nll"], test["kl"], test["active_units"],
-    )  # fmt: skip
+    if model.variational:
+        log.info(
+            "test: -elbo %.2f nats, nll (iwae k=%d) %.2f nats, kl %.2f, active units %d",
+            -test["elbo"], cfg.iwae_k, test["nll"], test["kl"], test["active_units"],
+        )  # fmt: skip
+    else:
+        log.info("test: reconstruction %.2f nats (an autoencoder: no NLL)", test["reconstruction"])
     return metrics
