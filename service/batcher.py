@@ -94,7 +94,7 @@ class QueueState:
     entries: deque = field(default_factory=deque)  # Queued, oldest first; abandoned ones stay until a decision passes
     rows: int = 0  # rows waiting: in entries, not yet taken, expired or withdrawn
     last_merged: bool = False  # the last batch held several requests or left rows waiting
-    last_shared: bool = False  # the last batch held several requests: more are likely on their way
+    last_shared: bool = False  # the last batch served a small request beside others: it is likely on its way back
     seconds_per_row: float = math.inf  # the last successful batch's time per row, a hop to the worker included
 
 
@@ -135,13 +135,14 @@ class BatchPolicy:
     larger ones split what is left evenly, the older ones taking the odd rows; with more requests
     waiting than `max_rows`, the oldest `max_rows` get one row each.
 
-    While requests come together, one takes at most `max_share_rows` rows of a batch (None:
-    `max_rows // 4`): a large request then goes in short batches, so a small request arriving behind
-    it waits for a short batch, not a full one. Together means several wait, or the last batch held
-    several: a caller answered by that batch is likely sending its next request while this one
-    computes, as the adaptive delay also assumes. This is the one case where a batch leaves short
-    while rows wait, by design; a request alone, in the queue and in the last batch, gets full
-    batches. `max_share_rows >= max_rows` leaves plain max-min fairness.
+    While small requests are about, one request takes at most `max_share_rows` rows of a batch
+    (None: `max_rows // 4`): a large request then goes in short batches, so a small request arriving
+    behind it waits for a short batch, not a full one. About means one waits now (it wants no more
+    rows than the cap, beside others), or the last batch served one beside others: a caller
+    answered by that batch is likely sending its next request while this one computes, as the
+    adaptive delay also assumes. This is the one case where a batch leaves short while rows wait,
+    by design; large requests among themselves, or one alone, get full batches.
+    `max_share_rows >= max_rows` leaves plain max-min fairness.
 
     merge=False turns batching off: one request per graph call (up to `max_rows` of its rows), oldest
     first, never waiting to fill. adaptive_delay=False makes every batch wait out `max_delay` to
@@ -233,16 +234,21 @@ class BatchPolicy:
         inline = lone and not left and rows * queue.seconds_per_row < self.inline_seconds
         return Take(scanned, list(zip(live, shares)), rows, expired or _NONE, left or not lone, inline)
 
+    @property
+    def share_cap(self) -> int:
+        return self.max_share_rows or max(1, self.max_rows // 4)
+
     def shares(self, wanted: Sequence[int], company: bool = False) -> list[int]:
         """Max-min fair shares of one batch among requests wanting these rows, oldest first; none
-        above `max_share_rows` while requests come together (several here, or `company`: the last
-        batch held several). With no more requests than `max_rows`, every share is at least one row
-        (the fair level never drops below one)."""
+        above `share_cap` while small requests are about (one here wants no more than the cap, beside
+        others, or `company`: the last batch served one). With no more requests than `max_rows`,
+        every share is at least one row (the fair level never drops below one)."""
         max_rows = self.max_rows
         if len(wanted) > max_rows:
             return [1] * max_rows + [0] * (len(wanted) - max_rows)
-        together = company or len(wanted) > 1
-        cap = (self.max_share_rows or max(1, max_rows // 4)) if together else max_rows
+        cap = self.share_cap
+        if not (company or (len(wanted) > 1 and min(wanted) <= cap)):
+            cap = max_rows
         shares = [min(w, cap) for w in wanted]
         room = max_rows
         if sum(shares) <= room:
@@ -477,7 +483,7 @@ class Batcher:
             if not batch:
                 continue
             queue.last_merged = decision.merged
-            queue.last_shared = len(batch) > 1
+            queue.last_shared = len(batch) > 1 and any(entry.n <= self.policy.share_cap for entry, _ in batch)
             if len(batch) == 1:
                 entry, k = batch[0]
                 x = entry.rows if k == entry.n else entry.rows[entry.taken - k : entry.taken]

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from service.api.vae.v1 import vae_pb2 as pb
 from service.batcher import BatchFailed, Closed, DeadlineExpired, QueueFull
 from service.engine import Engine, new_seed
+from service.manifest import RepositoryError
 from service.metrics import Metrics
 from service.models import LOADING, READY, UNAVAILABLE, UNLOADING, LoadFailed, ModelNotFound, Models, ModelUnavailable, Status
 from service.tensors import BadRequest, check_format, fill_images, from_array, images_to_array, to_array
@@ -49,6 +50,7 @@ ERRORS: dict[type[Exception], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     LoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    RepositoryError: grpc.StatusCode.FAILED_PRECONDITION,  # model control on a repository that cannot be read
 }
 
 
@@ -175,8 +177,9 @@ class Call:
             if engine is not None:
                 engine.active_calls -= 1
             self.servicer.in_flight -= 1
-            model = engine.spec.name if engine is not None else ""  # never a name a client made up: no label flood
-            self.servicer.metrics.answered(self.name, code.name, model, time.perf_counter() - self.started)
+            # Never a name or version a client made up: those would flood the metrics with series.
+            model, version = (engine.spec.name, str(engine.spec.version)) if engine is not None else ("", "")
+            self.servicer.metrics.answered(self.name, code.name, model, version, time.perf_counter() - self.started)
 
 
 def _answered_by(response: R, engine: Engine) -> R:
@@ -214,13 +217,16 @@ def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
             if self.draining:
                 raise Closed("the server is shutting down")
             return await handler(self, request, context)
+        except asyncio.CancelledError:  # the caller went away; the work it started goes on (shielded)
+            code = _cancelled_code(context)
+            raise
         except Exception as err:  # noqa: BLE001 - every error becomes a status code
             code = _status(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("%s failed: %s", name, err, exc_info=True)
             await context.abort(code, str(err)[:1000])
         finally:
-            self.metrics.answered(self.rpc_prefix + name, code.name, "", time.perf_counter() - started)
+            self.metrics.answered(self.rpc_prefix + name, code.name, "", "", time.perf_counter() - started)
 
     return wrapped
 

@@ -19,10 +19,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "vae_requests", "RPCs answered, by method, status code and model", ["rpc", "code", "model"], registry=r
-        )
+            "vae_requests", "RPCs answered, by method, status code, model and version ('' before one is chosen)",
+            ["rpc", "code", "model", "version"], registry=r,
+        )  # fmt: skip
         self.latency = Histogram(
-            "vae_request_duration_seconds", "Time from receiving an RPC to answering it", ["rpc", "model"],
+            "vae_request_duration_seconds", "Time from receiving an RPC to answering it", ["rpc", "model", "version"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         per_graph = ["model", "version", "graph"]
@@ -52,18 +53,19 @@ class Metrics:
             "vae_model_state", "1 for each model version's current state (READY, LOADING, UNLOADING, UNAVAILABLE)",
             ["model", "version", "state"], registry=r,
         )  # fmt: skip
-        self._answered: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._answered: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._states: dict[tuple[str, str], str] = {}
         self._info_labels: dict[tuple[str, str], tuple[str, str, str]] = {}
 
-    def answered(self, rpc: str, code: str, model: str, seconds: float) -> None:
+    def answered(self, rpc: str, code: str, model: str, version: str, seconds: float) -> None:
         """Count and time one RPC. Runs on every call, so the label children are looked up once."""
-        key = (rpc, code, model)
+        key = (rpc, code, model, version)
         children = self._answered.get(key)
         if children is None:
             children = self._answered[key] = (
-                self.requests.labels(rpc=rpc, code=code, model=model), self.latency.labels(rpc=rpc, model=model)
-            )  # fmt: skip
+                self.requests.labels(rpc=rpc, code=code, model=model, version=version),
+                self.latency.labels(rpc=rpc, model=model, version=version),
+            )
         children[0].inc()
         children[1].observe(seconds)
 

@@ -46,6 +46,10 @@ class LoadFailed(RuntimeError):
     """LoadModel could not bring the model to READY; the message holds the reason (FAILED_PRECONDITION)."""
 
 
+class ShuttingDown(Exception):
+    """The server began to shut down during a load: the pass stops."""
+
+
 @dataclass(eq=False)
 class Version:
     name: str
@@ -75,7 +79,7 @@ class Models:
     metrics: Metrics
     policy: VersionPolicy = VersionPolicy()
     only: set[str] | None = None  # --models: serve these (LoadModel adds to it); None: all
-    default_name: str | None = None  # --default-model; None: the only model, if there is one
+    default_name: str | None = None  # --default-model, or the only model at start (Server.load_models)
     check: Callable[[ModelSpec], None] = lambda spec: None  # raises ConfigError for a version the server cannot serve
     table: dict[str, dict[int, Version]] = field(default_factory=dict)
     routes: dict[tuple[str, int], Engine] = field(default_factory=dict)
@@ -86,6 +90,7 @@ class Models:
     def __post_init__(self) -> None:
         self._lock = asyncio.Lock()
         self._refusals: list[str] = []
+        self._serving_errors: dict[str, str] = {}  # model -> the serving.json error last reported
 
     # The data path: one lookup.
 
@@ -98,9 +103,16 @@ class Models:
 
     @property
     def default(self) -> str | None:
-        if self.default_name is not None:
-            return self.default_name
-        return next(iter(self.table)) if len(self.table) == 1 else None
+        """--default-model, or the only model at start (fixed then: a second model copied in later
+        must not take the empty name's calls away from the first)."""
+        return self.default_name
+
+    def settle_default(self) -> str | None:
+        """At start: with no --default-model, the only model is the default, for good."""
+        if self.default_name is None and len(self.table) == 1:
+            self.default_name = next(iter(self.table))
+            self._route()
+        return self.default_name
 
     def _missing(self, name: str, version: int) -> Exception:
         names = ", ".join(self.table) or "none"
@@ -151,25 +163,44 @@ class Models:
 
     # Keeping it in line with the repository.
 
-    async def sync(self, force: str | None = None) -> list[str]:
+    async def sync(self, force: str | None = None, model: str | None = None) -> list[str]:
         """Load, swap and unload until what is served matches the repository, the policies and model
-        control. `force` names a model whose refused versions are tried again even if unchanged.
-        Returns what this pass refused, one line each."""
+        control (for every model, or only `model`). `force` names a model whose refused versions are
+        tried again even if unchanged. Returns what this pass refused, one line each.
+
+        The pass runs as a task of its own, shielded: a caller that goes away (an RPC's deadline, the
+        watcher cancelled at shutdown) never cuts a load in half, which would leave sessions that
+        nothing closes and a version stuck LOADING."""
+        return await asyncio.shield(asyncio.ensure_future(self._locked(force, model)))
+
+    async def _locked(self, force: str | None, model: str | None) -> list[str]:
         async with self._lock:
-            self._refusals: list[str] = []
-            await self._sync(force)
+            self._refusals = []
+            try:
+                await self._sync(force, model)
+            except ShuttingDown:
+                pass
             return self._refusals
 
-    async def _sync(self, force: str | None) -> None:
+    async def _sync(self, force: str | None, model: str | None) -> None:
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(None, scan, self.repo)
         if self.only is not None:
             found = {name: versions for name, versions in found.items() if name in self.only}
-        for name in [name for name in self.table if name not in found]:
+        if model is not None:
+            found = {name: versions for name, versions in found.items() if name == model}
+        names = [model] if model is not None else list(self.table)
+        for name in [name for name in names if name in self.table and name not in found]:
             for entry in list(self.table[name].values()):
                 self._forget(entry, "its model folder left the repository")
         for name, versions in found.items():
-            await self._sync_model(name, versions, force == name)
+            try:
+                await self._sync_model(name, versions, force == name)
+            except ShuttingDown:
+                raise
+            except Exception as err:  # noqa: BLE001 - one model's files must not stop the others' updates
+                log.exception("model %s: update failed", name)
+                self._refusals.append(f"{name}: {err!r}")
         self._route()
 
     async def _sync_model(self, name: str, versions: list[int], forced: bool) -> None:
@@ -179,18 +210,13 @@ class Models:
             if number not in entries:
                 entries[number] = Version(name, number)
                 self._set(entries[number], UNAVAILABLE, "not loaded yet")
-        for number in [n for n in entries if n not in versions]:
-            self._forget(entries[number], "its folder left the repository")
         try:
             serving = await loop.run_in_executor(None, read_serving_config, self.repo / name)
             settings = self._settings(serving)
         except (RepositoryError, ConfigError) as err:
-            for entry in entries.values():
-                if entry.engine is None and entry.state != UNLOADING:
-                    self._set(entry, UNAVAILABLE, f"refused: {err}")
-            log.error("model %s: %s; its loaded versions keep their settings", name, err)
-            self._refusals.append(f"{name}: {err}")
+            self._serving_refused(name, entries, str(err))
             return
+        self._serving_errors.pop(name, None)
         policy = serving.version_policy or self.policy
         wanted: set[int] = set()
         if (name, 0) not in self.unloaded:
@@ -200,22 +226,25 @@ class Models:
                 if entry.refused is not None and not forced:
                     now = await loop.run_in_executor(None, version_state, self.repo, name, number)
                     if now == entry.refused:
-                        continue  # refused and unchanged since: not tried again
+                        continue  # refused and unchanged since: not tried again, pinned or not
                 entry.refused = None
-                if (name, number) not in self.unloaded:
-                    candidates.append(number)
-            pinned = {number for (model, number) in self.pinned if model == name and number in entries}
+                candidates.append(number)
+            pinned = {number for (model, number) in self.pinned if model == name and number in candidates}
+            candidates = [n for n in candidates if (name, n) not in self.unloaded]
             while True:  # a refused version drops out, and the policy picks among the rest
                 wanted = set(policy.select(candidates)) | pinned
                 todo = sorted((n for n in wanted if self._needs_load(entries[n], settings, forced)), reverse=True)
-                results = [await self._load(entries[n], settings, serving) for n in todo]
-                refused = [n for n, ok in zip(todo, results) if not ok]
+                refused = [n for n in todo if not await self._load(entries[n], settings, serving)]
                 if not refused:
                     break
                 candidates = [n for n in candidates if n not in refused]
                 pinned -= set(refused)
+        # Only now, with their replacements serving, do versions leave: a removed newest version
+        # (a rollback) keeps its calls until the older one is loaded.
+        for number in [n for n in entries if n not in versions]:
+            self._forget(entries[number], "its folder left the repository")
         for number, entry in entries.items():
-            if number in wanted:
+            if number in wanted or number not in versions:
                 continue
             why = (
                 "unloaded by UnloadModel" if (name, 0) in self.unloaded or (name, number) in self.unloaded
@@ -225,6 +254,18 @@ class Models:
                 self._unload(entry, why)
             elif entry.refused is None and entry.state == UNAVAILABLE:
                 self._set(entry, UNAVAILABLE, why)
+
+    def _serving_refused(self, name: str, entries: dict[int, Version], error: str) -> None:
+        """serving.json is broken: versions not loaded say why; loaded ones keep their settings.
+        Logged and counted once per error, not on every poll."""
+        for entry in entries.values():
+            if entry.engine is None and entry.state == UNAVAILABLE:
+                self._set(entry, UNAVAILABLE, f"refused: {error}")
+        self._refusals.append(f"{name}: {error}")
+        if self._serving_errors.get(name) != error:
+            self._serving_errors[name] = error
+            self.metrics.reloads.labels(result="refused", model=name).inc()
+            log.error("model %s: %s; its loaded versions keep their settings", name, error)
 
     @staticmethod
     def _needs_load(entry: Version, settings: BatchSettings, forced: bool) -> bool:
@@ -249,27 +290,32 @@ class Models:
         return settings
 
     async def _load(self, entry: Version, settings: BatchSettings, serving: ServingConfig) -> bool:
-        """Load one version beside whatever serves, warm and check it, then route to it. False if refused."""
+        """Load one version beside whatever serves, warm and check it, then route to it. False if it
+        was refused and does not serve; a failed reload (new settings) leaves the old engine serving."""
         loop = asyncio.get_running_loop()
         name, number = entry.name, entry.version
         replaced = self._newest_ready(name)
         seen = await loop.run_in_executor(None, version_state, self.repo, name, number)  # before loading: a file
         started = time.perf_counter()  # that changes meanwhile is seen as a change, and tried again
-        if entry.engine is None:
+        reload = entry.engine is not None
+        if not reload:
             self._set(entry, LOADING, "loading and warming up")
         try:
             spec = await loop.run_in_executor(None, read_manifest, self.repo / name / str(number))
             spec = dataclasses.replace(spec, name=name)  # the folder names the model, whatever model.json says
-            if replaced is not None and replaced.engine is not None and replaced is not entry:
-                self._check_interface(spec, replaced.engine.spec, serving)
+            reference = await loop.run_in_executor(None, self._interface_reference, entry, replaced)
+            if reference is not None:
+                self._check_interface(spec, reference, serving)
             self.check(spec)
             engine = await loop.run_in_executor(None, load_engine, spec, self.options, settings, self.limits, self.metrics)
-        except (RepositoryError, ModelLoadError, ConfigError) as err:
-            entry.refused = seen
+        except (RepositoryError, ModelLoadError, ConfigError, TypeError, ValueError, KeyError, AttributeError) as err:
             self._refusals.append(f"{name} v{number}: {err}")
             self.metrics.reloads.labels(result="refused", model=name).inc()
-            if entry.engine is None:
-                self._set(entry, UNAVAILABLE, f"refused: {err}")
+            if reload:
+                log.error("model %s v%d: reload with new settings refused, still serving as it was: %s", name, number, err)
+                return True
+            entry.refused = seen
+            self._set(entry, UNAVAILABLE, f"refused: {err}")
             if replaced is not None:
                 log.error("model update refused, still serving v%d of %s: %s", replaced.version, name, err)
             else:
@@ -277,7 +323,7 @@ class Models:
             return False
         if self.closed:  # shutting down meanwhile: never start what the drain will not close
             await engine.close()
-            return False
+            raise ShuttingDown
         engine.start()
         old, entry.engine, entry.settings = entry.engine, engine, settings
         self._set(entry, READY)
@@ -293,6 +339,19 @@ class Models:
             self.metrics.reloads.labels(result="loaded", model=name).inc()
             log.info("model loaded: %s v%d (loaded and warmed in %.2fs)", name, number, seconds)
         return True
+
+    def _interface_reference(self, entry: Version, replaced: Version | None) -> ModelSpec | None:
+        """What a new version must keep: the version it replaces (the newest serving), or when none
+        serves (a restart, a model unloaded), the next older version in the repository, so a
+        restart cannot slip another interface under a model's name either."""
+        if replaced is not None and replaced is not entry and replaced.engine is not None:
+            return replaced.engine.spec
+        for number in sorted((n for n in self.table.get(entry.name, {}) if n < entry.version), reverse=True):
+            try:
+                return read_manifest(self.repo / entry.name / str(number), verify=False)
+            except RepositoryError:
+                continue  # unreadable or broken: the next older one
+        return None
 
     def _newest_ready(self, name: str) -> Version | None:
         ready = [v for v in self.table.get(name, {}).values() if v.state == READY and v.engine is not None]
@@ -319,10 +378,11 @@ class Models:
             self._retire_later(entry, engine, reason)
 
     def _forget(self, entry: Version, reason: str) -> None:
-        """Its folder is gone: unload it if loaded, then drop it from the table."""
+        """Its folder is gone: unload it if loaded, then drop it from the table; one still draining
+        stays (UNAVAILABLE to its callers) until its retirement drops it."""
         if entry.engine is not None:
             self._unload(entry, reason)
-        else:
+        elif entry.state != UNLOADING:
             self._drop(entry)
 
     def _drop(self, entry: Version) -> None:
@@ -345,13 +405,13 @@ class Models:
             finally:
                 await engine.close()
             log.info("retired v%d of %s", entry.version, entry.name)
-            if reason is None or entry.engine is not None:
-                return  # replaced by a reload of itself, or loaded again meanwhile
+            current = self.table.get(entry.name, {}).get(entry.version) is entry
+            if reason is None or not current or entry.engine is not None or entry.state != UNLOADING:
+                return  # replaced by a reload of itself, loaded again meanwhile, or no longer in the table
             for graph in ("encoder", "decoder"):
                 self.metrics.forget_graph(entry.name, entry.version, graph)
-            if entry.state != UNLOADING:
-                return  # a load of it began meanwhile
-            if (self.repo / entry.name / str(entry.version)).is_dir() and (self.only is None or entry.name in self.only):
+            present = (self.repo / entry.name / str(entry.version)).is_dir()
+            if present and (self.only is None or entry.name in self.only):
                 self._set(entry, UNAVAILABLE, reason)
             else:
                 self._drop(entry)
@@ -362,23 +422,25 @@ class Models:
 
     async def load(self, name: str, version: int = 0) -> list[Status]:
         """LoadModel: serve the model (the versions its policy keeps, or also the one named) from the
-        repository now, trying refused versions again; LoadFailed if it has nothing ready after."""
+        repository now, trying refused versions again and applying a changed serving.json;
+        LoadFailed, with the reasons, if any version it tried was refused."""
         found = await asyncio.get_running_loop().run_in_executor(None, scan, self.repo)
         if name not in found:
             raise ModelNotFound(f"model {name!r} is not in the repository {self.repo} (have {', '.join(found) or 'none'})")
         if version and version not in found[name]:
             raise ModelNotFound(f"model {name!r} has no version {version} in the repository; it has {found[name]}")
-        async with self._lock:
-            if self.only is not None:
-                self.only.add(name)
+        if self.only is not None:
+            self.only.add(name)
+        if version:
             self.unloaded -= {(name, 0), (name, version)}
-            if version:
-                self.pinned.add((name, version))
-            await self._sync(force=name)
+            self.pinned.add((name, version))
+        else:
+            self.unloaded = {u for u in self.unloaded if u[0] != name}
+        refused = await self.sync(force=name, model=name)
         entries = self.table.get(name, {})
-        wanted = [entries[version]] if version else list(entries.values())
-        if not any(v.state == READY for v in wanted):
-            raise LoadFailed("; ".join(f"{name} v{v.version} {v.state}: {v.reason}" for v in wanted) or name)
+        if refused or not any(v.state == READY for v in ([entries[version]] if version in entries else entries.values())):
+            serving = ", ".join(f"v{v.version}" for v in entries.values() if v.state == READY) or "nothing"
+            raise LoadFailed(f"{'; '.join(refused) or 'nothing could be loaded'} (serving: {serving})")
         return self.statuses(name)
 
     async def unload(self, name: str, version: int = 0) -> list[Status]:
@@ -386,12 +448,11 @@ class Models:
         have finished and it is closed. It stays unloaded until LoadModel names it."""
         if name not in self.table or (version and version not in self.table[name]):
             raise self._missing(name, version)
-        async with self._lock:
-            self.unloaded.add((name, version))
-            self.pinned = {p for p in self.pinned if p[0] != name or (version and p[1] != version)}
-            await self._sync(force=None)
+        self.unloaded.add((name, version))
+        self.pinned = {p for p in self.pinned if p[0] != name or (version and p[1] != version)}
+        await self.sync(model=name)
         tasks = [v.retiring for v in self.table.get(name, {}).values() if v.retiring is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))  # a caller that leaves stops no retirement
         return self.statuses(name)
 
     async def close(self) -> None:

@@ -129,6 +129,10 @@ def read_serving_config(model_dir: Path) -> ServingConfig:
     unknown = set(raw) - {f for f in ServingConfig.__dataclass_fields__}
     if unknown:
         raise RepositoryError(f"{path}: unknown settings {sorted(unknown)}")
+    if "version_policy" in raw and not isinstance(raw["version_policy"], str):
+        raise RepositoryError(f"{path}: version_policy must be a string such as \"latest:1\", got {raw['version_policy']!r}")
+    if not isinstance(raw.get("allow_interface_change", False), bool):
+        raise RepositoryError(f"{path}: allow_interface_change must be true or false, got {raw['allow_interface_change']!r}")
     try:
         config = ServingConfig(
             max_batch_rows=_positive(raw, "max_batch_rows", int),
@@ -136,7 +140,7 @@ def read_serving_config(model_dir: Path) -> ServingConfig:
             max_queue_rows=_positive(raw, "max_queue_rows", int),
             warmup_batch_sizes=tuple(int(n) for n in raw["warmup_batch_sizes"]) if "warmup_batch_sizes" in raw else None,
             version_policy=VersionPolicy.parse(raw["version_policy"]) if "version_policy" in raw else None,
-            allow_interface_change=bool(raw.get("allow_interface_change", False)),
+            allow_interface_change=raw.get("allow_interface_change", False),
         )
     except (TypeError, ValueError) as err:
         raise RepositoryError(f"{path}: {err}") from err

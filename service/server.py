@@ -113,9 +113,15 @@ class Server:
             raise RepositoryError("; ".join(refused))
         if not any(s.state == READY for s in self.models.statuses()):
             raise RepositoryError(f"{self.config.model_repo} holds no model to serve")
+        served = ", ".join(self.models.table)
+        missing = sorted((self.models.only or set()) - set(self.models.table))
+        if missing:
+            raise ConfigError(f"--models names {', '.join(missing)}, which {self.config.model_repo} does not hold (it has {served})")
         default = self.config.default_model
         if default is not None and default not in self.models.table:
-            raise ConfigError(f"--default-model {default!r} is not among the models served ({', '.join(self.models.table)})")
+            raise ConfigError(f"--default-model {default!r} is not among the models served ({served})")
+        default = self.models.settle_default()
+        log.info("default model (an empty model_name): %s", default or "none; requests must name one")
 
     async def start(self) -> None:
         c = self.config

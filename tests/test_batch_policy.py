@@ -85,7 +85,7 @@ def shares(take: Take) -> list[int]:
     return [k for _, k in take.slices]
 
 
-def carry_out(queue: QueueState, take: Take) -> None:
+def carry_out(queue: QueueState, take: Take, policy: BatchPolicy) -> None:
     """The mechanism's part, as `Batcher._take` and `_serve` do it: the rows taken, the expired
     failed (their rows leave the count), the finished entries dropped from the scanned prefix only,
     and what the batch showed noted for the next decision."""
@@ -98,7 +98,8 @@ def carry_out(queue: QueueState, take: Take) -> None:
     scanned = [queue.entries.popleft() for _ in range(take.scanned)]
     queue.entries.extendleft(reversed([e for e in scanned if not e.abandoned and e.wanted]))
     if take.slices:
-        queue.last_merged, queue.last_shared = take.merged, len(take.slices) > 1
+        small = any(e.n <= policy.share_cap for e, _ in take.slices)
+        queue.last_merged, queue.last_shared = take.merged, len(take.slices) > 1 and small
 
 
 # When a batch goes: wait for company only with merging on, and then only after a merged batch
@@ -200,12 +201,13 @@ def test_a_request_partly_served_long_ago_does_not_wait_for_company():
         # more requests than rows: the oldest max_rows get one row each
         (4, None, (1, 1, 1, 1, 1), [1, 1, 1, 1], True),
         (4, 4, (3, 2, 2, 2, 2), [1, 1, 1, 1], True),
-        # the cap while several wait (default max_rows // 4): short batches, the small ones all in
+        # the cap while a small one waits (default max_rows // 4): short batches, the small ones all in
         (8, None, (8, 1), [2, 1], True),
-        (8, None, (5, 5), [2, 2], True),
+        (8, None, (5, 5), [4, 4], True),  # large ones among themselves: no cap, a full batch
         (8, None, (9, 1, 1, 1, 1, 1, 1, 1), [1, 1, 1, 1, 1, 1, 1, 1], True),  # fair level 1: the cap does not bind
         (8, 3, (9, 1, 1), [3, 1, 1], True),
-        (8, 1, (9, 9), [1, 1], True),
+        (8, 1, (9, 9), [4, 4], True),
+        (8, 3, (9, 9, 2), [3, 3, 2], True),
     ],
 )
 def test_a_batch_holds_everything_that_fits_or_fair_shares(max_rows, max_share_rows, queued, expected, merged):
@@ -231,11 +233,11 @@ def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
     assert shares(uncapped) == [240] + [1] * 16
     # the small callers answered are likely sending again: the next batch stays short, although
     # the large one waits alone; after a batch of its own, it gets full batches again
-    carry_out(queue, take)
+    carry_out(queue, take, policy)
     assert [e.wanted for e in queue.entries] == [16_000 - 64] and queue.last_shared
     alone = policy.decide(queue, 1.0)
     assert shares(alone) == [64]
-    carry_out(queue, alone)
+    carry_out(queue, alone, policy)
     assert shares(policy.decide(queue, 1.0)) == [256]
 
 
@@ -245,7 +247,8 @@ def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
         ((20,), False, [8]),  # alone, and alone in the last batch: a full batch
         ((20,), True, [2]),  # alone now, but the last batch was shared: company is on its way
         ((5,), True, [5]),  # everything fits: all of it, no cap
-        ((20, 1), False, [2, 1]),  # several waiting: capped whatever the last batch held
+        ((20, 1), False, [2, 1]),  # a small one waiting: capped whatever the last batch held
+        ((20, 20), False, [4, 4]),  # large ones among themselves: plain max-min, a full batch
     ],
 )
 def test_the_cap_holds_while_requests_come_together(queued, last_shared, expected):
@@ -285,7 +288,7 @@ def test_merge_off_takes_a_large_request_a_batch_at_a_time():
     while queue.rows:
         take = policy.decide(queue, 1.0)
         sizes.append(shares(take))
-        carry_out(queue, take)
+        carry_out(queue, take, policy)
     assert sizes == [[4], [4], [2], [1]]  # first in, first out: batching off is the unshared baseline
 
 
@@ -330,11 +333,11 @@ def test_a_request_that_expires_midway_is_failed_and_its_rows_stop_being_taken()
     queue = queue_of([big, small])
     first = policy.decide(queue, 1.0)
     assert shares(first) == [1, 1]  # the default cap with max_rows 4: one row each
-    carry_out(queue, first)
+    carry_out(queue, first, policy)
     assert list(queue.entries) == [big] and queue.rows == 9
     late = policy.decide(queue, 2.0)  # its deadline has come while 9 of its rows wait
     assert list(late.expired) == [big] and not late.slices
-    carry_out(queue, late)
+    carry_out(queue, late, policy)
     assert queue.rows == 0 and not queue.entries
 
 
@@ -444,8 +447,10 @@ def waiting(queue: QueueState, now: float) -> list[Entry]:
     return [e for e in queue.entries if not e.abandoned and (e.deadline is None or e.deadline > now)]
 
 
-def cap(policy: BatchPolicy, several: bool) -> int:
-    return (policy.max_share_rows or max(1, policy.max_rows // 4)) if several else policy.max_rows
+def cap(policy: BatchPolicy, wanted: list[int], company: bool) -> int:
+    """The most rows one request may take: the share cap while a small request is about."""
+    about = company or (len(wanted) > 1 and min(wanted) <= policy.share_cap)
+    return policy.share_cap if about else policy.max_rows
 
 
 @property_settings
@@ -493,7 +498,7 @@ def test_shares_are_max_min_fair_and_the_oldest_request_is_always_served(scenari
     if sum(wanted) <= policy.max_rows:
         assert share == wanted  # everything fits: everything goes
         return
-    limit = [min(w, cap(policy, len(live) > 1 or queue.last_shared)) for w in wanted]
+    limit = [min(w, cap(policy, wanted, queue.last_shared)) for w in wanted]
     assert all(s <= c for s, c in zip(share, limit))
     short = [i for i, (s, c) in enumerate(zip(share, limit)) if s < c]  # held back by fairness, not the cap
     assert decision.rows == policy.max_rows or not short  # a short batch only when every request met its cap
@@ -518,11 +523,11 @@ def test_never_short_while_rows_wait_past_the_delay_except_for_the_share_cap(sce
     left = [e for e in waiting(queue, now) if got.get(id(e), 0) < e.wanted]
     if left:  # rows are left behind only when the batch is full, merge is off, or every share is at its cap
         assert decision.merged
-        together = len(waiting(queue, now)) > 1 or queue.last_shared
+        limit = cap(policy, [e.wanted for e in waiting(queue, now)], queue.last_shared)
         assert (
             decision.rows == policy.max_rows
             or not policy.merge
-            or (together and all(k == min(e.wanted, cap(policy, True)) for e, k in decision.slices))
+            or (limit < policy.max_rows and all(k == min(e.wanted, limit) for e, k in decision.slices))
         )
 
 
@@ -585,7 +590,7 @@ def test_run_with_a_fake_clock_every_row_of_every_live_request_is_served_once(po
             served.setdefault(id(entry), []).append((entry.taken, k))
         for entry in decision.expired:
             expired.setdefault(id(entry), []).append(clock.now)
-        carry_out(queue, decision)
+        carry_out(queue, decision, policy)
         assert queue.rows == sum(e.wanted for e in queue.entries if not e.abandoned)
         if decision.slices:
             clock.advance(compute)

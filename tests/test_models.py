@@ -280,6 +280,8 @@ def test_serving_json_is_checked(tmp_path):
         '{"max_batch_delay_ms": -1}': "max_batch_delay_ms must be a non-negative number",
         '{"batch_rows": 8}': "unknown settings ['batch_rows']",
         '{"version_policy": "newest"}': "version policy 'newest'",
+        '{"version_policy": 2}': "version_policy must be a string",
+        '{"allow_interface_change": "false"}': "allow_interface_change must be true or false",
         '{"warmup_batch_sizes": [0]}': "warmup_batch_sizes must be positive",
         "[1]": "expected a JSON object",
         "{": "unreadable",
