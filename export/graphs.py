@@ -1,4 +1,6 @@
-"""The two ONNX graphs: encoder x -> (mu, logvar) and decoder z -> the likelihood's parameters.
+"""The ONNX graphs: encoder x -> (mu, logvar) and decoder z -> the likelihood's parameters, and
+for a flow prior its two directions: prior_sample eps -> z = f(eps) and prior_density
+z -> (eps = f^-1(z), log p(z)).
 
 Each graph is exported with a dynamic batch axis N and carries a description of itself in its
 ONNX metadata, so a graph file found alone still says what it is.
@@ -42,6 +44,28 @@ class DecoderGraph(nn.Module):
         return self.model.decode(z)
 
 
+class PriorSampleGraph(nn.Module):
+    """z = f(eps): what Sample (and a spherical Interpolate's path) maps the Gaussian noise through."""
+
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.flow = model.flow
+
+    def forward(self, eps: torch.Tensor) -> torch.Tensor:
+        return self.flow(eps)
+
+
+class PriorDensityGraph(nn.Module):
+    """eps = f^-1(z) and log p(z): Score's log p(z), and the base point a spherical path starts from."""
+
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.flow = model.flow
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.flow.inverse(z)
+
+
 def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch = torch.export.Dim("N", min=1, max=65536)
     torch.onnx.export(
@@ -72,7 +96,8 @@ def _describe(path: Path, role: str, description: str, metadata: dict[str, str])
 
 
 def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
-    """Write encoder.onnx and decoder.onnx into `folder`; return their input/output signatures."""
+    """Write encoder.onnx and decoder.onnx into `folder`, and for a flow prior prior_sample.onnx and
+    prior_density.onnx too; return every graph's input/output signature by role."""
     cfg = model.cfg
     model = model.eval().cpu()
     c, h, w = cfg.image_shape
@@ -98,9 +123,42 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
         f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{c},{h},{w}] ({cfg.likelihood})",
         metadata,
     )
-    return {
+    signatures: dict[str, dict[str, object]] = {
         "encoder": {"inputs": {"x": [-1, c, h, w]}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
         "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, c, h, w]}},
+    }
+    if cfg.prior == "flow":
+        signatures |= export_prior_graphs(model, folder, metadata)
+    return signatures
+
+
+def export_prior_graphs(model: VAE, folder: Path, metadata: dict[str, str]) -> dict[str, dict[str, object]]:
+    """prior_sample.onnx (eps [N, D] -> z [N, D]) and prior_density.onnx (z [N, D] -> eps [N, D],
+    log_prob [N]): the flow's two directions as separate graphs, so the service batches each on its
+    own and never needs torch. Their signatures by role."""
+    d = model.cfg.latent_dim
+    layers = f"{len(model.flow.layers)} affine couplings"
+    with torch.no_grad():
+        example = torch.randn(2, d)
+        _export(PriorSampleGraph(model).eval(), example, folder / "prior_sample.onnx", ["eps"], ["z"])
+        _export(PriorDensityGraph(model).eval(), example, folder / "prior_density.onnx", ["z"], ["eps", "log_prob"])
+    prior = {**metadata, "prior": "flow"}
+    _describe(
+        folder / "prior_sample.onnx",
+        "prior_sample",
+        f"VAE flow prior, sampling: eps [N,{d}] float32 ~ N(0, T^2 I) -> z = f(eps) [N,{d}] ({layers})",
+        prior,
+    )
+    _describe(
+        folder / "prior_density.onnx",
+        "prior_density",
+        f"VAE flow prior, density: z [N,{d}] float32 -> eps = f^-1(z) [N,{d}], log_prob = log p(z) [N], nats "
+        f"({layers})",
+        prior,
+    )
+    return {
+        "prior_sample": {"inputs": {"eps": [-1, d]}, "outputs": {"z": [-1, d]}},
+        "prior_density": {"inputs": {"z": [-1, d]}, "outputs": {"eps": [-1, d], "log_prob": [-1]}},
     }
 
 

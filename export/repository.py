@@ -1,4 +1,5 @@
-"""Writing the model repository: MODELS/NAME/<version>/{encoder.onnx, decoder.onnx, model.json}.
+"""Writing the model repository: MODELS/NAME/<version>/{encoder.onnx, decoder.onnx, model.json},
+plus prior_sample.onnx and prior_density.onnx for a flow prior.
 
 A version is built in a hidden temporary folder beside its final place, verified there, and only
 then renamed into place: a reader never sees half a version, and a failed export leaves nothing.
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from export.graphs import OPSET, export_fp16_decoder, export_graphs
-from export.triton import ROLES, triton_config
+from export.triton import triton_config
 from export.verify import verify_parity
-from service.manifest import version_numbers, write_manifest  # the reader's own: they cannot disagree
+# The reader's own roles and writer: export and service cannot disagree on model.json.
+from service.manifest import PRIOR_ROLES, ROLES, version_numbers, write_manifest
 from training.config import TrainConfig
 from training.model import VAE
 
@@ -32,9 +34,6 @@ def publish(
     """Export, verify and atomically publish the next version; return its folder."""
     if cfg.model.kind != "vae":
         raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
-    if cfg.model.prior != "standard":
-        raise ValueError("a flow-prior model cannot be exported yet: its prior graphs are not written, and served "
-                         "as it is it would be sampled from N(0, I)")  # fmt: skip
     model_dir = models / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
@@ -44,19 +43,20 @@ def publish(
         if fp16_decoder:
             export_fp16_decoder(staging)
         parity = verify_parity(model, staging)
+        m = cfg.model
+        served = (*ROLES, *PRIOR_ROLES[m.prior])  # the graphs the service runs, each with a Triton config
+        roles = [role for role in (*served, "decoder_fp16") if (staging / f"{role}.onnx").exists()]
         while True:
             version = next_version(model_dir)
-            m = cfg.model
-            roles = [role for role in (*ROLES, "decoder_fp16") if (staging / f"{role}.onnx").exists()]
             write_manifest(
                 staging, name=name, version=version, latent_dim=m.latent_dim, image_shape=m.image_shape,
-                likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset,
+                likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset, prior=m.prior,
                 graphs={role: signatures[role.removesuffix("_fp16")] for role in roles},
                 max_batch_size=max_batch_size, metrics=metrics or {}, opset=OPSET,
                 exporters={pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
                 parity_max_abs_diff=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )  # fmt: skip
-            for role in ROLES:
+            for role in served:
                 text = triton_config(name, role, signatures[role], max_batch_size)
                 (staging / f"{role}.config.pbtxt").write_text(text)
             try:

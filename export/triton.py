@@ -1,6 +1,7 @@
 """NVIDIA Triton model configs for the exported graphs, so the same files can be served by Triton.
 
-Each version folder gets `encoder.config.pbtxt` and `decoder.config.pbtxt` beside the graphs.
+Each version folder gets `<role>.config.pbtxt` beside each graph: encoder and decoder, and for a
+flow prior prior_sample and prior_density.
 Triton wants one model per folder (`<repo>/<model>/config.pbtxt`, `<repo>/<model>/<version>/...`),
 so `python -m export.triton MODELS/NAME TRITON_REPO` lays out that view with hard links: no copies.
 """
@@ -11,10 +12,14 @@ import argparse
 import os
 from pathlib import Path
 
-from service.manifest import ROLES, version_numbers
+from service.manifest import PRIOR_ROLES, ROLES, version_numbers
 
 
 def _tensor(name: str, dims: list[int]) -> str:
+    """One tensor, its dims without the batch axis. Triton needs non-empty dims, so a tensor that is
+    the batch axis alone (prior_density's log_prob [N]) is declared [1] and reshaped to [] for the graph."""
+    if not dims:
+        return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
     return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {", ".join(str(d) for d in dims)} ] }}'
 
 
@@ -38,15 +43,20 @@ def triton_config(model_name: str, role: str, signature: dict[str, dict[str, lis
 
 
 def layout(model_dir: Path, triton_repo: Path) -> list[Path]:
-    """Build <triton_repo>/<name>_<role>/{config.pbtxt, <version>/<role>.onnx} from every version."""
+    """Build <triton_repo>/<name>_<role>/{config.pbtxt, <version>/<role>.onnx} from every version:
+    encoder and decoder, and the flow prior's graphs where the newest version has them (older
+    versions without them are left out of those two Triton models)."""
     name = model_dir.name
     made = []
     versions = [model_dir / str(v) for v in version_numbers(model_dir)]
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no version folders")
-    for role in ROLES:
+    priors = [role for role in PRIOR_ROLES["flow"] if (versions[-1] / f"{role}.config.pbtxt").exists()]
+    for role in (*ROLES, *priors):
         target = triton_repo / f"{name}_{role}"
         for version in versions:
+            if role in priors and not (version / f"{role}.onnx").exists():
+                continue  # a standard-prior version before the flow: not a version of this Triton model
             (target / version.name).mkdir(parents=True, exist_ok=True)
             dest = target / version.name / f"{role}.onnx"
             if not dest.exists():

@@ -19,31 +19,50 @@ class ParityError(RuntimeError):
     """The exported graphs disagree with the PyTorch model by more than the tolerance."""
 
 
+GRAPHS = ("encoder", "decoder", "decoder_fp16", "prior_sample", "prior_density")  # checked when present
+Feeds = dict[str, dict[str, np.ndarray]]  # role -> input name -> array
+
+
 def max_differences(model: VAE, folder: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES, seed: int = 0) -> dict[str, float]:
     """Largest absolute difference per graph output over every batch size: {'encoder.mu': 3e-7, ...}.
 
-    Every graph in the folder is checked: encoder, decoder, and decoder_fp16 when it was written."""
+    Every graph in the folder is checked: encoder, decoder, decoder_fp16 when it was written, and a
+    flow prior's prior_sample and prior_density."""
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    roles = [r for r in ("encoder", "decoder", "decoder_fp16") if (folder / f"{r}.onnx").exists()]
+    roles = [r for r in GRAPHS if (folder / f"{r}.onnx").exists()]
     sessions = {r: ort.InferenceSession(str(folder / f"{r}.onnx"), options, providers=["CPUExecutionProvider"]) for r in roles}
     worst: dict[str, float] = {}
     model = model.eval().cpu()
     for n in batch_sizes:
         x = rng.random((n, *cfg.image_shape), dtype=np.float32)
         z = rng.standard_normal((n, cfg.latent_dim), dtype=np.float32)
-        with torch.no_grad():
-            decoded = [model.decode(torch.from_numpy(z)).numpy()]
-            expected = {"encoder": [t.numpy() for t in model.encode(torch.from_numpy(x))], "decoder": decoded}
+        feeds, expected = _references(model, x, z)
         for role, session in sessions.items():
-            feed = {"x": x} if role == "encoder" else {"z": z}
-            for meta, want, have in zip(session.get_outputs(), expected[role.removesuffix("_fp16")], session.run(None, feed)):
+            graph = role.removesuffix("_fp16")  # the half-precision decoder is held to the decoder's answers
+            for meta, want, have in zip(session.get_outputs(), expected[graph], session.run(None, feeds[graph])):
                 key = f"{role}.{meta.name}"
                 diff = float(np.max(np.abs(want - have))) if want.shape == have.shape else float("inf")
                 worst[key] = max(worst.get(key, 0.0), diff)
     return worst
+
+
+@torch.no_grad()
+def _references(model: VAE, x: np.ndarray, z: np.ndarray) -> tuple[Feeds, dict[str, list[np.ndarray]]]:
+    """Each graph's input feed and PyTorch's outputs for it, by role. The prior graphs get the same
+    standard normal rows: as eps for prior_sample and as z for prior_density."""
+    feeds = {"encoder": {"x": x}, "decoder": {"z": z}}
+    expected = {
+        "encoder": [t.numpy() for t in model.encode(torch.from_numpy(x))],
+        "decoder": [model.decode(torch.from_numpy(z)).numpy()],
+    }
+    if model.cfg.prior == "flow":
+        feeds |= {"prior_sample": {"eps": z}, "prior_density": {"z": z}}
+        expected["prior_sample"] = [model.flow(torch.from_numpy(z)).numpy()]
+        expected["prior_density"] = [t.numpy() for t in model.flow.inverse(torch.from_numpy(z))]
+    return feeds, expected
 
 
 def verify_parity(model: VAE, folder: Path) -> dict[str, float]:

@@ -39,7 +39,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -327,10 +327,13 @@ class Batcher:
         self, graph: str, run: RunFn, metrics: Metrics, max_rows: int = 256, max_delay: float = 0.002,
         max_queue_rows: int = 4096, merge: bool = True, adaptive_delay: bool = True,
         inline_seconds: float = INLINE_SECONDS, max_share_rows: int | None = None,
-        labels: Mapping[str, str] = UNLABELLED,
+        labels: Mapping[str, str] = UNLABELLED, executor: Executor | None = None,
     ) -> None:  # fmt: skip
         """The batching options are `BatchPolicy`'s; `max_queue_rows` bounds the rows waiting.
-        `labels` ("model" and "version") name the served model on this batcher's metrics."""
+        `labels` ("model" and "version") name the served model on this batcher's metrics.
+        `executor` runs the batches: the server's one pool of inference workers, which every graph
+        of every model shares, so that more models do not mean more threads computing at once
+        (they would take the event loop's core); None gives this batcher a worker of its own."""
         self.graph = graph
         self.run = run
         self.metrics = metrics
@@ -339,7 +342,8 @@ class Batcher:
         self.labels = dict(labels)
         self.queue = QueueState()
         self._wake = asyncio.Event()  # set on an arrival at an empty queue and when a batch fills
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{graph}")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{graph}")
         self._task: asyncio.Task | None = None
         self._computing: list[_Slice] = []  # the batch being computed now
         children = {"graph": graph, **self.labels}
@@ -369,7 +373,8 @@ class Batcher:
                 entry.future.set_exception(Closed("the server is shutting down"))
         self.queue.entries.clear()
         self.queue.rows = 0
-        self._executor.shutdown(wait=False)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
         """Queue `rows` as one request (served across several batches if larger than one) and wait

@@ -29,6 +29,7 @@ class ServerConfig:
     cpu_arena: str = "on"
     decoder_precision: str = "fp32"
     inter_op_threads: int = 1
+    inference_workers: int = 0
     max_batch_rows: int = 256
     max_batch_delay_ms: float = 2.0
     max_queue_rows: int = 32768
@@ -64,7 +65,9 @@ HELP = {
     "admin_token_file": "bearer tokens for LoadModel/UnloadModel, one per line (VAE_ADMIN_TOKENS adds comma-separated "
     "ones); with --auth-token-file and without this, model control is refused",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU), cpu or cuda",
-    "intra_op_threads": "onnxruntime threads per graph (0: one fewer than the cores, at least 1)",
+    "intra_op_threads": "onnxruntime's one intra-op thread pool, shared by every graph (0: one fewer than the cores, at least 1)",
+    "inference_workers": "threads that run batches, shared by every graph of every model (0: one fewer than the cores, "
+    "at least 1)",
     "max_batch_rows": "rows per batch sent to a graph",
     "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
     "max_queue_rows": "rows that may wait per graph before requests are refused",
@@ -137,6 +140,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             f"--max-interpolation-steps {config.max_interpolation_steps} can never be met: an interpolation's "
             f"steps are decoded as one request, and the queue holds --max-queue-rows {config.max_queue_rows}"
         )
+    if config.inference_workers < 0:
+        parser.error(f"--inference-workers must be 0 (automatic) or more, got {config.inference_workers}")
     if config.max_concurrent_calls < 1:
         parser.error(f"--max-concurrent-calls must be at least 1, got {config.max_concurrent_calls}")
     if (config.tls_cert is None) != (config.tls_key is None):

@@ -1,7 +1,14 @@
-"""The data plane: what each RPC computes, on numpy arrays, through the two graphs' batchers.
+"""The data plane: what each RPC computes, on numpy arrays, through the graphs' batchers.
 
 Everything random is drawn here from a per-request generator seeded by the request, before any
 batching, so a seeded answer is the same whatever other requests share its batch.
+
+The prior p(z) is N(0, I), or for a flow model p(z) = f_# N(0, I) with f and f^-1 as two more
+graphs (prior_sample: eps -> z, prior_density: z -> eps, log p(z)), each behind its own batcher.
+Sample and Interpolate reach the prior through `prior_z` (the identity under N(0, I): no graph,
+no batcher hop), Score and a spherical Interpolate through `prior_density` (a flow's only; under
+N(0, I) Score keeps its closed forms), so a standard-prior model is computed exactly as before
+the flow existed.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import hashlib
 import math
 import secrets
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,34 +110,43 @@ class Engine:
     """One served model: its spec, its graphs behind batchers, and the operations of the API."""
 
     def __init__(
-        self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, batch: BatchSettings, limits: RequestLimits
-    ) -> None:
+        self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, batch: BatchSettings, limits: RequestLimits,
+        executor: Executor | None = None,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.runtime = runtime
         self.batch = batch
         self.limits = limits
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
         common = dict(
-            metrics=metrics, labels={"model": spec.name, "version": str(spec.version)},
+            metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
             max_queue_rows=batch.max_queue_rows, merge=batch.batching, adaptive_delay=batch.adaptive_delay,
             inline_seconds=INLINE_SECONDS if runtime.provider == CPU else 0.0,
         )  # fmt: skip
         self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
         self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
+        # A flow's prior_sample and prior_density, by role: each its own batcher, graph label its role.
+        self.priors = {
+            role: Batcher(role, graph.run, **common) for role, graph in runtime.priors.items()  # type: ignore[arg-type]
+        }
 
     @property
     def max_request_cost(self) -> int:
         """Rows one request may queue on a graph: a share of the queue, so no one request fills it."""
         return max(self.limits.max_request_rows, int(self.limits.max_request_share * self.batch.max_queue_rows))
 
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [self.encoder, self.decoder, *self.priors.values()]
+
     def start(self) -> None:
-        self.encoder.start()
-        self.decoder.start()
+        for batcher in self.batchers:
+            batcher.start()
 
     async def close(self) -> None:
-        await self.encoder.close()
-        await self.decoder.close()
+        for batcher in self.batchers:
+            await batcher.close()
 
     def warm_up(self) -> None:
         """Run each graph at the warm-up sizes (default 1, 2 and the batch limit), so the first call
@@ -144,6 +161,9 @@ class Engine:
                 "decoder": [o.shape for o in self.runtime.decoder.run(np.zeros((n, d), np.float32))],
             }
             want = {"encoder": [(n, d), (n, d)], "decoder": [(n, c, h, w)]}
+            for role, graph in self.runtime.priors.items():  # a flow's: eps -> z and z -> (eps, log p(z))
+                got[role] = [o.shape for o in graph.run(np.zeros((n, d), np.float32))]
+                want[role] = {"prior_sample": [(n, d)], "prior_density": [(n, d), (n,)]}[role]
             if got != want:
                 raise ModelLoadError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
 
@@ -168,11 +188,30 @@ class Engine:
         return mu + normal(seed, mu.shape) * sigma
 
     def latents(self, n: int, seed: int, temperature: float) -> np.ndarray:
-        """z ~ N(0, temperature^2 I), [n, D]: a function of the seed alone."""
+        """Base noise eps ~ N(0, temperature^2 I), [n, D]: a function of the seed alone. Under N(0, I)
+        these are the latents to decode; under a flow, `prior_z` maps them to the latents."""
         return normal(seed, (n, self.spec.latent_dim)) * np.float32(temperature)
 
+    async def prior_z(self, eps: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """The latents for base noise eps [n, D]: eps itself under N(0, I) (no graph, no batcher hop),
+        z = f(eps) from the prior_sample graph under a flow."""
+        if not self.priors:
+            return eps
+        (z,) = await self.priors["prior_sample"].submit(eps, deadline)
+        return z
+
+    async def prior_density(self, z: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """eps = f^-1(z) [n, D] and log p(z) [n] (float64, nats) from a flow's prior_density graph.
+        A flow model's only: under N(0, I), eps is z and Score uses the closed forms."""
+        eps, log_prob = await self.priors["prior_density"].submit(z, deadline)
+        return eps, log_prob.astype(np.float64)
+
+    async def generate(self, eps: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Images for base noise eps: decode(f(eps)), f the identity under N(0, I)."""
+        return await self.decode(await self.prior_z(eps, deadline), deadline)
+
     async def sample(self, n: int, seed: int, temperature: float, deadline: float | None = None) -> np.ndarray:
-        return await self.decode(self.latents(n, seed, temperature), deadline)
+        return await self.generate(self.latents(n, seed, temperature), deadline)
 
     async def reconstruct(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
         mu, _ = await self.encode(x, deadline)
@@ -181,38 +220,69 @@ class Engine:
     async def interpolate(
         self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool, deadline: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Latents along the path (end points included) and their images."""
+        """Latents along the path (end points included) and their images.
+
+        A spherical path keeps to the shell where a Gaussian's mass lies; under a flow that Gaussian
+        is the base N(0, I), so the great circle runs between the end points' eps and is mapped
+        into z through f. A linear path is a straight line in z under either prior."""
         t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
-        path = (slerp if spherical else lerp)(start, end, t).astype(np.float32)
-        path[0], path[-1] = start, end  # exact end points, whatever rounding did
+        if spherical and self.priors:
+            path = await self._flow_great_circle(start, end, t, deadline)
+        else:
+            path = (slerp if spherical else lerp)(start, end, t).astype(np.float32)
+        path[0], path[-1] = start, end  # exact end points, whatever rounding (or f(f^-1(z))) did
         return path, await self.decode(path, deadline)
+
+    async def _flow_great_circle(
+        self, start: np.ndarray, end: np.ndarray, t: np.ndarray, deadline: float | None
+    ) -> np.ndarray:
+        """f(slerp(f^-1(start), f^-1(end), t)): [S, D] float32, a copy the caller may write."""
+        ends, _ = await self.prior_density(np.stack([start, end]).astype(np.float32), deadline)
+        base = slerp(ends[0], ends[1], t).astype(np.float32)
+        return np.array(await self.prior_z(base, deadline), dtype=np.float32)
 
     async def score(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound.
 
         log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x); IWAE = logsumexp(log w) - log k.
-        The float64 arithmetic on n*k rows runs on a worker thread, off the event loop.
+        Under a flow, log p(z_i) comes from the prior_density graph, computed beside the decoder
+        (two batchers, at once). The float64 arithmetic on n*k rows runs on a worker thread, off
+        the event loop.
         """
         n, d = len(x), self.spec.latent_dim
         mu, logvar = await self.encode(x, deadline)
         mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
         eps = normal(seed, (n, k, d), np.float64)
         z = mu[:, None, :] + eps * np.exp(0.5 * logvar)[:, None, :]
-        (params,) = await self.decoder.submit(z.reshape(n * k, d).astype(np.float32), deadline)
-        return await asyncio.to_thread(self._score_terms, x, params.reshape(n, k, -1), mu, logvar, eps, z)
+        rows = z.reshape(n * k, d).astype(np.float32)
+        if self.priors:
+            (params,), (_, log_pz) = await asyncio.gather(
+                self.decoder.submit(rows, deadline), self.prior_density(rows, deadline)
+            )
+            log_pz = log_pz.reshape(n, k)
+        else:
+            (params,) = await self.decoder.submit(rows, deadline)
+            log_pz = None  # the closed form, on the float64 z, in _score_terms
+        return await asyncio.to_thread(self._score_terms, x, params.reshape(n, k, -1), mu, logvar, eps, z, log_pz)
 
     def _score_terms(
-        self, x: np.ndarray, params: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, z: np.ndarray
-    ) -> dict[str, np.ndarray]:
+        self, x: np.ndarray, params: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, z: np.ndarray,
+        log_pz: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The figures from the graphs' outputs. `log_pz` [n, k] is the flow's log p(z); None under
+        N(0, I), whose log-density and KL have closed forms."""
         n, k = params.shape[:2]
         target = x.reshape(n, 1, -1).astype(np.float64)
         # log p(x|z) in float64 over a few importance samples at a time: the temporaries of one
         # chunk stay near SCORE_CHUNK_VALUES, whatever n x k the request has.
         step = max(1, SCORE_CHUNK_VALUES // max(1, n * params.shape[2]))
         log_px_z = np.concatenate([self._log_px_z(target, params[:, j : j + step]) for j in range(0, k, step)], axis=1)
-        log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
         log_qz = -0.5 * (LOG_2PI + logvar[:, None, :] + eps**2).sum(-1)
-        kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
+        if log_pz is None:
+            log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
+            kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
+        else:  # no closed form under a flow: the Monte Carlo estimate over the same k samples
+            kl = (log_qz - log_pz).mean(axis=1)
         reconstruction = -log_px_z.mean(axis=1)
         return {
             "elbo": -(reconstruction + kl),
@@ -231,12 +301,13 @@ class Engine:
 
 
 def load_engine(
-    spec: ModelSpec, options: RuntimeOptions, batch: BatchSettings, limits: RequestLimits, metrics: Metrics
+    spec: ModelSpec, options: RuntimeOptions, batch: BatchSettings, limits: RequestLimits, metrics: Metrics,
+    executor: Executor | None = None,
 ) -> Engine:
-    """Sessions for both graphs, warmed up and checked; ModelLoadError (or RepositoryError, for a
-    missing file) says what is wrong with them."""
+    """Sessions for every graph (four with a flow prior), warmed up and checked; ModelLoadError (or
+    RepositoryError, for a missing file) says what is wrong with them."""
     try:
-        engine = Engine(spec, load_runtime(spec, options), metrics, batch, limits)
+        engine = Engine(spec, load_runtime(spec, options), metrics, batch, limits, executor)
     except RepositoryError:
         raise
     except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs

@@ -304,7 +304,7 @@ class VaeServicer:
             chunk = _count(request.chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
             z = engine.latents(n, seed, temperature)
             for offset in range(0, n, chunk):
-                images = await engine.decode(z[offset : offset + chunk], deadline_of(context))
+                images = await engine.generate(z[offset : offset + chunk], deadline_of(context))
                 response = pb.SampleResponse(seed=seed, offset=offset)
                 yield _answered_by(_with_images(response, images, fmt), engine)
 

@@ -6,6 +6,7 @@ disagree. It lives on the serving side because the serving image carries `servic
 `export/`; it needs nothing beyond the standard library.
 
     MODELS/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}
+                             + {prior_sample.onnx, prior_density.onnx} for a flow prior
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 FORMAT = 1  # model.json's layout; a version of another format is refused
 ROLES = ("encoder", "decoder")  # the graphs every version has; decoder_fp16 is optional
+# The graphs each prior adds: N(0, I) needs none; a flow needs f (eps -> z, for Sample and
+# Interpolate) and f^-1 with its log-density (z -> eps, log p(z), for Score and Interpolate).
+PRIOR_ROLES: dict[str, tuple[str, ...]] = {"standard": (), "flow": ("prior_sample", "prior_density")}
 MANIFEST = "model.json"
 
 
@@ -40,6 +44,7 @@ class ModelSpec:
     prior: str = "standard"
     metrics: dict[str, float] = field(default_factory=dict)
     has_fp16_decoder: bool = False
+    prior_graphs: tuple[str, ...] = ()  # the prior's own graphs (PRIOR_ROLES[prior]): none for N(0, I)
 
     def graph(self, role: str) -> Path:
         return self.folder / f"{role}.onnx"
@@ -106,6 +111,8 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
             f"{folder}/{MANIFEST}: format {found!r}; this server reads format {FORMAT} (export it again, "
             "or run a server of the version that wrote it)"
         )
+    if not isinstance(info.get("graphs"), dict):
+        raise RepositoryError(f"{folder}/{MANIFEST}: 'graphs' must map each graph to its file and sha256")
     try:
         spec = ModelSpec(
             name=str(info["name"]),
@@ -119,16 +126,22 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
             prior=str(info.get("prior", "standard")),
             metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
             has_fp16_decoder="decoder_fp16" in info["graphs"],
+            prior_graphs=PRIOR_ROLES.get(str(info.get("prior", "standard")), ()),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
     if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in ("bernoulli", "gaussian"):
         raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape, latent_dim or likelihood")
-    if spec.prior != "standard":
-        raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r}; this server serves the standard prior")
+    if spec.prior not in PRIOR_ROLES:
+        served = " and ".join(PRIOR_ROLES)
+        raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r}; this server serves the priors {served}")
+    unlisted = [role for role in spec.prior_graphs if role not in info["graphs"]]
+    if unlisted:  # served without them, a flow model would be sampled and scored under N(0, I)
+        needs, missing = " and ".join(spec.prior_graphs), ", ".join(unlisted)
+        raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r} needs {needs}; it does not list {missing}")
     if folder.name.isdigit() and spec.version != int(folder.name):
         raise RepositoryError(f"{folder}/{MANIFEST} says version {spec.version}, its folder says {folder.name}")
-    for role in (*ROLES, "decoder_fp16") if spec.has_fp16_decoder else ROLES:
+    for role in (*ROLES, *spec.prior_graphs, *(("decoder_fp16",) if spec.has_fp16_decoder else ())):
         path = spec.graph(role)
         try:
             expected = info["graphs"][role].get("sha256")
@@ -138,6 +151,6 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
                 raise RepositoryError(f"{path}: {MANIFEST} gives no sha256 for it")
             if verify and sha256(path) != expected:
                 raise RepositoryError(f"{path}: sha256 does not match {MANIFEST} (a torn or replaced file)")
-        except (KeyError, AttributeError, OSError) as err:
+        except (KeyError, AttributeError, TypeError, OSError) as err:
             raise RepositoryError(f"{path}: cannot check it against {MANIFEST}: {err!r}") from err
     return spec

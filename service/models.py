@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Models:
     limits: RequestLimits
     metrics: Metrics
     policy: VersionPolicy = VersionPolicy()
+    executor: Executor | None = None  # the inference workers every batcher shares (None: one per graph)
     only: set[str] | None = None  # --models: serve these (LoadModel adds to it); None: all
     default_name: str | None = None  # --default-model, or the only model at start (Server.load_models)
     check: Callable[[ModelSpec], None] = lambda spec: None  # raises ConfigError for a version the server cannot serve
@@ -307,7 +309,9 @@ class Models:
             if reference is not None:
                 self._check_interface(spec, reference, serving)
             self.check(spec)
-            engine = await loop.run_in_executor(None, load_engine, spec, self.options, settings, self.limits, self.metrics)
+            engine = await loop.run_in_executor(
+                None, load_engine, spec, self.options, settings, self.limits, self.metrics, self.executor
+            )
         except (RepositoryError, ModelLoadError, ConfigError, TypeError, ValueError, KeyError, AttributeError) as err:
             self._refusals.append(f"{name} v{number}: {err}")
             self.metrics.reloads.labels(result="refused", model=name).inc()
@@ -408,7 +412,7 @@ class Models:
             current = self.table.get(entry.name, {}).get(entry.version) is entry
             if reason is None or not current or entry.engine is not None or entry.state != UNLOADING:
                 return  # replaced by a reload of itself, loaded again meanwhile, or no longer in the table
-            for graph in ("encoder", "decoder"):
+            for graph in ("encoder", "decoder", *engine.priors):
                 self.metrics.forget_graph(entry.name, entry.version, graph)
             present = (self.repo / entry.name / str(entry.version)).is_dir()
             if present and (self.only is None or entry.name in self.only):

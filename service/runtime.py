@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions for the two graphs, on CUDA when asked for (or found) and CPU otherwise.
+"""ONNX Runtime sessions for a version's graphs (encoder and decoder, and a flow prior's
+prior_sample and prior_density), on CUDA when asked for (or found) and CPU otherwise.
 
 The provider choice is a plain function of what was asked and what onnxruntime reports, so it is
 tested without a GPU; after a session is made we check what it really got, because ONNX Runtime
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,7 @@ class Graph:
 class Runtime:
     encoder: Graph
     decoder: Graph
+    priors: dict[str, Graph] = field(default_factory=dict)  # by role: a flow's two graphs; none for N(0, I)
 
     @property
     def provider(self) -> str:
@@ -167,6 +169,7 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     runtime = Runtime(
         encoder=Graph(str(spec.graph("encoder")), options, providers),
         decoder=Graph(str(spec.graph(decoder)), options, providers),
+        priors={role: Graph(str(spec.graph(role)), options, providers) for role in spec.prior_graphs},
     )
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if runtime.provider != wanted:

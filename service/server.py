@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ from service.open_inference import ADMIN_METHODS as OIP_ADMIN_METHODS
 from service.open_inference import SERVICE as OIP_SERVICE
 from service.open_inference import InferenceServicer, oip
 from service.repository import RepositoryError, VersionPolicy
-from service.runtime import RuntimeOptions
+from service.runtime import RuntimeOptions, available_cores
 from service.security import TokenAuth, load_tokens, server_credentials
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,12 @@ class Server:
         self.admin_tokens = load_tokens(config.admin_token_file, variable="VAE_ADMIN_TOKENS")
         if config.admin_token_file and not self.admin_tokens:
             raise ConfigError(f"{config.admin_token_file} holds no token: refusing to start with model control open")
+        # One pool of inference workers for every graph of every model: batches of several models
+        # compute side by side no more than on one model, and the event loop keeps its core.
+        workers = config.inference_workers or max(1, available_cores() - 1)
+        self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self.models = Models(
-            config.model_repo, options, batch_settings(config), request_limits(config), self.metrics,
+            config.model_repo, options, batch_settings(config), request_limits(config), self.metrics, executor=self.workers,
             policy=VersionPolicy.parse(config.version_policy),
             only={name for name in config.models.split(",") if name} or None,
             default_name=config.default_model,
@@ -223,6 +227,7 @@ class Server:
         if self.probes:
             await self.probes.stop(0)
         await self.models.close()
+        self.workers.shutdown(wait=False)
         if self._metrics_http:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
