@@ -56,8 +56,8 @@ async def _sample_beside_score(target: str, spec: ModelSpec, duration: float, wa
         sample = pb.SampleRequest(num_samples=1, seed=1)
         scoring = pb.ScoreRequest(images=images, importance_samples=1000, seed=1)
         loads = [run_load(lambda: stub.Sample(sample), 16, duration, warmup)]
-        if score:
-            loads.append(run_load(lambda: stub.Score(scoring, timeout=120), 1, duration, warmup))
+        if score:  # from the start, recorded: one Score can take longer than the window
+            loads.append(run_load(lambda: stub.Score(scoring, timeout=600), 1, duration + warmup, 0.0))
         results = await asyncio.gather(*loads)
     out = {"sample": _figures(results[0])}
     if score:

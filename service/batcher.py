@@ -136,7 +136,7 @@ class BatchPolicy:
     waiting than `max_rows`, the oldest `max_rows` get one row each.
 
     While small requests are about, one request takes at most `max_share_rows` rows of a batch
-    (None: `max_rows // 4`): a large request then goes in short batches, so a small request arriving
+    (None: `max_rows // 8`): a large request then goes in short batches, so a small request arriving
     behind it waits for a short batch, not a full one. About means one waits now (it wants no more
     rows than the cap, beside others), or the last batch served one beside others: a caller
     answered by that batch is likely sending its next request while this one computes, as the
@@ -236,7 +236,7 @@ class BatchPolicy:
 
     @property
     def share_cap(self) -> int:
-        return self.max_share_rows or max(1, self.max_rows // 4)
+        return self.max_share_rows or max(1, self.max_rows // 8)
 
     def shares(self, wanted: Sequence[int], company: bool = False) -> list[int]:
         """Max-min fair shares of one batch among requests wanting these rows, oldest first; none

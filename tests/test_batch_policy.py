@@ -201,8 +201,8 @@ def test_a_request_partly_served_long_ago_does_not_wait_for_company():
         # more requests than rows: the oldest max_rows get one row each
         (4, None, (1, 1, 1, 1, 1), [1, 1, 1, 1], True),
         (4, 4, (3, 2, 2, 2, 2), [1, 1, 1, 1], True),
-        # the cap while a small one waits (default max_rows // 4): short batches, the small ones all in
-        (8, None, (8, 1), [2, 1], True),
+        # the cap while a small one waits (default max_rows // 8): short batches, the small ones all in
+        (16, None, (20, 1), [2, 1], True),
         (8, None, (5, 5), [4, 4], True),  # large ones among themselves: no cap, a full batch
         (8, None, (9, 1, 1, 1, 1, 1, 1, 1), [1, 1, 1, 1, 1, 1, 1, 1], True),  # fair level 1: the cap does not bind
         (8, 3, (9, 1, 1), [3, 1, 1], True),
@@ -226,7 +226,7 @@ def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
     policy = BatchPolicy(max_rows=256, max_delay=0.0)
     queue = state(16_000, *[1] * 16)
     take = policy.decide(queue, 1.0)
-    assert shares(take) == [64] + [1] * 16  # the cap: max_rows // 4 while others wait
+    assert shares(take) == [32] + [1] * 16  # the cap: max_rows // 8 while others wait
     assert batch(take) == list(queue.entries) and take.scanned == 17 and take.merged
     # plain max-min: the large one takes all that the small ones leave, and the batch is full
     uncapped = BatchPolicy(max_rows=256, max_delay=0.0, max_share_rows=256).decide(state(16_000, *[1] * 16), 1.0)
@@ -234,9 +234,9 @@ def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
     # the small callers answered are likely sending again: the next batch stays short, although
     # the large one waits alone; after a batch of its own, it gets full batches again
     carry_out(queue, take, policy)
-    assert [e.wanted for e in queue.entries] == [16_000 - 64] and queue.last_shared
+    assert [e.wanted for e in queue.entries] == [16_000 - 32] and queue.last_shared
     alone = policy.decide(queue, 1.0)
-    assert shares(alone) == [64]
+    assert shares(alone) == [32]
     carry_out(queue, alone, policy)
     assert shares(policy.decide(queue, 1.0)) == [256]
 
@@ -252,7 +252,7 @@ def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
     ],
 )
 def test_the_cap_holds_while_requests_come_together(queued, last_shared, expected):
-    policy = BatchPolicy(max_rows=8, max_delay=0.0)
+    policy = BatchPolicy(max_rows=8, max_delay=0.0, max_share_rows=2)
     take = policy.decide(state(*queued, last_shared=last_shared), 1.0)
     assert shares(take) == expected and take.merged is (sum(queued) > sum(expected) or len(queued) > 1)
 
@@ -356,8 +356,8 @@ def test_shares_are_max_min_fair_on_their_own():
     assert policy.shares([1, 100, 2, 100]) == [1, 4, 2, 3]  # 7 rows split 4 and 3, the older the 4
     assert policy.shares([100]) == [10]
     assert policy.shares([1] * 12) == [1] * 10 + [0, 0]  # more requests than rows: the oldest
-    assert BatchPolicy(max_rows=10, max_delay=0.0).shares([100, 1]) == [2, 1]  # the cap, 10 // 4
-    assert BatchPolicy(max_rows=10, max_delay=0.0).shares([100], company=True) == [2]  # alone, after company
+    assert BatchPolicy(max_rows=16, max_delay=0.0).shares([100, 1]) == [2, 1]  # the cap, 16 // 8
+    assert BatchPolicy(max_rows=16, max_delay=0.0).shares([100], company=True) == [2]  # alone, after company
 
 
 def test_the_share_must_hold_a_row():
@@ -665,7 +665,7 @@ def test_a_small_call_behind_a_huge_one_rides_the_next_batch():
 
     rows, small_out, big_out = asyncio.run(scenario())
     assert small_out[0].tolist() == [[-1.0]] and int(small_out[1][0]) <= 1  # in the first two batches
-    assert run.batches[:2] == [256, 64 + 1]  # the second: the large one's capped share and the small row
+    assert run.batches[:2] == [256, 32 + 1]  # the second: the large one's capped share and the small row
     assert np.array_equal(big_out[0], rows)  # every row, in order
     assert np.all(np.diff(big_out[1]) >= 0) and sum(run.batches) == 10_001
 
