@@ -1,7 +1,8 @@
 """`python -m bench [--quick] --model-repo DIR --json OUT`: the service's throughput and latency,
 each figure beside the limit it chases, all measured in the same run on the same machine.
 
-Limits: (a) ONNX Runtime in-process at the same batch size and threads (compute), (b) a bare
+Limits: (a) ONNX Runtime in-process at the same batch size, the best over 1 .. the available cores
+intra-op threads (compute; the figure at the server's own thread count is kept beside it), (b) a bare
 grpc.aio server answering Sample with a prebuilt response of the same size (transport), loaded in
 turns with the service, slice by slice, and (c) the service itself with batching off. Then the
 mixes of bench/mixes.py: small calls beside a huge Score, one load over four models, and memory
@@ -17,7 +18,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from bench.processes import EchoProcess, ServiceProcess, rss_mb
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.repository import ModelSpec, load_spec
-from service.runtime import RuntimeOptions
+from service.runtime import RuntimeOptions, available_cores, intra_op_threads
 from service.tensors import from_array
 
 
@@ -91,6 +92,7 @@ def summarise(s: Scenario, r: LoadResult, limit: dict[str, Any]) -> dict[str, An
     rps = r.ok / r.seconds
     rows_per_s = rps * s.rows
     measured = rows_per_s if limit["unit"] == "rows/s" else rps
+    same = limit.get("same_threads_value")
     return {
         "rpc": s.rpc + (f"(k={s.k})" if s.k else ""),
         "rows_per_request": s.rows,
@@ -104,35 +106,57 @@ def summarise(s: Scenario, r: LoadResult, limit: dict[str, Any]) -> dict[str, An
         "errors": r.errors,
         "limit": limit,
         "ratio_to_limit": round(measured / limit["value"], 3) if limit["value"] else None,
+        "ratio_to_same_threads_limit": round(measured / same, 3) if same else None,
     }
 
 
-def compute_limits(spec: ModelSpec, seconds: float, options: RuntimeOptions) -> dict[tuple[str, int], float]:
+def compute_limits(spec: ModelSpec, seconds: float, options: RuntimeOptions) -> dict[tuple[str, int, int], float]:
+    """Rows/s by (graph, batch size, intra-op threads), at 1 .. the available cores threads and at
+    the server's own count."""
     sizes = {("decoder", 1), ("decoder", 64), ("decoder", 256), ("encoder", 64), ("encoder", 4)}
-    return {key: graph_rows_per_s(spec, key[0], key[1], options, seconds) for key in sorted(sizes)}
+    counts = sorted({*range(1, available_cores() + 1), intra_op_threads(options.intra_op_threads)})
+    return {
+        (graph, batch, t): graph_rows_per_s(spec, graph, batch, replace(options, intra_op_threads=t), seconds)
+        for graph, batch in sorted(sizes) for t in counts
+    }  # fmt: skip
 
 
-def limit_for(s: Scenario, compute: dict[tuple[str, int], float], echo: LoadResult | None) -> dict[str, Any]:
+def limit_for(
+    s: Scenario, compute: dict[tuple[str, int, int], float], echo: LoadResult | None, same_threads: int
+) -> dict[str, Any]:
+    """The limit a scenario chases: the echo, or the best in-process rows/s over thread counts
+    (`threads` says which gave it), with the figure at the server's own count beside it."""
     if echo is not None:
         return {"kind": f"bare grpc.aio echo, same response size, concurrency {s.concurrency}, measured alternately",
                 "unit": "requests/s", "value": round(echo.ok / echo.seconds, 1)}  # fmt: skip
-    if s.rpc == "Score":
-        per_image = 1 / compute[("encoder", 4)] + s.k / compute[("decoder", 256)]
-        return {"kind": f"onnxruntime in-process, encoder batch {s.rows} + decoder batch {s.rows * s.k}",
-                "unit": "rows/s", "value": round(1 / per_image, 1)}  # fmt: skip
-    graph = "encoder" if s.rpc == "Encode" else "decoder"
-    return {"kind": f"onnxruntime in-process {graph} at batch {s.rows}", "unit": "rows/s",
-            "value": round(compute[(graph, s.rows)], 1)}  # fmt: skip
+    counts = sorted({t for (_, _, t) in compute})
+    if s.rpc == "Score":  # one thread count for both graphs, as the server has
+        kind = f"onnxruntime in-process, encoder batch {s.rows} + decoder batch {s.rows * s.k}"
+        by_threads = {t: 1 / (1 / compute[("encoder", 4, t)] + s.k / compute[("decoder", 256, t)]) for t in counts}
+    else:
+        graph = "encoder" if s.rpc == "Encode" else "decoder"
+        kind = f"onnxruntime in-process {graph} at batch {s.rows}"
+        by_threads = {t: compute[(graph, s.rows, t)] for t in counts}
+    best = max(by_threads, key=by_threads.__getitem__)
+    return {"kind": kind, "unit": "rows/s", "value": round(by_threads[best], 1), "threads": best,
+            "same_threads": same_threads, "same_threads_value": round(by_threads[same_threads], 1)}  # fmt: skip
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = f"{'rpc':<12}{'rows':>5}{'conc':>5}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'err':>5}{'limit':>10}{'ratio':>7}  limit is"
+    """One row per scenario; `thr` is the thread count that gave the best in-process limit, `same`
+    the limit at the server's own count and `ratio` the figure's to each."""
+    head = (f"{'rpc':<12}{'rows':>5}{'conc':>5}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p90 ms':>8}"
+            f"{'p99 ms':>8}{'err':>5}{'limit':>10}{'thr':>4}{'ratio':>7}{'same':>10}{'ratio':>7}  limit is")
     lines = [head, "-" * len(head)]
     for r in results:
+        limit, same = r["limit"], " " * 17
+        if "threads" in limit:
+            same = f"{limit['same_threads_value']:>10.0f}{r['ratio_to_same_threads_limit']:>7.2f}"
         lines.append(
             f"{r['rpc']:<12}{r['rows_per_request']:>5}{r['concurrency']:>5}{r['batching']:>6}{r['requests_per_s']:>9.1f}"
             f"{r['rows_per_s']:>10.0f}{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['errors']:>5}"
-            f"{r['limit']['value']:>10.0f}{r['ratio_to_limit']:>7.2f}  {r['limit']['kind']} ({r['limit']['unit']})"
+            f"{limit['value']:>10.0f}{limit.get('threads', ''):>4}{r['ratio_to_limit']:>7.2f}{same}"
+            f"  {limit['kind']} ({limit['unit']})"
         )
     return "\n".join(lines)
 
@@ -142,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, server and limit alike")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the server's --intra-op-threads, and the limits' same-threads count")  # fmt: skip
     parser.add_argument("--cpu-arena", choices=("on", "off"), default="on", help="onnxruntime's CPU arena, likewise")
     parser.add_argument("--part", choices=("all", "single", "mixes"), default="all",
                         help="single: one model's scenarios beside their limits; mixes: several kinds of traffic at once")  # fmt: skip
@@ -187,7 +212,9 @@ def mixes(spec: ModelSpec, duration: float, warmup: float, threads: list[str], l
 def single_model(
     args: argparse.Namespace, spec: ModelSpec, duration: float, warmup: float, threads: list[str], logs: Path
 ) -> dict[str, Any]:
-    compute = compute_limits(spec, duration / 2, RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on"))
+    options = RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on")
+    compute = compute_limits(spec, duration / 2, options)
+    same_threads = intra_op_threads(args.threads)
 
     echo = EchoProcess(spec.image_shape, logs / "echo.log")
     servers: dict[str, ServiceProcess] = {}
@@ -203,7 +230,7 @@ def single_model(
                 r, echo_r = side_by_side([target, echo.target], method, request, s.concurrency, duration, warmup)
             else:
                 r, echo_r = asyncio.run(load(target, method, request, s.concurrency, duration, warmup)), None
-            results.append(summarise(s, r, limit_for(s, compute, echo_r)))
+            results.append(summarise(s, r, limit_for(s, compute, echo_r, same_threads)))
             print(f"  {s.rpc}({s.rows}) c={s.concurrency} batching {s.batching}: {results[-1]['requests_per_s']} req/s, "
                   f"{results[-1]['ratio_to_limit']} of its limit", flush=True)  # fmt: skip
         memory["after_load_mb"] = round(rss_mb(servers["on"].proc.pid), 1)
@@ -217,7 +244,7 @@ def single_model(
         "cold_start_to_serving_s": round(servers["on"].cold_start_s, 3),
         "resident_memory": memory,
         "batching_gain_sample1_c64": round(on["requests_per_s"] / off["requests_per_s"], 2),
-        "compute_limits_rows_per_s": {f"{g}@{b}": round(v, 1) for (g, b), v in compute.items()},
+        "compute_limits_rows_per_s": {f"{g}@{b}/{t}t": round(v, 1) for (g, b, t), v in compute.items()},
         "scenarios": results,
     }
     print()

@@ -26,6 +26,7 @@ class ServerConfig:
     metrics_addr: str = "0.0.0.0"
     device: str = "auto"
     intra_op_threads: int = 0
+    split_rows: int = 128
     cpu_arena: str = "on"
     decoder_precision: str = "fp32"
     inter_op_threads: int = 1
@@ -66,6 +67,8 @@ HELP = {
     "ones); with --auth-token-file and without this, model control is refused",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU), cpu or cuda",
     "intra_op_threads": "onnxruntime's one intra-op thread pool, shared by every graph (0: one fewer than the cores, at least 1)",
+    "split_rows": "on CPU, a batch of this many rows or more runs in two halves at once, one on the core the "
+    "intra-op pool leaves to the event loop (0: never)",
     "inference_workers": "threads that run batches, shared by every graph of every model (0: one fewer than the cores, "
     "at least 1)",
     "max_batch_rows": "rows per batch sent to a graph",
@@ -140,6 +143,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             f"--max-interpolation-steps {config.max_interpolation_steps} can never be met: an interpolation's "
             f"steps are decoded as one request, and the queue holds --max-queue-rows {config.max_queue_rows}"
         )
+    if config.split_rows < 0:
+        parser.error(f"--split-rows must be 0 (never) or more, got {config.split_rows}")
     if config.inference_workers < 0:
         parser.error(f"--inference-workers must be 0 (automatic) or more, got {config.inference_workers}")
     if config.max_concurrent_calls < 1:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class RuntimeOptions:
     cpu_arena: bool = True
     fp16_decoder: bool = False  # serve decoder_fp16.onnx (an export option, meant for GPUs)
     shared_threads: bool = False  # every session on one process-wide pool (the server); else a pool per session
+    split_rows: int = 0  # batches of this many rows or more run in two halves at once (see split_rows()); 0: never
 
 
 def choose_providers(options: RuntimeOptions, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
@@ -111,6 +114,49 @@ def shared_environment(threads: int | None, inter_op_threads: int) -> None:
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # max_mem default, kSameAsRequested
 
 
+def split_rows(options: RuntimeOptions, provider: str, cores: int | None = None) -> int:
+    """Rows from which a batch runs in two halves side by side, one on the calling thread and one on
+    a helper thread; 0: never.
+
+    Why: the intra-op pool is one fewer than the cores so that the event loop keeps one, which small
+    batches need: a pool over every core cost Sample(1) at 16 and 64 callers a fifth to a quarter
+    of their requests/s on 2 cores, the global pool's threads spinning after every batch on the
+    event loop's core (its Python API cannot turn spinning off). A large batch leaves the event
+    loop nearly idle, so it borrows that core: as two runs at once, each on the shared pool, it
+    uses the pool's threads and two calling threads, every core. Two halves scale better than one
+    run on more intra-op threads (in-process on 2 cores, batch 256: 1.9x against 1.0-1.7x), and a
+    row's outputs do not depend on its batch neighbours or the thread count, so the answer is the
+    same bytes (tests/test_threads.py; figures in docs/benchmarks.md). Only on CPU, and only when
+    the pool leaves a core: a GPU runs a batch as one kernel sequence, and a second stream of it
+    would only queue."""
+    cores = available_cores() if cores is None else cores
+    if provider != CPU or options.split_rows <= 0 or intra_op_threads(options.intra_op_threads) >= cores:
+        return 0
+    return max(2, options.split_rows)
+
+
+class _Helpers:
+    """The helper threads that run the second halves of split batches: one per core the intra-op
+    pool leaves free (one, by default), for the whole process, so they do not multiply with models.
+    A split takes a helper only if one is idle; otherwise its batch runs whole, as it would unsplit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.idle: threading.Semaphore | None = None
+
+    def get(self, options: RuntimeOptions) -> tuple[ThreadPoolExecutor, threading.Semaphore]:
+        with self._lock:
+            if self.pool is None:
+                n = max(1, available_cores() - intra_op_threads(options.intra_op_threads))
+                self.pool, self.idle = ThreadPoolExecutor(n, thread_name_prefix="split"), threading.Semaphore(n)
+            assert self.idle is not None
+            return self.pool, self.idle
+
+
+_helpers = _Helpers()
+
+
 def _environment(options: RuntimeOptions) -> None:
     threads = intra_op_threads(options.intra_op_threads) if options.shared_threads else None
     shared_environment(threads, options.inter_op_threads)
@@ -130,7 +176,10 @@ class Graph:
             so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
         # Spinning worker threads keep the cores busy between runs, starving the event loop and the
-        # gRPC threads that share them; a served model runs in bursts, so let them sleep.
+        # gRPC threads that share them; a served model runs in bursts, so let them sleep. This holds
+        # for per-session pools only: the global pool's threads spin after each parallel section
+        # whatever these say, and its Python API cannot change that (docs/benchmarks.md); with the
+        # default one thread on 2 cores it has no threads to spin.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         # The CPU arena keeps the peak of the largest batch it has seen: faster for large batches,
@@ -145,8 +194,26 @@ class Graph:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]
+        self.split_rows = split_rows(options, self.provider)
+        self.helpers = _helpers.get(options) if self.split_rows else None
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for a batch; from split_rows rows on, computed in two halves at
+        once when a helper thread is idle (the same bytes either way)."""
+        if self.helpers is None or len(batch) < self.split_rows or not self.helpers[1].acquire(blocking=False):
+            return self._run(batch)
+        pool, idle = self.helpers
+        half = len(batch) // 2
+        try:
+            second = pool.submit(self._run, batch[half:])
+        except BaseException:
+            idle.release()
+            raise
+        second.add_done_callback(lambda _: idle.release())
+        first = self._run(batch[:half])
+        return [np.concatenate(pair) for pair in zip(first, second.result())]
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.output_names, {self.input_name: batch})
 
 
@@ -178,5 +245,7 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
         threads = f"the process's shared pool of {intra_op_threads(options.intra_op_threads)} intra-op threads"
     else:
         threads = f"{runtime.decoder.session.get_session_options().intra_op_num_threads} intra-op threads each"
+    if runtime.decoder.split_rows:
+        threads += f"; batches of {runtime.decoder.split_rows} rows or more in two halves at once"
     log.info("%s v%d: graphs loaded on %s, %s", spec.name, spec.version, runtime.provider, threads)
     return runtime
