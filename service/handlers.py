@@ -99,12 +99,16 @@ def _images(engine: Engine, t: pb.Tensor, field: str = "images", max_rows: int |
     return images_to_array(t, field, engine.spec.image_shape, max_rows or engine.limits.max_request_rows)
 
 
-def _latents(engine: Engine, t: pb.Tensor, field: str, max_rows: int) -> np.ndarray:
-    z = to_array(t, field, (engine.spec.latent_dim,), max_rows)
+def check_latents(z: np.ndarray, field: str) -> np.ndarray:
+    """`z`, unless a latent lies beyond MAX_ABS_LATENT (BadRequest naming `field`); both protocols' decoders."""
     largest = float(np.abs(z).max())
     if largest > MAX_ABS_LATENT:
         raise BadRequest(f"{field}: a latent of magnitude {largest:.3g}; latents must lie within [-{MAX_ABS_LATENT:g}, {MAX_ABS_LATENT:g}]")
     return z
+
+
+def _latents(engine: Engine, t: pb.Tensor, field: str, max_rows: int) -> np.ndarray:
+    return check_latents(to_array(t, field, (engine.spec.latent_dim,), max_rows), field)
 
 
 def _format(engine: Engine, fmt: int) -> int:

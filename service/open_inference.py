@@ -23,7 +23,7 @@ import numpy as np
 
 from service.api.inference import grpc_service_pb2 as oip
 from service.engine import Engine, new_seed
-from service.handlers import MAX_ABS_LATENT, Call, VaeServicer, control, deadline_of
+from service.handlers import Call, VaeServicer, check_latents, control, deadline_of
 from service.models import READY, ModelNotFound
 from service.tensors import BadRequest
 
@@ -62,7 +62,12 @@ def parse_version(version: str) -> int:
 
 def route(request: Any) -> tuple[str, int]:
     """(model, version) of an inference request, for `Call`."""
-    return split_name(request.model_name)[0], parse_version(request.model_version)
+    return target(request.model_name, request.model_version)
+
+
+def target(name: str, version: str) -> tuple[str, int]:
+    """The served model and version behind a protocol model name (NAME_kind) and version string."""
+    return split_name(name)[0], parse_version(version)
 
 
 class Tensors:
@@ -166,8 +171,7 @@ class InferenceServicer:
         return self.vae.draining
 
     def _engine(self, name: str, version: str) -> tuple[Engine, str]:
-        base, kind = split_name(name)
-        return self.models.resolve(base, parse_version(version)), kind
+        return self.models.resolve(*target(name, version)), split_name(name)[1]
 
     @control
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> oip.ServerLiveResponse:
@@ -187,10 +191,10 @@ class InferenceServicer:
 
     @control
     async def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> oip.ModelReadyResponse:
-        base, _ = split_name(request.name)
+        base, version = target(request.name, request.version)
         if base not in self.models.table:
             raise ModelNotFound(f"model {base!r} not found; this server has: {', '.join(self.models.table) or 'none'}")
-        return oip.ModelReadyResponse(ready=(base, parse_version(request.version)) in self.models.routes)
+        return oip.ModelReadyResponse(ready=(base, version) in self.models.routes)
 
     @control
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Any) -> oip.ModelMetadataResponse:
@@ -321,8 +325,7 @@ class InferenceServicer:
             if kind == "encoder":
                 results = await engine.encoder.submit(x.astype(np.float32), deadline)
             else:
-                if np.abs(x).max() > MAX_ABS_LATENT:
-                    raise BadRequest(f"input {name!r}: latents must lie within [-{MAX_ABS_LATENT:g}, {MAX_ABS_LATENT:g}]")
+                check_latents(x, f"input {name!r}")
                 results = await engine.decoder.submit(x.astype(np.float32), deadline)
             for (output, _, _), array in zip(outputs, results):
                 out.add(output, array)
