@@ -5,8 +5,8 @@ Limits: (a) ONNX Runtime in-process at the same batch size, the best over 1 .. t
 intra-op threads (compute; the figure at the server's own thread count is kept beside it), (b) a bare
 grpc.aio server answering Sample with a prebuilt response of the same size (transport), loaded in
 turns with the service, slice by slice, and (c) the service itself with batching off. Then the
-mixes of bench/mixes.py: small calls beside a huge Score, one load over four models, and memory
-per added model.
+mixes of bench/mixes.py: small calls beside a huge Score, one load over four models, memory per
+added model, and, for a flow-prior model, Sample(256) against the same graphs under N(0, I).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from bench.limits import graph_rows_per_s
 from bench.load import LoadResult, run_load
-from bench.mixes import fairness, many_models, memory_by_models
+from bench.mixes import fairness, many_models, memory_by_models, prior_cost
 from bench.processes import EchoProcess, ServiceProcess, rss_mb
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
@@ -169,11 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="the server's --intra-op-threads, and the limits' same-threads count")  # fmt: skip
     parser.add_argument("--cpu-arena", choices=("on", "off"), default="on", help="onnxruntime's CPU arena, likewise")
-    parser.add_argument("--part", choices=("all", "single", "mixes"), default="all",
-                        help="single: one model's scenarios beside their limits; mixes: several kinds of traffic at once")  # fmt: skip
+    parser.add_argument("--part", choices=("all", "single", "mixes", "prior"), default="all",
+                        help="single: one model's scenarios beside their limits; mixes: several kinds of traffic at once; "
+                             "prior: a flow-prior model against its graphs under N(0, I) (all runs it for flow models)")  # fmt: skip
     args = parser.parse_args(argv)
     duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
     spec = load_spec(args.model_repo)
+    if args.part == "prior" and spec.prior != "flow":
+        parser.error(f"--part prior needs a flow-prior model; {spec.name} v{spec.version} has prior {spec.prior!r}")
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
     threads = ["--intra-op-threads", str(args.threads), "--cpu-arena", args.cpu_arena]
 
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         report |= single_model(args, spec, duration, warmup, threads, logs)
     if args.part in ("all", "mixes"):
         report |= mixes(spec, duration, warmup, threads, logs)
+    if args.part in ("all", "prior") and spec.prior == "flow":
+        report |= prior(spec, duration, warmup, threads, logs)
     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -207,6 +212,13 @@ def mixes(spec: ModelSpec, duration: float, warmup: float, threads: list[str], l
     out["memory_by_models"] = memory_by_models(spec, (1, 4, 8), threads, logs)
     print(f"  resident memory by models served: {out['memory_by_models']}", flush=True)
     return out
+
+
+def prior(spec: ModelSpec, duration: float, warmup: float, threads: list[str], logs: Path) -> dict[str, Any]:
+    p = prior_cost(spec, duration, warmup, threads, logs)
+    print(f"  Sample(256) c=4: {p['flow']['rows_per_s']} rows/s with the flow prior, {p['standard']['rows_per_s']} "
+          f"under N(0, I): {p['flow_over_standard']} of it", flush=True)  # fmt: skip
+    return {"prior_cost": p}
 
 
 def single_model(

@@ -1,5 +1,6 @@
 """Scenarios of several kinds of traffic at once: small calls beside a huge one (fair batching), one
-load spread over several models, and the memory each added model costs.
+load spread over several models, the memory each added model costs, and what a flow prior costs
+against the same model under N(0, I).
 
 Each compares the service with itself in the same run: the ratio holds on a shared machine where
 absolute figures drift. Models are hard-linked copies of the one given, under other names.
@@ -8,6 +9,7 @@ absolute figures drift. Models are hard-linked copies of the one given, under ot
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +22,7 @@ from bench.load import LoadResult, run_load
 from bench.processes import ServiceProcess, rss_mb
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
-from service.manifest import ModelSpec
+from service.manifest import MANIFEST, PRIOR_ROLES, ModelSpec
 from service.tensors import from_array
 
 
@@ -134,3 +136,47 @@ def memory_by_models(spec: ModelSpec, counts: tuple[int, ...], extra: list[str],
     added = (out[str(last)]["after_calls_mb"] - out[str(first)]["after_calls_mb"]) / (last - first)
     out["mb_per_added_model"] = round(added, 1)
     return out
+
+
+def standard_prior_twin(spec: ModelSpec, repo: Path, name: str) -> None:
+    """The flow model's encoder and decoder served under N(0, I), as repo/name: the same graphs and
+    weights without the prior's two, so Sample differs only by the flow's f(eps)."""
+    folder = repo / name / str(spec.version)
+    folder.mkdir(parents=True)
+    info = json.loads((spec.folder / MANIFEST).read_text())
+    for role in PRIOR_ROLES[spec.prior]:
+        del info["graphs"][role]
+    for role in info["graphs"]:
+        os.link(spec.graph(role), folder / f"{role}.onnx")
+    info |= {"name": name, "prior": "standard"}
+    (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+
+
+async def _sample_rows(target: str, model: str, rows: int, concurrency: int, duration: float, warmup: float) -> LoadResult:
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stub, request = _stub(channel), pb.SampleRequest(num_samples=rows, seed=1, model_name=model)
+        return await run_load(lambda: stub.Sample(request), concurrency, duration, warmup)
+
+
+def prior_cost(
+    spec: ModelSpec, duration: float, warmup: float, extra: list[str], logs: Path, rounds: int = 3
+) -> dict[str, Any]:
+    """Sample(256) at concurrency 4 from a flow-prior model and from its standard-prior twin, both
+    served by one server and loaded in turns, slice by slice: rows/s and their ratio."""
+    repo = linked_repository(spec, ["flow"])
+    standard_prior_twin(spec, repo, "standard")
+    server = ServiceProcess(repo, logs / "prior-cost.log", *extra)
+    slices: dict[str, list[LoadResult]] = {"flow": [], "standard": []}
+    try:
+        for _ in range(rounds):
+            for model, parts in slices.items():
+                parts.append(asyncio.run(_sample_rows(server.target, model, 256, 4, duration / rounds, warmup / rounds)))
+    finally:
+        server.stop()
+    flow, standard = (LoadResult.combine(parts) for parts in slices.values())
+    rows = {name: round(256 * r.ok / r.seconds, 1) for name, r in (("flow", flow), ("standard", standard))}
+    return {
+        "flow": _figures(flow) | {"rows_per_s": rows["flow"]},
+        "standard": _figures(standard) | {"rows_per_s": rows["standard"]},
+        "flow_over_standard": round(rows["flow"] / rows["standard"], 3),
+    }  # fmt: skip

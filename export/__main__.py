@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="model name: the folder under --out")
     parser.add_argument("--max-batch-size", type=int, default=256, help="written to model.json and Triton configs")
     parser.add_argument("--fp16-decoder", action="store_true", help="also write decoder_fp16.onnx, for GPUs")
+    parser.add_argument("--int8-decoder", action="store_true",
+                        help="also write decoder_int8.onnx, dynamically quantized for CPUs (pays on large decoders)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # torch.onnx's exporter is chatty at WARNING
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics_file = args.checkpoint.parent / "metrics.json"
     metrics = json.loads(metrics_file.read_text())["test"] if metrics_file.exists() else {}
     try:
-        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, args.fp16_decoder)
+        precisions = tuple(p for p, asked in (("fp16", args.fp16_decoder), ("int8", args.int8_decoder)) if asked)
+        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, precisions)
     except (ParityError, ValueError) as err:
         print(f"export failed, nothing published: {err}", file=sys.stderr)
         return 1

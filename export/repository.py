@@ -14,11 +14,11 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
-from export.graphs import OPSET, export_fp16_decoder, export_graphs
+from export.graphs import OPSET, export_fp16_decoder, export_graphs, export_int8_decoder
 from export.triton import triton_config
 from export.verify import verify_parity
 # The reader's own roles and writer: export and service cannot disagree on model.json.
-from service.manifest import PRIOR_ROLES, ROLES, version_numbers, write_manifest
+from service.manifest import DECODER_PRECISIONS, PRIOR_ROLES, ROLES, version_numbers, write_manifest
 from training.config import TrainConfig
 from training.model import VAE
 
@@ -29,9 +29,10 @@ def next_version(model_dir: Path) -> int:
 
 def publish(
     model: VAE, cfg: TrainConfig, models: Path, name: str, metrics: dict[str, Any] | None = None,
-    max_batch_size: int = 256, fp16_decoder: bool = False,
+    max_batch_size: int = 256, precisions: tuple[str, ...] = (),
 ) -> Path:  # fmt: skip
-    """Export, verify and atomically publish the next version; return its folder."""
+    """Export, verify and atomically publish the next version; return its folder. `precisions`
+    adds reduced-precision decoders beside decoder.onnx: "fp16" (GPUs), "int8" (CPUs)."""
     if cfg.model.kind != "vae":
         raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
     model_dir = models / name
@@ -40,18 +41,20 @@ def publish(
     staging.chmod(0o755)  # mkdtemp makes it owner-only; a server running as another user must read it
     try:
         signatures = export_graphs(model, staging)
-        if fp16_decoder:
-            export_fp16_decoder(staging)
+        reduced = {"fp16": export_fp16_decoder, "int8": export_int8_decoder}
+        for precision in precisions:
+            reduced[precision](staging)
         parity = verify_parity(model, staging)
         m = cfg.model
         served = (*ROLES, *PRIOR_ROLES[m.prior])  # the graphs the service runs, each with a Triton config
-        roles = [role for role in (*served, "decoder_fp16") if (staging / f"{role}.onnx").exists()]
+        reduced_roles = DECODER_PRECISIONS.values()  # the decoder's signature, other arithmetic
+        roles = [role for role in (*served, *reduced_roles) if (staging / f"{role}.onnx").exists()]
         while True:
             version = next_version(model_dir)
             write_manifest(
                 staging, name=name, version=version, latent_dim=m.latent_dim, image_shape=m.image_shape,
                 likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset, prior=m.prior,
-                graphs={role: signatures[role.removesuffix("_fp16")] for role in roles},
+                graphs={role: signatures["decoder" if role in reduced_roles else role] for role in roles},
                 max_batch_size=max_batch_size, metrics=metrics or {}, opset=OPSET,
                 exporters={pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
                 parity_max_abs_diff=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from service.manifest import DECODER_PRECISIONS
 from service.repository import VersionPolicy
 
 
@@ -75,7 +76,8 @@ HELP = {
     "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
     "max_queue_rows": "rows that may wait per graph before requests are refused",
     "max_request_rows": "images or latents in one request",
-    "decoder_precision": "fp32, or fp16 to serve decoder_fp16.onnx (python -m export --fp16-decoder; for GPUs)",
+    "decoder_precision": "fp32; fp16 serves decoder_fp16.onnx (export --fp16-decoder, for GPUs), int8 decoder_int8.onnx "
+    "(export --int8-decoder, for CPUs)",
     "cpu_arena": "on (onnxruntime keeps its peak buffers: faster) or off (memory goes back after each batch)",
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
@@ -153,8 +155,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         parser.error("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:
         parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if config.decoder_precision not in ("fp32", "fp16"):
-        parser.error(f"--decoder-precision must be fp32 or fp16, got {config.decoder_precision!r}")
+    if config.decoder_precision not in ("fp32", *DECODER_PRECISIONS):
+        parser.error(f"--decoder-precision must be fp32, fp16 or int8, got {config.decoder_precision!r}")
     if config.cpu_arena not in ("on", "off"):
         parser.error(f"--cpu-arena must be on or off, got {config.cpu_arena!r}")
     if config.batch_delay not in ("adaptive", "always"):

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1  # model.json's layout; a version of another format is refused
-ROLES = ("encoder", "decoder")  # the graphs every version has; decoder_fp16 is optional
+ROLES = ("encoder", "decoder")  # the graphs every version has
+# Reduced-precision decoders, export options served with --decoder-precision: half precision for
+# GPUs, dynamically quantized int8 for CPUs (faster only where the decoder's matrices are large).
+DECODER_PRECISIONS = {"fp16": "decoder_fp16", "int8": "decoder_int8"}
 # The graphs each prior adds: N(0, I) needs none; a flow needs f (eps -> z, for Sample and
 # Interpolate) and f^-1 with its log-density (z -> eps, log p(z), for Score and Interpolate).
 PRIOR_ROLES: dict[str, tuple[str, ...]] = {"standard": (), "flow": ("prior_sample", "prior_density")}
@@ -43,11 +46,23 @@ class ModelSpec:
     dataset: str
     prior: str = "standard"
     metrics: dict[str, float] = field(default_factory=dict)
-    has_fp16_decoder: bool = False
+    precisions: tuple[str, ...] = ()  # the reduced-precision decoders it has (DECODER_PRECISIONS keys)
     prior_graphs: tuple[str, ...] = ()  # the prior's own graphs (PRIOR_ROLES[prior]): none for N(0, I)
 
     def graph(self, role: str) -> Path:
         return self.folder / f"{role}.onnx"
+
+    def decoder(self, precision: str) -> Path:
+        """The decoder graph for a precision: fp32 (decoder.onnx) or one the export added."""
+        if precision == "fp32":
+            return self.graph("decoder")
+        if precision not in self.precisions:
+            flag = f"--{precision}-decoder"
+            raise RepositoryError(
+                f"{self.folder}: --decoder-precision {precision} asked for, but the export wrote no "
+                f"{DECODER_PRECISIONS.get(precision, precision)}.onnx (python -m export {flag})"
+            )
+        return self.graph(DECODER_PRECISIONS[precision])
 
     @property
     def interface(self) -> dict[str, object]:
@@ -125,7 +140,7 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
             dataset=str(info.get("dataset", "")),
             prior=str(info.get("prior", "standard")),
             metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
-            has_fp16_decoder="decoder_fp16" in info["graphs"],
+            precisions=tuple(p for p, role in DECODER_PRECISIONS.items() if role in info["graphs"]),
             prior_graphs=PRIOR_ROLES.get(str(info.get("prior", "standard")), ()),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -141,7 +156,7 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
         raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r} needs {needs}; it does not list {missing}")
     if folder.name.isdigit() and spec.version != int(folder.name):
         raise RepositoryError(f"{folder}/{MANIFEST} says version {spec.version}, its folder says {folder.name}")
-    for role in (*ROLES, *spec.prior_graphs, *(("decoder_fp16",) if spec.has_fp16_decoder else ())):
+    for role in (*ROLES, *spec.prior_graphs, *(DECODER_PRECISIONS[p] for p in spec.precisions)):
         path = spec.graph(role)
         try:
             expected = info["graphs"][role].get("sha256")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import ModelSpec, RepositoryError
+from service.manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RuntimeOptions:
     cuda_device_id: int = 0
     cuda_mem_limit_bytes: int = 0  # 0: no limit
     cpu_arena: bool = True
-    fp16_decoder: bool = False  # serve decoder_fp16.onnx (an export option, meant for GPUs)
+    decoder_precision: str = "fp32"  # fp16 or int8: serve that export option's decoder graph instead
     shared_threads: bool = False  # every session on one process-wide pool (the server); else a pool per session
     split_rows: int = 0  # batches of this many rows or more run in two halves at once (see split_rows()); 0: never
 
@@ -230,12 +230,9 @@ class Runtime:
 
 def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     providers = choose_providers(options, ort.get_available_providers())
-    if options.fp16_decoder and not spec.has_fp16_decoder:
-        raise RepositoryError(f"{spec.folder}: --decoder-precision fp16 asked for, but the export wrote no decoder_fp16.onnx")
-    decoder = "decoder_fp16" if options.fp16_decoder else "decoder"
     runtime = Runtime(
         encoder=Graph(str(spec.graph("encoder")), options, providers),
-        decoder=Graph(str(spec.graph(decoder)), options, providers),
+        decoder=Graph(str(spec.decoder(options.decoder_precision)), options, providers),
         priors={role: Graph(str(spec.graph(role)), options, providers) for role in spec.prior_graphs},
     )
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]

@@ -77,7 +77,7 @@ class Server:
         self.metrics = Metrics()
         options = RuntimeOptions(
             config.device, config.intra_op_threads, config.inter_op_threads, cpu_arena=config.cpu_arena == "on",
-            fp16_decoder=config.decoder_precision == "fp16", shared_threads=True, split_rows=config.split_rows,
+            decoder_precision=config.decoder_precision, shared_threads=True, split_rows=config.split_rows,
         )  # fmt: skip
         self.tokens = load_tokens(config.auth_token_file)
         if config.auth_token_file and not self.tokens:

@@ -132,33 +132,42 @@ def test_triton_configs_parse_as_text_protobuf(published, tmp_path):
     ).stat().st_ino
 
 
-def test_fp16_decoder_is_exported_verified_and_served(tmp_path, checkpoint_path, model_repo):
+@pytest.mark.parametrize(
+    "precision, limit, size, atol, quantized_op",
+    [("fp16", 3e-2, 0.75, 1e-2, None), ("int8", 0.5, 0.75, 0.13, "DynamicQuantizeLinear")],
+)  # size: of decoder.onnx's (smaller weights, plus the graph); atol: on served pixels
+def test_reduced_precision_decoder_is_exported_verified_and_served(
+    tmp_path, checkpoint_path, model_repo, precision, limit, size, atol, quantized_op
+):  # fmt: skip
     from tests.conftest import ROOT, ServerProcess, expected_sample
 
     model, cfg, _ = load_model(checkpoint_path)
-    folder = publish(model, cfg, tmp_path / "models", "digits", fp16_decoder=True)
+    folder = publish(model, cfg, tmp_path / "models", "digits", precisions=(precision,))
+    role = f"decoder_{precision}"
     info = json.loads((folder / "model.json").read_text())
-    data = (folder / "decoder_fp16.onnx").read_bytes()
-    assert info["graphs"]["decoder_fp16"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert 0 < info["parity_max_abs_diff"]["decoder_fp16.logits"] <= 3e-2  # really half precision, within its limit
-    session = ort.InferenceSession(str(folder / "decoder_fp16.onnx"), providers=["CPUExecutionProvider"])
+    data = (folder / f"{role}.onnx").read_bytes()
+    assert info["graphs"][role]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert 0 < info["parity_max_abs_diff"][f"{role}.logits"] <= limit  # really another precision, within its limit
+    session = ort.InferenceSession(str(folder / f"{role}.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == session.get_outputs()[0].type == "tensor(float)"  # float32 at the edges
-    assert len(data) < 0.75 * (folder / "decoder.onnx").stat().st_size  # half-size weights, plus the graph itself
+    assert len(data) < size * (folder / "decoder.onnx").stat().st_size
+    if quantized_op:
+        assert quantized_op in {node.op_type for node in onnx.load(str(folder / f"{role}.onnx")).graph.node}
 
     from service.client import VaeClient
 
-    half = ServerProcess(tmp_path / "models", tmp_path / "fp16.log", "--decoder-precision", "fp16")
+    server = ServerProcess(tmp_path / "models", tmp_path / f"{precision}.log", "--decoder-precision", precision)
     try:
-        with VaeClient(half.target) as client:
+        with VaeClient(server.target) as client:
             images = client.sample(16, seed=4)
-        np.testing.assert_allclose(images, expected_sample(model, 16, 4), atol=1e-2)
+        np.testing.assert_allclose(images, expected_sample(model, 16, 4), atol=atol)
     finally:
-        assert half.terminate() == 0
+        assert server.terminate() == 0
     refused = subprocess.run(
         [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0",
-         "--decoder-precision", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+         "--decoder-precision", precision], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert refused.returncode == 2 and "no decoder_fp16.onnx" in refused.stderr
+    assert refused.returncode == 2 and f"no {role}.onnx" in refused.stderr
 
 
 def test_models_the_service_cannot_serve_are_not_exported(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import ModelConfig as TritonModelConfig
 
+from bench.mixes import standard_prior_twin
 from export.graphs import export_prior_graphs
 from export.repository import publish
 from export.triton import layout
@@ -248,3 +249,16 @@ def test_prior_graphs_have_their_own_batchers_and_the_standard_model_none(flow_s
 
 def test_sample_stream_equals_sample(client):
     assert np.array_equal(client.sample_stream(300, seed=9, chunk_rows=128), client.sample(300, seed=9))
+
+
+def test_bench_twin_is_the_flow_models_graphs_under_the_standard_prior(flow_repo, tmp_path):
+    """bench --part prior compares a flow model with this twin: same encoder and decoder files
+    (hard links), N(0, I) as its prior, and a manifest the server accepts."""
+    flow = read_manifest(flow_repo / "flow" / "1")
+    standard_prior_twin(flow, tmp_path, "twin")
+    twin = read_manifest(tmp_path / "twin" / "1")
+    assert (twin.name, twin.prior, twin.prior_graphs) == ("twin", "standard", ())
+    assert twin.interface == flow.interface | {"prior": "standard"}
+    for role in ("encoder", "decoder"):
+        assert twin.graph(role).samefile(flow.graph(role))
+    assert sorted(p.name for p in twin.folder.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]

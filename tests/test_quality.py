@@ -12,7 +12,7 @@ import torch
 
 from training import quality
 from training.config import ModelConfig, TrainConfig
-from training.features import load_feature_net, train_feature_net
+from training.features import FeatureNet, load_feature_net, train_feature_net
 from training.quality import class_statistics, classify, frechet_distance, reconstruction_accuracy, trace_sqrt_product
 from training.train import run
 
@@ -163,3 +163,15 @@ def test_numpy_fallback_is_used_without_scipy(monkeypatch):
     assert trace_sqrt_product(s1, s2) == pytest.approx(4.0)
     with pytest.raises(ValueError):
         trace_sqrt_product(s1, s2, "scipy")
+
+
+@pytest.mark.parametrize("shape, stages", [((1, 8, 8), 1), ((1, 28, 28), 2)])
+def test_classifier_sees_the_whole_image_before_pooling(shape, stages):
+    """Stride-2 stages until the map is 4x4 or less: the pooled features are of the whole digit,
+    not a bag of small patches (the digits classifier keeps its one stage and its saved layout)."""
+    net = FeatureNet(shape)
+    convs = [m for m in net.back if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == stages
+    maps = net.back[: 2 * stages](net.features(torch.zeros(1, *shape)))
+    assert max(maps.shape[-2:]) <= 4 and net.embed(torch.zeros(3, *shape)).shape == (3, 64)
+

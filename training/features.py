@@ -27,22 +27,24 @@ DEFAULT_SCHEDULE = (5, 128)
 
 
 class FeatureNet(nn.Module):
-    """conv -> conv(stride 2) = the feature maps compared; then conv(stride 2) -> pool -> classes."""
+    """conv -> conv(stride 2) = the feature maps compared; then conv(stride 2) until the map is 4x4
+    or smaller -> pool -> classes. The pool averages what each position sees, so the stages grow
+    the receptive field to the whole digit first: one stage for 8x8 digits, two for 28x28 MNIST
+    (whose classifier with one stage, seeing 9-pixel patches, stopped at 92% test accuracy)."""
 
     def __init__(self, image_shape: tuple[int, int, int], classes: int = 10, width: int = 32) -> None:
         super().__init__()
-        c = image_shape[0]
+        c, size = image_shape[0], max(image_shape[1:])
         self.image_shape = tuple(image_shape)
         self.front = nn.Sequential(
             nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU()
         )
-        self.back = nn.Sequential(
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(2 * width, classes),
-        )
+        stages: list[nn.Module] = []
+        size = (size + 1) // 2
+        while not stages or size > 4:
+            stages += [nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU()]
+            size = (size + 1) // 2
+        self.back = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.front(x)
