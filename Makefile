@@ -13,7 +13,7 @@ CHECKPOINT ?= $(RUNS)/digits/best.pt
 NAME   ?= digits
 MNIST_DIR ?= ../shared/data/mnist
 
-.PHONY: install test train train-mnist train-mnist-flow features evaluate export model run bench proto clean
+.PHONY: install test train train-mnist train-mnist-flow train-mnist-ae features evaluate export model run bench proto clean
 
 install: $(VENV)/.installed
 
@@ -37,15 +37,21 @@ train: install $(RUNS)/features-digits/features.pt
 $(RUNS)/features-digits/features.pt: | install
 	$(PY) -m training.features --dataset digits --out $(RUNS)/features-digits
 
-# The MNIST recipe measured in docs/training.md ("The MNIST recipe").
-train-mnist: install
-	$(PY) -m training --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 \
-		--latent-dim 32 --widths 32,64 --hidden 512 --warmup-epochs 1 --out $(RUNS)/mnist
+# The MNIST recipe and its flow-prior and autoencoder variants, measured in docs/training.md
+# ("The MNIST recipe"); the classifier judges their samples.
+MNIST_RECIPE = --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 --latent-dim 32 --widths 32,64 \
+	--hidden 512 --warmup-epochs 1 --eval-images 2000 --classifier $(RUNS)/features-mnist/features.pt
+train-mnist: install $(RUNS)/features-mnist/features.pt
+	$(PY) -m training $(MNIST_RECIPE) --out $(RUNS)/mnist
 
-# The same recipe with the flow prior (docs/training.md, "The flow prior").
-train-mnist-flow: install
-	$(PY) -m training --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 \
-		--latent-dim 32 --widths 32,64 --hidden 512 --warmup-epochs 1 --prior flow --out $(RUNS)/mnist-flow
+train-mnist-flow: install $(RUNS)/features-mnist/features.pt
+	$(PY) -m training $(MNIST_RECIPE) --prior flow --out $(RUNS)/mnist-flow
+
+train-mnist-ae: install $(RUNS)/features-mnist/features.pt
+	$(PY) -m training $(MNIST_RECIPE) --model ae --out $(RUNS)/mnist-ae
+
+$(RUNS)/features-mnist/features.pt: | install
+	$(PY) -m training.features --dataset mnist --data-dir $(MNIST_DIR) --out $(RUNS)/features-mnist
 
 # Serve the model repository; on a fresh checkout, train and export the small digits model first.
 run: install
@@ -66,7 +72,7 @@ bench: install
 features: $(RUNS)/features-digits/features.pt
 
 evaluate: install
-	$(PY) -m training.evaluate --checkpoint $(RUNS)/mnist/best.pt --k 1000 --images 1000
+	$(PY) -m training.evaluate --checkpoint $(RUNS)/mnist/best.pt --k 1000 --images 2000
 
 # Generated code is committed (the serving image needs no grpcio-tools); tests/test_service_lifecycle.py::test_generated_code_is_current proves it current.
 # The -I mapping makes the generated imports read `from service.api.vae.v1 import vae_pb2`.

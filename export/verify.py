@@ -12,10 +12,11 @@ from training.model import VAE
 
 BATCH_SIZES = (1, 7, 64)
 TOLERANCE = 1e-4
-# Reduced-precision decoders are held to the float32 model's answers, more loosely: half precision
-# keeps about 3 significant digits (logits of tens lose ~1e-2); int8 weights and activations move
-# logits by tenths (MNIST recipe: 0.25 at most, 0.04 on average; its test NLL within 0.01 nats).
-REDUCED_TOLERANCE = {"decoder_fp16": 3e-2, "decoder_int8": 0.5}
+# Reduced-precision decoders are held to the float32 model's answers more loosely, by output:
+# Bernoulli logits (tens) or Gaussian means (pixels in [0, 1]). Half precision keeps about 3
+# significant digits (logits lose ~1e-2); int8 weights and activations move logits by tenths (MNIST
+# recipe: 0.25 at most, 0.04 on average, its test NLL within 0.01 nats) and means by about 0.01.
+REDUCED_TOLERANCE = {"decoder_fp16": {"logits": 3e-2, "mean": 3e-2}, "decoder_int8": {"logits": 0.5, "mean": 0.05}}
 
 
 class ParityError(RuntimeError):
@@ -68,11 +69,17 @@ def _references(model: VAE, x: np.ndarray, z: np.ndarray) -> tuple[Feeds, dict[s
     return feeds, expected
 
 
+def tolerance(key: str) -> float:
+    """The limit for one output, keyed as max_differences keys it: 'decoder_int8.logits'."""
+    role, _, output = key.partition(".")
+    return REDUCED_TOLERANCE.get(role, {}).get(output, TOLERANCE)
+
+
 def verify_parity(model: VAE, folder: Path) -> dict[str, float]:
     """The differences, or ParityError naming every output over its tolerance (looser for the
     reduced-precision decoders)."""
     worst = max_differences(model, folder)
-    limit = {k: REDUCED_TOLERANCE.get(k.split(".")[0], TOLERANCE) for k in worst}
+    limit = {k: tolerance(k) for k in worst}
     if any(not v <= limit[k] for k, v in worst.items()):
         figures = ", ".join(f"{k} {v:.3g} (limit {limit[k]:g})" for k, v in worst.items())
         raise ParityError(f"ONNX Runtime and PyTorch disagree at batch sizes {BATCH_SIZES}: {figures}")
