@@ -9,8 +9,9 @@ absolute figures drift. Models are hard-linked copies of the one given, under ot
 from __future__ import annotations
 
 import asyncio
-import json
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,29 @@ from bench.load import LoadResult, run_load
 from bench.processes import ServiceProcess, rss_mb
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
-from service.manifest import MANIFEST, PRIOR_ROLES, ModelSpec
+from service.manifest import PRIOR_ROLES, ModelSpec, derive_manifest
 from service.tensors import from_array
 
 
+def link(source: Path, target: Path) -> None:
+    """A hard link (no copy on disk), or a copy where the two lie on different filesystems."""
+    try:
+        os.link(source, target)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.copy2(source, target)
+
+
 def linked_repository(spec: ModelSpec, names: list[str]) -> Path:
-    """A repository holding the spec's version under each name, hard-linked (no copies on disk)."""
+    """A repository holding the spec's version under each name, hard-linked where it can be."""
     repo = Path(tempfile.mkdtemp(prefix="bench-models-"))
     for name in names:
         folder = repo / name / str(spec.version)
         folder.mkdir(parents=True)
         for file in spec.folder.iterdir():
             if file.is_file():
-                os.link(file, folder / file.name)
+                link(file, folder / file.name)
     return repo
 
 
@@ -143,13 +154,10 @@ def standard_prior_twin(spec: ModelSpec, repo: Path, name: str) -> None:
     weights without the prior's two, so Sample differs only by the flow's f(eps)."""
     folder = repo / name / str(spec.version)
     folder.mkdir(parents=True)
-    info = json.loads((spec.folder / MANIFEST).read_text())
-    for role in PRIOR_ROLES[spec.prior]:
-        del info["graphs"][role]
-    for role in info["graphs"]:
-        os.link(spec.graph(role), folder / f"{role}.onnx")
-    info |= {"name": name, "prior": "standard"}
-    (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+    for file in spec.folder.glob("*.onnx"):
+        if file.stem not in PRIOR_ROLES[spec.prior]:
+            link(file, folder / file.name)
+    derive_manifest(spec.folder, folder, drop=PRIOR_ROLES[spec.prior], name=name, prior="standard")
 
 
 async def _sample_rows(target: str, model: str, rows: int, concurrency: int, duration: float, warmup: float) -> LoadResult:
@@ -178,5 +186,5 @@ def prior_cost(
     return {
         "flow": _figures(flow) | {"rows_per_s": rows["flow"]},
         "standard": _figures(standard) | {"rows_per_s": rows["standard"]},
-        "flow_over_standard": round(rows["flow"] / rows["standard"], 3),
+        "flow_over_standard": round(rows["flow"] / rows["standard"], 3) if rows["standard"] else None,
     }  # fmt: skip

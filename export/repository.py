@@ -35,6 +35,9 @@ def publish(
     adds reduced-precision decoders beside decoder.onnx: "fp16" (GPUs), "int8" (CPUs)."""
     if cfg.model.kind != "vae":
         raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
+    unknown = sorted(set(precisions) - set(DECODER_PRECISIONS))
+    if unknown:
+        raise ValueError(f"no decoder precision {', '.join(unknown)}; there are {', '.join(DECODER_PRECISIONS)}")
     model_dir = models / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))

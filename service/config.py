@@ -156,7 +156,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     if config.tls_client_ca and not config.tls_cert:
         parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if config.decoder_precision not in ("fp32", *DECODER_PRECISIONS):
-        parser.error(f"--decoder-precision must be fp32, fp16 or int8, got {config.decoder_precision!r}")
+        parser.error(f"--decoder-precision must be fp32, {', '.join(DECODER_PRECISIONS)}; got {config.decoder_precision!r}")
     if config.cpu_arena not in ("on", "off"):
         parser.error(f"--cpu-arena must be on or off, got {config.cpu_arena!r}")
     if config.batch_delay not in ("adaptive", "always"):

@@ -56,6 +56,8 @@ class ModelSpec:
         """The decoder graph for a precision: fp32 (decoder.onnx) or one the export added."""
         if precision == "fp32":
             return self.graph("decoder")
+        if precision not in DECODER_PRECISIONS:
+            raise ValueError(f"decoder precision {precision!r}: there are fp32, {', '.join(DECODER_PRECISIONS)}")
         if precision not in self.precisions:
             flag = f"--{precision}-decoder"
             raise RepositoryError(
@@ -110,6 +112,21 @@ def write_manifest(
     }  # fmt: skip
     (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def derive_manifest(source: Path, folder: Path, drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
+    """model.json for `folder`, whose graph files are already there, from the version in `source`:
+    the graphs in `drop` left out (with their parity figures) and the fields in `changes` replaced.
+    Hashes are computed anew from folder's files."""
+    info: dict[str, Any] = json.loads((Path(source) / MANIFEST).read_text())
+    info.pop("format")
+    info["graphs"] = {
+        role: {k: v for k, v in graph.items() if k not in ("file", "sha256")}
+        for role, graph in info["graphs"].items() if role not in drop
+    }  # fmt: skip
+    if isinstance(info.get("parity_max_abs_diff"), dict):
+        info["parity_max_abs_diff"] = {k: v for k, v in info["parity_max_abs_diff"].items() if k.split(".")[0] not in drop}
+    return write_manifest(Path(folder), **(info | changes))
 
 
 def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:

@@ -244,5 +244,10 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
         threads = f"{runtime.decoder.session.get_session_options().intra_op_num_threads} intra-op threads each"
     if runtime.decoder.split_rows:
         threads += f"; batches of {runtime.decoder.split_rows} rows or more in two halves at once"
+    if options.decoder_precision != "fp32":
+        threads += f"; the {options.decoder_precision} decoder"
+        if options.decoder_precision == "int8" and runtime.provider == CUDA:  # integer kernels are CPU ones
+            log.warning("%s v%d: the int8 decoder is meant for CPUs; on CUDA its quantized nodes may run on the CPU",
+                        spec.name, spec.version)  # fmt: skip
     log.info("%s v%d: graphs loaded on %s, %s", spec.name, spec.version, runtime.provider, threads)
     return runtime

@@ -157,6 +157,14 @@ def test_compare_figure(runs, tmp_path):
     assert len(titles) == 4 and "flow prior" in titles[1] and "fitted" in titles[3]
 
 
+def test_a_classifier_of_another_layout_is_refused_with_what_to_do(tmp_path):
+    state = {"image_shape": [1, 28, 28], "classes": 10, "width": 8, "dataset": "mnist"}
+    state["model"] = FeatureNet((1, 8, 8), 10, 8).state_dict()  # one stage: the old 28x28 layout
+    torch.save(state, tmp_path / "features.pt")
+    with pytest.raises(ValueError, match="train it again with python -m training.features --dataset mnist"):
+        load_feature_net(tmp_path / "features.pt")
+
+
 def test_numpy_fallback_is_used_without_scipy(monkeypatch):
     monkeypatch.setattr(quality, "_scipy_sqrtm", None)
     s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
@@ -172,6 +180,9 @@ def test_classifier_sees_the_whole_image_before_pooling(shape, stages):
     net = FeatureNet(shape)
     convs = [m for m in net.back if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == stages
+    if shape == (1, 8, 8):  # the layout digits classifiers were saved with
+        keys = {f"{layer}.{p}" for layer in ("front.0", "front.2", "back.0", "back.4") for p in ("weight", "bias")}
+        assert set(net.state_dict()) == keys
     maps = net.back[: 2 * stages](net.features(torch.zeros(1, *shape)))
     assert max(maps.shape[-2:]) <= 4 and net.embed(torch.zeros(3, *shape)).shape == (3, 64)
 

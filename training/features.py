@@ -73,7 +73,13 @@ def load_feature_net(path: str | Path, device: torch.device | str = "cpu") -> Fe
     """A frozen FeatureNet from a features.pt file (loaded without unpickling arbitrary objects)."""
     state = torch.load(path, map_location="cpu", weights_only=True)  # read on the CPU, like checkpoints
     net = FeatureNet(tuple(state["image_shape"]), state["classes"], state["width"])
-    net.load_state_dict(state["model"])
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as err:  # one saved before the layout gained its stages (images over 8x8)
+        raise ValueError(
+            f"{path} holds a classifier of another layout than this version's FeatureNet; train it again "
+            f"with python -m training.features --dataset {state.get('dataset', 'NAME')} ({err})"
+        ) from err
     net.to(device)
     net.eval().requires_grad_(False)
     return net
