@@ -1,6 +1,7 @@
 """A Gaussian-likelihood model end to end: trained with `python -m training --likelihood gaussian`,
 exported with `python -m export`, served by the real server, and called over gRPC."""
 
+import json
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from export.repository import publish
+from export.verify import REDUCED_TOLERANCE, tolerance
 from service.client import VaeClient
 from service.engine import normal
 from tests.conftest import ROOT, ServerProcess, expected_sample
@@ -109,3 +112,13 @@ def test_score_agrees_with_training_evaluate(client, model, digits):
     assert abs(-scores["log_likelihood"].mean() - expected["nll"]) < 0.3
     assert (scores["log_likelihood"] >= scores["elbo"] - 1.0).all()  # IWAE is the tighter bound
     np.testing.assert_allclose(scores["elbo"], -(scores["reconstruction"] + scores["kl"]), rtol=1e-9)
+
+
+def test_int8_decoder_is_held_to_the_tolerance_of_means(gaussian_run):
+    """The int8 decoder of a Gaussian model is checked on its mean output (pixels in [0, 1]), with
+    the means' limit rather than the logits' looser one."""
+    model, cfg, _ = load_model(gaussian_run[0] / "best.pt")
+    folder = publish(model, cfg, gaussian_run[0].parent / "int8-models", "g", precisions=("int8",))
+    parity = json.loads((folder / "model.json").read_text())["parity_max_abs_diff"]
+    assert tolerance("decoder_int8.mean") == REDUCED_TOLERANCE["decoder_int8"]["mean"] < tolerance("decoder_int8.logits")
+    assert 0 < parity["decoder_int8.mean"] <= tolerance("decoder_int8.mean")
