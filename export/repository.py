@@ -23,6 +23,10 @@ from training.config import TrainConfig
 from training.model import VAE
 
 
+# How each reduced-precision decoder of DECODER_PRECISIONS is made from decoder.onnx.
+REDUCED_EXPORTERS = {"fp16": export_fp16_decoder, "int8": export_int8_decoder}
+
+
 def next_version(model_dir: Path) -> int:
     return max(version_numbers(model_dir), default=0) + 1
 
@@ -44,9 +48,8 @@ def publish(
     staging.chmod(0o755)  # mkdtemp makes it owner-only; a server running as another user must read it
     try:
         signatures = export_graphs(model, staging)
-        reduced = {"fp16": export_fp16_decoder, "int8": export_int8_decoder}
         for precision in precisions:
-            reduced[precision](staging)
+            REDUCED_EXPORTERS[precision](staging)
         parity = verify_parity(model, staging)
         m = cfg.model
         served = (*ROLES, *PRIOR_ROLES[m.prior])  # the graphs the service runs, each with a Triton config

@@ -58,13 +58,13 @@ class ModelSpec:
             return self.graph("decoder")
         if precision not in DECODER_PRECISIONS:
             raise ValueError(f"decoder precision {precision!r}: there are fp32, {', '.join(DECODER_PRECISIONS)}")
+        role = DECODER_PRECISIONS[precision]
         if precision not in self.precisions:
-            flag = f"--{precision}-decoder"
             raise RepositoryError(
                 f"{self.folder}: --decoder-precision {precision} asked for, but the export wrote no "
-                f"{DECODER_PRECISIONS.get(precision, precision)}.onnx (python -m export {flag})"
+                f"{role}.onnx (python -m export --{precision}-decoder)"
             )
-        return self.graph(DECODER_PRECISIONS[precision])
+        return self.graph(role)
 
     @property
     def interface(self) -> dict[str, object]:

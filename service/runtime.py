@@ -239,15 +239,15 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     if runtime.provider != wanted:
         log.warning("asked onnxruntime for %s but the session runs on %s (CUDA libraries missing?)", wanted, runtime.provider)
     if options.shared_threads:
-        threads = f"the process's shared pool of {intra_op_threads(options.intra_op_threads)} intra-op threads"
+        how = f"the process's shared pool of {intra_op_threads(options.intra_op_threads)} intra-op threads"
     else:
-        threads = f"{runtime.decoder.session.get_session_options().intra_op_num_threads} intra-op threads each"
+        how = f"{runtime.decoder.session.get_session_options().intra_op_num_threads} intra-op threads each"
     if runtime.decoder.split_rows:
-        threads += f"; batches of {runtime.decoder.split_rows} rows or more in two halves at once"
+        how += f"; batches of {runtime.decoder.split_rows} rows or more in two halves at once"
     if options.decoder_precision != "fp32":
-        threads += f"; the {options.decoder_precision} decoder"
+        how += f"; the {options.decoder_precision} decoder"
         if options.decoder_precision == "int8" and runtime.provider == CUDA:  # integer kernels are CPU ones
             log.warning("%s v%d: the int8 decoder is meant for CPUs; on CUDA its quantized nodes may run on the CPU",
                         spec.name, spec.version)  # fmt: skip
-    log.info("%s v%d: graphs loaded on %s, %s", spec.name, spec.version, runtime.provider, threads)
+    log.info("%s v%d: graphs loaded on %s, %s", spec.name, spec.version, runtime.provider, how)
     return runtime
