@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model, cfg, _ = load_model(args.checkpoint)
     metrics_file = args.checkpoint.parent / "metrics.json"
-    metrics = json.loads(metrics_file.read_text())["test"] if metrics_file.exists() else {}
+    run = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics, classes = run.get("test", {}), run.get("data", {}).get("classes", [])
     try:
         precisions = tuple(p for p, asked in (("fp16", args.fp16_decoder), ("int8", args.int8_decoder)) if asked)
-        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, precisions)
+        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, precisions, classes)
     except (ParityError, ValueError) as err:
         print(f"export failed, nothing published: {err}", file=sys.stderr)
         return 1

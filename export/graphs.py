@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from service.likelihood import decoder_channels
 from training.model import VAE
 
 OPSET = 18
@@ -23,7 +24,7 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter warns ab
 
 
 def decoder_output_name(likelihood: str) -> str:
-    return "logits" if likelihood == "bernoulli" else "mean"
+    return {"bernoulli": "logits", "gaussian": "mean"}.get(likelihood, "params")
 
 
 class EncoderGraph(nn.Module):
@@ -102,11 +103,13 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
     model = model.eval().cpu()
     c, h, w = cfg.image_shape
     d = cfg.latent_dim
+    p = decoder_channels(cfg.likelihood, c, cfg.mixtures)  # C, or a mixture's K (1 + 2C)
     out_name = decoder_output_name(cfg.likelihood)
     metadata = {
         "latent_dim": str(d),
         "image_shape": json.dumps(list(cfg.image_shape)),
         "likelihood": cfg.likelihood,
+        **({"mixtures": str(cfg.mixtures)} if cfg.likelihood == "logistic-mixture" else {}),
     }
     with torch.no_grad():
         _export(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])
@@ -120,12 +123,12 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
     _describe(
         folder / "decoder.onnx",
         "decoder",
-        f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{c},{h},{w}] ({cfg.likelihood})",
+        f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{p},{h},{w}] ({cfg.likelihood})",
         metadata,
     )
     signatures: dict[str, dict[str, object]] = {
         "encoder": {"inputs": {"x": [-1, c, h, w]}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
-        "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, c, h, w]}},
+        "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, p, h, w]}},
     }
     if cfg.prior == "flow":
         signatures |= export_prior_graphs(model, folder, metadata)

@@ -20,6 +20,7 @@ from export.verify import verify_parity
 # The reader's own roles and writer: export and service cannot disagree on model.json.
 from service.manifest import DECODER_PRECISIONS, PRIOR_ROLES, ROLES, version_numbers, write_manifest
 from training.config import TrainConfig
+from training.data import preprocessing
 from training.model import VAE
 
 
@@ -33,10 +34,11 @@ def next_version(model_dir: Path) -> int:
 
 def publish(
     model: VAE, cfg: TrainConfig, models: Path, name: str, metrics: dict[str, Any] | None = None,
-    max_batch_size: int = 256, precisions: tuple[str, ...] = (),
+    max_batch_size: int = 256, precisions: tuple[str, ...] = (), classes: list[str] | None = None,
 ) -> Path:  # fmt: skip
     """Export, verify and atomically publish the next version; return its folder. `precisions`
-    adds reduced-precision decoders beside decoder.onnx: "fp16" (GPUs), "int8" (CPUs)."""
+    adds reduced-precision decoders beside decoder.onnx: "fp16" (GPUs), "int8" (CPUs); `classes`
+    names the training data's classes, for clients to show."""
     if cfg.model.kind != "vae":
         raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
     unknown = sorted(set(precisions) - set(DECODER_PRECISIONS))
@@ -60,6 +62,8 @@ def publish(
             write_manifest(
                 staging, name=name, version=version, latent_dim=m.latent_dim, image_shape=m.image_shape,
                 likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset, prior=m.prior,
+                **({"mixtures": m.mixtures} if m.likelihood == "logistic-mixture" else {}),
+                preprocessing=preprocessing(cfg).to_json(), classes=classes or [],
                 graphs={role: signatures["decoder" if role in reduced_roles else role] for role in roles},
                 max_batch_size=max_batch_size, metrics=metrics or {}, opset=OPSET,
                 exporters={pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},

@@ -2,7 +2,7 @@
 
     python -m service.client sample -n 64 --out grid.png
     python -m service.client --model mnist --version 2 info
-    python -m service.client reconstruct --input digits.npy --out recon.png
+    python -m service.client reconstruct --input photo.jpg --out recon.png
     python -m service.client models | load NAME | unload NAME
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from PIL import Image
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
+from service.imaging import grid
 from service.tensors import from_array, tensor_to_numpy
 
 FORMATS = {"float32": pb.IMAGE_FORMAT_FLOAT32, "uint8": pb.IMAGE_FORMAT_UINT8, "png": pb.IMAGE_FORMAT_PNG}
@@ -33,8 +33,20 @@ def _images(msg: pb.Images) -> np.ndarray | list[bytes]:
     return list(msg.png) if msg.format == pb.IMAGE_FORMAT_PNG else tensor_to_numpy(msg.tensor)
 
 
+Inputs = np.ndarray | list[bytes]  # images [N, C, H, W] float32 in [0, 1] (or uint8), or encoded image files
+
+
+def _inputs(images: Inputs) -> dict[str, Any]:
+    """The request fields for images: a tensor, or encoded files the server prepares itself."""
+    if isinstance(images, np.ndarray):
+        return {"images": from_array(images)}
+    return {"image_files": list(images)}
+
+
 class VaeClient:
-    """Blocking client. Images go in as [N, C, H, W] float32 in [0, 1] (or uint8) and come back
+    """Blocking client. Images go in as [N, C, H, W] float32 in [0, 1] (or uint8), or as encoded
+    image files (bytes of any format and size, prepared by the server as the model's training data
+    was), and come back
     in the format asked for: float32 (default), uint8, or a list of PNG files. Every call goes to
     `model` (default: the server's default model) at `version` (0: the newest it serves), and
     `answered_by` holds the (model, version) that answered the last one."""
@@ -103,10 +115,10 @@ class VaeClient:
         return np.concatenate([_images(self._answered(r).images) for r in self.stub.SampleStream(request, **self.call)])
 
     def encode(
-        self, images: np.ndarray, sample: bool = False, seed: int | None = None
+        self, images: Inputs, sample: bool = False, seed: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """mu, sigma, and z (when sample=True)."""
-        request = pb.EncodeRequest(images=from_array(images), sample=sample, seed=seed, **self._target())
+        request = pb.EncodeRequest(**_inputs(images), sample=sample, seed=seed, **self._target())
         r = self._answered(self.stub.Encode(request, **self.call))
         return tensor_to_numpy(r.mu), tensor_to_numpy(r.sigma), tensor_to_numpy(r.z) if sample else None
 
@@ -114,28 +126,32 @@ class VaeClient:
         request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format], **self._target())
         return _images(self._answered(self.stub.Decode(request, **self.call)).images)
 
-    def reconstruct(self, images: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
-        request = pb.ReconstructRequest(images=from_array(images), format=FORMATS[format], **self._target())
+    def reconstruct(self, images: Inputs, format: str = "float32") -> np.ndarray | list[bytes]:
+        request = pb.ReconstructRequest(**_inputs(images), format=FORMATS[format], **self._target())
         return _images(self._answered(self.stub.Reconstruct(request, **self.call)).images)
 
     def interpolate(
-        self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool = False, latents: bool = False,
-        format: str = "float32",
+        self, start: np.ndarray | bytes, end: np.ndarray | bytes, steps: int, spherical: bool = False,
+        latents: bool = False, format: str = "float32",
     ) -> tuple[np.ndarray | list[bytes], np.ndarray]:  # fmt: skip
-        """Images along the path and its latents; start/end are images [C, H, W] or latents [D]."""
-        kind = "latent" if latents else "image"
+        """Images along the path and its latents; start/end are images [C, H, W], latents [D]
+        (latents=True), or encoded image files (bytes)."""
         method = pb.INTERPOLATION_METHOD_SPHERICAL if spherical else pb.INTERPOLATION_METHOD_LINEAR
         request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format], **self._target())
-        getattr(request, f"start_{kind}").CopyFrom(from_array(start))
-        getattr(request, f"end_{kind}").CopyFrom(from_array(end))
+        for side, value in (("start", start), ("end", end)):
+            if isinstance(value, bytes):
+                setattr(request, f"{side}_file", value)
+            else:
+                getattr(request, f"{side}_{'latent' if latents else 'image'}").CopyFrom(from_array(value))
         r = self._answered(self.stub.Interpolate(request, **self.call))
         return _images(r.images), tensor_to_numpy(r.latents)
 
-    def score(self, images: np.ndarray, k: int = 64, seed: int | None = None) -> dict[str, np.ndarray]:
-        """Per image, in nats: elbo, reconstruction, kl, log_likelihood (IWAE, k samples)."""
-        request = pb.ScoreRequest(images=from_array(images), importance_samples=k, seed=seed, **self._target())
+    def score(self, images: Inputs, k: int = 64, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Per image, in nats: elbo, reconstruction, kl, log_likelihood (IWAE, k samples); and
+        bits_per_dim, the IWAE estimate in bits per dimension."""
+        request = pb.ScoreRequest(**_inputs(images), importance_samples=k, seed=seed, **self._target())
         r = self._answered(self.stub.Score(request, **self.call))
-        keys = ("elbo", "reconstruction", "kl", "log_likelihood")
+        keys = ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim")
         return {key: np.array([getattr(s, key) for s in r.scores]) for key in keys}
 
 
@@ -143,41 +159,33 @@ def plain(message: Message) -> dict[str, Any]:
     """A message as JSON-ready values, every field shown. Protobuf's own JSON form writes 64-bit
     integers as strings (JavaScript cannot hold them); a person reading `info` wants numbers."""
     out = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _numbers(message, out)
+
+
+def _numbers(message: Message, out: dict[str, Any]) -> dict[str, Any]:
+    """`out` with the 64-bit integers of `message` (and of its nested messages) as numbers."""
     wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
     for field in message.DESCRIPTOR.fields:
-        if field.cpp_type in wide and field.name in out:
-            value = out[field.name]
+        if field.name not in out:
+            continue
+        value = out[field.name]
+        if field.cpp_type in wide:
             out[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and isinstance(value, dict) and not field.message_type.GetOptions().map_entry:
+            out[field.name] = _numbers(getattr(message, field.name), value)
     return out
 
 
-def grid_png(images: np.ndarray, path: Path, cols: int | None = None, min_cell: int = 28) -> None:
-    """Save [N, C, H, W] images in [0, 1] as one PNG grid, small images scaled up for viewing."""
-    n, c, h, w = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    grid = np.ones((c, rows * (h + 1) + 1, cols * (w + 1) + 1), np.float32)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = image
-    pixels = np.rint(np.clip(grid, 0, 1) * 255).astype(np.uint8)
-    pil = Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0))
-    scale = max(1, min_cell // h)
-    pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
-
-
-def load_images(paths: list[Path]) -> np.ndarray:
-    """Images from .npy files ([N, C, H, W] or [C, H, W]) or PNG files (grey or RGB), as float32 in [0, 1]."""
-    arrays = []
-    for p in paths:
-        if p.suffix == ".npy":
-            a = np.load(p)
-            a = a[None] if a.ndim == 3 else a
-            arrays.append(a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32))
-        else:
-            a = np.asarray(Image.open(p), dtype=np.float32) / 255.0
-            arrays.append(a[None, None] if a.ndim == 2 else a.transpose(2, 0, 1)[None])
-    return np.concatenate(arrays)
+def load_inputs(paths: list[Path]) -> Inputs:
+    """.npy files ([N, C, H, W] or [C, H, W]) as one float32 array in [0, 1]; any other files are
+    image files of any format and size, sent as they are for the server to prepare."""
+    if all(p.suffix == ".npy" for p in paths):
+        arrays = [np.load(p) for p in paths]
+        arrays = [a[None] if a.ndim == 3 else a for a in arrays]
+        return np.concatenate([a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays])
+    if any(p.suffix == ".npy" for p in paths):
+        raise ValueError("--input: give .npy arrays or image files, not both")
+    return [p.read_bytes() for p in paths]
 
 
 def _save(images: np.ndarray, out: Path | None) -> None:
@@ -187,7 +195,7 @@ def _save(images: np.ndarray, out: Path | None) -> None:
         np.save(out, images)
         print(f"wrote {out}")
     else:
-        grid_png(images, out)
+        grid(images).save(out)
         print(f"wrote {out}")
 
 
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help=".png (a grid) or .npy")
     for name in ("encode", "reconstruct", "score"):
         p = sub.add_parser(name)
-        p.add_argument("--input", type=Path, nargs="+", required=True, help=".npy or PNG files")
+        p.add_argument("--input", type=Path, nargs="+", required=True,
+                       help=".npy arrays, or image files of any format and size (PNG, JPEG, WebP ...)")  # fmt: skip
         p.add_argument("--out", type=Path)
         if name == "score":
             p.add_argument("-k", type=int, default=64)
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", type=Path, required=True, help=".npy of latents [N, D]")
     p.add_argument("--out", type=Path)
     p = sub.add_parser("interpolate")
-    p.add_argument("--input", type=Path, nargs="+", required=True, help="two images (or one .npy holding two)")
+    p.add_argument("--input", type=Path, nargs="+", required=True, help="two image files (or one .npy holding two)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--spherical", action="store_true")
     p.add_argument("--out", type=Path)
@@ -247,26 +256,29 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "sample":
                 _save(client.sample(args.n, args.seed, args.temperature), args.out)
             elif args.command == "encode":
-                mu, sigma, _ = client.encode(load_images(args.input))
+                mu, sigma, _ = client.encode(load_inputs(args.input))
                 if args.out:
                     np.savez(args.out, mu=mu, sigma=sigma)
                 print(json.dumps({"mu": mu.round(4).tolist(), "sigma": sigma.round(4).tolist()}))
             elif args.command == "decode":
                 _save(client.decode(np.load(args.input).astype(np.float32)), args.out)
             elif args.command == "reconstruct":
-                _save(client.reconstruct(load_images(args.input)), args.out)
+                _save(client.reconstruct(load_inputs(args.input)), args.out)
             elif args.command == "interpolate":
-                x = load_images(args.input)
+                x = load_inputs(args.input)
                 if len(x) != 2:
                     parser.error(f"interpolate needs exactly two images, got {len(x)}")
                 images, _ = client.interpolate(x[0], x[1], args.steps, args.spherical)
                 _save(images, args.out)
             elif args.command == "score":
-                scores = client.score(load_images(args.input), args.k, args.seed)
+                scores = client.score(load_inputs(args.input), args.k, args.seed)
                 print(json.dumps({k: v.round(3).tolist() for k, v in scores.items()}))
         except grpc.RpcError as err:
             print(f"{err.code().name}: {err.details()}", file=sys.stderr)
             return 1
+        except (OSError, ValueError) as err:  # an unreadable --input
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
+from service.likelihood import log_px_z, mean_image
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
@@ -76,14 +77,6 @@ def normal(seed: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.nd
         "uinteger": 0,
     }
     return generator.standard_normal(shape, dtype=dtype)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """float32 logistic via tanh (no overflow for large |x|), in place on one temporary."""
-    y = np.tanh(np.multiply(x, 0.5, dtype=np.float32))
-    y += 1.0
-    y *= 0.5
-    return y
 
 
 def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -160,7 +153,7 @@ class Engine:
                 "encoder": [o.shape for o in self.runtime.encoder.run(np.zeros((n, c, h, w), np.float32))],
                 "decoder": [o.shape for o in self.runtime.decoder.run(np.zeros((n, d), np.float32))],
             }
-            want = {"encoder": [(n, d), (n, d)], "decoder": [(n, c, h, w)]}
+            want = {"encoder": [(n, d), (n, d)], "decoder": [(n, self.spec.decoder_channels, h, w)]}
             for role, graph in self.runtime.priors.items():  # a flow's: eps -> z and z -> (eps, log p(z))
                 got[role] = [o.shape for o in graph.run(np.zeros((n, d), np.float32))]
                 want[role] = {"prior_sample": [(n, d)], "prior_density": [(n, d), (n,)]}[role]
@@ -168,10 +161,9 @@ class Engine:
                 raise ModelLoadError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
 
     def mean_image(self, params: np.ndarray) -> np.ndarray:
-        """The decoder's output as an image in [0, 1]: sigmoid of logits, or the clipped Gaussian mean."""
-        if self.spec.likelihood == "bernoulli":
-            return sigmoid(params)
-        return np.clip(params, 0.0, 1.0).astype(np.float32, copy=False)
+        """The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or
+        the clipped mean of a logistic mixture; a fixed function of z, so batching never changes it."""
+        return mean_image(self.spec.likelihood, params, self.spec.image_shape[0])
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
         (params,) = await self.decoder.submit(z, deadline)
@@ -263,41 +255,39 @@ class Engine:
         else:
             (params,) = await self.decoder.submit(rows, deadline)
             log_pz = None  # the closed form, on the float64 z, in _score_terms
-        return await asyncio.to_thread(self._score_terms, x, params.reshape(n, k, -1), mu, logvar, eps, z, log_pz)
+        params = params.reshape(n, k, *params.shape[1:])
+        return await asyncio.to_thread(self._score_terms, x, params, mu, logvar, eps, z, log_pz)
 
     def _score_terms(
         self, x: np.ndarray, params: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, z: np.ndarray,
         log_pz: np.ndarray | None,
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """The figures from the graphs' outputs. `log_pz` [n, k] is the flow's log p(z); None under
-        N(0, I), whose log-density and KL have closed forms."""
+        """The figures from the graphs' outputs: `params` [n, k, P, H, W] per image and sample.
+        `log_pz` [n, k] is the flow's log p(z); None under N(0, I), whose log-density and KL have
+        closed forms."""
         n, k = params.shape[:2]
-        target = x.reshape(n, 1, -1).astype(np.float64)
+        target = x[:, None].astype(np.float64)
+        spec = self.spec
         # log p(x|z) in float64 over a few importance samples at a time: the temporaries of one
         # chunk stay near SCORE_CHUNK_VALUES, whatever n x k the request has.
-        step = max(1, SCORE_CHUNK_VALUES // max(1, n * params.shape[2]))
-        log_px_z = np.concatenate([self._log_px_z(target, params[:, j : j + step]) for j in range(0, k, step)], axis=1)
+        step = max(1, SCORE_CHUNK_VALUES // max(1, n * math.prod(params.shape[2:])))
+        log_px = np.concatenate(
+            [log_px_z(spec.likelihood, target, params[:, j : j + step], spec.gaussian_std) for j in range(0, k, step)],
+            axis=1,
+        )
         log_qz = -0.5 * (LOG_2PI + logvar[:, None, :] + eps**2).sum(-1)
         if log_pz is None:
             log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
             kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
         else:  # no closed form under a flow: the Monte Carlo estimate over the same k samples
             kl = (log_qz - log_pz).mean(axis=1)
-        reconstruction = -log_px_z.mean(axis=1)
+        reconstruction = -log_px.mean(axis=1)
         return {
             "elbo": -(reconstruction + kl),
             "reconstruction": reconstruction,
             "kl": kl,
-            "log_likelihood": logsumexp(log_px_z + log_pz - log_qz, axis=1) - math.log(k),
+            "log_likelihood": logsumexp(log_px + log_pz - log_qz, axis=1) - math.log(k),
         }
-
-    def _log_px_z(self, target: np.ndarray, params: np.ndarray) -> np.ndarray:
-        """log p(x|z) per (image, sample): target [n, 1, P], params [n, s, P] -> [n, s]."""
-        params = params.astype(np.float64)
-        if self.spec.likelihood == "bernoulli":
-            return (target * params - np.logaddexp(0.0, params)).sum(-1)
-        var = self.spec.gaussian_std**2
-        return -0.5 * ((target - params) ** 2 / var + math.log(var) + LOG_2PI).sum(-1)
 
 
 def load_engine(

@@ -23,6 +23,8 @@ from google.protobuf.message import DecodeError
 from service.api.vae.v1 import vae_pb2 as pb
 from service.batcher import BatchFailed, Closed, DeadlineExpired, QueueFull
 from service.engine import Engine, new_seed
+from service.imaging import ImageError, load_image
+from service.likelihood import bits_per_dim
 from service.manifest import RepositoryError
 from service.metrics import Metrics
 from service.models import LOADING, READY, UNAVAILABLE, UNLOADING, LoadFailed, ModelNotFound, Models, ModelUnavailable, Status
@@ -97,6 +99,32 @@ def _count(n: int, field: str, limit: int) -> int:
 
 def _images(engine: Engine, t: pb.Tensor, field: str = "images", max_rows: int | None = None) -> np.ndarray:
     return images_to_array(t, field, engine.spec.image_shape, max_rows or engine.limits.max_request_rows)
+
+
+def decode_files(engine: Engine, files: list[bytes], field: str) -> np.ndarray:
+    """Encoded image files of any format and size as the model's images [N, C, H, W] float32 in
+    [0, 1], prepared exactly as training prepared its folder (model.json's preprocessing)."""
+    prep = engine.spec.preprocessing
+    if prep is None:
+        raise BadRequest(f"{field}: this model's images ({engine.spec.image_shape}) cannot come from image files; send a tensor")
+    _count(len(files), field, engine.limits.max_request_rows)
+    pixels = np.empty((len(files), prep.channels, *prep.size), np.uint8)
+    for i, data in enumerate(files):
+        try:
+            pixels[i] = load_image(data, prep)
+        except ImageError as err:
+            raise BadRequest(f"{field}[{i}]: {err}") from None
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+async def _request_images(engine: Engine, request: Any) -> np.ndarray:
+    """The request's images: a tensor in `images`, or encoded files in `image_files` (decoded on a
+    worker thread: a large JPEG takes milliseconds the event loop must not spend)."""
+    if request.image_files:
+        if request.HasField("images"):
+            raise BadRequest("give images or image_files, not both")
+        return await asyncio.to_thread(decode_files, engine, list(request.image_files), "image_files")
+    return _images(engine, request.images)
 
 
 def check_latents(z: np.ndarray, field: str) -> np.ndarray:
@@ -249,6 +277,13 @@ def _model_name(request: pb.LoadModelRequest | pb.UnloadModelRequest) -> str:
     return request.model_name
 
 
+def _preprocessing(prep: Any) -> pb.Preprocessing | None:
+    if prep is None:
+        return None
+    shown = prep.to_json()
+    return pb.Preprocessing(channels=shown["channels"], size=shown["size"], fit=shown["fit"], background=shown["background"])
+
+
 class VaeServicer:
     rpc_prefix = ""  # the `rpc` label of this protocol's calls in the metrics
 
@@ -289,7 +324,8 @@ class VaeServicer:
             likelihood=s.likelihood, execution_provider=engine.runtime.provider,
             max_batch_rows=batch.max_batch_rows, max_batch_delay_ms=batch.max_batch_delay_ms,
             max_request_rows=engine.limits.max_request_rows, max_queue_rows=batch.max_queue_rows, dataset=s.dataset,
-            metrics=s.metrics,
+            metrics=s.metrics, mixtures=s.mixtures, classes=list(s.classes),
+            preprocessing=_preprocessing(s.preprocessing),
         )  # fmt: skip
 
     @rpc
@@ -314,7 +350,7 @@ class VaeServicer:
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
-        mu, logvar = await engine.encode(_images(engine, request.images), deadline_of(context))
+        mu, logvar = await engine.encode(await _request_images(engine, request), deadline_of(context))
         sigma = np.exp(0.5 * logvar)
         response = pb.EncodeResponse()
         from_array(mu, into=response.mu)
@@ -332,14 +368,18 @@ class VaeServicer:
 
     @rpc
     async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, context: Any) -> pb.ImagesResponse:
-        x, fmt = _images(engine, request.images), _format(engine, request.format)
+        x, fmt = await _request_images(engine, request), _format(engine, request.format)
         return _with_images(pb.ImagesResponse(), await engine.reconstruct(x, deadline_of(context)), fmt)
 
     @staticmethod
     async def _end_point(engine: Engine, request: pb.InterpolateRequest, side: str, deadline: float | None) -> np.ndarray:
         which = request.WhichOneof(side)
         if which is None:
-            raise BadRequest(f"{side}: give {side}_image or {side}_latent")
+            raise BadRequest(f"{side}: give {side}_image, {side}_latent or {side}_file")
+        if which.endswith("file"):
+            x = await asyncio.to_thread(decode_files, engine, [getattr(request, which)], which)
+            mu, _ = await engine.encode(x, deadline)
+            return mu[0]
         t: pb.Tensor = getattr(request, which)
         single = 1 if which.endswith("latent") else 3  # a lone latent [D] or image [C, H, W] is one row
         if len(t.shape) == single:
@@ -367,7 +407,7 @@ class VaeServicer:
 
     @rpc
     async def Score(self, engine: Engine, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
-        x = _images(engine, request.images)
+        x = await _request_images(engine, request)
         k = _count(request.importance_samples or 64, "importance_samples", engine.limits.max_importance_samples)
         if len(x) * k > engine.max_request_cost:
             raise BadRequest(
@@ -376,9 +416,10 @@ class VaeServicer:
             )
         seed = _seed(request)
         s = await engine.score(x, k, seed, deadline_of(context))
+        bits = bits_per_dim(-s["log_likelihood"], math.prod(engine.spec.image_shape), engine.spec.likelihood)
         scores = [
-            pb.ImageScore(elbo=e, reconstruction=r, kl=kl, log_likelihood=ll)
-            for e, r, kl, ll in zip(s["elbo"], s["reconstruction"], s["kl"], s["log_likelihood"])
+            pb.ImageScore(elbo=e, reconstruction=r, kl=kl, log_likelihood=ll, bits_per_dim=b)
+            for e, r, kl, ll, b in zip(s["elbo"], s["reconstruction"], s["kl"], s["log_likelihood"], bits)
         ]
         return pb.ScoreResponse(scores=scores, importance_samples=k, seed=seed)
 

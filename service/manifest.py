@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.imaging import Preprocessing
+from service.likelihood import LIKELIHOODS, decoder_channels
+
 FORMAT = 1  # model.json's layout; a version of another format is refused
 ROLES = ("encoder", "decoder")  # the graphs every version has
 # Reduced-precision decoders, export options served with --decoder-precision: half precision for
@@ -48,6 +51,14 @@ class ModelSpec:
     metrics: dict[str, float] = field(default_factory=dict)
     precisions: tuple[str, ...] = ()  # the reduced-precision decoders it has (DECODER_PRECISIONS keys)
     prior_graphs: tuple[str, ...] = ()  # the prior's own graphs (PRIOR_ROLES[prior]): none for N(0, I)
+    mixtures: int = 0  # a logistic mixture's components K (0 for the other likelihoods)
+    preprocessing: Preprocessing | None = None  # what an image file sent to this model goes through
+    classes: tuple[str, ...] = ()  # the training data's class names, when it had classes
+
+    @property
+    def decoder_channels(self) -> int:
+        """Channels of the decoder's output: C, or a logistic mixture's K (1 + 2C)."""
+        return decoder_channels(self.likelihood, self.image_shape[0], self.mixtures)
 
     def graph(self, role: str) -> Path:
         return self.folder / f"{role}.onnx"
@@ -71,7 +82,8 @@ class ModelSpec:
         """What a client depends on: a new version that changes any of it is another model."""
         return {
             "image_shape": self.image_shape, "latent_dim": self.latent_dim, "likelihood": self.likelihood,
-            "prior": self.prior,
+            "mixtures": self.mixtures, "prior": self.prior,
+            "preprocessing": self.preprocessing.to_json() if self.preprocessing else None,
         }  # fmt: skip
 
 
@@ -129,6 +141,16 @@ def derive_manifest(source: Path, folder: Path, drop: tuple[str, ...] = (), **ch
     return write_manifest(Path(folder), **(info | changes))
 
 
+def _preprocessing(info: dict[str, Any]) -> Preprocessing | None:
+    """model.json's preprocessing; for a version exported before it was written, the bundled sets'
+    rule (grey or RGB at the model's size, padded; black under transparency, as their images are
+    white on black). None when the image shape is none a file can become (C other than 1 or 3)."""
+    if "preprocessing" in info:
+        return Preprocessing.from_json(info["preprocessing"])
+    c, h, w = (int(v) for v in info["image_shape"])
+    return Preprocessing(channels=c, size=(h, w), fit="pad", background=(0, 0, 0)) if c in (1, 3) else None
+
+
 def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
     """One version, checked: files present, fields sane, graph hashes matching (with verify), so a
     torn copy or a swapped file is refused rather than served."""
@@ -159,11 +181,19 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
             metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
             precisions=tuple(p for p, role in DECODER_PRECISIONS.items() if role in info["graphs"]),
             prior_graphs=PRIOR_ROLES.get(str(info.get("prior", "standard")), ()),
+            mixtures=int(info.get("mixtures", 0)),
+            preprocessing=_preprocessing(info),
+            classes=tuple(str(c) for c in info.get("classes", [])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
-    if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in ("bernoulli", "gaussian"):
+    if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in LIKELIHOODS:
         raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape, latent_dim or likelihood")
+    prep = spec.preprocessing
+    if prep is not None and (prep.channels, *prep.size) != spec.image_shape:
+        raise RepositoryError(f"{folder}/{MANIFEST}: preprocessing makes {prep.channels}x{prep.size} images, the graphs take {spec.image_shape}")
+    if spec.likelihood == "logistic-mixture" and spec.mixtures < 1:
+        raise RepositoryError(f"{folder}/{MANIFEST}: a logistic-mixture model needs mixtures >= 1")
     if spec.prior not in PRIOR_ROLES:
         served = " and ".join(PRIOR_ROLES)
         raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r}; this server serves the priors {served}")

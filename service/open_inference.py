@@ -151,8 +151,9 @@ def signature(engine: Engine, kind: str) -> tuple[list[tuple[str, str, list[int]
         return scalars, [("images", "FP32", [-1, c, h, w]), ("seed", "INT64", [1])]
     graph = engine.runtime.encoder if kind == "encoder" else engine.runtime.decoder
     image, latent = [-1, c, h, w], [-1, d]
+    params = [-1, engine.spec.decoder_channels, h, w]  # the likelihood's parameters: C, or a mixture's K (1 + 2C)
     inputs = [(graph.input_name, "FP32", image if kind == "encoder" else latent)]
-    outputs = [(name, "FP32", latent if kind == "encoder" else image) for name in graph.output_names]
+    outputs = [(name, "FP32", latent if kind == "encoder" else params) for name in graph.output_names]
     return inputs, outputs
 
 

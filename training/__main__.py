@@ -6,8 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from training.config import ModelConfig, TrainConfig
-from training.data import DATASETS
+from training.cli import add_data_arguments, data_options
+from training.config import LIKELIHOODS, ModelConfig, TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
@@ -15,20 +15,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p = argparse.ArgumentParser(prog="python -m training", description="Train a VAE, evaluate it, draw its figures.")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.json, figures")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    data.add_argument("--data-dir", help="folder with the four IDX files (mnist, fashion-mnist)")
-    data.add_argument("--no-download", dest="download", action="store_false", help="never try to download data")
-    data.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    data.add_argument("--no-dynamic-binarization", dest="dynamic_binarization", action="store_false")
+    add_data_arguments(p, d)
+    p.add_argument("--no-dynamic-binarization", dest="dynamic_binarization", action="store_false")
     model = p.add_argument_group("model")
     model.add_argument("--latent-dim", type=int, default=m.latent_dim)
     model.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=m.widths,
                        help="channels per stride-2 conv stage, comma separated (default 32,64)")  # fmt: skip
     model.add_argument("--blocks", type=int, default=m.blocks, help="residual blocks per stage")
     model.add_argument("--hidden", type=int, default=m.hidden)
-    model.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=m.likelihood)
+    model.add_argument("--likelihood", choices=LIKELIHOODS, default=m.likelihood,
+                       help="p(x|z): bernoulli, gaussian, or logistic-mixture (8-bit pixels, honest bits/dim)")  # fmt: skip
     model.add_argument("--gaussian-std", type=float, default=m.gaussian_std)
+    model.add_argument("--mixtures", type=int, default=m.mixtures, help="logistic-mixture: components per pixel")
     model.add_argument("--model", dest="kind", choices=("vae", "ae"), default=m.kind,
                        help="vae, or ae: the deterministic autoencoder baseline (reconstruction alone)")  # fmt: skip
     model.add_argument("--prior", choices=("standard", "flow"), default=m.prior,
@@ -58,11 +56,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     ev.add_argument("--quality-samples", type=int, default=d.quality_samples, help="samples scored for sample quality")
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
-    model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "kind", "prior",
+    model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "mixtures", "kind", "prior",
                   "flow_layers", "flow_hidden"}  # fmt: skip
     try:
         model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
-        cfg = TrainConfig(model=model_cfg, **args)
+        cfg = TrainConfig(model=model_cfg, **data_options(args), **args)
     except ValueError as err:
         p.error(str(err))
     return cfg, out, resume

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+from service.imaging import parse_color
+
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic-mixture")
+FITS = ("crop", "pad")
 RECONSTRUCTIONS = ("pixel", "features", "both")
 KINDS = ("vae", "ae")
 PRIORS = ("standard", "flow")
@@ -20,8 +23,9 @@ class ModelConfig:
     widths: tuple[int, ...] = (32, 64)  # channels of each stride-2 conv stage
     blocks: int = 0  # residual 3x3 blocks per stage, on both sides
     hidden: int = 256  # width of the fully connected layer between the convs and the latent
-    likelihood: str = "bernoulli"  # p(x|z): bernoulli (logits) or gaussian (mean, fixed std)
+    likelihood: str = "bernoulli"  # p(x|z): bernoulli (logits), gaussian (mean, fixed std) or logistic-mixture
     gaussian_std: float = 0.1
+    mixtures: int = 5  # components of the discretized logistic mixture (logistic-mixture only)
     kind: str = "vae"  # vae, or ae: a deterministic autoencoder (the code is mu), trained on reconstruction alone
     prior: str = "standard"  # p(z): standard N(0, I), or flow: a learned invertible map of N(0, I)
     flow_layers: int = 4  # affine coupling layers of the flow prior
@@ -34,6 +38,8 @@ class ModelConfig:
             raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.mixtures < 1:
+            raise ValueError(f"mixtures must be >= 1, got {self.mixtures}")
         if self.latent_dim < 1 or not self.widths:
             raise ValueError("latent_dim must be >= 1 and widths non-empty")
         if self.kind not in KINDS:
@@ -52,6 +58,14 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = True
     val_fraction: float = 0.1
+    test_fraction: float = 0.1  # folders only: the bundled sets have their own test splits
+    # A folder's pixels (training.folder): what export writes into model.json as the preprocessing.
+    image_size: tuple[int, int] | None = None  # (H, W); None: a folder needs it, the bundled sets have theirs
+    channels: int = 3
+    fit: str = "crop"  # crop: shorter side resized and centre-cropped; pad: longer side resized, padded
+    background: str = "white"  # what transparency is composited onto (white, black, #RRGGBB)
+    strict: bool = False  # folders: the first unreadable file fails the run
+    cache_dir: str | None = None  # where a folder's decoded pixels are cached (default ~/.cache/vae-serve)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -59,7 +73,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta: float = 1.0
     warmup_epochs: float = 0.0  # KL weight ramps linearly from 0 to beta over this many epochs
-    free_bits: float = 0.0  # nats per latent dimension below which KL is not penalised
+    # nats per latent dimension below which KL is not penalised: 0.1 by default, so that no flags are
+    # needed to keep latent units active (with 0, digits under a flow prior collapsed: docs/training.md)
+    free_bits: float = 0.1
     reconstruction: str = "pixel"  # pixel | features | both
     feature_weight: float = 1.0
     feature_checkpoint: str | None = None
@@ -76,6 +92,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
+        if self.image_size is not None:
+            self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
+        if self.dataset == "folder" and (not self.data_dir or self.image_size is None):
+            raise ValueError("--dataset folder needs --data-dir DIR and --image-size S (or HxW)")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        parse_color(self.background)  # ValueError with the colours it reads
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if not (0 <= self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.test_fraction + self.val_fraction < 1):
+            raise ValueError("val_fraction and test_fraction must lie in [0, 1) and leave images to train on")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
         if self.reconstruction != "pixel" and not self.feature_checkpoint:

@@ -1,7 +1,9 @@
-"""Datasets as in-memory float tensors in [0, 1], shaped [N, C, H, W].
+"""Datasets as tensors shaped [N, C, H, W]: the bundled sets as float in [0, 1], a folder of images
+(`training.folder`) as uint8 mapped from its on-disk cache and converted per batch (`Split.batch`).
 
-Every dataset here is small enough to hold in memory, so batching is a permutation of indices
-rather than a DataLoader with worker processes: faster on a 2-core machine, and trivially seeded.
+Batching is a permutation of indices rather than a DataLoader with worker processes: faster on a
+2-core machine, and trivially seeded. A folder's uint8 rows stay on disk until a batch reads them,
+so a folder ten times larger costs disk, not ten times the memory.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import gzip
 import logging
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from service.imaging import Preprocessing, parse_color
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +32,32 @@ MIRRORS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 }
-DATASETS = ("digits", "mnist", "fashion-mnist")
+DATASETS = ("digits", "mnist", "fashion-mnist", "folder")
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Pixels as float32 in [0, 1]: uint8 divided by 255, float as it is."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 @dataclass
 class Split:
-    """Images in [0, 1] and their labels."""
+    """Images (float32 in [0, 1], or uint8 0..255 for a folder) and their labels (-1: no classes)."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def batch(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """The rows `idx` as float32 in [0, 1]: only these rows are read and converted."""
+        return to_unit(self.images[idx])
+
+    def unit(self) -> torch.Tensor:
+        """Every image as float32 in [0, 1] (for the small validation and test splits)."""
+        return to_unit(self.images)
 
 
 @dataclass
@@ -48,6 +66,9 @@ class Dataset:
     train: Split
     val: Split
     test: Split
+    preprocessing: Preprocessing  # what an image file goes through to become one of these images
+    classes: list[str] = field(default_factory=list)  # class names by label; [] when unlabelled
+    info: dict[str, Any] = field(default_factory=dict)  # a folder's counts, skipped files and cache, for metrics.json
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -131,7 +152,9 @@ def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
 def load_dataset(
     name: str, data_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0, download: bool = True
 ) -> Dataset:
-    """Train/validation/test splits; the validation split is drawn from the training data with `seed`."""
+    """A bundled set's train/validation/test splits; the validation split is drawn from the training
+    data with `seed`. Their pixels are white ink on black, so transparency in an image file sent to
+    such a model is composited onto black."""
     if name == "digits":
         images, labels = _digits()
         # digits ships no test split: hold out a fixed 300 images, the same for every run.
@@ -144,16 +167,67 @@ def load_dataset(
         test_x = arrays["test_images"].astype(np.float32) / 255.0
         train_y, test_y = arrays["train_labels"], arrays["test_labels"]
     else:
+        if name == "folder":
+            raise ValueError("a folder of images is read by load_folder_dataset (or load_data), not load_dataset")
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
     n_val = int(round(len(train_x) * val_fraction))
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).numpy()
     val_idx, fit_idx = order[:n_val], order[n_val:]
+    h, w = train_x.shape[-2:]
     return Dataset(
         name=name,
         train=_to_split(train_x[fit_idx], train_y[fit_idx]),
         val=_to_split(train_x[val_idx], train_y[val_idx]),
         test=_to_split(test_x, test_y),
+        preprocessing=Preprocessing(channels=1, size=(int(h), int(w)), fit="pad", background=(0, 0, 0)),
+        classes=[str(c) for c in range(10)],
+    )
+
+
+def load_folder_dataset(
+    data_dir: Path, prep: Preprocessing, val_fraction: float = 0.1, test_fraction: float = 0.1,
+    cache_dir: str | Path | None = None, strict: bool = False,
+) -> Dataset:  # fmt: skip
+    """A folder of image files (`training.folder`): splits from a hash of each file's relative path,
+    uint8 pixels mapped from the decoded cache, one contiguous slice per split."""
+    from training.folder import load_folder
+
+    folder = load_folder(data_dir, prep, cache_dir=cache_dir, strict=strict)
+    slices = folder.split(test_fraction, val_fraction)
+    splits = {
+        name: Split(torch.from_numpy(folder.pixels[s]), torch.from_numpy(np.asarray(folder.labels[s], dtype=np.int64)))
+        for name, s in slices.items()
+    }  # fmt: skip
+    if len(splits["train"]) == 0:
+        raise ValueError(f"{data_dir}: no image left to train on after the splits ({len(folder.paths)} images)")
+    info = {
+        "folder": str(folder.root), "images": len(folder.paths), "classes": folder.classes,
+        "class_counts": folder.class_counts(), "split_counts": {k: len(v) for k, v in splits.items()},
+        "skipped": [{"path": path, "reason": reason} for path, reason in folder.skipped],
+        "cache": str(folder.cache_dir), "decoded": folder.decoded, "reused": folder.reused,
+    }  # fmt: skip
+    return Dataset(
+        name="folder", train=splits["train"], val=splits["val"], test=splits["test"], preprocessing=prep,
+        classes=list(folder.classes), info=info,
+    )  # fmt: skip
+
+
+def preprocessing(cfg: Any) -> Preprocessing:
+    """What an image file goes through to become one of a run's images, from its TrainConfig: a
+    folder's pixel options, or for a bundled set (white ink on black) grey, padded onto black at the
+    model's size. Export writes it into model.json, and the service applies it to files it receives."""
+    if cfg.dataset == "folder":
+        return Preprocessing(cfg.channels, tuple(cfg.image_size), cfg.fit, parse_color(cfg.background))
+    return Preprocessing(channels=1, size=tuple(cfg.model.image_shape[1:]), fit="pad", background=(0, 0, 0))
+
+
+def load_data(cfg: Any) -> Dataset:
+    """The dataset a TrainConfig names: a bundled set, or a folder prepared with its pixel options."""
+    if cfg.dataset != "folder":
+        return load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.val_fraction, cfg.seed, cfg.download)
+    return load_folder_dataset(
+        Path(cfg.data_dir), preprocessing(cfg), cfg.val_fraction, cfg.test_fraction, cfg.cache_dir, cfg.strict
     )
 
 

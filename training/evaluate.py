@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,19 @@ from typing import Any
 import torch
 
 from training.checkpoint import load_model
-from training.data import Dataset, fixed_binarization, load_dataset
+from service.likelihood import bits_per_dim
+from training.data import Dataset, fixed_binarization, load_data, to_unit
 from training.features import load_feature_net
 from training.losses import iwae_bound, kl_divergence, monte_carlo_kl, reconstruction_nll
 from training.model import VAE
 from training.quality import sample_quality
 
+# What bits/dim means per likelihood (service.likelihood.bits_per_dim).
+BITS_NOTES = {
+    "logistic-mixture": "exact: a discrete likelihood of the 8-bit pixels",
+    "bernoulli": "of the binarized test images, not of their 8-bit grey levels",
+    "gaussian": "a density on [0, 1] turned into 8-bit bins of width 1/255 (nll + dims ln 255)",
+}
 AE_NOTE = "a deterministic autoencoder defines no density: no ELBO, KL or NLL, only its reconstruction loss"
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ def prepare_eval_images(x: torch.Tensor, likelihood: str, n: int | None = None, 
     """
     if n is not None and n < len(x):
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+    x = to_unit(x)
     return fixed_binarization(x, seed) if likelihood == "bernoulli" else x
 
 
@@ -65,6 +74,18 @@ def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 500) -> dict[str, 
         return {"recon": r, "mu": torch.cat(mus)}
     k = torch.cat(kl)
     return {"recon": r, "kl": k, "elbo": -(r + k), "mu": torch.cat(mus)}
+
+
+@torch.no_grad()
+def reconstruction_psnr(model: VAE, x: torch.Tensor, batch_size: int = 500) -> float:
+    """PSNR in dB of the reconstructions (the mean image decoded from mu) against x in [0, 1]: a
+    figure for any likelihood, and the one to read when there are no classes to judge samples by."""
+    errors = []
+    for xb in x.split(batch_size):
+        mu, _ = model.encode(xb)
+        errors.append((model.mean_image(model.decode(mu)) - xb).pow(2).flatten(1).mean(dim=1))
+    mse = torch.cat(errors).mean().clamp_min(1e-12).item()
+    return 10.0 * math.log10(1.0 / mse)
 
 
 def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
@@ -110,6 +131,7 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
             "seconds": round(time.perf_counter() - started, 2),
         }
     nll = iwae_nll(model, x, k, seed)
+    dims, likelihood = c * h * w, model.cfg.likelihood
     return {
         "images": len(x),
         "iwae_k": k,
@@ -117,7 +139,10 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
         "reconstruction": terms["recon"].mean().item(),
         "kl": terms["kl"].mean().item(),
         "nll": nll.mean().item(),
-        "nll_bits_per_dim": nll.mean().item() / (c * h * w * torch.log(torch.tensor(2.0)).item()),
+        "nll_bits_per_dim": float(bits_per_dim(nll.mean().item(), dims, likelihood)),
+        "elbo_bits_per_dim": float(bits_per_dim(-terms["elbo"].mean().item(), dims, likelihood)),
+        "bits_per_dim_note": BITS_NOTES[likelihood],
+        "psnr_db": reconstruction_psnr(model, x),
         "active_units": active_units(terms["mu"]),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -132,7 +157,7 @@ def evaluate_quality(
     started = time.perf_counter()
     device = next(model.parameters()).device
     net = load_feature_net(classifier, device)
-    test = data.test.images
+    test = data.test.unit()
     inputs = prepare_eval_images(test, model.cfg.likelihood)
     labels, train = data.test.labels, data.train.images
     result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed)
@@ -145,12 +170,12 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:  # fmt: skip
     """Scores of a checkpoint; quality figures with `classifier`, or the one its run was trained with."""
     model, cfg, _ = load_model(path)
-    folder = data_dir or cfg.data_dir
-    data = load_dataset(cfg.dataset, Path(folder) if folder else None, seed=cfg.seed)
-    x = prepare_eval_images(data.test.images, cfg.model.likelihood, images)
+    cfg.data_dir = data_dir or cfg.data_dir
+    data = load_data(cfg)
+    x = prepare_eval_images(data.test.unit(), cfg.model.likelihood, images)
     result = evaluate(model, x, k)
     classifier = classifier or cfg.classifier
-    if classifier:
+    if classifier and data.classes:
         result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples)
     return result
 

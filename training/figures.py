@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
+from service.imaging import grid
 from training.model import VAE
 
 FIGURES = (
@@ -23,19 +23,9 @@ FIGURES = (
 )
 
 
-def image_grid(images: torch.Tensor, cols: int, pad: int = 1, min_cell: int = 28) -> Image.Image:
-    """[N, C, H, W] in [0, 1] -> one PIL image, rows of `cols`, small images upscaled for viewing."""
-    x = images.detach().clamp(0, 1).cpu().numpy()
-    n, c, h, w = x.shape
-    rows = -(-n // cols)
-    grid = np.ones((c, rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = x[i]
-    pixels = (grid * 255).round().astype(np.uint8)
-    img = Image.fromarray(pixels[0] if c == 1 else pixels.transpose(1, 2, 0))
-    scale = max(1, min_cell // h)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+def image_grid(images: torch.Tensor, cols: int) -> Image.Image:
+    """[N, C, H, W] in [0, 1] -> one picture (grey or colour), drawn as the client draws its grids."""
+    return grid(images.detach().float().cpu().numpy(), cols)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

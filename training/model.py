@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
+from service.likelihood import decoder_channels
 from training.flow import FlowPrior
-from training.losses import standard_normal_log_prob
+from training.losses import mixture_mean, standard_normal_log_prob
 
 
 class ResBlock(nn.Module):
@@ -67,7 +68,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z [N, D] -> the likelihood's parameters [N, C, H, W]: Bernoulli logits or Gaussian mean."""
+    """z [N, D] -> the likelihood's parameters [N, P, H, W]: Bernoulli logits or Gaussian mean (P = C),
+    or a logistic mixture's K logits, means and log-scales per pixel (P = K (1 + 2C))."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -89,7 +91,7 @@ class Decoder(nn.Module):
             # (s - 1) * 2 - 2 + 3 + output_padding == target: output_padding picks the exact size.
             pad = (th - (2 * sh - 1), tw - (2 * sw - 1))
             layers += [nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=pad), nn.SiLU()]
-        layers.append(nn.Conv2d(widths[0], c, 3, padding=1))
+        layers.append(nn.Conv2d(widths[0], decoder_channels(cfg.likelihood, c, cfg.mixtures), 3, padding=1))
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -147,12 +149,18 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def likelihood_mean(self, params: torch.Tensor) -> torch.Tensor:
-        """E[x|z] under p(x|z): sigmoid of the Bernoulli logits, or the Gaussian mean as it is (unbounded)."""
-        return torch.sigmoid(params) if self.cfg.likelihood == "bernoulli" else params
+        """E[x|z] under p(x|z): sigmoid of the Bernoulli logits, the Gaussian mean as it is (unbounded),
+        or the mixture's weighted mean (clipped to [0, 1])."""
+        if self.cfg.likelihood == "bernoulli":
+            return torch.sigmoid(params)
+        if self.cfg.likelihood == "logistic-mixture":
+            return mixture_mean(params, self.cfg.image_shape[0])
+        return params
 
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
-        """The decoder's output as an image in [0, 1]: sigmoid of the logits, or the Gaussian mean
-        clipped to [0, 1], exactly as the service shows it (`service.engine.Engine.mean_image`)."""
+        """The decoder's output as an image in [0, 1], exactly as the service shows it
+        (`service.likelihood.mean_image`): a fixed function of z, so seeded samples never depend on
+        what else was batched with them."""
         mean = self.likelihood_mean(params)
         return mean if self.cfg.likelihood == "bernoulli" else mean.clamp(0.0, 1.0)
 

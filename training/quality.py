@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.data import to_unit
 from training.features import FeatureNet
 from training.model import VAE
 
@@ -146,7 +147,7 @@ def sample_quality(
     model.eval()
     net_device = next(net.parameters()).device
     reference_h, reference_p = classify(net, test_images.to(net_device))
-    real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]]
+    real = to_unit(train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]])
     _, inputs_p = classify(net, model_inputs.to(net_device))
     result: dict[str, Any] = {
         "test_images": len(test_images),

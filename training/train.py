@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from training import checkpoint
 from training.config import TrainConfig, to_dict
-from training.data import Dataset, binarize, load_dataset
+from training.data import Dataset, binarize, load_data
 from training.evaluate import active_units, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
@@ -90,15 +90,13 @@ class Trainer:
         self.out = out
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.data = data or load_dataset(
-            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.val_fraction, cfg.seed, cfg.download
-        )
+        self.data = data or load_data(cfg)
         cfg.model.image_shape = self.data.image_shape
         self.model = VAE(cfg.model).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.val_x = prepare_eval_images(self.data.val.images, cfg.model.likelihood, seed=cfg.seed).to(self.device)
+        self.val_x = prepare_eval_images(self.data.val.unit(), cfg.model.likelihood, seed=cfg.seed).to(self.device)
         self.history: list[dict[str, Any]] = []
         self.best_val = -math.inf
         self.start_epoch = 0
@@ -131,7 +129,7 @@ class Trainer:
         seen = 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, idx in enumerate(bar):
-            x = self.data.train.images[idx]
+            x = self.data.train.batch(idx)
             if cfg.model.likelihood == "bernoulli" and cfg.dynamic_binarization:
                 x = binarize(x, self.data_gen)
             x = x.to(self.device)
@@ -212,9 +210,36 @@ def fit_autoencoder_codes(model: VAE, data: Dataset, batch_size: int = 1000) -> 
     """An autoencoder's ex-post Gaussian: mean and covariance of its codes for the training images
     (prepared as for scoring: binarized once for Bernoulli models)."""
     device = next(model.parameters()).device
-    x = prepare_eval_images(data.train.images, model.cfg.likelihood, seed=1)
-    codes = torch.cat([model.encode(xb.to(device))[0] for xb in x.split(batch_size)])
-    model.fit_code_gaussian(codes)
+    gen = torch.Generator().manual_seed(1)  # the one binarization of prepare_eval_images(seed=1), chunk by chunk
+    codes = []
+    for rows in torch.arange(len(data.train)).split(batch_size):
+        xb = data.train.batch(rows)
+        xb = binarize(xb, gen) if model.cfg.likelihood == "bernoulli" else xb
+        codes.append(model.encode(xb.to(device))[0])
+    model.fit_code_gaussian(torch.cat(codes))
+
+
+def data_summary(data: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+    """What metrics.json says of the data: the split sizes, the classes (and, for a folder, their
+    counts, every skipped file with its reason, and the cache)."""
+    return {
+        "dataset": data.name, "image_shape": list(data.image_shape), "classes": data.classes,
+        "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "preprocessing": data.preprocessing.to_json(), **data.info,
+    }  # fmt: skip
+
+
+def collapse_warning(test: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """A message when the posterior collapsed (no active latent unit: every image decodes from the
+    same z, so every sample looks alike), naming the flags that help; None otherwise."""
+    if test.get("elbo") is None or test["active_units"] > 0:
+        return None
+    return (
+        f"posterior collapse: 0 active latent units (KL {test['kl']:.2f} nats): the decoder ignores z and every "
+        f"sample is alike. Try --free-bits 0.25 (now {cfg.free_bits:g}), a longer KL warm-up --warmup-epochs "
+        f"{max(5.0, 2 * cfg.warmup_epochs):g} (now {cfg.warmup_epochs:g}), a smaller --beta (now {cfg.beta:g}), or a "
+        "lower --lr"
+    )
 
 
 def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
@@ -232,18 +257,23 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     if not model.variational:
         fit_autoencoder_codes(model, trainer.data)
         checkpoint.save(out / "best.pt", model, cfg, epoch=best["epoch"])
-    test_x = prepare_eval_images(trainer.data.test.images, cfg.model.likelihood, cfg.eval_images).to(trainer.device)
+    test_x = prepare_eval_images(trainer.data.test.unit(), cfg.model.likelihood, cfg.eval_images).to(trainer.device)
     log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
     test = evaluate(model, test_x, cfg.iwae_k)
-    if cfg.classifier:
+    if cfg.classifier and trainer.data.classes:
         test["quality"] = evaluate_quality(model, trainer.data, cfg.classifier, cfg.quality_samples)
         for line in quality_lines(test["quality"]):
             log.info("%s", line)
-    else:
+    elif cfg.classifier:
+        log.warning("--classifier ignored: sample quality (FD, class statistics) needs class folders; see bits/dim and PSNR")
+    elif trainer.data.classes:
         log.info("no --classifier: no sample-quality figures (train one with python -m training.features)")
-    figures = write_figures(model, trainer.data.test.images.to(trainer.device), history, out, cfg.seed)
+    else:
+        log.info("no class folders: no FD or class statistics (they need a classifier of classes); see bits/dim and PSNR")
+    figures = write_figures(model, trainer.data.test.unit().to(trainer.device), history, out, cfg.seed)
     metrics = {
         "config": to_dict(cfg),
+        "data": data_summary(trainer.data, cfg),
         "best_epoch": best["epoch"],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -251,12 +281,18 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         "history": history,
         "figures": [p.name for p in figures],
     }
+    collapse = collapse_warning(test, cfg)
+    if collapse:
+        metrics["warnings"] = [collapse]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if model.variational:
         log.info(
-            "test: -elbo %.2f nats, nll (iwae k=%d) %.2f nats, kl %.2f, active units %d",
-            -test["elbo"], cfg.iwae_k, test["nll"], test["kl"], test["active_units"],
+            "test: -elbo %.2f nats, nll (iwae k=%d) %.2f nats = %.3f bits/dim, kl %.2f, active units %d, psnr %.2f dB",
+            -test["elbo"], cfg.iwae_k, test["nll"], test["nll_bits_per_dim"], test["kl"], test["active_units"],
+            test["psnr_db"],
         )  # fmt: skip
+        if collapse:
+            log.warning("%s", collapse)
     else:
         log.info("test: reconstruction %.2f nats (an autoencoder: no NLL)", test["reconstruction"])
     return metrics

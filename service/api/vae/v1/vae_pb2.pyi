@@ -78,7 +78,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "latent_dim", "image_shape", "likelihood", "execution_provider", "max_batch_rows", "max_batch_delay_ms", "max_request_rows", "max_queue_rows", "dataset", "metrics")
+    __slots__ = ("name", "version", "latent_dim", "image_shape", "likelihood", "execution_provider", "max_batch_rows", "max_batch_delay_ms", "max_request_rows", "max_queue_rows", "dataset", "metrics", "mixtures", "preprocessing", "classes")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,9 @@ class ModelInfo(_message.Message):
     MAX_QUEUE_ROWS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    MIXTURES_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     latent_dim: int
@@ -110,7 +113,22 @@ class ModelInfo(_message.Message):
     max_queue_rows: int
     dataset: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latent_dim: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., likelihood: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_request_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    mixtures: int
+    preprocessing: Preprocessing
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latent_dim: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., likelihood: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_request_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mixtures: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Preprocessing(_message.Message):
+    __slots__ = ("channels", "size", "fit", "background")
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FIT_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    channels: int
+    size: _containers.RepeatedScalarFieldContainer[int]
+    fit: str
+    background: str
+    def __init__(self, channels: _Optional[int] = ..., size: _Optional[_Iterable[int]] = ..., fit: _Optional[str] = ..., background: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("num_samples", "seed", "temperature", "format", "chunk_rows", "model_name", "model_version")
@@ -145,18 +163,20 @@ class SampleResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("images", "sample", "seed", "model_name", "model_version")
+    __slots__ = ("images", "sample", "seed", "image_files", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FILES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     sample: bool
     seed: int
+    image_files: _containers.RepeatedScalarFieldContainer[bytes]
     model_name: str
     model_version: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: bool = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: bool = ..., seed: _Optional[int] = ..., image_files: _Optional[_Iterable[bytes]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("mu", "sigma", "z", "seed", "model_name", "model_version")
@@ -187,16 +207,18 @@ class DecodeRequest(_message.Message):
     def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ReconstructRequest(_message.Message):
-    __slots__ = ("images", "format", "model_name", "model_version")
+    __slots__ = ("images", "format", "image_files", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FILES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     format: ImageFormat
+    image_files: _containers.RepeatedScalarFieldContainer[bytes]
     model_name: str
     model_version: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., image_files: _Optional[_Iterable[bytes]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ImagesResponse(_message.Message):
     __slots__ = ("images", "model_name", "model_version")
@@ -209,11 +231,13 @@ class ImagesResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
-    __slots__ = ("start_image", "start_latent", "end_image", "end_latent", "steps", "method", "format", "model_name", "model_version")
+    __slots__ = ("start_image", "start_latent", "start_file", "end_image", "end_latent", "end_file", "steps", "method", "format", "model_name", "model_version")
     START_IMAGE_FIELD_NUMBER: _ClassVar[int]
     START_LATENT_FIELD_NUMBER: _ClassVar[int]
+    START_FILE_FIELD_NUMBER: _ClassVar[int]
     END_IMAGE_FIELD_NUMBER: _ClassVar[int]
     END_LATENT_FIELD_NUMBER: _ClassVar[int]
+    END_FILE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -221,14 +245,16 @@ class InterpolateRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     start_image: Tensor
     start_latent: Tensor
+    start_file: bytes
     end_image: Tensor
     end_latent: Tensor
+    end_file: bytes
     steps: int
     method: InterpolationMethod
     format: ImageFormat
     model_name: str
     model_version: int
-    def __init__(self, start_image: _Optional[_Union[Tensor, _Mapping]] = ..., start_latent: _Optional[_Union[Tensor, _Mapping]] = ..., end_image: _Optional[_Union[Tensor, _Mapping]] = ..., end_latent: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, start_image: _Optional[_Union[Tensor, _Mapping]] = ..., start_latent: _Optional[_Union[Tensor, _Mapping]] = ..., start_file: _Optional[bytes] = ..., end_image: _Optional[_Union[Tensor, _Mapping]] = ..., end_latent: _Optional[_Union[Tensor, _Mapping]] = ..., end_file: _Optional[bytes] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class InterpolateResponse(_message.Message):
     __slots__ = ("images", "latents", "model_name", "model_version")
@@ -243,30 +269,34 @@ class InterpolateResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Images, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("images", "importance_samples", "seed", "model_name", "model_version")
+    __slots__ = ("images", "importance_samples", "seed", "image_files", "model_name", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FILES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     importance_samples: int
     seed: int
+    image_files: _containers.RepeatedScalarFieldContainer[bytes]
     model_name: str
     model_version: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ..., image_files: _Optional[_Iterable[bytes]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ImageScore(_message.Message):
-    __slots__ = ("elbo", "reconstruction", "kl", "log_likelihood")
+    __slots__ = ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim")
     ELBO_FIELD_NUMBER: _ClassVar[int]
     RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     KL_FIELD_NUMBER: _ClassVar[int]
     LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_DIM_FIELD_NUMBER: _ClassVar[int]
     elbo: float
     reconstruction: float
     kl: float
     log_likelihood: float
-    def __init__(self, elbo: _Optional[float] = ..., reconstruction: _Optional[float] = ..., kl: _Optional[float] = ..., log_likelihood: _Optional[float] = ...) -> None: ...
+    bits_per_dim: float
+    def __init__(self, elbo: _Optional[float] = ..., reconstruction: _Optional[float] = ..., kl: _Optional[float] = ..., log_likelihood: _Optional[float] = ..., bits_per_dim: _Optional[float] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "importance_samples", "seed", "model_name", "model_version")

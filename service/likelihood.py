@@ -1,0 +1,194 @@
+"""p(x|z) for the three likelihoods, in numpy float64: what Score and Sample compute on the server.
+
+This module never imports torch (the server has none); `training.losses` computes the same
+quantities in torch for training, and the tests hold the two to agree within 1e-9 in float64.
+
+"logistic-mixture" is the discretized mixture of logistics for 8-bit images (PixelCNN++; NVAE's
+`DiscMixLogistic`, VDVAE's `discretized_mix_logistic_loss`). The decoder's P = K (1 + 2C) output
+channels per pixel are laid out as
+
+    [0, K)                          mixture logits, shared by the pixel's C channels
+    [K + k C + c]                   mean of component k for channel c, in [-1, 1] image space
+    [K + K C + k C + c]             log-scale of component k for channel c (clamped below at -7)
+
+Each component is a joint distribution over the pixel's channels with the channels independent
+within it; unlike PixelCNN++ there are no channel-coupling coefficients (the mixture alone carries
+the correlation between channels), so the layout and the math stay the same for any C.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic-mixture")
+LOG_2PI = math.log(2 * math.pi)
+LOG_SCALE_MIN = -7.0  # as PixelCNN++ and NVAE: below it a bin's mass is already ~1 or ~0
+BIN_HALF_WIDTH = 1.0 / 255  # half of one 8-bit step once [0, 1] is mapped to [-1, 1]
+
+
+def check_likelihood(likelihood: str) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
+
+
+def mixture_components(params_channels: int, channels: int) -> int:
+    """K from the decoder's channel count P = K (1 + 2C): the layout is fixed, so P says K."""
+    per_component = 1 + 2 * channels
+    if params_channels < per_component or params_channels % per_component:
+        raise ValueError(
+            f"a logistic mixture over {channels} channel(s) needs a multiple of {per_component} "
+            f"parameter channels (K logits, K*C means, K*C log-scales); got {params_channels}"
+        )
+    return params_channels // per_component
+
+
+def decoder_channels(likelihood: str, channels: int, mixtures: int) -> int:
+    """How many channels the decoder outputs per pixel: C (logits or means), or K (1 + 2C)."""
+    check_likelihood(likelihood)
+    if likelihood != "logistic-mixture":
+        return channels
+    if mixtures < 1:
+        raise ValueError(f"a logistic mixture needs at least one component; got {mixtures}")
+    return mixtures * (1 + 2 * channels)
+
+
+def split_mixture(params: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of params [..., P, H, W]: logits [..., K, H, W], means and raw log-scales
+    [..., K, C, H, W] (views, not copies, when params is contiguous)."""
+    *lead, p, h, w = params.shape
+    k = mixture_components(p, channels)
+    kc = k * channels
+    means = params[..., k : k + kc, :, :].reshape(*lead, k, channels, h, w)
+    log_scales = params[..., k + kc :, :, :].reshape(*lead, k, channels, h, w)
+    return params[..., :k, :, :], means, log_scales
+
+
+def to_bins(x: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] as 8-bit levels 0..255 (float64): data not on the grid, such as k/16,
+    counts as its nearest 8-bit value, so every image has a bin and a probability."""
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255.0), 0.0, 255.0)
+
+
+def _minus_softplus_(t: np.ndarray) -> np.ndarray:
+    """-log(1 + e^t) = log sigmoid(-t), in place: exact in both tails, never log(0)."""
+    np.logaddexp(0.0, t, out=t)
+    return np.negative(t, out=t)
+
+
+def _log_logistic_mixture(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """log p(x|z) summed over C, H, W for x [..., C, H, W] in [0, 1] and params [..., P, H, W].
+
+    Per subpixel the probability of x's bin [x - 1/255, x + 1/255] under a logistic is
+    sigmoid(a) - sigmoid(b), with the end bins taking all the mass beyond them. It is computed as
+    log sigmoid(a) + log sigmoid(-b) + log(1 - e^(b - a)), an identity (b - a < 0) that neither
+    cancels when both sigmoids are near 1 or 0 nor needs PixelCNN++'s density fallback. Three
+    temporaries of [..., K, C, H, W] are the peak memory; everything else works in place.
+    """
+    channels = x.shape[-3]
+    level = to_bins(x)[..., None, :, :, :]  # [..., 1, C, H, W]: broadcasts over K
+    centred = level / 255.0 * 2.0 - 1.0
+    logits, means, log_scales = split_mixture(params, channels)
+    inv_scale = np.maximum(log_scales, LOG_SCALE_MIN, dtype=np.float64)
+    np.negative(inv_scale, out=inv_scale)
+    np.exp(inv_scale, out=inv_scale)
+    log_p = np.subtract(centred, means, dtype=np.float64)  # b, then log sigmoid(-b), then log P
+    upper = log_p + BIN_HALF_WIDTH  # a, then log sigmoid(a), then the end bins' log P
+    log_p -= BIN_HALF_WIDTH
+    upper *= inv_scale
+    log_p *= inv_scale
+    width = inv_scale  # log(1 - e^(b - a)), b - a = -2/255 e^(-log_s) < 0
+    width *= -2.0 * BIN_HALF_WIDTH
+    np.expm1(width, out=width)
+    np.negative(width, out=width)
+    np.log(width, out=width)
+    _minus_softplus_(np.negative(upper, out=upper))
+    _minus_softplus_(log_p)
+    np.copyto(upper, log_p, where=level == 255.0)  # value 255: all the mass above x - 1/255
+    log_p += upper
+    log_p += width
+    np.copyto(log_p, upper, where=(level == 0.0) | (level == 255.0))  # value 0: all the mass below
+    per_component = log_p.sum(axis=-3)  # [..., K, H, W]: channels independent within a component
+    per_component += _log_softmax(np.asarray(logits, dtype=np.float64), axis=-3)
+    return _logsumexp(per_component, axis=-3).sum(axis=(-2, -1))
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
+    return a - np.expand_dims(_logsumexp(a, axis), axis)
+
+
+def log_px_z(likelihood: str, x: np.ndarray, params: np.ndarray, gaussian_std: float = 0.1) -> np.ndarray:
+    """log p(x|z) in nats, float64, summed over the last three dims (C, H, W).
+
+    x [..., C, H, W] in [0, 1] and params [..., P, H, W] broadcast over the leading dims, so Score
+    passes x [n, 1, C, H, W] against params [n, s, P, H, W] for s posterior samples without
+    repeating the images. Bernoulli: x l - log(1 + e^l); Gaussian with fixed std: the normal
+    log-density; logistic-mixture: the 8-bit bin's log-probability (see `_log_logistic_mixture`).
+    """
+    check_likelihood(likelihood)
+    x = np.asarray(x, dtype=np.float64)
+    if likelihood == "logistic-mixture":
+        return _log_logistic_mixture(x, params)
+    if likelihood == "bernoulli":
+        log_p = np.multiply(x, params, dtype=np.float64)
+        log_p -= np.logaddexp(0.0, params, dtype=np.float64)
+    else:
+        var = gaussian_std**2
+        log_p = np.subtract(x, params, dtype=np.float64)
+        log_p **= 2
+        log_p /= var
+        log_p += math.log(var) + LOG_2PI
+        log_p *= -0.5
+    return log_p.sum(axis=(-3, -2, -1))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """float32 logistic via tanh (no overflow for large |x|), in place on one temporary."""
+    y = np.tanh(np.multiply(x, 0.5, dtype=np.float32))
+    y += 1.0
+    y *= 0.5
+    return y
+
+
+def mixture_mean(params: np.ndarray, channels: int) -> np.ndarray:
+    """The mixture's mean, sum_k softmax(logits)_k mu_kc, mapped from [-1, 1] to [0, 1] and clipped:
+    [..., C, H, W] float32. A fixed function of the parameters (no sampling, and a reduction over K
+    whose order does not depend on the batch), so a seeded Sample shows the same image in any batch."""
+    logits, means, _ = split_mixture(params, channels)
+    weights = np.exp(_log_softmax(np.asarray(logits, dtype=np.float64), axis=-3))
+    mean = (weights[..., None, :, :] * means).sum(axis=-4)
+    mean += 1.0
+    mean *= 0.5
+    return np.clip(mean, 0.0, 1.0, out=mean).astype(np.float32)
+
+
+def mean_image(likelihood: str, params: np.ndarray, channels: int) -> np.ndarray:
+    """What Sample and Reconstruct show, float32 [N, C, H, W] in [0, 1]: sigmoid of the Bernoulli
+    logits, the Gaussian mean clipped to [0, 1], or the logistic mixture's mean."""
+    check_likelihood(likelihood)
+    if likelihood == "bernoulli":
+        return sigmoid(params)
+    if likelihood == "gaussian":
+        return np.clip(params, 0.0, 1.0).astype(np.float32, copy=False)
+    return mixture_mean(params, channels)
+
+
+def bits_per_dim(nll_nats: float | np.ndarray, dims: int, likelihood: str) -> float | np.ndarray:
+    """-log2 p(x) per dimension, the unit the image-modelling literature compares.
+
+    The logistic mixture and the Bernoulli are discrete likelihoods (the Bernoulli's of the
+    binarized images), so their nll is already -log P: divide by dims ln 2. The Gaussian is a
+    density on [0, 1]; the 8-bit bin around x has width 1/255, so its probability is about
+    p(x) / 255 per dimension and -log P = nll + dims ln 255, which makes it comparable with the
+    discrete ones.
+    """
+    check_likelihood(likelihood)
+    if likelihood == "gaussian":
+        nll_nats = nll_nats + dims * math.log(255.0)
+    return nll_nats / (dims * math.log(2.0))
