@@ -33,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 FITS = ("crop", "pad")
 NAMED_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0)}
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 RESAMPLE = Image.Resampling.LANCZOS
 
 
@@ -41,7 +41,7 @@ class ImageError(ValueError):
     """A file that is not a readable image; the message says why (empty, truncated, not an image ...).
 
     The message starts with its kind ("empty file", "truncated", "not an image", "corrupt",
-    "too large"), then ": " and Pillow's detail, so callers can count reasons by kind."""
+    "too large", "unsupported"), then ": " and the detail, so callers can count reasons by kind."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,13 @@ class Preprocessing:
         bg = tuple(self.background) if isinstance(self.background, (list, tuple)) else self.background
         if not isinstance(bg, tuple) or len(bg) != 3 or any(_not_int(v) or not 0 <= v <= 255 for v in bg):
             raise ValueError(f"background must be three integers in 0..255 (R, G, B), got {self.background!r}")
-        object.__setattr__(self, "size", size)
-        object.__setattr__(self, "background", bg)
+        object.__setattr__(self, "channels", int(self.channels))  # numpy integers become ints, for JSON
+        object.__setattr__(self, "size", tuple(int(v) for v in size))
+        object.__setattr__(self, "background", tuple(int(v) for v in bg))
 
     def to_json(self) -> dict[str, Any]:
-        return {"channels": self.channels, "size": list(self.size), "fit": self.fit, "background": _hex(self.background)}
+        background = "#" + "".join(f"{v:02x}" for v in self.background)
+        return {"channels": self.channels, "size": list(self.size), "fit": self.fit, "background": background}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Preprocessing:
@@ -85,10 +87,6 @@ class Preprocessing:
 
 def _not_int(v: Any) -> bool:
     return isinstance(v, bool) or not isinstance(v, (int, np.integer))
-
-
-def _hex(rgb: tuple[int, int, int]) -> str:
-    return "#" + "".join(f"{v:02x}" for v in rgb)
 
 
 def parse_color(text: str) -> tuple[int, int, int]:

@@ -108,7 +108,7 @@ def test_flow_exports_to_onnx_both_ways(tmp_path):
 
 def flow_config(**overrides) -> TrainConfig:
     model = ModelConfig(latent_dim=8, widths=(16, 32), hidden=64, prior="flow", flow_layers=2, flow_hidden=16)
-    settings = dict(epochs=3, batch_size=32, iwae_k=20, eval_images=50) | overrides
+    settings = dict(epochs=3, batch_size=32, iwae_k=20, eval_images=50, free_bits=0.0) | overrides
     return TrainConfig(model=model, **settings)
 
 

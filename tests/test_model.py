@@ -30,12 +30,12 @@ def test_sample_is_an_image_in_unit_range_and_seeded():
     assert 0.0 <= a.min() and a.max() <= 1.0
 
 
-def service_mean_image(likelihood: str, params: torch.Tensor) -> torch.Tensor:
-    """What the service shows for these decoder outputs: its own `Engine.mean_image`, on numpy."""
-    from service.engine import Engine
+def service_mean_image(likelihood: str, params: torch.Tensor, channels: int = 1) -> torch.Tensor:
+    """What the service shows for these decoder outputs (`service.likelihood.mean_image`, which
+    `Engine.mean_image` calls), on numpy."""
+    from service.likelihood import mean_image
 
-    engine = SimpleNamespace(spec=SimpleNamespace(likelihood=likelihood))
-    return torch.from_numpy(Engine.mean_image(engine, params.numpy()))
+    return torch.from_numpy(mean_image(likelihood, params.numpy(), channels))
 
 
 def test_gaussian_mean_image_is_clipped_as_the_service_clips_it():
@@ -53,6 +53,17 @@ def test_bernoulli_mean_image_matches_the_service():
     model = VAE(ModelConfig(image_shape=(1, 8, 8), latent_dim=4))
     logits = torch.randn(2, 1, 8, 8) * 5
     torch.testing.assert_close(model.mean_image(logits), service_mean_image("bernoulli", logits), rtol=0, atol=1e-6)
+
+
+def test_logistic_mixture_model_outputs_its_parameters_and_shows_the_services_image():
+    cfg = ModelConfig(image_shape=(3, 16, 16), latent_dim=4, hidden=16, likelihood="logistic-mixture", mixtures=4)
+    model = VAE(cfg)
+    with torch.no_grad():
+        params = model.decode(torch.randn(2, 4))
+    assert params.shape == (2, 4 * (1 + 2 * 3), 16, 16)
+    image = model.mean_image(params * 20)  # far outside [-1, 1]: the mean is clipped
+    assert image.shape == (2, 3, 16, 16) and 0.0 <= image.min() and image.max() <= 1.0
+    torch.testing.assert_close(image, service_mean_image("logistic-mixture", params * 20, 3), rtol=0, atol=1e-6)
 
 
 def test_bad_config_is_refused():

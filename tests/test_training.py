@@ -22,7 +22,7 @@ from training.train import Trainer, kl_weight, objective, run
 
 def small_config(**overrides) -> TrainConfig:
     model = ModelConfig(latent_dim=8, widths=(16, 32), hidden=64)
-    settings = dict(epochs=4, batch_size=32, iwae_k=20, eval_images=50) | overrides
+    settings = dict(epochs=4, batch_size=32, iwae_k=20, eval_images=50, free_bits=0.0) | overrides
     return TrainConfig(model=model, **settings)
 
 

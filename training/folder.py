@@ -42,7 +42,7 @@ CHUNK = 64  # files per worker task: few enough round trips that IPC costs littl
 COPY_BYTES = 64 << 20  # rows copied at a time when a new generation is assembled
 STALE_S = 3600  # leftovers of crashed or racing writers older than this are removed
 SHOWN = 5  # bad files named in the warning; the rest are counted
-KIND_WORDS = {"empty file": "empty", "not an image": "not images", "too large": "too large"}
+KIND_WORDS = {"empty file": "empty", "not an image": "not images"}  # other kinds read well as they are
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class FolderData:
     def split(self, test_fraction: float, val_fraction: float) -> dict[str, slice]:
         """test: u < test_fraction; val: test_fraction <= u < test + val; train: the rest."""
         if not (0 <= test_fraction <= 1 and 0 <= val_fraction <= 1 and test_fraction + val_fraction <= 1):
-            raise ValueError(f"split fractions must lie in [0, 1] and sum to at most 1, got {test_fraction}, {val_fraction}")
+            raise ValueError(
+                f"split fractions must lie in [0, 1] and sum to at most 1, got {test_fraction} and {val_fraction}"
+            )
         t, v = np.searchsorted(self.keys, [test_fraction, test_fraction + val_fraction], side="left")
         return {"test": slice(0, int(t)), "val": slice(int(t), int(v)), "train": slice(int(v), len(self.keys))}
 
@@ -107,7 +109,7 @@ def load_folder(
     folder = _cache_folder(root, prep, cache_dir)
     files = _scan(root)
     if not files:
-        raise ValueError(f"{root} holds no readable image: no files")
+        raise ValueError(f"{root}: no files, so no image to read")
     cache = _read_cache(folder, prep)
     reused = {f.path: cache.entries[f.path] for f in files if cache and _unchanged(cache.entries.get(f.path), f)}
     if strict:
@@ -150,13 +152,17 @@ def _cache_folder(root: Path, prep: Preprocessing, cache_dir: str | os.PathLike 
 def _scan(root: Path) -> list[_File]:
     """Every non-hidden file below root, sorted by relative path; symlinked folders are not followed."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: log.warning("cannot list %s: %s", e.filename, e.strerror)):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unlistable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         prefix = Path(os.path.relpath(dirpath, root)).as_posix()
         for name in filenames:
             if not name.startswith("."):
                 files.append(_stat(os.path.join(dirpath, name), name if prefix == "." else f"{prefix}/{name}"))
     return sorted(files, key=lambda f: f.path)
+
+
+def _unlistable(error: OSError) -> None:
+    log.warning("cannot list %s: %s", error.filename, error.strerror)
 
 
 def _stat(full: str, rel: str) -> _File:
@@ -211,7 +217,8 @@ def _decode(
     if not paths:
         return None, {}
     scratch_path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=(len(paths), prep.channels, *prep.size))
+    shape = (len(paths), prep.channels, *prep.size)
+    scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=shape)
     reasons: dict[str, str] = {}
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     bar = tqdm(total=len(paths), desc=f"decoding {root.name}", unit="file", disable=None if progress else True)
@@ -290,7 +297,7 @@ def _check_readable(root: Path, entries: list[dict[str, Any]]) -> None:
     if all("skip" in e for e in entries):
         kinds = Counter(e["skip"].split(":")[0] for e in entries)
         found = ", ".join(f"{n} {KIND_WORDS.get(kind, kind)}" for kind, n in kinds.most_common())
-        raise ValueError(f"{root} holds no readable image: {len(entries)} files, none a readable image: {found}")
+        raise ValueError(f"{root}: {len(entries)} files, none a readable image: {found}")
 
 
 def _order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
