@@ -13,7 +13,7 @@ CHECKPOINT ?= $(RUNS)/digits/best.pt
 NAME   ?= digits
 MNIST_DIR ?= ../shared/data/mnist
 TWEMOJI_DIR ?= ../shared/data/twemoji
-TWEMOJI_EPOCHS ?= 40
+TWEMOJI_EPOCHS ?= 120
 
 .PHONY: install test train train-mnist train-mnist-flow train-mnist-ae train-twemoji train-twemoji-flow train-twemoji-ae \
 	features evaluate export model run bench proto clean
@@ -34,8 +34,8 @@ test: install
 # The small default model: 8x8 digits bundled with scikit-learn, no network, about a minute with its
 # classifier; the recipe and its figures are in docs/training.md ("The digits recipe").
 train: install $(RUNS)/features-digits/features.pt
-	$(PY) -m training --dataset digits --epochs 40 --likelihood gaussian --gaussian-std 0.15 \
-		--batch-size 32 --lr 3e-3 --classifier $(RUNS)/features-digits/features.pt --out $(RUNS)/digits
+	$(PY) -m training --dataset digits --epochs 40 --likelihood gaussian --gaussian-std 0.15 --widths 32,64 \
+		--batch-size 32 --lr 3e-3 --free-bits 0 --classifier $(RUNS)/features-digits/features.pt --out $(RUNS)/digits
 
 $(RUNS)/features-digits/features.pt: | install
 	$(PY) -m training.features --dataset digits --out $(RUNS)/features-digits
@@ -43,7 +43,7 @@ $(RUNS)/features-digits/features.pt: | install
 # The MNIST recipe and its flow-prior and autoencoder variants, measured in docs/training.md
 # ("The MNIST recipe"); the classifier judges their samples.
 MNIST_RECIPE = --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 --latent-dim 32 --widths 32,64 \
-	--hidden 512 --warmup-epochs 1 --eval-images 2000 --classifier $(RUNS)/features-mnist/features.pt
+	--hidden 512 --warmup-epochs 1 --free-bits 0 --eval-images 2000 --classifier $(RUNS)/features-mnist/features.pt
 train-mnist: install $(RUNS)/features-mnist/features.pt
 	$(PY) -m training $(MNIST_RECIPE) --out $(RUNS)/mnist
 

@@ -1,4 +1,5 @@
 """Tensors and images on the wire: proto <-> numpy, with every check a malformed request needs.
+Pixels to PNG and uint8 are `service.imaging`'s, the one image module training shares.
 
 Each check raises BadRequest with a message naming the field and what is wrong, which the
 transport turns into INVALID_ARGUMENT.
@@ -6,12 +7,10 @@ transport turns into INVALID_ARGUMENT.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 
 from service.api.vae.v1 import vae_pb2 as pb
+from service.imaging import png_bytes, to_uint8
 
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_UINT8: np.dtype("u1")}
 FORMATS = frozenset(pb.ImageFormat.values())
@@ -64,19 +63,6 @@ def from_array(a: np.ndarray, into: pb.Tensor | None = None) -> pb.Tensor:
     t.shape[:] = a.shape
     t.data = np.ascontiguousarray(a, dtype=DTYPES[t.dtype]).tobytes()
     return t
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """One [C, H, W] image in [0, 1] as PNG (C = 1 grey, 3 RGB, 4 RGBA)."""
-    pixels = to_uint8(image)
-    pil = Image.fromarray(pixels[0]) if pixels.shape[0] == 1 else Image.fromarray(pixels.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def check_format(fmt: int, channels: int) -> int:

@@ -178,3 +178,25 @@ def test_models_the_service_cannot_serve_are_not_exported(tmp_path):
     with pytest.raises(ValueError, match="autoencoder is not exported"):
         publish(VAE(cfg.model), cfg, tmp_path / "models", "m")
     assert not (tmp_path / "models").exists()  # nothing published, not even the model's folder
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_colour_logistic_mixture_models_export_with_parity_and_their_preprocessing(tmp_path, size):
+    """32x32 and 64x64 RGB with the default stages (down to 4x4) and a 3-component mixture: the
+    graphs agree with PyTorch, the decoder gives K (1 + 2C) channels, model.json carries the
+    preprocessing and the mixture, and the Triton config declares the decoder's shape."""
+    from training.config import ModelConfig as VaeConfig
+    from training.config import TrainConfig
+
+    mcfg = VaeConfig(image_shape=(3, size, size), latent_dim=8, hidden=32, likelihood="logistic-mixture", mixtures=3)
+    assert len(mcfg.stage_widths) == {32: 3, 64: 4}[size]  # 32 -> 4 and 64 -> 4 pixels across
+    cfg = TrainConfig(dataset="folder", data_dir=str(tmp_path), image_size=(size, size), fit="pad", background="#102030", model=mcfg)
+    torch.manual_seed(0)
+    folder = publish(VAE(mcfg), cfg, tmp_path / "models", "emoji", classes=["a", "b"])
+    info = json.loads((folder / "model.json").read_text())
+    assert info["likelihood"] == "logistic-mixture" and info["mixtures"] == 3 and info["classes"] == ["a", "b"]
+    assert info["preprocessing"] == {"channels": 3, "size": [size, size], "fit": "pad", "background": "#102030"}
+    assert info["graphs"]["decoder"]["outputs"] == {"params": [-1, 21, size, size]}
+    assert max(info["parity_max_abs_diff"].values()) < 1e-4
+    config = text_format.Parse((folder / "decoder.config.pbtxt").read_text(), ModelConfig())
+    assert [list(o.dims) for o in config.output] == [[21, size, size]]

@@ -336,3 +336,40 @@ def test_cli_model_and_prior_flags(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "autoencoder" in done.stderr
+
+
+def test_default_flags_keep_latent_units_active_under_a_flow_prior(digits, tmp_path):
+    """The issue's command, `--dataset digits --prior flow --epochs 20` with no tuning flags, ended
+    with 0 active units before free bits defaulted to 0.1 (docs/training.md)."""
+    cfg = TrainConfig(model=ModelConfig(prior="flow"), epochs=20, iwae_k=10, eval_images=100)
+    assert cfg.free_bits > 0
+    metrics = run(cfg, tmp_path, data=digits)
+    assert metrics["test"]["active_units"] >= 8 and metrics["test"]["kl"] > 0.5
+    assert "warnings" not in metrics
+
+
+def test_a_collapsed_run_says_so_with_the_flags_that_help(digits, tmp_path, caplog):
+    # A KL weighted 100 times and no free bits: the posterior has nothing to gain from z.
+    with caplog.at_level("WARNING"):
+        metrics = run(small_config(epochs=2, beta=100.0), tmp_path, data=digits)
+    assert metrics["test"]["active_units"] == 0
+    (warning,) = json.loads((tmp_path / "metrics.json").read_text())["warnings"]
+    assert "posterior collapse: 0 active latent units" in warning and "--free-bits" in warning and "--beta" in warning
+    assert warning in caplog.text
+
+
+def test_evaluation_reports_bits_per_dim_and_psnr(digits, tmp_path):
+    metrics = run(small_config(epochs=1), tmp_path, data=digits)["test"]
+    dims = 64  # 1 x 8 x 8
+    assert metrics["nll_bits_per_dim"] == pytest.approx(metrics["nll"] / (dims * 0.6931471805599453))
+    assert "binarized" in metrics["bits_per_dim_note"]
+    assert 0 < metrics["psnr_db"] < 60
+
+
+def test_default_widths_bring_the_image_to_about_four_pixels():
+    for shape, widths in {(1, 8, 8): (32,), (1, 28, 28): (32, 64, 128), (3, 32, 32): (32, 64, 128),
+                          (3, 64, 64): (32, 64, 128, 256), (3, 128, 128): (32, 64, 128, 256, 256)}.items():  # fmt: skip
+        assert ModelConfig(image_shape=shape).stage_widths == widths
+    assert ModelConfig(image_shape=(3, 64, 64), widths=(16, 32)).stage_widths == (16, 32)
+    encoder = VAE(ModelConfig(image_shape=(3, 64, 64), latent_dim=4, hidden=8)).encoder
+    assert encoder.features(torch.zeros(1, 3, 64, 64)).shape[-1] == 256 * 4 * 4

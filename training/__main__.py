@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     model = p.add_argument_group("model")
     model.add_argument("--latent-dim", type=int, default=m.latent_dim)
     model.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=m.widths,
-                       help="channels per stride-2 conv stage, comma separated (default 32,64)")  # fmt: skip
+                       help="channels per stride-2 conv stage, comma separated (default: stages down to about 4x4, "
+                            "32 channels doubling: 8x8 32; 28x28 and 32x32 32,64,128; 64x64 32,64,128,256)")  # fmt: skip
     model.add_argument("--blocks", type=int, default=m.blocks, help="residual blocks per stage")
     model.add_argument("--hidden", type=int, default=m.hidden)
     model.add_argument("--likelihood", choices=LIKELIHOODS, default=m.likelihood,

@@ -20,7 +20,9 @@ class ModelConfig:
 
     image_shape: tuple[int, int, int] = (1, 28, 28)
     latent_dim: int = 16
-    widths: tuple[int, ...] = (32, 64)  # channels of each stride-2 conv stage
+    # Channels of each stride-2 conv stage; None: as many stages as bring the image to about 4x4
+    # (8x8: 1, 28x28 and 32x32: 3, 64x64: 4), 32 channels doubling per stage up to 256.
+    widths: tuple[int, ...] | None = None
     blocks: int = 0  # residual 3x3 blocks per stage, on both sides
     hidden: int = 256  # width of the fully connected layer between the convs and the latent
     likelihood: str = "bernoulli"  # p(x|z): bernoulli (logits), gaussian (mean, fixed std) or logistic-mixture
@@ -31,16 +33,26 @@ class ModelConfig:
     flow_layers: int = 4  # affine coupling layers of the flow prior
     flow_hidden: int = 64  # hidden units of each coupling's network
 
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """The channels of each stride-2 stage: `widths`, or the default for the image size."""
+        if self.widths is not None:
+            return self.widths
+        size, stages = max(self.image_shape[1:]), 1
+        while -(-size // 2**stages) > 4:
+            stages += 1
+        return tuple(min(32 * 2**i, 256) for i in range(stages))
+
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
-        self.widths = tuple(int(w) for w in self.widths)
+        self.widths = None if self.widths is None else tuple(int(w) for w in self.widths)
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.mixtures < 1:
             raise ValueError(f"mixtures must be >= 1, got {self.mixtures}")
-        if self.latent_dim < 1 or not self.widths:
+        if self.latent_dim < 1 or self.widths == ():
             raise ValueError("latent_dim must be >= 1 and widths non-empty")
         if self.kind not in KINDS:
             raise ValueError(f"model must be one of {KINDS}, got {self.kind!r}")

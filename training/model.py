@@ -49,11 +49,11 @@ class Encoder(nn.Module):
         c, h, w = cfg.image_shape
         layers: list[nn.Module] = []
         in_ch = c
-        for width in cfg.widths:
+        for width in cfg.stage_widths:
             layers += [nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.SiLU()]
             layers += [ResBlock(width) for _ in range(cfg.blocks)]
             in_ch = width
-        fh, fw = stage_sizes(h, w, len(cfg.widths))[-1]
+        fh, fw = stage_sizes(h, w, len(cfg.stage_widths))[-1]
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.hidden = nn.Sequential(nn.Linear(in_ch * fh * fw, cfg.hidden), nn.SiLU())
         self.variational = cfg.kind == "vae"
@@ -74,8 +74,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c, h, w = cfg.image_shape
-        sizes = stage_sizes(h, w, len(cfg.widths))
-        widths = list(cfg.widths)
+        widths = list(cfg.stage_widths)
+        sizes = stage_sizes(h, w, len(widths))
         self.start_shape = (widths[-1], *sizes[-1])
         self.project = nn.Sequential(
             nn.Linear(cfg.latent_dim, cfg.hidden),
