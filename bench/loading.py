@@ -79,6 +79,15 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - started, result
 
 
+def child_json(argv: list[str]) -> tuple[float, dict[str, Any]]:
+    """Run a fresh Python process in the repository; its wall time and the JSON of its last line.
+    A failure stops the benchmark with the child's own error, which would otherwise be captured."""
+    wall, done = timed(lambda: subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True))
+    if done.returncode != 0:
+        raise SystemExit(f"{shlex.join(argv[:2])}... failed ({done.returncode}):\n{done.stderr}")
+    return wall, json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def files_under(root: Path) -> list[Path]:
     """Every non-hidden file below root outside hidden folders: what load_folder scans."""
     found = []
@@ -151,9 +160,7 @@ def cached_start(root: Path, prep: Preprocessing, cache: Path) -> dict[str, Any]
     """A fresh process on a full cache, RUNS times; the better wall time, with that run's figures."""
     runs = []
     for _ in range(RUNS):
-        argv = [sys.executable, "-c", CACHED_START, str(root), str(cache), json.dumps(prep.to_json())]
-        wall, done = timed(lambda: subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True))
-        runs.append((wall, json.loads(done.stdout.strip().splitlines()[-1])))
+        runs.append(child_json(["-c", CACHED_START, str(root), str(cache), json.dumps(prep.to_json())]))
     wall, best = min(runs, key=lambda r: r[0])
     return {
         "process_wall": figure(round(wall, 3), "s", "< 2"),
@@ -193,7 +200,9 @@ def proc_status_mib(*keys: str) -> dict[str, float]:
 
 def train_child(root: str, cache: str, prep_json: str, steps: str, out: str) -> None:
     """Run in a fresh process: load_data on the cached folder, the Twemoji recipe's Trainer, `steps`
-    steps of train_epoch's body (Split.batch, objective, backward, step), then its memory as JSON."""
+    steps of train_epoch's body (Split.batch, objective, backward, step: the rows read and converted
+    as training reads them), then its memory as JSON. Steps, not epochs, so that both folders do the
+    same work; a full epoch of DIR10 would also map every page of its cache (file-backed RSS)."""
     import resource
 
     import torch
@@ -212,7 +221,10 @@ def train_child(root: str, cache: str, prep_json: str, steps: str, out: str) -> 
     load_s, data = timed(lambda: load_data(cfg))
     trainer = Trainer(cfg, Path(out), data)
     trainer.model.train()
-    batches = torch.randperm(len(data.train), generator=trainer.data_gen).split(cfg.batch_size)[: int(steps)]
+    batches: list[torch.Tensor] = []
+    while len(batches) < int(steps):  # epoch after epoch, as fit draws them, so both folders take `steps` steps
+        batches += torch.randperm(len(data.train), generator=trainer.data_gen).split(cfg.batch_size)
+    batches = batches[: int(steps)]
     started = time.perf_counter()
     for idx in batches:
         x = data.train.batch(idx).to(trainer.device)
@@ -244,10 +256,8 @@ def training_memory(root: Path, prep: Preprocessing, images: list[str], steps: i
           f"images/s", flush=True)  # fmt: skip
     runs = {}
     for name, folder in (("1x", root), ("10x", ten)):
-        argv = [sys.executable, "-c", TRAIN_CHILD, str(folder), str(cache), json.dumps(prep.to_json()), str(steps),
-                str(work / f"out-{name}")]  # fmt: skip
-        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True)
-        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        argv = ["-c", TRAIN_CHILD, str(folder), str(cache), json.dumps(prep.to_json()), str(steps), str(work / name)]
+        runs[name] = child_json(argv)[1]
     one, ten = runs["1x"], runs["10x"]
     return {
         "tenfold_files": how, "torch_threads": 1, "batch_size": 64,

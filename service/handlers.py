@@ -113,7 +113,7 @@ def decode_files(engine: Engine, files: list[bytes], field: str) -> np.ndarray:
         try:
             pixels[i] = load_image(data, prep)
         except ImageError as err:
-            raise BadRequest(f"{field}[{i}]: {err}") from None
+            raise BadRequest(f"{field}[{i}]: {err}" if len(files) > 1 or field == "image_files" else f"{field}: {err}") from None
     return pixels.astype(np.float32) / np.float32(255.0)
 
 

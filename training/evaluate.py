@@ -195,6 +195,8 @@ def evaluate_checkpoint(
     data = load_data(cfg)
     x = prepare_eval_images(data.test.unit(), cfg.model.likelihood, images)
     result = evaluate(model, x, k)
+    if cfg.dataset == "folder":
+        result["codecs"] = codec_bits_per_dim(x)
     classifier = classifier or cfg.classifier
     if classifier and data.classes:
         result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples)

@@ -60,14 +60,19 @@ def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str,
         fitted = model.sample(64, generator=torch.Generator().manual_seed(seed), source="fitted")
         save(image_grid(fitted, cols=8), "samples_fitted.png")
 
-    x = test_images[:32]
+    # Up to two rows of 16 inputs, each above its reconstructions; fewer for a small test split.
+    cols = min(16, len(test_images))
+    rows = min(2, len(test_images) // cols)
+    x = test_images[: rows * cols]
     mu, _ = model.encode(x)
     recon = model.mean_image(model.decode(mu))
-    pairs = torch.stack([x.view(2, 16, *x.shape[1:]), recon.view(2, 16, *x.shape[1:])], dim=1)
-    save(image_grid(pairs.reshape(-1, *x.shape[1:]), cols=16), "reconstructions.png")
+    pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), recon.view(rows, cols, *x.shape[1:])], dim=1)
+    save(image_grid(pairs.reshape(-1, *x.shape[1:]), cols=cols), "reconstructions.png")
 
     steps = torch.linspace(0, 1, 10, device=mu.device)  # on the model's device: a CUDA run draws these too
-    a, b = mu[:6], mu[6:12]
+    n_paths = max(1, min(6, len(mu) // 2))  # pairs of test images; one image alone walks to z = 0
+    a = mu[:n_paths]
+    b = mu[n_paths : 2 * n_paths] if len(mu) >= 2 else torch.zeros_like(a)
     for name, path_fn in (("linear", lerp), ("slerp", slerp)):
         z = path_fn(a, b, steps).reshape(-1, mu.shape[1])
         save(image_grid(model.mean_image(model.decode(z)), cols=len(steps)), f"interpolation_{name}.png")

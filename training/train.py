@@ -20,7 +20,7 @@ from tqdm import tqdm
 from training import checkpoint
 from training.config import TrainConfig, to_dict
 from training.data import Dataset, binarize, load_data
-from training.evaluate import active_units, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
+from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
 from training.losses import free_bits_kl, free_bits_total, kl_divergence, monte_carlo_kl, reconstruction_nll
@@ -260,6 +260,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     test_x = prepare_eval_images(trainer.data.test.unit(), cfg.model.likelihood, cfg.eval_images).to(trainer.device)
     log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
     test = evaluate(model, test_x, cfg.iwae_k)
+    if cfg.dataset == "folder":  # 8-bit images: what lossless codecs need for the same test images
+        test["codecs"] = codec_bits_per_dim(test_x)
+        log.info(
+            "the same %d test images need %.3f bits/dim as lossless PNG, %.3f as lossless WebP",
+            test["codecs"]["images"], test["codecs"]["png_bits_per_dim"], test["codecs"]["webp_bits_per_dim"],
+        )  # fmt: skip
     if cfg.classifier and trainer.data.classes:
         test["quality"] = evaluate_quality(model, trainer.data, cfg.classifier, cfg.quality_samples)
         for line in quality_lines(test["quality"]):
