@@ -223,8 +223,8 @@ def _decode(
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     bar = tqdm(total=len(paths), desc=f"decoding {root.name}", unit="file", disable=None if progress else True)
     with bar, contextlib.closing(_chunk_results(root, chunks, prep, workers)) as results:
-        for start, decoded in zip(range(0, len(paths), CHUNK), results):
-            for i, item in enumerate(decoded, start):
+        for chunk, decoded in results:
+            for i, item in enumerate(decoded, chunk * CHUNK):
                 if isinstance(item, str):
                     reasons[paths[i]] = item
                     if strict:
@@ -237,20 +237,29 @@ def _decode(
 
 def _chunk_results(
     root: Path, chunks: list[list[str]], prep: Preprocessing, workers: int | None
-) -> Iterator[list[np.ndarray | str]]:
-    """Each chunk's results in order: in this process for one worker (or one chunk), else in a
-    process pool on every core. Closing the generator early (strict mode) cancels what is queued."""
+) -> Iterator[tuple[int, list[np.ndarray | str]]]:
+    """(chunk index, its results), in no set order: in this process for one worker (or one chunk),
+    else in a process pool on every core. A pool's processes take a third of a second to start (the
+    forkserver imports numpy and Pillow first), so meanwhile this process decodes, from the back
+    of the queue, every chunk no worker has taken yet. Closing the generator early (strict mode)
+    cancels what is queued."""
     task = functools.partial(_decode_chunk, str(root), prep=prep)
     n = min(workers or _cpu_count(), len(chunks))
     if n <= 1:
-        yield from map(task, chunks)
+        yield from enumerate(map(task, chunks))
         return
     methods = multiprocessing.get_all_start_methods()
     # forkserver, not fork: the caller may hold torch's threads, and forking a threaded process can deadlock
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     pool = ProcessPoolExecutor(max_workers=n, mp_context=context)
     try:
-        yield from pool.map(task, chunks)
+        futures = [pool.submit(task, chunk) for chunk in chunks]
+        stolen = len(chunks)
+        while stolen > 0 and futures[stolen - 1].cancel():  # a chunk no worker has started
+            stolen -= 1
+            yield stolen, task(chunks[stolen])
+        for i in range(stolen):
+            yield i, futures[i].result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
