@@ -63,7 +63,7 @@ $(RUNS)/features-mnist/features.pt: | install
 TWEMOJI_DATA = --dataset folder --data-dir $(TWEMOJI_DIR) --image-size 32 --channels 3 --background white \
 	--cache-dir $(RUNS)/cache
 TWEMOJI_RECIPE = $(TWEMOJI_DATA) --likelihood logistic-mixture --mixtures 5 --widths 64,128 --latent-dim 64 \
-	--hidden 512 --batch-size 64 --lr 2e-3 --epochs $(TWEMOJI_EPOCHS) --iwae-k 100 \
+	--hidden 512 --batch-size 64 --lr 2e-3 --epochs $(TWEMOJI_EPOCHS) --hflip --iwae-k 100 \
 	--classifier $(RUNS)/features-twemoji/features.pt
 train-twemoji: install $(RUNS)/features-twemoji/features.pt
 	$(PY) -m training $(TWEMOJI_RECIPE) --out $(RUNS)/twemoji

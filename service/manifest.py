@@ -191,7 +191,11 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
         raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape, latent_dim or likelihood")
     prep = spec.preprocessing
     if prep is not None and (prep.channels, *prep.size) != spec.image_shape:
-        raise RepositoryError(f"{folder}/{MANIFEST}: preprocessing makes {prep.channels}x{prep.size} images, the graphs take {spec.image_shape}")
+        made, taken = (prep.channels, *prep.size), spec.image_shape
+        raise RepositoryError(
+            f"{folder}/{MANIFEST}: preprocessing makes {'x'.join(map(str, made))} images, the graphs take "
+            f"{'x'.join(map(str, taken))}"
+        )
     if spec.likelihood == "logistic-mixture" and spec.mixtures < 1:
         raise RepositoryError(f"{folder}/{MANIFEST}: a logistic-mixture model needs mixtures >= 1")
     if spec.prior not in PRIOR_ROLES:

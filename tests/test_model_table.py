@@ -199,3 +199,35 @@ def test_a_version_whose_graphs_disagree_with_its_model_json_fails_warm_up(repo)
         await models.close()
 
     asyncio.run(scenario())
+
+
+def test_a_version_that_prepares_image_files_otherwise_is_another_interface(repo):
+    """The preprocessing is part of the interface: the same graphs behind another background would
+    give a client other answers for the same image files."""
+    copy_version(repo, "digits", 1, 2)
+    info = json.loads((repo / "digits" / "2" / "model.json").read_text())
+    assert info["preprocessing"]["background"] == "#000000"  # the bundled sets are white on black
+    (repo / "digits" / "2" / "model.json").write_text(json.dumps(info | {"preprocessing": info["preprocessing"] | {"background": "#ffffff"}}))
+
+    async def scenario() -> None:
+        models = table(repo, policy=VersionPolicy("all"))
+        refused = await models.sync()
+        assert len(refused) == 1 and "v2 changes the interface of v1 (preprocessing" in refused[0]
+        assert "#ffffff" in refused[0] and state(models, "digits", 1) == (READY, "")
+        await models.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_model_json_whose_preprocessing_disagrees_with_its_graphs_is_refused(repo):
+    copy_version(repo, "digits", 1, 2)
+    info = json.loads((repo / "digits" / "2" / "model.json").read_text())
+    (repo / "digits" / "2" / "model.json").write_text(json.dumps(info | {"preprocessing": info["preprocessing"] | {"size": [9, 9]}}))
+
+    async def scenario() -> None:
+        models = table(repo, policy=VersionPolicy("all"))
+        refused = await models.sync()
+        assert len(refused) == 1 and "preprocessing makes 1x9x9 images, the graphs take 1x8x8" in refused[0]
+        await models.close()
+
+    asyncio.run(scenario())

@@ -17,6 +17,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     add_data_arguments(p, d)
     p.add_argument("--no-dynamic-binarization", dest="dynamic_binarization", action="store_false")
+    p.add_argument("--hflip", action="store_true",
+                   help="mirror a random half of each training batch left to right: more data for small folders")  # fmt: skip
     model = p.add_argument_group("model")
     model.add_argument("--latent-dim", type=int, default=m.latent_dim)
     model.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=m.widths,

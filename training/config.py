@@ -92,6 +92,7 @@ class TrainConfig:
     feature_weight: float = 1.0
     feature_checkpoint: str | None = None
     dynamic_binarization: bool = True  # only for bernoulli models
+    hflip: bool = False  # mirror a random half of each training batch (augmentation; never the test images)
     seed: int = 0
     device: str = "auto"
     iwae_k: int = 1000

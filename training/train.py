@@ -84,6 +84,13 @@ def objective(
     return loss, stats
 
 
+def mirror_half(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """x [N, C, H, W] with each image mirrored left to right with probability 1/2 (drawn from the
+    data generator, so a seed gives the same flips and --resume continues them)."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, data: Dataset | None = None) -> None:
         self.cfg = cfg
@@ -130,6 +137,8 @@ class Trainer:
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, idx in enumerate(bar):
             x = self.data.train.batch(idx)
+            if cfg.hflip:
+                x = mirror_half(x, self.data_gen)
             if cfg.model.likelihood == "bernoulli" and cfg.dynamic_binarization:
                 x = binarize(x, self.data_gen)
             x = x.to(self.device)
