@@ -373,3 +373,14 @@ def test_default_widths_bring_the_image_to_about_four_pixels():
     assert ModelConfig(image_shape=(3, 64, 64), widths=(16, 32)).stage_widths == (16, 32)
     encoder = VAE(ModelConfig(image_shape=(3, 64, 64), latent_dim=4, hidden=8)).encoder
     assert encoder.features(torch.zeros(1, 3, 64, 64)).shape[-1] == 256 * 4 * 4
+
+
+def test_hflip_mirrors_a_seeded_random_half_of_the_batch():
+    from training.train import mirror_half
+
+    x = torch.rand(200, 3, 4, 5)
+    out = mirror_half(x, torch.Generator().manual_seed(0))
+    flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert bool((flipped ^ kept).all()) and 60 < int(flipped.sum()) < 140
+    assert torch.equal(out, mirror_half(x, torch.Generator().manual_seed(0)))
