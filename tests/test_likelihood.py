@@ -195,3 +195,19 @@ def test_the_server_module_never_imports_torch():
     code = "import sys, service.likelihood; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+def test_huge_log_scales_give_finite_values_and_gradients_in_both_implementations():
+    """A diverging training step once produced log-scales of 120: expm1 of the bin width underflowed,
+    log(0) in the unselected branch of the end bins made every gradient NaN. The series form holds."""
+    torch.manual_seed(0)
+    k, c = 2, 3
+    params = torch.randn(2, k * (1 + 2 * c), 3, 3, dtype=torch.float32)
+    params[:, k + k * c :] = torch.tensor([150.0, 1e3, 8.0, -3.0, 40.0, 99.0]).view(1, -1, 1, 1)
+    params.requires_grad_(True)
+    x = torch.tensor([0.0, 1.0, 0.5]).view(1, 3, 1, 1).expand(2, 3, 3, 3).contiguous()
+    nll = discretized_mix_logistic_nll(params, x)
+    nll.sum().backward()
+    assert torch.isfinite(nll).all() and torch.isfinite(params.grad).all()
+    service = -log_px_z("logistic-mixture", x.double().numpy(), params.detach().double().numpy())
+    np.testing.assert_allclose(service, nll.detach().double().numpy(), rtol=1e-5)

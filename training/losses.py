@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from service.likelihood import BIN_HALF_WIDTH, LOG_SCALE_MIN, check_likelihood, mixture_components
+from service.likelihood import BIN_HALF_WIDTH, SMALL_BIN, LOG_SCALE_MIN, check_likelihood, mixture_components
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -95,11 +95,21 @@ def discretized_mix_logistic_nll(params: torch.Tensor, x: torch.Tensor) -> torch
     b = (centred - means - BIN_HALF_WIDTH) * inv_scale
     log_below_upper = -F.softplus(-a)  # log sigmoid(a): the mass below the bin's upper edge
     log_above_lower = -F.softplus(b)  # log sigmoid(-b): the mass above its lower edge
-    log_width = torch.log(-torch.expm1(-2 * BIN_HALF_WIDTH * inv_scale))  # log(1 - e^(b - a))
+    log_width = log_bin_width(log_scales.clamp(min=LOG_SCALE_MIN))  # log(1 - e^(b - a))
     interior = log_below_upper + log_above_lower + log_width
     log_p = torch.where(level == 0, log_below_upper, torch.where(level == 255, log_above_lower, interior))
     log_p = log_p.sum(dim=2) + F.log_softmax(logits, dim=1)  # [N, K, H, W]
     return -torch.logsumexp(log_p, dim=1).flatten(1).sum(dim=1)
+
+
+def log_bin_width(log_scales: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^(-d)), d = 2/255 e^(-log_s), as `service.likelihood.log_bin_width`: the series
+    log d - d/2 where d < SMALL_BIN, so neither the value nor its gradient is log(0) or 0/0 for a
+    huge log-scale (torch.where differentiates both branches, hence the clamped d in the other)."""
+    log_d = math.log(2.0 * BIN_HALF_WIDTH) - log_scales
+    d = torch.exp(log_d)
+    exact = torch.log(-torch.expm1(-d.clamp(min=SMALL_BIN)))
+    return torch.where(d < SMALL_BIN, log_d - d / 2, exact)
 
 
 def mixture_mean(params: torch.Tensor, channels: int) -> torch.Tensor:

@@ -133,7 +133,7 @@ class Trainer:
             group["lr"] = learning_rate(cfg, epoch)
         batches = torch.randperm(len(self.data.train), generator=self.data_gen).split(cfg.batch_size)
         totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0} if model.variational else {"loss": 0.0, "recon": 0.0}
-        seen = 0
+        seen = skipped = 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for i, idx in enumerate(bar):
             x = self.data.train.batch(idx)
@@ -146,13 +146,20 @@ class Trainer:
             loss, stats = objective(model, x, cfg, beta, self.feature_net)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not torch.isfinite(norm):  # one bad batch must not turn every weight into NaN
+                skipped += 1
+                continue
             self.optimizer.step()
             for key in totals:
                 totals[key] += stats[key] * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
+        if skipped:
+            log.warning("epoch %d: %d of %d steps skipped, their gradients not finite (try a lower --lr or --grad-clip)",
+                        epoch + 1, skipped, len(batches))  # fmt: skip
+        if seen == 0:
+            raise RuntimeError(f"training diverged in epoch {epoch + 1}: no step had a finite gradient; lower --lr or set --grad-clip")
         avg = {k: v / seen for k, v in totals.items()}
         if model.variational:
             avg["neg_elbo"] = avg["recon"] + avg["kl"]
