@@ -24,12 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
-from service.likelihood import log_px_z, mean_image
+from service.imaging import ImageError, load_image
+from service.likelihood import LOG_2PI, log_px_z, logsumexp, mean_image
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
+from service.tensors import BadRequest
 
-LOG_2PI = math.log(2 * math.pi)
+# An image file sent to the server may hold at most this many pixels (Pillow's own limit is 89M): a
+# small compressed file can claim a huge image, and decoding one takes several copies of it in memory.
+MAX_FILE_PIXELS = 40_000_000
 SCORE_CHUNK_VALUES = 1 << 21  # float64 values per chunk of Score's arithmetic (16 MiB)
 
 
@@ -77,11 +81,6 @@ def normal(seed: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.nd
         "uinteger": 0,
     }
     return generator.standard_normal(shape, dtype=dtype)
-
-
-def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    m = a.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -167,7 +166,28 @@ class Engine:
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
         (params,) = await self.decoder.submit(z, deadline)
+        if self.spec.likelihood == "logistic-mixture":  # a softmax and a sum over K: milliseconds at batch 256
+            return await asyncio.to_thread(self.mean_image, params)
         return self.mean_image(params)
+
+    def prepare_files(self, files: list[bytes], field: str) -> np.ndarray:
+        """Encoded image files of any format and size as the model's images [N, C, H, W] float32 in
+        [0, 1], prepared exactly as training prepared its folder (model.json's preprocessing).
+        BadRequest names the file that is no readable image, or too large to decode here."""
+        prep = self.spec.preprocessing
+        if prep is None:
+            raise BadRequest(f"{field}: this model's images ({self.spec.image_shape}) cannot come from image files; send a tensor")
+        pixels = np.empty((len(files), prep.channels, *prep.size), np.uint8)
+        for i, data in enumerate(files):
+            try:
+                pixels[i] = load_image(data, prep, max_pixels=MAX_FILE_PIXELS)
+            except ImageError as err:
+                raise BadRequest(f"{field}[{i}]: {err}" if len(files) > 1 or field == "image_files" else f"{field}: {err}") from None
+        return pixels.astype(np.float32) / np.float32(255.0)
+
+    async def images_from_files(self, files: list[bytes], field: str) -> np.ndarray:
+        """`prepare_files` on a worker thread: a large JPEG takes milliseconds the event loop must not spend."""
+        return await asyncio.to_thread(self.prepare_files, files, field)
 
     async def encode(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """mu and log-variance per image."""

@@ -23,7 +23,6 @@ from google.protobuf.message import DecodeError
 from service.api.vae.v1 import vae_pb2 as pb
 from service.batcher import BatchFailed, Closed, DeadlineExpired, QueueFull
 from service.engine import Engine, new_seed
-from service.imaging import ImageError, load_image
 from service.likelihood import bits_per_dim
 from service.manifest import RepositoryError
 from service.metrics import Metrics
@@ -101,29 +100,19 @@ def _images(engine: Engine, t: pb.Tensor, field: str = "images", max_rows: int |
     return images_to_array(t, field, engine.spec.image_shape, max_rows or engine.limits.max_request_rows)
 
 
-def decode_files(engine: Engine, files: list[bytes], field: str) -> np.ndarray:
-    """Encoded image files of any format and size as the model's images [N, C, H, W] float32 in
-    [0, 1], prepared exactly as training prepared its folder (model.json's preprocessing)."""
-    prep = engine.spec.preprocessing
-    if prep is None:
-        raise BadRequest(f"{field}: this model's images ({engine.spec.image_shape}) cannot come from image files; send a tensor")
-    _count(len(files), field, engine.limits.max_request_rows)
-    pixels = np.empty((len(files), prep.channels, *prep.size), np.uint8)
-    for i, data in enumerate(files):
-        try:
-            pixels[i] = load_image(data, prep)
-        except ImageError as err:
-            raise BadRequest(f"{field}[{i}]: {err}" if len(files) > 1 or field == "image_files" else f"{field}: {err}") from None
-    return pixels.astype(np.float32) / np.float32(255.0)
-
-
-async def _request_images(engine: Engine, request: Any) -> np.ndarray:
-    """The request's images: a tensor in `images`, or encoded files in `image_files` (decoded on a
-    worker thread: a large JPEG takes milliseconds the event loop must not spend)."""
+def _rows(engine: Engine, request: Any) -> int:
+    """How many images a request sends (a tensor's rows or its files), checked before any is decoded."""
     if request.image_files:
         if request.HasField("images"):
             raise BadRequest("give images or image_files, not both")
-        return await asyncio.to_thread(decode_files, engine, list(request.image_files), "image_files")
+        return _count(len(request.image_files), "image_files", engine.limits.max_request_rows)
+    return request.images.shape[0] if request.images.shape else 0
+
+
+async def _request_images(engine: Engine, request: Any) -> np.ndarray:
+    """The request's images: a tensor in `images`, or encoded files in `image_files`."""
+    if _rows(engine, request) and request.image_files:
+        return await engine.images_from_files(list(request.image_files), "image_files")
     return _images(engine, request.images)
 
 
@@ -377,7 +366,7 @@ class VaeServicer:
         if which is None:
             raise BadRequest(f"{side}: give {side}_image, {side}_latent or {side}_file")
         if which.endswith("file"):
-            x = await asyncio.to_thread(decode_files, engine, [getattr(request, which)], which)
+            x = await engine.images_from_files([getattr(request, which)], which)
             mu, _ = await engine.encode(x, deadline)
             return mu[0]
         t: pb.Tensor = getattr(request, which)
@@ -407,13 +396,14 @@ class VaeServicer:
 
     @rpc
     async def Score(self, engine: Engine, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
-        x = await _request_images(engine, request)
         k = _count(request.importance_samples or 64, "importance_samples", engine.limits.max_importance_samples)
-        if len(x) * k > engine.max_request_cost:
+        rows = _rows(engine, request)
+        if rows * k > engine.max_request_cost:  # before any file is decoded
             raise BadRequest(
-                f"images x importance_samples = {len(x) * k} decoder rows; at most {engine.max_request_cost} per "
+                f"images x importance_samples = {rows * k} decoder rows; at most {engine.max_request_cost} per "
                 "request (--max-request-share of the queue): send fewer images or a smaller k"
             )
+        x = await _request_images(engine, request)
         seed = _seed(request)
         s = await engine.score(x, k, seed, deadline_of(context))
         bits = bits_per_dim(-s["log_likelihood"], math.prod(engine.spec.image_shape), engine.spec.likelihood)

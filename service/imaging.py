@@ -89,6 +89,14 @@ def _not_int(v: Any) -> bool:
     return isinstance(v, bool) or not isinstance(v, (int, np.integer))
 
 
+def on_black(image_shape: tuple[int, ...]) -> Preprocessing | None:
+    """The preprocessing of images that came from no file: the bundled sets (white ink on black)
+    and versions exported before model.json carried one. The model's channels and size, the whole
+    image kept (padded), black under transparency; None for channel counts no file has (not 1 or 3)."""
+    c, h, w = (int(v) for v in image_shape)
+    return Preprocessing(channels=c, size=(h, w), fit="pad", background=(0, 0, 0)) if c in (1, 3) else None
+
+
 def parse_color(text: str) -> tuple[int, int, int]:
     """'white', 'black', '#RRGGBB', '#RGB' or 'R,G,B' -> (R, G, B)."""
     t = text.strip().lower()
@@ -118,17 +126,18 @@ def parse_size(text: str) -> tuple[int, int]:
     raise ValueError(f"not an image size: {text!r} (use N for NxN, or HxW such as 48x64)")
 
 
-def open_image(source: bytes | str | os.PathLike) -> Image.Image:
+def open_image(source: bytes | str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """The first frame of an image file (path or bytes), fully decoded and upright (EXIF orientation).
 
     Decoding everything here means a truncated file fails here, with an ImageError, not later.
-    A path that cannot be read raises OSError as usual."""
+    A path that cannot be read raises OSError as usual. Images of more than `max_pixels` (default:
+    Pillow's limit) are refused before their pixels are decoded."""
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else _read(source)
     if not data:
         raise ImageError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            _check_pixels(image)
+            _check_pixels(image, max_pixels)
             image.load()
             return ImageOps.exif_transpose(image)  # a loaded copy, upright, even without a tag
     except ImageError:
@@ -149,10 +158,10 @@ def _read(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
-def _check_pixels(image: Image.Image) -> None:
+def _check_pixels(image: Image.Image, max_pixels: int | None = None) -> None:
     """Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is refused at the limit
-    itself (checked from the header, before any pixel is decoded)."""
-    limit = Image.MAX_IMAGE_PIXELS
+    itself, or at `max_pixels` (checked from the header, before any pixel is decoded)."""
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
     if limit and image.width * image.height > limit:
         raise ImageError(f"too large: {image.width}x{image.height} pixels is more than the limit of {limit}")
 
@@ -234,9 +243,10 @@ def _pad(image: Image.Image, width: int, height: int, background: tuple[int, int
     return canvas
 
 
-def load_image(source: bytes | str | os.PathLike, prep: Preprocessing) -> np.ndarray:
-    """An image file (path or bytes) -> the model's uint8 [C, H, W] pixels."""
-    return to_pixels(open_image(source), prep)
+def load_image(source: bytes | str | os.PathLike, prep: Preprocessing, max_pixels: int | None = None) -> np.ndarray:
+    """An image file (path or bytes) -> the model's uint8 [C, H, W] pixels; `max_pixels` caps the
+    image's size below Pillow's own limit (the server's, for files it is sent)."""
+    return to_pixels(open_image(source, max_pixels), prep)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -254,12 +264,17 @@ def _to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)))
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """One [C, H, W] image (float in [0, 1] or uint8; C = 1 grey, 3 RGB, 4 RGBA) as PNG; the fastest
-    compression level, since these go straight onto the wire."""
+def encoded(image: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
+    """One [C, H, W] image (float in [0, 1] or uint8; C = 1 grey, 3 RGB, 4 RGBA) as a file of
+    Pillow's format `fmt`, with that format's save options."""
     buf = io.BytesIO()
-    _to_pil(to_uint8(image)).save(buf, format="PNG", compress_level=1)
+    _to_pil(to_uint8(image)).save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One image as PNG at the fastest compression level, since these go straight onto the wire."""
+    return encoded(image, "PNG", compress_level=1)
 
 
 def grid(images: np.ndarray, cols: int | None = None, pad: int = 1, min_cell: int = 28) -> Image.Image:

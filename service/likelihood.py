@@ -19,6 +19,7 @@ the correlation between channels), so the layout and the math stay the same for 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -58,9 +59,9 @@ def decoder_channels(likelihood: str, channels: int, mixtures: int) -> int:
     return mixtures * (1 + 2 * channels)
 
 
-def split_mixture(params: np.ndarray, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Views of params [..., P, H, W]: logits [..., K, H, W], means and raw log-scales
-    [..., K, C, H, W] (views, not copies, when params is contiguous)."""
+def split_mixture(params: Any, channels: int) -> tuple[Any, Any, Any]:
+    """Views of params [..., P, H, W] (a numpy array, or a torch tensor for training): logits
+    [..., K, H, W], means and raw log-scales [..., K, C, H, W] (views when params is contiguous)."""
     *lead, p, h, w = params.shape
     k = mixture_components(p, channels)
     kc = k * channels
@@ -111,7 +112,7 @@ def _log_logistic_mixture(x: np.ndarray, params: np.ndarray) -> np.ndarray:
     np.copyto(log_p, upper, where=(level == 0.0) | (level == 255.0))  # value 0: all the mass below
     per_component = log_p.sum(axis=-3)  # [..., K, H, W]: channels independent within a component
     per_component += _log_softmax(np.asarray(logits, dtype=np.float64), axis=-3)
-    return _logsumexp(per_component, axis=-3).sum(axis=(-2, -1))
+    return logsumexp(per_component, axis=-3).sum(axis=(-2, -1))
 
 
 def log_bin_width(log_scales: np.ndarray) -> np.ndarray:
@@ -124,13 +125,13 @@ def log_bin_width(log_scales: np.ndarray) -> np.ndarray:
     return np.where(d < SMALL_BIN, log_d - d / 2.0, exact)
 
 
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
     m = a.max(axis=axis, keepdims=True)
     return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
 def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
-    return a - np.expand_dims(_logsumexp(a, axis), axis)
+    return a - np.expand_dims(logsumexp(a, axis), axis)
 
 
 def log_px_z(likelihood: str, x: np.ndarray, params: np.ndarray, gaussian_std: float = 0.1) -> np.ndarray:
@@ -168,14 +169,19 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def mixture_mean(params: np.ndarray, channels: int) -> np.ndarray:
     """The mixture's mean, sum_k softmax(logits)_k mu_kc, mapped from [-1, 1] to [0, 1] and clipped:
-    [..., C, H, W] float32. A fixed function of the parameters (no sampling, and a reduction over K
-    whose order does not depend on the batch), so a seeded Sample shows the same image in any batch."""
-    logits, means, _ = split_mixture(params, channels)
-    weights = np.exp(_log_softmax(np.asarray(logits, dtype=np.float64), axis=-3))
-    mean = (weights[..., None, :, :] * means).sum(axis=-4)
+    [..., C, H, W] float32. A fixed function of the parameters, summed over k in order, element by
+    element, so a seeded Sample shows the same image in any batch. float32 and one pass per
+    component: the server computes it for every Sample, at every batch size."""
+    logits, means, _ = split_mixture(np.asarray(params, dtype=np.float32), channels)
+    weights = logits - logits.max(axis=-3, keepdims=True)
+    np.exp(weights, out=weights)
+    weights /= weights.sum(axis=-3, keepdims=True)
+    mean = np.zeros(means.shape[:-4] + means.shape[-3:], dtype=np.float32)
+    for k in range(means.shape[-4]):
+        mean += weights[..., k : k + 1, :, :] * means[..., k, :, :, :]
     mean += 1.0
     mean *= 0.5
-    return np.clip(mean, 0.0, 1.0, out=mean).astype(np.float32)
+    return np.clip(mean, 0.0, 1.0, out=mean)
 
 
 def mean_image(likelihood: str, params: np.ndarray, channels: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.imaging import Preprocessing
+from service.imaging import Preprocessing, on_black
 from service.likelihood import LIKELIHOODS, decoder_channels
 
 FORMAT = 1  # model.json's layout; a version of another format is refused
@@ -107,11 +107,23 @@ def version_numbers(model_dir: Path) -> list[int]:
 
 def write_manifest(
     folder: Path, *, name: str, version: int, latent_dim: int, image_shape: tuple[int, ...], likelihood: str,
-    gaussian_std: float, dataset: str, graphs: dict[str, dict[str, Any]], prior: str = "standard", **extra: Any,
+    gaussian_std: float, dataset: str, graphs: dict[str, dict[str, Any]], prior: str = "standard",
+    preprocessing: dict[str, Any] | None = None, mixtures: int = 0, classes: list[str] | None = None, **extra: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """Write folder/model.json for the graphs already in `folder`: `graphs` maps each role to its
-    signature, and the file name and sha256 are added here. `extra` (metrics, provenance) is kept
-    as given."""
+    signature, and the file name and sha256 are added here. `preprocessing` (Preprocessing.to_json)
+    must make images of `image_shape`; `mixtures` is a logistic mixture's K. `extra` (metrics,
+    provenance) is kept as given."""
+    if preprocessing is not None:
+        prep = Preprocessing.from_json(preprocessing)
+        if (prep.channels, *prep.size) != tuple(image_shape):
+            raise ValueError(f"preprocessing makes {prep.channels}x{prep.size[0]}x{prep.size[1]} images, the graphs take {list(image_shape)}")
+    if (likelihood == "logistic-mixture") != (mixtures > 0):
+        raise ValueError(f"mixtures {mixtures} for a {likelihood} model: a logistic mixture needs K >= 1, the others none")
+    typed = {
+        **({"preprocessing": preprocessing} if preprocessing is not None else {}),
+        **({"mixtures": mixtures} if mixtures else {}), **({"classes": list(classes)} if classes is not None else {}),
+    }  # fmt: skip
     info = {
         "format": FORMAT, "name": name, "version": version, "latent_dim": latent_dim,
         "image_shape": list(image_shape), "likelihood": likelihood, "gaussian_std": gaussian_std,
@@ -120,6 +132,7 @@ def write_manifest(
             role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signature}
             for role, signature in graphs.items()
         },
+        **typed,
         **extra,
     }  # fmt: skip
     (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
@@ -143,12 +156,10 @@ def derive_manifest(source: Path, folder: Path, drop: tuple[str, ...] = (), **ch
 
 def _preprocessing(info: dict[str, Any]) -> Preprocessing | None:
     """model.json's preprocessing; for a version exported before it was written, the bundled sets'
-    rule (grey or RGB at the model's size, padded; black under transparency, as their images are
-    white on black). None when the image shape is none a file can become (C other than 1 or 3)."""
+    rule (`service.imaging.on_black`)."""
     if "preprocessing" in info:
         return Preprocessing.from_json(info["preprocessing"])
-    c, h, w = (int(v) for v in info["image_shape"])
-    return Preprocessing(channels=c, size=(h, w), fit="pad", background=(0, 0, 0)) if c in (1, 3) else None
+    return on_black(info["image_shape"])
 
 
 def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:

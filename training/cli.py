@@ -1,9 +1,10 @@
-"""The data flags, shared by `python -m training`, `python -m training.features` and
-`python -m training.evaluate`, so a folder is read the same way by all three."""
+"""The data flags, shared by `python -m training` and `python -m training.features`, so a folder is
+read the same way by both (`training.evaluate` reads it as the checkpoint's config says)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from service.imaging import parse_size
@@ -31,9 +32,17 @@ def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | 
                       help="folders: crop (shorter side to size, centre crop) or pad (longer side, padded)")  # fmt: skip
     data.add_argument("--background", default=d.background, help="folders: colour under transparency (white, black, #RRGGBB)")
     data.add_argument("--strict", action="store_true", help="folders: the first unreadable file fails the run")
-    data.add_argument("--cache-dir", help="folders: where decoded pixels are cached (default ~/.cache/vae-serve/folders)")
+    data.add_argument("--cache-dir", help="folders: where decoded pixels are cached (default $VAE_CACHE_DIR, else "
+                      "$XDG_CACHE_HOME/vae-serve/folders, else ~/.cache/vae-serve/folders)")
 
 
 def data_options(args: dict[str, Any]) -> dict[str, Any]:
-    """Take the data flags out of parsed arguments (vars(namespace)), as TrainConfig fields."""
-    return {key: args.pop(key) for key in DATA_KEYS}
+    """Take the data flags out of parsed arguments (vars(namespace)), as TrainConfig fields. Folders
+    are made absolute, so the checkpoint's config finds its data from any working directory."""
+    options = {key: args.pop(key) for key in DATA_KEYS}
+    if options["dataset"] != "folder" and options["image_size"] is not None:
+        raise ValueError(f"--image-size is for --dataset folder; {options['dataset']} has its own size")
+    for key in ("data_dir", "cache_dir"):
+        if options[key]:
+            options[key] = str(Path(options[key]).expanduser().resolve())
+    return options

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from service.imaging import parse_color
+from service.imaging import FITS, parse_color
+from service.likelihood import LIKELIHOODS
 
-LIKELIHOODS = ("bernoulli", "gaussian", "logistic-mixture")
-FITS = ("crop", "pad")
 RECONSTRUCTIONS = ("pixel", "features", "both")
 KINDS = ("vae", "ae")
 PRIORS = ("standard", "flow")
@@ -77,7 +76,7 @@ class TrainConfig:
     fit: str = "crop"  # crop: shorter side resized and centre-cropped; pad: longer side resized, padded
     background: str = "white"  # what transparency is composited onto (white, black, #RRGGBB)
     strict: bool = False  # folders: the first unreadable file fails the run
-    cache_dir: str | None = None  # where a folder's decoded pixels are cached (default ~/.cache/vae-serve)
+    cache_dir: str | None = None  # where a folder's decoded pixels are cached (training.folder.default_cache_dir)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3

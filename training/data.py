@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.imaging import Preprocessing, parse_color
+from service.imaging import Preprocessing, on_black, parse_color
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,8 @@ def load_dataset(
     name: str, data_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0, download: bool = True
 ) -> Dataset:
     """A bundled set's train/validation/test splits; the validation split is drawn from the training
-    data with `seed`. Their pixels are white ink on black, so transparency in an image file sent to
-    such a model is composited onto black."""
+    data with `seed`. Their pixels are white ink on black: image files sent to such a model are
+    prepared by `service.imaging.on_black`."""
     if name == "digits":
         images, labels = _digits()
         # digits ships no test split: hold out a fixed 300 images, the same for every run.
@@ -180,7 +180,7 @@ def load_dataset(
         train=_to_split(train_x[fit_idx], train_y[fit_idx]),
         val=_to_split(train_x[val_idx], train_y[val_idx]),
         test=_to_split(test_x, test_y),
-        preprocessing=Preprocessing(channels=1, size=(int(h), int(w)), fit="pad", background=(0, 0, 0)),
+        preprocessing=on_black((1, int(h), int(w))),
         classes=[str(c) for c in range(10)],
     )
 
@@ -199,8 +199,14 @@ def load_folder_dataset(
         name: Split(torch.from_numpy(folder.pixels[s]), torch.from_numpy(np.asarray(folder.labels[s], dtype=np.int64)))
         for name, s in slices.items()
     }  # fmt: skip
-    if len(splits["train"]) == 0:
-        raise ValueError(f"{data_dir}: no image left to train on after the splits ({len(folder.paths)} images)")
+    # Validation picks the best checkpoint and the test split is what the run reports: none may be empty.
+    flags = {"train": "smaller --val-fraction and --test-fraction", "val": "larger --val-fraction", "test": "larger --test-fraction"}
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(
+                f"{data_dir}: the {name} split is empty ({len(folder.paths)} images, --val-fraction {val_fraction:g}, "
+                f"--test-fraction {test_fraction:g}); a folder this small needs a {flags[name]}"
+            )
     info = {
         "folder": str(folder.root), "images": len(folder.paths), "classes": folder.classes,
         "class_counts": folder.class_counts(), "split_counts": {k: len(v) for k, v in splits.items()},
@@ -215,11 +221,11 @@ def load_folder_dataset(
 
 def preprocessing(cfg: Any) -> Preprocessing:
     """What an image file goes through to become one of a run's images, from its TrainConfig: a
-    folder's pixel options, or for a bundled set (white ink on black) grey, padded onto black at the
-    model's size. Export writes it into model.json, and the service applies it to files it receives."""
+    folder's pixel options, or a bundled set's (`on_black`). Export writes it into model.json, and
+    the service applies it to files it receives."""
     if cfg.dataset == "folder":
         return Preprocessing(cfg.channels, tuple(cfg.image_size), cfg.fit, parse_color(cfg.background))
-    return Preprocessing(channels=1, size=tuple(cfg.model.image_shape[1:]), fit="pad", background=(0, 0, 0))
+    return on_black(cfg.model.image_shape)
 
 
 def load_data(cfg: Any) -> Dataset:

@@ -119,7 +119,7 @@ def train_feature_net(
     out.mkdir(parents=True, exist_ok=True)
     state = {
         "image_shape": list(data.image_shape), "classes": classes, "width": width, "model": net.state_dict(),
-        "dataset": dataset, "test_accuracy": accuracy, "classes_names": data.classes,
+        "dataset": dataset, "test_accuracy": accuracy, "class_names": data.classes,
     }  # fmt: skip
     torch.save(state, out / "features.pt")
     return {"test_accuracy": accuracy}

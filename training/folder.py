@@ -398,7 +398,7 @@ def _names(skipped: list[tuple[str, str]]) -> str:
 
 def _labels(root: Path, paths: list[str]) -> tuple[list[str], np.ndarray]:
     """ImageFolder's rule: first-level sub-folders holding a readable image are the classes, in
-    sorted order; an image directly in the root means no classes at all."""
+    sorted order; an image directly in the root, or a single sub-folder, means no classes at all."""
     tops = [p.split("/", 1)[0] if "/" in p else None for p in paths]
     at_root = [p for p, t in zip(paths, tops) if t is None]
     if at_root:
@@ -407,5 +407,7 @@ def _labels(root: Path, paths: list[str]) -> tuple[list[str], np.ndarray]:
                         "classes: no labels", root, len(at_root), at_root[0])  # fmt: skip
         return [], np.full(len(paths), -1, dtype=np.int64)
     classes = sorted(set(tops))
+    if len(classes) < 2:  # DIR/images/*.jpg: one folder is a layout, not a class to tell apart
+        return [], np.full(len(paths), -1, dtype=np.int64)
     index = {name: i for i, name in enumerate(classes)}
     return classes, np.array([index[t] for t in tops], dtype=np.int64)

@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from service.likelihood import BIN_HALF_WIDTH, SMALL_BIN, LOG_SCALE_MIN, check_likelihood, mixture_components
+# The layout and constants are the server's (`service.likelihood`): one definition of the parameterisation;
+# its split_mixture slices and reshapes torch tensors as it does numpy arrays.
+from service.likelihood import BIN_HALF_WIDTH, LOG_SCALE_MIN, SMALL_BIN, check_likelihood, split_mixture
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -65,17 +67,6 @@ def reconstruction_nll(params: torch.Tensor, x: torch.Tensor, likelihood: str, g
     return nll.flatten(1).sum(dim=1)
 
 
-def _split_mixture(params: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """params [N, K(1 + 2C), H, W] -> logits [N, K, H, W], means and raw log-scales [N, K, C, H, W],
-    in the layout `service.likelihood` documents (the server reads the same channels)."""
-    n, p, h, w = params.shape
-    k = mixture_components(p, channels)
-    kc = k * channels
-    means = params[:, k : k + kc].reshape(n, k, channels, h, w)
-    log_scales = params[:, k + kc :].reshape(n, k, channels, h, w)
-    return params[:, :k], means, log_scales
-
-
 def discretized_mix_logistic_nll(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-log p(x|z) per example [N] in nats under a mixture of K logistics discretized to 8 bits
     (PixelCNN++; NVAE's `DiscMixLogistic`): x [N, C, H, W] in [0, 1], params [N, K(1 + 2C), H, W].
@@ -87,7 +78,7 @@ def discretized_mix_logistic_nll(params: torch.Tensor, x: torch.Tensor) -> torch
     log sigmoid(a) + log sigmoid(-b) + log(1 - e^(b - a)), an exact identity that neither cancels
     in the tails nor needs PixelCNN++'s density fallback, so values and gradients stay finite.
     """
-    logits, means, log_scales = _split_mixture(params, x.shape[1])
+    logits, means, log_scales = split_mixture(params, x.shape[1])
     level = torch.round(x.to(params.dtype) * 255).clamp(0, 255).unsqueeze(1)  # [N, 1, C, H, W]
     centred = level / 255 * 2 - 1
     inv_scale = torch.exp(-log_scales.clamp(min=LOG_SCALE_MIN))
@@ -116,7 +107,7 @@ def mixture_mean(params: torch.Tensor, channels: int) -> torch.Tensor:
     """E[x|z] of the logistic mixture, sum_k softmax(logits)_k mu_kc, mapped to [0, 1] and clipped:
     [N, C, H, W]. A fixed function of the parameters, as the service shows it (its
     `service.likelihood.mixture_mean`), so a seeded sample does not depend on its batch."""
-    logits, means, _ = _split_mixture(params, channels)
+    logits, means, _ = split_mixture(params, channels)
     mean = (F.softmax(logits, dim=1).unsqueeze(2) * means).sum(dim=1)
     return ((mean + 1) / 2).clamp(0.0, 1.0)
 

@@ -99,6 +99,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data = data or load_data(cfg)
         cfg.model.image_shape = self.data.image_shape
+        cfg.model.widths = cfg.model.stage_widths  # the checkpoint records the stages, whatever the default becomes
         self.model = VAE(cfg.model).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
@@ -235,7 +236,7 @@ def fit_autoencoder_codes(model: VAE, data: Dataset, batch_size: int = 1000) -> 
     model.fit_code_gaussian(torch.cat(codes))
 
 
-def data_summary(data: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+def data_summary(data: Dataset) -> dict[str, Any]:
     """What metrics.json says of the data: the split sizes, the classes (and, for a folder, their
     counts, every skipped file with its reason, and the cache)."""
     return {
@@ -295,7 +296,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     figures = write_figures(model, trainer.data.test.unit().to(trainer.device), history, out, cfg.seed)
     metrics = {
         "config": to_dict(cfg),
-        "data": data_summary(trainer.data, cfg),
+        "data": data_summary(trainer.data),
         "best_epoch": best["epoch"],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
