@@ -34,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 FITS = ("crop", "pad")
 NAMED_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 RESAMPLE = Image.Resampling.LANCZOS
 
 
@@ -136,10 +137,12 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int | None = None)
     if not data:
         raise ImageError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_pixels(image, max_pixels)
-            image.load()
-            return ImageOps.exif_transpose(image)  # a loaded copy, upright, even without a tag
+        image = Image.open(io.BytesIO(data))  # in memory: nothing to close
+        _check_pixels(image, max_pixels)
+        image.load()
+        if image.getexif().get(ORIENTATION, 1) != 1:  # most files have no tag: no copy for them
+            image = ImageOps.exif_transpose(image)
+        return image
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -204,8 +207,10 @@ def _flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Imag
     info['transparency']) onto the background; an opaque image comes back unchanged."""
     if image.mode not in ALPHA_MODES and "transparency" not in image.info:
         return image
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, background)
+    flat.paste(rgba, mask=rgba.getchannel("A"))  # over an opaque background: alpha compositing, in one pass
+    return flat
 
 
 def _fit(image: Image.Image, prep: Preprocessing) -> Image.Image:

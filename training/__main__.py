@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
 def main(argv: list[str] | None = None) -> None:
     cfg, out, resume = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if cfg.dataset == "folder":  # the decoders' process server starts while torch imports
+        from training.folder import start_workers
+
+        start_workers()
     from training.train import run  # torch is imported only once the arguments are good
 
     metrics = run(cfg, out, resume)
