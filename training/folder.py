@@ -241,10 +241,9 @@ def _chunk_results(
     root: Path, chunks: list[list[str]], prep: Preprocessing, workers: int | None
 ) -> Iterator[tuple[int, list[np.ndarray | str]]]:
     """(chunk index, its results), in no set order: in this process for one worker (or one chunk),
-    else in a process pool on every core. A pool's processes take a third of a second to start (the
-    forkserver imports numpy and Pillow first), so meanwhile this process decodes, from the back
-    of the queue, every chunk no worker has taken yet. Closing the generator early (strict mode)
-    cancels what is queued."""
+    else in a process pool on every core. Until the first worker takes a chunk (a third of a second
+    when the process server must start first, see `start_workers`), this process decodes chunks
+    from the back of the queue. Closing the generator early (strict mode) cancels what is queued."""
     task = functools.partial(_decode_chunk, str(root), prep=prep)
     n = min(workers or _cpu_count(), len(chunks))
     if n <= 1:
@@ -254,7 +253,8 @@ def _chunk_results(
     try:
         futures = [pool.submit(task, chunk) for chunk in chunks]
         stolen = len(chunks)
-        while stolen > 0 and futures[stolen - 1].cancel():  # a chunk no worker has started
+        # Until the first worker takes a chunk (not the whole run: the workers alone fill the cores).
+        while stolen > 0 and not (futures[0].running() or futures[0].done()) and futures[stolen - 1].cancel():
             stolen -= 1
             yield stolen, task(chunks[stolen])
         for i in range(stolen):
