@@ -142,6 +142,7 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
             "kl": None,
             "nll": None,
             "note": AE_NOTE,
+            "psnr_db": reconstruction_psnr(model, x),
             "active_units": active_units(terms["mu"]),
             "seconds": round(time.perf_counter() - started, 2),
         }
