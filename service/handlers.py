@@ -111,9 +111,10 @@ def _rows(engine: Engine, request: Any) -> int:
 
 async def _request_images(engine: Engine, request: Any) -> np.ndarray:
     """The request's images: a tensor in `images`, or encoded files in `image_files`."""
-    if _rows(engine, request) and request.image_files:
-        return await engine.images_from_files(list(request.image_files), "image_files")
-    return _images(engine, request.images)
+    if not request.image_files:
+        return _images(engine, request.images)
+    _rows(engine, request)  # not both, and no more files than a request may send
+    return await engine.images_from_files(list(request.image_files), "image_files")
 
 
 def check_latents(z: np.ndarray, field: str) -> np.ndarray:

@@ -114,10 +114,9 @@ def write_manifest(
     signature, and the file name and sha256 are added here. `preprocessing` (Preprocessing.to_json)
     must make images of `image_shape`; `mixtures` is a logistic mixture's K. `extra` (metrics,
     provenance) is kept as given."""
-    if preprocessing is not None:
-        prep = Preprocessing.from_json(preprocessing)
-        if (prep.channels, *prep.size) != tuple(image_shape):
-            raise ValueError(f"preprocessing makes {prep.channels}x{prep.size[0]}x{prep.size[1]} images, the graphs take {list(image_shape)}")
+    mismatch = preprocessing is not None and _preprocessing_mismatch(Preprocessing.from_json(preprocessing), image_shape)
+    if mismatch:
+        raise ValueError(mismatch)
     if (likelihood == "logistic-mixture") != (mixtures > 0):
         raise ValueError(f"mixtures {mixtures} for a {likelihood} model: a logistic mixture needs K >= 1, the others none")
     typed = {
@@ -152,6 +151,14 @@ def derive_manifest(source: Path, folder: Path, drop: tuple[str, ...] = (), **ch
     if isinstance(info.get("parity_max_abs_diff"), dict):
         info["parity_max_abs_diff"] = {k: v for k, v in info["parity_max_abs_diff"].items() if k.split(".")[0] not in drop}
     return write_manifest(Path(folder), **(info | changes))
+
+
+def _preprocessing_mismatch(prep: Preprocessing, image_shape: tuple[int, ...]) -> str | None:
+    """Why `prep` cannot feed graphs of `image_shape` (the writer's and the reader's one check), or None."""
+    made, taken = (prep.channels, *prep.size), tuple(int(v) for v in image_shape)
+    if made == taken:
+        return None
+    return f"preprocessing makes {'x'.join(map(str, made))} images, the graphs take {'x'.join(map(str, taken))}"
 
 
 def _preprocessing(info: dict[str, Any]) -> Preprocessing | None:
@@ -200,13 +207,9 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
         raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
     if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in LIKELIHOODS:
         raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape, latent_dim or likelihood")
-    prep = spec.preprocessing
-    if prep is not None and (prep.channels, *prep.size) != spec.image_shape:
-        made, taken = (prep.channels, *prep.size), spec.image_shape
-        raise RepositoryError(
-            f"{folder}/{MANIFEST}: preprocessing makes {'x'.join(map(str, made))} images, the graphs take "
-            f"{'x'.join(map(str, taken))}"
-        )
+    mismatch = spec.preprocessing is not None and _preprocessing_mismatch(spec.preprocessing, spec.image_shape)
+    if mismatch:
+        raise RepositoryError(f"{folder}/{MANIFEST}: {mismatch}")
     if spec.likelihood == "logistic-mixture" and spec.mixtures < 1:
         raise RepositoryError(f"{folder}/{MANIFEST}: a logistic-mixture model needs mixtures >= 1")
     if spec.prior not in PRIOR_ROLES:
