@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
-# The serving image: the gRPC service on ONNX Runtime, nothing from the PyTorch side.
+# The serving image: the gRPC and HTTP service on ONNX Runtime, nothing from the PyTorch side.
 #
 #   docker build --target cpu -t vae-serve:cpu .          # python:3.11-slim + onnxruntime
 #   docker build --target gpu -t vae-serve:gpu .          # CUDA 13 + cuDNN 9 runtime + onnxruntime-gpu
-#   docker run -p 50051:50051 -p 9090:9090 -v $PWD/models:/models:ro vae-serve:cpu [--flags ...]
+#   docker run -p 50051:50051 -p 8000:8000 -p 9090:9090 -v $PWD/models:/models:ro vae-serve:cpu [--flags ...]
 #
 # Without a registry (this project's machines) `make image` builds the CPU target with podman from a
 # local Debian base (deploy/base-image.sh) and wheels downloaded beforehand (`make wheels`).
@@ -37,11 +37,12 @@ ENV PYTHONPATH=/opt/vae/app:/opt/vae/lib \
     PYTHONDONTWRITEBYTECODE=1 \
     VAE_MODEL_REPO=/models \
     VAE_PORT=50051 \
+    VAE_HTTP_PORT=8000 \
     VAE_METRICS_PORT=9090 \
     VAE_DEVICE=cpu
 WORKDIR /opt/vae/app
 USER ${UID}:${UID}
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 # grpc.health.v1 over the server's own port (deploy/healthcheck.py reads it from PID 1's flags).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "/opt/vae/app/healthcheck.py"]
@@ -81,13 +82,14 @@ ENV PYTHONPATH=/opt/vae/app:/opt/vae/lib \
     PYTHONDONTWRITEBYTECODE=1 \
     VAE_MODEL_REPO=/models \
     VAE_PORT=50051 \
+    VAE_HTTP_PORT=8000 \
     VAE_METRICS_PORT=9090 \
     VAE_DEVICE=auto \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /opt/vae/app
 USER ${UID}:${UID}
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "/opt/vae/app/healthcheck.py"]
 STOPSIGNAL SIGTERM

@@ -46,6 +46,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from service.metrics import Metrics
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
@@ -53,20 +54,20 @@ INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs
 UNLABELLED: Mapping[str, str] = MappingProxyType({"model": "", "version": ""})
 
 
-class QueueFull(RuntimeError):
+class QueueFull(ResourceExhausted):
     """The queue holds too many rows to admit this request."""
 
 
-class DeadlineExpired(RuntimeError):
+class DeadlineExpired(DeadlineExceeded):
     """The request's deadline passed while it waited; it was not computed (or, when batches had taken
     some of its rows, not finished)."""
 
 
-class BatchFailed(RuntimeError):
+class BatchFailed(Internal):
     """Inference on the batch holding this request failed; other batches are unaffected."""
 
 
-class Closed(RuntimeError):
+class Closed(Unavailable):
     """The batcher is shutting down."""
 
 

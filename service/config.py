@@ -22,6 +22,7 @@ class ServerConfig:
     model_version: int | None = None
     host: str = "[::]"
     port: int = 50051
+    http_port: int = 8000
     metrics_port: int = 9090
     health_port: int | None = None
     metrics_addr: str = "0.0.0.0"
@@ -48,6 +49,7 @@ class ServerConfig:
     admin_token_file: Path | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_calls: int = 256
+    cors_origins: str = ""
     grace_seconds: float = 10.0
     watch_seconds: float = 5.0
     log_level: str = "INFO"
@@ -89,6 +91,10 @@ HELP = {
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "auth_token_file": "bearer tokens, one per line (VAE_AUTH_TOKENS adds comma-separated ones)",
     "metrics_addr": "address the metrics HTTP endpoint binds to",
+    "http_port": "the HTTP port: the Open Inference Protocol's REST API, vae.v1 as plain HTTP, the OpenAPI docs and the "
+    "playground page, with the gRPC port's TLS, tokens and limits (0: off)",
+    "cors_origins": "comma-separated origins whose browser pages may call the HTTP port (CORS); default: none",
+    "max_message_bytes": "the largest gRPC message and HTTP request body",
     "max_concurrent_calls": "vae.v1 calls in progress at once; beyond it RESOURCE_EXHAUSTED at once (health checks "
     "are not counted)",
 }
@@ -107,7 +113,7 @@ def _optional_int(value: str) -> int | None:
 
 def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
     env = dict(os.environ) if env is None else env
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve a VAE over gRPC.")
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve a VAE over gRPC and HTTP.")
     for f in fields(ServerConfig):
         default = f.default
         env_name = f"VAE_{f.name.upper()}"
@@ -149,6 +155,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         parser.error(f"--split-rows must be 0 (never) or more, got {config.split_rows}")
     if config.inference_workers < 0:
         parser.error(f"--inference-workers must be 0 (automatic) or more, got {config.inference_workers}")
+    if not 0 <= config.http_port <= 65535:
+        parser.error(f"--http-port must be a port number, or 0 for no HTTP port; got {config.http_port}")
     if config.max_concurrent_calls < 1:
         parser.error(f"--max-concurrent-calls must be at least 1, got {config.max_concurrent_calls}")
     if (config.tls_cert is None) != (config.tls_key is None):

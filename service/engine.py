@@ -29,7 +29,7 @@ from service.likelihood import LOG_2PI, log_px_z, logsumexp, mean_image
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
-from service.tensors import BadRequest
+from service.errors import BadRequest
 
 # An image file sent to the server may hold at most this many pixels (Pillow's own limit is 89M): a
 # small compressed file can claim a huge image, and decoding one takes several copies of it in memory.

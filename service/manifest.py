@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.errors import FailedPrecondition
 from service.imaging import Preprocessing, on_black
 from service.likelihood import LIKELIHOODS, decoder_channels
 
@@ -31,7 +32,7 @@ PRIOR_ROLES: dict[str, tuple[str, ...]] = {"standard": (), "flow": ("prior_sampl
 MANIFEST = "model.json"
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(FailedPrecondition):
     """The model repository is missing, incomplete or inconsistent; the message says how."""
 
 

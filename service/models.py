@@ -25,6 +25,7 @@ from pathlib import Path
 
 from service.config import ConfigError
 from service.engine import BatchSettings, Engine, RequestLimits, load_engine
+from service.errors import FailedPrecondition, NotFound, Unavailable
 from service.manifest import ModelSpec, RepositoryError, read_manifest
 from service.metrics import Metrics
 from service.repository import ServingConfig, VersionPolicy, read_serving_config, scan, version_state
@@ -35,15 +36,15 @@ log = logging.getLogger(__name__)
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound):
     """No such model or version in the repository (NOT_FOUND); the message names what exists."""
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(Unavailable):
     """The model or version exists but is not serving now: loading, unloading, refused (UNAVAILABLE)."""
 
 
-class LoadFailed(RuntimeError):
+class LoadFailed(FailedPrecondition):
     """LoadModel could not bring the model to READY; the message holds the reason (FAILED_PRECONDITION)."""
 
 

@@ -1,4 +1,4 @@
-"""Transport security and authentication: TLS or mutual TLS on the gRPC port, bearer tokens.
+"""Transport security and authentication: TLS or mutual TLS, bearer tokens, for every front end.
 
 Tokens come from a file (one per line) or the VAE_AUTH_TOKENS environment variable (comma
 separated), never from a flag, so they do not show in process listings or in the logged config.
@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+
+from service.errors import PermissionDenied, ServiceError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +54,54 @@ def _token_matches(presented: bytes, digests: list[bytes]) -> bool:
     return matched
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED unless the call carries `authorization: Bearer <token>` with a known token.
+class Authorizer:
+    """The auth decision every front end asks for, from the `Authorization` header's value.
 
-    Model control (`admin_methods`) takes admin tokens only: an inference token gets
-    PERMISSION_DENIED there. With admin tokens alone (no inference tokens), inference is open and
-    only model control is guarded; with inference tokens alone, model control is refused to all."""
+    Model control takes admin tokens only: an inference token gets PERMISSION_DENIED there. With
+    admin tokens alone (no inference tokens), inference is open and only model control is guarded;
+    with inference tokens alone, model control is refused to all."""
 
     def __init__(
-        self, tokens: list[bytes], on_denied: Callable[[str], None] | None = None, admin_tokens: list[bytes] | None = None,
-        admin_methods: frozenset[str] = frozenset(),
+        self, tokens: list[bytes], admin_tokens: list[bytes] | None = None, on_denied: Callable[[str], None] | None = None
     ) -> None:  # fmt: skip
         if not tokens and not admin_tokens:
             raise ValueError("token authentication needs at least one token")
         self.digests = [_digest(t) for t in tokens]
         self.admin_digests = [_digest(t) for t in admin_tokens or ()]
-        self.admin_methods = admin_methods
         self.on_denied = on_denied
+
+    def check(self, header: str, control: bool, what: str) -> None:
+        """Nothing if the header's bearer token may make this call (`control`: model control);
+        otherwise Unauthenticated or PermissionDenied, logged and counted. `what` names the call."""
+        scheme, _, presented = header.partition(" ")
+        token = presented.strip().encode() if scheme.lower() == "bearer" else None
+        admin = token is not None and bool(self.admin_digests) and _token_matches(token, self.admin_digests)
+        if control:
+            if admin:
+                return
+            if token is not None and self.digests and _token_matches(token, self.digests):
+                self._deny(what, "permission_denied", PermissionDenied(
+                    "model control needs an admin token (--admin-token-file); this token may only call inference"
+                ))  # fmt: skip
+        elif admin or not self.digests or (token is not None and _token_matches(token, self.digests)):
+            return
+        reason = "no bearer token" if not header else "unknown token"
+        self._deny(what, "unauthenticated", Unauthenticated(f"{reason}: send 'authorization: Bearer <token>'"))
+
+    def _deny(self, what: str, reason: str, err: Exception) -> None:
+        log.warning("auth: denied %s (%s)", what, str(err).split(":")[0])
+        if self.on_denied:
+            self.on_denied(reason)
+        raise err
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """The gRPC side of `Authorizer`: a denied call gets a handler that only aborts, and its body is
+    never read. `admin_methods` are the model-control methods."""
+
+    def __init__(self, authorizer: Authorizer, admin_methods: frozenset[str] = frozenset()) -> None:
+        self.authorizer = authorizer
+        self.admin_methods = admin_methods
 
     async def intercept_service(
         self,
@@ -79,34 +112,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_PREFIXES):
             return await continuation(details)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        token = presented.strip().encode() if scheme.lower() == "bearer" else None
-        admin = token is not None and bool(self.admin_digests) and _token_matches(token, self.admin_digests)
-        if method in self.admin_methods:
-            if admin:
-                return await continuation(details)
-            if token is not None and self.digests and _token_matches(token, self.digests):
-                return await self._denied(
-                    continuation, details, grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
-                    "model control needs an admin token (--admin-token-file); this token may only call inference",
-                )  # fmt: skip
-        elif admin or not self.digests or (token is not None and _token_matches(token, self.digests)):
-            log.debug("auth: allowed %s", method)
-            return await continuation(details)
-        reason = "no bearer token" if not header else "unknown token"
-        return await self._denied(
-            continuation, details, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
-            f"{reason}: send 'authorization: Bearer <token>'",
-        )  # fmt: skip
-
-    async def _denied(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails, code: grpc.StatusCode, reason: str, message: str,
-    ) -> grpc.RpcMethodHandler:  # fmt: skip
-        log.warning("auth: denied %s (%s)", details.method, message.split(":")[0])
-        if self.on_denied:
-            self.on_denied(reason)
-        return _deny(await continuation(details), message, code)
+        try:
+            self.authorizer.check(header, method in self.admin_methods, method)
+        except ServiceError as err:
+            return _deny(await continuation(details), str(err), getattr(grpc.StatusCode, err.code))
+        return await continuation(details)
 
 
 def _unread(data: bytes) -> None:

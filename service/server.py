@@ -1,10 +1,10 @@
-"""The serving process: gRPC server, health, reflection, metrics, and the models' life cycle.
+"""The serving process: the gRPC and HTTP ports, health, reflection, metrics, and the models' life cycle.
 
 Start: load and warm every model of the repository (or those --models names), then SERVING.
 Changes in the repository (watched, or on SIGHUP) are applied by `service.models`: new versions
 swapped in with no failed call, new models loaded, removed ones drained and unloaded, broken
 versions refused while the old ones keep serving. Shutdown (SIGTERM/SIGINT): NOT_SERVING, new
-calls get UNAVAILABLE, calls in flight finish within the grace period, exit 0.
+calls get UNAVAILABLE (HTTP 503) on both ports, calls in flight finish within the grace period, exit 0.
 """
 
 from __future__ import annotations
@@ -22,15 +22,21 @@ from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 
 from service.config import ConfigError, ServerConfig, check_message_size
 from service.engine import BatchSettings, RequestLimits
-from service.handlers import ADMIN_METHODS, SERVICE, VaeServicer, add_to_server
+from service.api.inference import grpc_service_pb2 as oip
+from service.api.vae.v1 import vae_pb2
+from service.dataplane import DataPlane
+from service.grpc_calls import add_to_server
 from service.metrics import Metrics
 from service.models import READY, Models
-from service.open_inference import ADMIN_METHODS as OIP_ADMIN_METHODS
-from service.open_inference import SERVICE as OIP_SERVICE
-from service.open_inference import InferenceServicer, oip
+from service.oip_grpc import ADMIN_METHODS as OIP_ADMIN_METHODS
+from service.oip_grpc import SERVICE as OIP_SERVICE
+from service.oip_grpc import InferenceServicer
 from service.repository import RepositoryError, VersionPolicy
+from service.rest.app import HttpSettings, build_app
+from service.rest.server import HttpServer
 from service.runtime import RuntimeOptions, available_cores
-from service.security import TokenAuth, load_tokens, server_credentials
+from service.security import Authorizer, TokenAuth, load_tokens, server_credentials
+from service.vae_grpc import ADMIN_METHODS, SERVICE, VaeServicer
 
 log = logging.getLogger(__name__)
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -96,11 +102,13 @@ class Server:
             default_name=config.default_model,
             check=lambda spec: check_message_size(config, spec.image_shape, spec.latent_dim),
         )  # fmt: skip
-        self.servicer = VaeServicer(self.models, self.metrics, config.max_concurrent_calls)
+        self.plane = DataPlane(self.models, self.metrics, config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.probes: grpc.aio.Server | None = None  # the plaintext health-only port, if asked for
+        self.http: HttpServer | None = None
         self.port = 0
+        self.http_port = 0
         self.health_port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
@@ -136,14 +144,13 @@ class Server:
         def denied(reason: str) -> None:
             self.metrics.rejections.labels(reason=reason, model="").inc()
 
-        admin = ADMIN_METHODS | OIP_ADMIN_METHODS
-        auth = TokenAuth(tokens, denied, self.admin_tokens, admin) if tokens or self.admin_tokens else None
+        auth = Authorizer(tokens, self.admin_tokens, denied) if tokens or self.admin_tokens else None
         self.grpc = grpc.aio.server(
-            interceptors=[auth] if auth else [],
+            interceptors=[TokenAuth(auth, ADMIN_METHODS | OIP_ADMIN_METHODS)] if auth else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        add_to_server(self.servicer, self.grpc)
-        add_to_server(InferenceServicer(self.servicer), self.grpc, oip, "GRPCInferenceService")
+        add_to_server(VaeServicer(self.plane), self.grpc, vae_pb2, "VaeService")
+        add_to_server(InferenceServicer(self.plane), self.grpc, oip, "GRPCInferenceService")
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         enable_reflection(self.grpc, (SERVICE, OIP_SERVICE, health.SERVICE_NAME))
         for name in ("", SERVICE, OIP_SERVICE):
@@ -176,6 +183,11 @@ class Server:
             log.info("health alone, in plaintext, on port %d", self.health_port)
         self._metrics_http, _ = self.metrics.serve(c.metrics_port, c.metrics_addr)
         self.metrics_port = self._metrics_http.server_port
+        if c.http_port:
+            settings = HttpSettings(c.max_message_bytes, tuple(o.strip() for o in c.cors_origins.split(",") if o.strip()))
+            app = build_app(self.plane, auth, settings)
+            self.http = HttpServer(app, c.host, c.http_port, c.tls_cert, c.tls_key, c.tls_client_ca)
+            self.http_port = await self.http.start()
         await self.grpc.start()
         for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -183,7 +195,8 @@ class Server:
             self._watcher = asyncio.ensure_future(self._watch(c.watch_seconds))
         served = ", ".join(f"{s.name} v{s.version}" for s in self.models.statuses() if s.state == READY)
         provider = self.models.engines()[0].runtime.provider
-        log.info("serving %s on port %d (metrics on %d, %s)", served, self.port, self.metrics_port, provider)
+        http = f", HTTP on {self.http_port}" if self.http else ""
+        log.info("serving %s on port %d (metrics on %d%s, %s)", served, self.port, self.metrics_port, http, provider)
 
     async def reload(self) -> None:
         """Bring what is served in line with the repository (SIGHUP, the watcher)."""
@@ -211,19 +224,21 @@ class Server:
         """The port stays open while calls in flight finish, so probes see NOT_SERVING and new
         calls get UNAVAILABLE with a reason, rather than a refused connection."""
         grace = self.config.grace_seconds
-        log.info("shutting down: draining %d calls in flight (grace %.1fs)", self.servicer.in_flight, grace)
+        log.info("shutting down: draining %d calls in flight (grace %.1fs)", self.plane.in_flight, grace)
         if self._watcher:
             self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
-        self.servicer.draining = True
+        self.plane.draining = True
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
-        while self.servicer.in_flight and loop.time() < end:
+        while self.plane.in_flight and loop.time() < end:
             await asyncio.sleep(0.02)
-        if self.servicer.in_flight:
-            log.warning("%d calls still running after the grace period: cancelling them", self.servicer.in_flight)
+        if self.plane.in_flight:
+            log.warning("%d calls still running after the grace period: cancelling them", self.plane.in_flight)
         if self.grpc:
             await self.grpc.stop(max(0.0, min(1.0, end - loop.time())))
+        if self.http:
+            await self.http.stop()
         if self.probes:
             await self.probes.stop(0)
         await self.models.close()

@@ -1,58 +1,39 @@
-"""Tensors and images on the wire: proto <-> numpy, with every check a malformed request needs.
-Pixels to PNG and uint8 are `service.imaging`'s, the one image module training shares.
-
-Each check raises BadRequest with a message naming the field and what is wrong, which the
-transport turns into INVALID_ARGUMENT.
+"""vae.v1's tensors and images on the wire: proto <-> numpy. Pixels to PNG and uint8 are
+`service.imaging`'s, the one image module training shares; what a model takes is checked by the
+data plane. Each check raises BadRequest with a message naming the field and what is wrong.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from service.api.vae.v1 import vae_pb2 as pb
+from service.errors import BadRequest
 from service.imaging import png_bytes, to_uint8
 
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_UINT8: np.dtype("u1")}
 FORMATS = frozenset(pb.ImageFormat.values())
+MAX_DIMS = 8
 
 
-class BadRequest(ValueError):
-    """A malformed request; the message says what is wrong."""
-
-
-def to_array(t: pb.Tensor, field: str, tail: tuple[int, ...], max_rows: int, allow_uint8: bool = False) -> np.ndarray:
-    """A [N, *tail] float32 array from a Tensor, N in 1..max_rows; uint8 (if allowed) scaled to [0, 1]."""
+def to_array(t: pb.Tensor, field: str, allow_uint8: bool = False) -> np.ndarray:
+    """The Tensor's data as an array of its shape and dtype (uint8 only where allowed), read-only and
+    uncopied; the data plane checks the shape against the model's."""
     if not t.shape:
         raise BadRequest(f"{field}: missing (no shape given)")
     if t.dtype not in DTYPES or (t.dtype == pb.DTYPE_UINT8 and not allow_uint8):
         allowed = "float32 or uint8" if allow_uint8 else "float32"
         raise BadRequest(f"{field}: dtype must be {allowed}, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}")
     shape = tuple(t.shape)
-    expected = ("N", *tail)
-    if len(shape) != len(expected) or tuple(shape[1:]) != tail:
-        shown = list(shape) if len(shape) <= 8 else f"{len(shape)} dimensions"
-        raise BadRequest(f"{field}: shape must be [{', '.join(map(str, expected))}], got {shown}")
-    n = shape[0]
-    if n < 1 or n > max_rows:
-        raise BadRequest(f"{field}: {n} rows; must be between 1 and {max_rows}")
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"{field}: {len(shape)} dimensions; a tensor here has at most {MAX_DIMS}")
     dtype = DTYPES[t.dtype]
-    want = int(np.prod(shape)) * dtype.itemsize
+    want = math.prod(shape) * dtype.itemsize
     if len(t.data) != want:
         raise BadRequest(f"{field}: shape {list(shape)} of {dtype.name} needs {want} bytes, got {len(t.data)}")
-    a = np.frombuffer(t.data, dtype=dtype).reshape(shape)
-    if dtype == np.uint8:
-        return (a.astype(np.float32) / 255.0).astype(np.float32)
-    a = a.astype(np.float32)  # native byte order, and a writable copy
-    if not np.isfinite(a).all():
-        raise BadRequest(f"{field}: contains NaN or infinity")
-    return a
-
-
-def images_to_array(t: pb.Tensor, field: str, image_shape: tuple[int, int, int], max_rows: int) -> np.ndarray:
-    x = to_array(t, field, image_shape, max_rows, allow_uint8=True)
-    if x.min() < 0.0 or x.max() > 1.0:
-        raise BadRequest(f"{field}: float32 pixel values must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
-    return x
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
 
 
 def from_array(a: np.ndarray, into: pb.Tensor | None = None) -> pb.Tensor:

@@ -98,7 +98,8 @@ class ServerProcess:
 
     def __init__(self, repo: Path, log: Path, *args: str) -> None:
         cmd = [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0",
-               "--host", "127.0.0.1", "--metrics-addr", "127.0.0.1", "--intra-op-threads", "1", *args]  # fmt: skip
+               "--host", "127.0.0.1", "--metrics-addr", "127.0.0.1", "--intra-op-threads", "1",
+               *(() if "--http-port" in args else ("--http-port", "0")), *args]  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120
@@ -107,6 +108,8 @@ class ServerProcess:
             if found:
                 self.port, self.metrics_port = int(found[1]), int(found[2])
                 self.target = f"127.0.0.1:{self.port}"
+                http = re.search(r"HTTP on (\d+)", log.read_text())
+                self.http_url = f"http://127.0.0.1:{http[1]}" if http else None
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
@@ -125,3 +128,12 @@ def server(model_repo, tmp_path_factory):
     proc = ServerProcess(model_repo, tmp_path_factory.mktemp("server") / "server.log", "--max-batch-delay-ms", "5")
     yield proc
     proc.terminate()
+
+
+def free_port() -> int:
+    """A port free now, for a server flag that takes 0 to mean off (--http-port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

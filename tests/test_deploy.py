@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from service.config import ServerConfig, parse_config
-from service.handlers import SERVICE  # not service.server: it loads the inference protocol's messages, which tritonclient holds in its tests
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -80,14 +79,15 @@ def test_deployment_agrees_with_the_image_and_the_server(name, target):
 
     # Ports: the image exposes them, the server listens on them, the manifest names them.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
-    assert set(ports.values()) == image["expose"] == {DEFAULTS.port, DEFAULTS.metrics_port}
+    assert ports == {"grpc": config.port, "http": config.http_port, "metrics": config.metrics_port}
+    assert set(ports.values()) == image["expose"] == {DEFAULTS.port, DEFAULTS.http_port, DEFAULTS.metrics_port}
 
-    # Probes: grpc.health.v1 on the gRPC port; readiness asks for the VAE service by its full name.
+    # Probes: the Open Inference Protocol's health routes on the HTTP port; readiness turns false
+    # while no model is served and from the first moment of a drain.
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe]["grpc"]["port"] == config.port, probe
-    assert c["readinessProbe"]["grpc"]["service"] == SERVICE == "vae.v1.VaeService"
-    assert c["livenessProbe"]["grpc"]["service"] == ""  # the server's overall status
+        assert ports[c[probe]["httpGet"]["port"]] == config.http_port, probe
+    assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert "healthcheck.py" in image["healthcheck"]
 
     # The model repository is mounted where the image's VAE_MODEL_REPO points, read-only.
@@ -132,7 +132,7 @@ def test_services_reach_the_pods():
                 named = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
                 assert port["targetPort"] in named and named[port["targetPort"]] == port["port"]
     (main,) = [s for s in of_kind("Service") if s["metadata"]["name"] == "vae-serve"]
-    assert {p["name"] for p in main["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in main["spec"]["ports"]} == {"grpc", "http", "metrics"}
 
 
 def test_autoscalers_target_the_deployments():
@@ -170,9 +170,10 @@ def test_make_image_without_podman_says_what_to_install():
     assert "apt-get install podman" in first and "docker build" in first, done.stderr
 
 
-def test_kserve_predictor_agrees_with_the_image_and_the_server():
-    """deploy/kserve: the serving image as a KServe predictor on the v2 protocol over gRPC."""
-    (isvc,) = documents(ROOT / "deploy" / "kserve" / "inferenceservice.yaml")
+@pytest.mark.parametrize("manifest, protocol", [("inferenceservice.yaml", "grpc"), ("inferenceservice-http.yaml", "http")])
+def test_kserve_predictor_agrees_with_the_image_and_the_server(manifest, protocol):
+    """deploy/kserve: the serving image as a KServe predictor on the v2 protocol over gRPC or HTTP."""
+    (isvc,) = documents(ROOT / "deploy" / "kserve" / manifest)
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     notes = isvc["metadata"]["annotations"]
     assert notes["serving.kserve.io/deploymentMode"] == "RawDeployment"
@@ -183,13 +184,18 @@ def test_kserve_predictor_agrees_with_the_image_and_the_server():
     env = image["env"] | {e["name"]: e["value"] for e in c.get("env", [])}
     assert all(k[4:].lower() in {f.name for f in fields(ServerConfig)} for k in env), env
     config = parse_config(c.get("args", []), env)
-    # KServe sends gRPC to the port named h2c: the server's gRPC port, which the image exposes.
+    # KServe sends gRPC to the port named h2c and HTTP to the one named http1: the server's port for
+    # the protocol, which the image exposes; the probes ask that port.
     (port,) = c["ports"]
-    assert (port["name"], port["containerPort"]) == ("h2c", config.port) and config.port in image["expose"]
+    name, number = ("h2c", config.port) if protocol == "grpc" else ("http1", config.http_port)
+    assert (port["name"], port["containerPort"]) == (name, number) and number in image["expose"]
     assert int(notes["prometheus.kserve.io/port"]) == config.metrics_port and notes["prometheus.kserve.io/path"] == "/metrics"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe]["grpc"]["port"] == config.port, probe
-    assert c["readinessProbe"]["grpc"]["service"] == "inference.GRPCInferenceService"
+        assert c[probe][protocol if protocol == "grpc" else "httpGet"]["port"] == number, probe
+    if protocol == "grpc":
+        assert c["readinessProbe"]["grpc"]["service"] == "inference.GRPCInferenceService"
+    else:
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready" and c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     (mount,) = [m for m in c["volumeMounts"] if m["name"] == "models"]
     assert mount["mountPath"] == str(config.model_repo) == "/models" and mount["readOnly"]
     (volume,) = [v for v in predictor["volumes"] if v["name"] == "models"]

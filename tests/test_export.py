@@ -164,7 +164,7 @@ def test_reduced_precision_decoder_is_exported_verified_and_served(
     finally:
         assert server.terminate() == 0
     refused = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0", "--http-port", "0",
          "--decoder-precision", precision], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert refused.returncode == 2 and f"no {role}.onnx" in refused.stderr

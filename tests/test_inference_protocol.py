@@ -1,7 +1,7 @@
 """The Open Inference Protocol on the real server, called with the real `tritonclient` (gRPC).
 
 tritonclient brings its own generated `inference.*` messages; the server's live in the server
-process only (this process never imports service.open_inference or service.server), since one
+process only (this process never imports service.oip_grpc or service.server), since one
 descriptor pool holds each symbol once.
 """
 
@@ -50,7 +50,7 @@ def refused(call) -> tuple[grpc.StatusCode | str, str]:
 def test_server_and_model_metadata(client, model_repo):
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata(as_json=True)
-    assert meta["name"] == "vae-serve" and set(meta["extensions"]) == {"model_repository", "model_configuration", "statistics"}
+    assert meta["name"] == "vae-serve" and set(meta["extensions"]) == {"model_repository", "model_configuration", "statistics", "binary_tensor_data"}
     for kind in ("encoder", "decoder", "sample"):
         assert client.is_model_ready(f"digits_{kind}") and client.is_model_ready(f"digits_{kind}", "1")
     assert not client.is_model_ready("digits_encoder", "9")

@@ -105,7 +105,7 @@ def test_a_folder_put_back_during_its_drain_serves_again_with_its_metrics(repo, 
         models = table(repo)
         await models.sync()
         engine = models.resolve("digits", 0)
-        engine.active_calls += 1  # a call in flight, as service.handlers.Call holds one
+        engine.active_calls += 1  # a call in flight, as service.dataplane.Call holds one
         shutil.move(repo / "digits", tmp_path / "away")
         await models.sync()
         await models.sync()  # a second poll during the drain: still draining, still in the table

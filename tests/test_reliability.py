@@ -188,7 +188,7 @@ def test_corrupt_repository_at_start_exits_with_a_message(repo, tmp_path):
 
     publish_broken(repo, 2, lambda folder, info: (folder / "encoder.onnx").write_bytes(b"\x00garbage"))
     done = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0"],
+        [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0", "--http-port", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2

@@ -14,7 +14,7 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.client import VaeClient
 from service.config import parse_config
-from service.security import TokenAuth, load_tokens
+from service.security import Authorizer, TokenAuth, load_tokens
 from tests.certs import CA
 from tests.conftest import ServerProcess
 from tests.test_service import metric, scrape
@@ -122,7 +122,7 @@ def test_a_denied_call_is_never_parsed():
         "server streaming": grpc.unary_stream_rpc_method_handler(handler, deserializer, bytes),
         "bidirectional": grpc.stream_stream_rpc_method_handler(handler, deserializer, bytes),
     }
-    auth = TokenAuth([TOKEN.encode()])
+    auth = TokenAuth(Authorizer([TOKEN.encode()]))
     for kind, method in real.items():
 
         async def continuation(details: object, method=method) -> grpc.RpcMethodHandler:

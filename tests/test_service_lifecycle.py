@@ -99,7 +99,7 @@ def test_graceful_shutdown_finishes_calls_in_flight(model_repo, tmp_path):
 
 def test_missing_model_repository_fails_clearly(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repo", str(tmp_path / "nope"), "--port", "0", "--metrics-port", "0"],
+        [sys.executable, "-m", "service", "--model-repo", str(tmp_path / "nope"), "--port", "0", "--metrics-port", "0", "--http-port", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0
@@ -180,13 +180,13 @@ def test_inconsistent_limits_and_empty_token_file_are_refused(model_repo, tmp_pa
     with pytest.raises(ConfigError, match="--max-request-rows images"):
         check_message_size(small, (1, 8, 8), 8)
     done = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0", "--http-port", "0",
          "--max-message-bytes", "70000"], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "more than --max-message-bytes 70000" in done.stderr
     (tmp_path / "tokens").write_text("# no token yet\n")
     done = subprocess.run(
-        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0", "--http-port", "0",
          "--auth-token-file", str(tmp_path / "tokens")], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "holds no token" in done.stderr

@@ -1,0 +1,144 @@
+"""The Open Inference Protocol over gRPC (KServe v2, `inference.GRPCInferenceService`), beside
+vae.v1 on the same port, so that clients written for Triton, KServe or MLServer (`tritonclient`
+among them) work. A thin front end: it reads the protocol's messages into the data plane's calls
+and `service.oip_models`' plain values back into messages (`rpc` label `oip.<method>`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from service import oip_models
+from service.api.inference import grpc_service_pb2 as oip
+from service.dataplane import DataPlane
+from service.errors import BadRequest
+from service.grpc_calls import abort, deadline_of, refusal
+
+SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ADMIN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("RepositoryModelLoad", "RepositoryModelUnload"))
+PREFIX = "oip."
+CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "UINT64": "uint64_contents",
+            "INT32": "int_contents", "UINT8": "uint_contents"}  # fmt: skip
+HEALTH = ("ServerLive", "ServerReady", "ModelReady")  # answered while draining: probes need them most then
+
+
+def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A call that is not inference: counted and timed, not held to --max-concurrent-calls."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapped(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with self.plane.control(PREFIX + name, while_draining=name in HEALTH):
+                bad = refusal(request)
+                if bad:
+                    raise bad
+                return await handler(self, request)
+        except Exception as err:  # noqa: BLE001 - typed errors become their status code, others INTERNAL
+            await abort(context, err)
+
+    return wrapped
+
+
+def inputs_of(request: oip.ModelInferRequest) -> dict[str, tuple[str, np.ndarray]]:
+    """The request's input tensors by name, read from raw_input_contents or typed contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    inputs: dict[str, tuple[str, np.ndarray]] = {}
+    for i, tensor in enumerate(request.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+        if name in inputs:
+            raise BadRequest(f"input {name!r} given twice")
+        if raw:
+            dtype = oip_models.check_tensor(name, datatype, shape, len(raw[i]))
+            array = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
+        else:
+            dtype = oip_models.check_tensor(name, datatype, shape)
+            values = getattr(tensor.contents, CONTENTS[datatype])
+            if len(values) != int(np.prod(shape)):
+                raise BadRequest(f"input {name!r}: shape {shape} needs {int(np.prod(shape))} values in contents, got {len(values)}")
+            array = np.array(values, dtype=dtype).reshape(shape)
+        inputs[name] = (datatype, array)
+    return inputs
+
+
+class InferenceServicer:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.models = plane.models
+
+    def _resolve(self, name: str, version: str) -> tuple[Any, str]:
+        return self.models.resolve(*oip_models.target(name, version)), oip_models.split_name(name)[1]
+
+    @control
+    async def ServerLive(self, request: oip.ServerLiveRequest) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @control
+    async def ServerReady(self, request: oip.ServerReadyRequest) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.plane.ready)
+
+    @control
+    async def ServerMetadata(self, request: oip.ServerMetadataRequest) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(**oip_models.server_metadata())
+
+    @control
+    async def ModelReady(self, request: oip.ModelReadyRequest) -> oip.ModelReadyResponse:
+        return oip.ModelReadyResponse(ready=not self.plane.draining and oip_models.model_ready(self.models, request.name, request.version))
+
+    @control
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
+        engine, kind = self._resolve(request.name, request.version)
+        return json_format.ParseDict(oip_models.metadata(self.models, engine, request.name, kind), oip.ModelMetadataResponse())
+
+    @control
+    async def ModelConfig(self, request: oip.ModelConfigRequest) -> oip.ModelConfigResponse:
+        engine, kind = self._resolve(request.name, request.version)
+        return oip.ModelConfigResponse(config=json_format.ParseDict(oip_models.config(engine, request.name, kind), oip.ModelConfig()))
+
+    @control
+    async def ModelStatistics(self, request: oip.ModelStatisticsRequest) -> oip.ModelStatisticsResponse:
+        stats = oip_models.statistics(self.models, self.plane.metrics, request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
+
+    @control
+    async def RepositoryIndex(self, request: oip.RepositoryIndexRequest) -> oip.RepositoryIndexResponse:
+        return json_format.ParseDict({"models": oip_models.index(self.plane.statuses(), request.ready)}, oip.RepositoryIndexResponse())
+
+    @control
+    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest) -> oip.RepositoryModelLoadResponse:
+        """Loads the model behind the name: NAME, or any of NAME_encoder/_decoder/_sample."""
+        await self.plane.load(oip_models.base_name(request.model_name))
+        return oip.RepositoryModelLoadResponse()
+
+    @control
+    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest) -> oip.RepositoryModelUnloadResponse:
+        """Unloads the model behind the name, and with it its three protocol models."""
+        await self.plane.unload(oip_models.base_name(request.model_name))
+        return oip.RepositoryModelUnloadResponse()
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        bad, deadline = refusal(request), deadline_of(context)
+        try:
+            kind, model, version = "", "", 0
+            if bad is None:
+                (model, kind), version = oip_models.split_name(request.model_name), oip_models.parse_version(request.model_version)
+        except Exception as err:  # noqa: BLE001 - refused, and accounted, by the call below
+            bad = err
+        try:
+            async with self.plane.call(PREFIX + "ModelInfer", model, version, deadline, bad) as engine:
+                inputs = inputs_of(request)
+                outputs = await oip_models.infer(engine, kind, inputs, [o.name for o in request.outputs], deadline)
+                response = oip.ModelInferResponse(model_name=request.model_name, model_version=str(engine.spec.version), id=request.id)
+                for name, datatype, array in outputs:
+                    response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+                    response.raw_output_contents.append(np.ascontiguousarray(array, dtype=oip_models.DATATYPES[datatype]).tobytes())
+                return response
+        except Exception as err:  # noqa: BLE001
+            await abort(context, err)

@@ -1,0 +1,268 @@
+"""vae.v1 as plain HTTP: routes a person can call with curl or a browser, over the same data plane
+as vae.v1 gRPC, so a seed gives the same images and the same PNG bytes (`rpc` label `http.<RPC>`).
+
+  GET  /v1/models                                the listing
+  GET  /v1/models/NAME                           model info
+  GET  /v1/models/NAME/sample.png?n=64&seed=1    one PNG grid of samples
+  POST /v1/models/NAME/reconstruct.png           uploaded image file(s) (multipart, field `image`) -> PNG
+  POST /v1/models/NAME/{sample,encode,decode,reconstruct,interpolate,score}   JSON in, JSON out
+  POST /v1/models/NAME/{load,unload}             model control (admin token)
+
+Every route takes `?version=N` (default: the newest served). Tensors in JSON are
+`{"shape": [...], "dtype": "float32"|"uint8", "data": [...]}` (data flat or nested) or carry
+`"b64"` (the raw little-endian bytes in base64) instead of `data`; images come back in the
+`format` asked for: float32 (default), uint8, or png (base64 files).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, Query, UploadFile
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from service import dataplane
+from service.dataplane import DataPlane, EndPoint
+from service.engine import Engine
+from service.errors import BadRequest
+from service.imaging import grid, png_bytes, to_uint8
+from service.rest.responses import json_response
+
+PREFIX = "http."
+DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+Version = Annotated[int, Query(ge=0, description="the model version (0: the newest served)")]
+
+
+class Tensor(BaseModel):
+    shape: list[int]
+    dtype: Literal["float32", "uint8"] = "float32"
+    data: list[Any] | None = Field(None, description="the values, flat or nested, row-major")
+    b64: str | None = Field(None, description="or: the raw little-endian bytes, base64")
+
+
+ImageFormat = Literal["float32", "uint8", "png"]
+Encoding = Literal["list", "base64"]
+
+
+class Answer(BaseModel):
+    format: ImageFormat = "float32"
+    encoding: Encoding = Field("list", description="tensors in the answer as lists of numbers, or base64 raw bytes")
+
+
+class SampleRequest(Answer):
+    num_samples: int = 1
+    seed: int | None = None
+    temperature: float | None = None
+
+
+class ImagesRequest(Answer):
+    images: Tensor | None = None
+    image_files: list[str] = Field([], description="encoded image files (PNG, JPEG, ...), base64")
+
+
+class EncodeRequest(ImagesRequest):
+    sample: bool = False
+    seed: int | None = None
+
+
+class DecodeRequest(Answer):
+    latents: Tensor
+
+
+class EndPointIn(BaseModel):
+    image: Tensor | None = None
+    latent: Tensor | None = None
+    file: str | None = Field(None, description="an encoded image file, base64")
+
+
+class InterpolateRequest(Answer):
+    start: EndPointIn
+    end: EndPointIn
+    steps: int = 8
+    method: Literal["linear", "spherical"] = "linear"
+
+
+class ScoreRequest(ImagesRequest):
+    importance_samples: int = 64
+    seed: int | None = None
+
+
+def array(t: Tensor, field: str) -> np.ndarray:
+    dtype = DTYPES[t.dtype]
+    if any(d < 0 for d in t.shape) or len(t.shape) > 8:
+        raise BadRequest(f"{field}: shape {t.shape} is not a valid shape")
+    n = int(np.prod(t.shape, dtype=np.int64))
+    if t.b64 is not None:
+        raw = unbase64(t.b64, field)
+        if len(raw) != n * dtype.itemsize:
+            raise BadRequest(f"{field}: shape {t.shape} of {t.dtype} needs {n * dtype.itemsize} bytes, got {len(raw)}")
+        return np.frombuffer(raw, dtype).reshape(t.shape)
+    if t.data is None:
+        raise BadRequest(f"{field}: give 'data' or 'b64'")
+    try:
+        a = np.asarray(t.data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise BadRequest(f"{field}: data is not an array of {t.dtype}: {err}") from None
+    if a.size != n:
+        raise BadRequest(f"{field}: shape {t.shape} needs {n} values, got {a.size}")
+    return a.reshape(t.shape)
+
+
+def unbase64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadRequest(f"{field}: not valid base64: {err}") from None
+
+
+def tensor(a: np.ndarray, encoding: str) -> dict[str, Any]:
+    dtype = "uint8" if a.dtype == np.uint8 else "float32"
+    a = np.ascontiguousarray(a, DTYPES[dtype])
+    if encoding == "base64":
+        return {"shape": list(a.shape), "dtype": dtype, "b64": base64.b64encode(a.tobytes()).decode()}
+    return {"shape": list(a.shape), "dtype": dtype, "data": a.ravel().tolist()}
+
+
+def images_out(engine: Engine, images: np.ndarray, body: Answer) -> dict[str, Any]:
+    if body.format == "png":
+        if engine.spec.image_shape[0] not in (1, 3, 4):
+            raise BadRequest(f"format: png needs 1, 3 or 4 channels, the model has {engine.spec.image_shape[0]}")
+        return {"format": "png", "png": [base64.b64encode(png_bytes(im)).decode() for im in images]}
+    return {"format": body.format, **tensor(to_uint8(images) if body.format == "uint8" else images, body.encoding)}
+
+
+def _images_in(body: ImagesRequest) -> tuple[np.ndarray | None, list[bytes]]:
+    files = [unbase64(f, f"image_files[{i}]") for i, f in enumerate(body.image_files)]
+    return (None if body.images is None else array(body.images, "images")), files
+
+
+def _answered(engine: Engine, body: dict[str, Any]) -> Response:
+    return json_response({"model_name": engine.spec.name, "model_version": engine.spec.version, **body})
+
+
+def router(plane: DataPlane) -> APIRouter:
+    api = APIRouter(prefix="/v1", tags=["vae.v1"])
+
+    def call(rpc: str, name: str, version: int) -> dataplane.Call:
+        return plane.call(PREFIX + rpc, name, version)
+
+    def listing() -> dict[str, Any]:
+        models = [{"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in plane.statuses()]
+        return {"models": models, "default_model": plane.models.default or ""}
+
+    @api.get("/models", summary="The models and versions the repository holds, and their states")
+    async def list_models() -> Response:
+        async with plane.control(PREFIX + "ListModels"):
+            return json_response(listing())
+
+    @api.post("/models/{name}/load", summary="Load a model, or one version (admin token)")
+    async def load(name: str, version: Version = 0) -> Response:
+        async with plane.control(PREFIX + "LoadModel"):
+            await plane.load(name, version)
+            return json_response(listing())
+
+    @api.post("/models/{name}/unload", summary="Unload a model, or one version (admin token)")
+    async def unload(name: str, version: Version = 0) -> Response:
+        async with plane.control(PREFIX + "UnloadModel"):
+            await plane.unload(name, version)
+            return json_response(listing())
+
+    @api.get("/models/{name}", summary="What a client needs to know to call a model")
+    async def model_info(name: str, version: Version = 0) -> Response:
+        async with call("GetModelInfo", name, version) as engine:
+            return json_response(dataplane.model_info(engine))
+
+    @api.get("/models/{name}/sample.png", summary="One PNG grid of samples from the prior", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})  # fmt: skip
+    async def sample_png(
+        name: str, version: Version = 0, n: Annotated[int, Query(description="how many samples")] = 16,
+        seed: int | None = None, temperature: float | None = None,
+        columns: Annotated[int | None, Query(ge=1, le=1024, description="images per row (default: a square)")] = None,
+    ) -> Response:  # fmt: skip
+        async with call("Sample", name, version) as engine:
+            images, _ = await dataplane.sample(engine, n, seed, temperature, None, names=("n", "seed", "temperature"))
+            return Response(_grid_png(images, columns), media_type="image/png")
+
+    @api.post("/models/{name}/sample", summary="Samples from the prior")
+    async def sample(name: str, body: SampleRequest, version: Version = 0) -> Response:
+        async with call("Sample", name, version) as engine:
+            images, seed = await dataplane.sample(engine, body.num_samples, body.seed, body.temperature, None)
+            return _answered(engine, {"seed": seed, "images": images_out(engine, images, body)})
+
+    @api.post("/models/{name}/encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")
+    async def encode(name: str, body: EncodeRequest, version: Version = 0) -> Response:
+        async with call("Encode", name, version) as engine:
+            x = await dataplane.request_images(engine, *_images_in(body))
+            e = await dataplane.encode(engine, x, body.sample, body.seed, None)
+            answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding)}
+            if e.z is not None:
+                answer |= {"z": tensor(e.z, body.encoding), "seed": e.seed}
+            return _answered(engine, answer)
+
+    @api.post("/models/{name}/decode", summary="Images of latents")
+    async def decode(name: str, body: DecodeRequest, version: Version = 0) -> Response:
+        async with call("Decode", name, version) as engine:
+            z = dataplane.latents(engine, array(body.latents, "latents"))
+            return _answered(engine, {"images": images_out(engine, await engine.decode(z), body)})
+
+    @api.post("/models/{name}/reconstruct", summary="Decoded images of the images' encodings")
+    async def reconstruct(name: str, body: ImagesRequest, version: Version = 0) -> Response:
+        async with call("Reconstruct", name, version) as engine:
+            x = await dataplane.request_images(engine, *_images_in(body))
+            return _answered(engine, {"images": images_out(engine, await engine.reconstruct(x), body)})
+
+    @api.post("/models/{name}/reconstruct.png", summary="Uploaded image files' reconstructions as one PNG",
+              response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
+    async def reconstruct_png(
+        name: str, image: Annotated[list[UploadFile], File(description="one or more image files")], version: Version = 0,
+        columns: Annotated[int | None, Query(ge=1, le=1024)] = None,
+    ) -> Response:  # fmt: skip
+        async with call("Reconstruct", name, version) as engine:
+            files = [await f.read() for f in image]
+            x = await dataplane.request_images(engine, None, files, files_field="image")
+            images = await engine.reconstruct(x)
+            return Response(png_bytes(images[0]) if len(images) == 1 else _grid_png(images, columns), media_type="image/png")
+
+    @api.post("/models/{name}/interpolate", summary="Images along the latent path between two end points")
+    async def interpolate(name: str, body: InterpolateRequest, version: Version = 0) -> Response:
+        async with call("Interpolate", name, version) as engine:
+            ends = [_end_point(getattr(body, side), side) for side in ("start", "end")]
+            path, images = await dataplane.interpolate(engine, *ends, body.steps, body.method, None)
+            return _answered(engine, {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body)})
+
+    @api.post("/models/{name}/score", summary="Per image: ELBO, its terms and the importance-weighted log-likelihood")
+    async def score(name: str, body: ScoreRequest, version: Version = 0) -> Response:
+        async with call("Score", name, version) as engine:
+            x, files = _images_in(body)
+            s = await dataplane.score(engine, x, files, body.importance_samples, body.seed, None)
+            scores = [
+                {"elbo": e, "reconstruction": r, "kl": kl, "log_likelihood": ll, "bits_per_dim": b}
+                for e, r, kl, ll, b in zip(*(a.tolist() for a in (s.elbo, s.reconstruction, s.kl, s.log_likelihood, s.bits_per_dim)))
+            ]  # fmt: skip
+            return _answered(engine, {"scores": scores, "importance_samples": s.importance_samples, "seed": s.seed})
+
+    return api
+
+
+def _end_point(end: EndPointIn, side: str) -> EndPoint:
+    given = [k for k in ("image", "latent", "file") if getattr(end, k) is not None]
+    if len(given) != 1:
+        raise BadRequest(f"{side}: give one of image, latent or file")
+    if end.file is not None:
+        return EndPoint(f"{side}.file", file=unbase64(end.file, f"{side}.file"))
+    which = given[0]
+    a = array(getattr(end, which), f"{side}.{which}")
+    return EndPoint(f"{side}.{which}", **{which: a})
+
+
+def _grid_png(images: np.ndarray, columns: int | None) -> bytes:
+    if images.shape[1] not in (1, 3, 4):
+        raise BadRequest(f"a PNG needs 1, 3 or 4 channels, the model has {images.shape[1]}")
+    buf = io.BytesIO()
+    grid(images, columns).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,199 @@
+"""vae.v1 over gRPC: a thin front end that reads protobuf requests into data-plane calls and writes
+their answers back; admission, checks and accounting are the data plane's (`service.dataplane`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service import dataplane
+from service.api.vae.v1 import vae_pb2 as pb
+from service.dataplane import DataPlane, EndPoint
+from service.engine import Engine
+from service.errors import BadRequest
+from service.grpc_calls import abort, deadline_of, refusal
+from service.models import LOADING, READY, UNAVAILABLE, UNLOADING, Status
+from service.tensors import check_format, fill_images, from_array, to_array
+
+SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
+ADMIN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("LoadModel", "UnloadModel"))  # need an admin token
+R = TypeVar("R")
+STATES = {
+    READY: pb.MODEL_STATE_READY, LOADING: pb.MODEL_STATE_LOADING, UNLOADING: pb.MODEL_STATE_UNLOADING,
+    UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
+}  # fmt: skip
+METHODS = {pb.INTERPOLATION_METHOD_UNSPECIFIED: "linear", pb.INTERPOLATION_METHOD_LINEAR: "linear",
+           pb.INTERPOLATION_METHOD_SPHERICAL: "spherical"}  # fmt: skip
+
+
+def _seed(request: Any) -> int | None:
+    return request.seed if request.HasField("seed") else None
+
+
+def _format(engine: Engine, fmt: int) -> int:
+    return check_format(fmt, engine.spec.image_shape[0])
+
+
+def _with_images(response: R, images: Any, fmt: int) -> R:
+    """`response` with `images` filled into its `images` field where it lies (no copy of the bytes)."""
+    fill_images(response.images, images, fmt)  # type: ignore[attr-defined]
+    return response
+
+
+def _images(request: Any) -> Any:
+    """A request's image tensor, if it sent one."""
+    return to_array(request.images, "images", allow_uint8=True) if request.HasField("images") else None
+
+
+def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A unary inference handler, given the engine the data plane pinned; its response names the
+    model and version that answered, and its typed errors become status codes."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        bad = refusal(request)
+        deadline = deadline_of(context)
+        try:
+            model, version = ("", 0) if bad else (request.model_name, request.model_version)
+            async with self.plane.call(name, model, version, deadline, bad) as engine:
+                response = await handler(self, engine, request, deadline)
+                if not isinstance(response, pb.ModelInfo):  # which names its model in its own fields
+                    response.model_name, response.model_version = engine.spec.name, engine.spec.version
+                return response
+        except Exception as err:  # noqa: BLE001 - typed errors become their status code, others INTERNAL
+            await abort(context, err)
+
+    return wrapped
+
+
+def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A model-control handler: counted and timed, not held to --max-concurrent-calls."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async with self.plane.control(name):
+                bad = refusal(request)
+                if bad:
+                    raise bad
+                return await handler(self, request)
+        except Exception as err:  # noqa: BLE001
+            await abort(context, err)
+
+    return wrapped
+
+
+class VaeServicer:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    def _listing(self, statuses: list[Status]) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[pb.ModelStatus(name=s.name, version=s.version, state=STATES[s.state], reason=s.reason) for s in statuses],
+            default_model=self.plane.models.default or "",
+        )
+
+    @control
+    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        return self._listing(self.plane.statuses())
+
+    @control
+    async def LoadModel(self, request: pb.LoadModelRequest) -> pb.ListModelsResponse:
+        return self._listing(await self.plane.load(request.model_name, request.model_version))
+
+    @control
+    async def UnloadModel(self, request: pb.UnloadModelRequest) -> pb.ListModelsResponse:
+        return self._listing(await self.plane.unload(request.model_name, request.model_version))
+
+    @rpc
+    async def GetModelInfo(self, engine: Engine, request: pb.GetModelInfoRequest, deadline: float | None) -> pb.ModelInfo:
+        info = dataplane.model_info(engine)
+        prep = info.pop("preprocessing")
+        return pb.ModelInfo(**info, preprocessing=None if prep is None else pb.Preprocessing(**prep))
+
+    @rpc
+    async def Sample(self, engine: Engine, request: pb.SampleRequest, deadline: float | None) -> pb.SampleResponse:
+        fmt = _format(engine, request.format)
+        t = request.temperature if request.HasField("temperature") else None
+        images, seed = await dataplane.sample(engine, request.num_samples, _seed(request), t, deadline)
+        return _with_images(pb.SampleResponse(seed=seed), images, fmt)
+
+    async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleResponse]:
+        """Sample in chunks: the concatenated chunks equal Sample's images for the same seed."""
+        bad, deadline = refusal(request), deadline_of(context)
+        try:
+            model, version = ("", 0) if bad else (request.model_name, request.model_version)
+            async with self.plane.call("SampleStream", model, version, deadline, bad) as engine:
+                n = dataplane.count(request.num_samples, "num_samples", engine.batch.max_queue_rows)
+                fmt = _format(engine, request.format)
+                t = dataplane.temperature(request.temperature if request.HasField("temperature") else None)
+                seed = dataplane.seed(_seed(request))
+                limit = engine.limits.max_request_rows
+                chunk = dataplane.count(request.chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
+                z = engine.latents(n, seed, t)
+                for offset in range(0, n, chunk):
+                    images = await engine.generate(z[offset : offset + chunk], deadline)
+                    response = _with_images(pb.SampleResponse(seed=seed, offset=offset), images, fmt)
+                    response.model_name, response.model_version = engine.spec.name, engine.spec.version
+                    yield response
+        except Exception as err:  # noqa: BLE001
+            await abort(context, err)
+
+    @rpc
+    async def Encode(self, engine: Engine, request: pb.EncodeRequest, deadline: float | None) -> pb.EncodeResponse:
+        x = await dataplane.request_images(engine, _images(request), request.image_files)
+        encoded = await dataplane.encode(engine, x, request.sample, _seed(request), deadline)
+        response = pb.EncodeResponse()
+        from_array(encoded.mu, into=response.mu)
+        from_array(encoded.sigma, into=response.sigma)
+        if encoded.z is not None:
+            response.seed = encoded.seed
+            from_array(encoded.z, into=response.z)
+        return response
+
+    @rpc
+    async def Decode(self, engine: Engine, request: pb.DecodeRequest, deadline: float | None) -> pb.ImagesResponse:
+        z = dataplane.latents(engine, to_array(request.latents, "latents"))
+        fmt = _format(engine, request.format)
+        return _with_images(pb.ImagesResponse(), await engine.decode(z, deadline), fmt)
+
+    @rpc
+    async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, deadline: float | None) -> pb.ImagesResponse:
+        x = await dataplane.request_images(engine, _images(request), request.image_files)
+        fmt = _format(engine, request.format)
+        return _with_images(pb.ImagesResponse(), await engine.reconstruct(x, deadline), fmt)
+
+    @staticmethod
+    def _end_point(request: pb.InterpolateRequest, side: str) -> EndPoint:
+        which = request.WhichOneof(side)
+        if which is None:
+            raise BadRequest(f"{side}: give {side}_image, {side}_latent or {side}_file")
+        if which.endswith("file"):
+            return EndPoint(which, file=getattr(request, which))
+        array = to_array(getattr(request, which), which, allow_uint8=which.endswith("image"))
+        return EndPoint(which, latent=array) if which.endswith("latent") else EndPoint(which, image=array)
+
+    @rpc
+    async def Interpolate(self, engine: Engine, request: pb.InterpolateRequest, deadline: float | None) -> pb.InterpolateResponse:
+        if request.method not in METHODS:
+            raise BadRequest(f"method: unknown interpolation method {request.method}")
+        fmt = _format(engine, request.format)
+        start, end = self._end_point(request, "start"), self._end_point(request, "end")
+        path, images = await dataplane.interpolate(engine, start, end, request.steps, METHODS[request.method], deadline)
+        response = _with_images(pb.InterpolateResponse(), images, fmt)
+        from_array(path, into=response.latents)
+        return response
+
+    @rpc
+    async def Score(self, engine: Engine, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
+        s = await dataplane.score(engine, _images(request), request.image_files, request.importance_samples or 64, _seed(request), deadline)
+        scores = [
+            pb.ImageScore(elbo=e, reconstruction=r, kl=kl, log_likelihood=ll, bits_per_dim=b)
+            for e, r, kl, ll, b in zip(s.elbo, s.reconstruction, s.kl, s.log_likelihood, s.bits_per_dim)
+        ]
+        return pb.ScoreResponse(scores=scores, importance_samples=s.importance_samples, seed=s.seed)
