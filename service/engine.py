@@ -60,7 +60,9 @@ class RequestLimits:
 
 
 def new_seed(seed: int | None) -> int:
-    return secrets.randbits(63) if seed is None else int(seed)
+    """The request's seed, or a new one of 53 bits: JSON readers that hold numbers as doubles
+    (JavaScript) read it exactly, so a browser can send it back and get the same images."""
+    return secrets.randbits(53) if seed is None else int(seed)
 
 
 _generators = threading.local()

@@ -5,22 +5,24 @@ Needs podman (and root, as on the project's machines and in CI). Without podman 
 with a reason, except in CI (CI=true), where a missing podman is a failure: .ci/run installs it.
 """
 
+import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import VaeClient
 from service.vae_grpc import SERVICE  # not service.server: it loads the inference protocol's messages, which tritonclient holds in its tests
+from tests.conftest import free_port
 from tests.test_service import metric, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +36,6 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     if check and done.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +59,10 @@ def inspected(image) -> dict:
 
 
 class Container:
-    def __init__(self, name: str, port: int, metrics_port: int) -> None:
+    def __init__(self, name: str, port: int, metrics_port: int, http_port: int) -> None:
         self.name, self.port, self.metrics_port = name, port, metrics_port
         self.target = f"127.0.0.1:{port}"
+        self.http_url = f"http://127.0.0.1:{http_port}"
 
     def logs(self) -> str:
         done = podman("logs", self.name, check=False)
@@ -93,14 +90,14 @@ def container(image, model_repo, tmp_path_factory):
     shutil.copytree(model_repo, repo)
     for path in [repo, *repo.rglob("*")]:  # readable by the image's non-root user
         path.chmod(0o755 if path.is_dir() else 0o644)
-    c = Container(f"vae-test-{uuid.uuid4().hex[:8]}", free_port(), free_port())
+    c = Container(f"vae-test-{uuid.uuid4().hex[:8]}", free_port(), free_port(), http_port := free_port())
     try:
         podman("run", "--detach", "--name", c.name, "--network", "host", "--health-interval", "disable",
                # As deploy/k8s runs it: read-only root filesystem, no capabilities, no privilege gain.
                "--read-only", "--cap-drop", "all", "--security-opt", "no-new-privileges",
                "--volume", f"{repo}:/models:ro", image,
                "--host", "127.0.0.1", "--port", str(c.port), "--metrics-addr", "127.0.0.1",
-               "--metrics-port", str(c.metrics_port), "--intra-op-threads", "1")  # fmt: skip
+               "--metrics-port", str(c.metrics_port), "--http-port", str(http_port), "--intra-op-threads", "1")  # fmt: skip
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -136,7 +133,7 @@ def test_image_settings(inspected):
     image_config = inspected["Config"]
     assert image_config["User"] == "10001:10001"
     assert image_config["Entrypoint"] == ["python3", "-m", "service"]
-    assert set(image_config["ExposedPorts"]) == {"50051/tcp", "9090/tcp"}
+    assert set(image_config["ExposedPorts"]) == {"50051/tcp", "8000/tcp", "9090/tcp"}
     assert "VAE_MODEL_REPO=/models" in image_config["Env"]
     assert image_config["StopSignal"] in ("SIGTERM", "15")
     assert inspected["Healthcheck"]["Test"] == ["CMD", "python3", "/opt/vae/app/healthcheck.py"]
@@ -164,6 +161,19 @@ def test_sample_and_model_info(container, server):
         np.testing.assert_allclose(x, process.sample(16, seed=7), atol=1e-6)
         pngs = client.sample(2, seed=7, format="png")
         assert all(p.startswith(b"\x89PNG") for p in pngs)
+
+
+def test_http_port_serves_the_api_the_docs_and_the_page(container, server):
+    """The image holds the HTTP stack and its files: no network, nothing from a CDN."""
+    with httpx.Client(base_url=container.http_url, timeout=30) as web:
+        assert web.get("/v2/health/ready").json() == {"ready": True}
+        r = web.post("/v1/models/digits/sample", json={"num_samples": 4, "seed": 7, "encoding": "base64"})
+        images = np.frombuffer(base64.b64decode(r.json()["images"]["b64"]), np.float32).reshape(4, 1, 8, 8)
+        with VaeClient(server.target) as process:
+            np.testing.assert_allclose(images, process.sample(4, seed=7), atol=1e-6)
+        assert web.get("/v1/models/digits/sample.png", params={"n": 4}).content.startswith(b"\x89PNG")
+        assert "VAE playground" in web.get("/").text
+        assert web.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
 
 
 def test_health(container):

@@ -238,9 +238,10 @@ def test_openapi_document_and_docs_page_work_offline(web):
         assert web.get(asset).status_code == 200
 
 
-def test_tokens_guard_http_as_grpc(model_repo, tmp_path):
+def test_tokens_guard_http_as_grpc_and_cors_admits_only_listed_origins(model_repo, tmp_path):
     (tmp_path / "tokens").write_text("user-token\n")
-    proc = ServerProcess(model_repo, tmp_path / "s.log", "--http-port", str(free_port()), "--auth-token-file", str(tmp_path / "tokens"))
+    proc = ServerProcess(model_repo, tmp_path / "s.log", "--http-port", str(free_port()), "--auth-token-file", str(tmp_path / "tokens"),
+                         "--cors-origins", "https://page.example")  # fmt: skip
     try:
         with httpx.Client(base_url=proc.http_url, timeout=30) as web:
             assert web.get("/v2/health/ready").status_code == 200  # probes carry no token
@@ -250,6 +251,14 @@ def test_tokens_guard_http_as_grpc(model_repo, tmp_path):
             assert web.get("/v1/models/digits/sample.png", params={"n": 1}, headers=user).status_code == 200
             r = web.post("/v1/models/digits/unload", headers=user)
             assert r.status_code == 403 and "admin token" in r.json()["error"]
+            preflight = {"Origin": "https://page.example", "Access-Control-Request-Method": "POST",
+                         "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+            r = web.options("/v1/models/digits/sample", headers=preflight)  # a preflight carries no token
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://page.example"
+            r = web.options("/v1/models/digits/sample", headers=preflight | {"Origin": "https://other.example"})
+            assert "access-control-allow-origin" not in r.headers
+            r = web.get("/v1/models", headers=user | {"Origin": "https://page.example"})
+            assert r.headers["access-control-allow-origin"] == "https://page.example"
         with pytest.raises(grpc.RpcError) as err, VaeClient(proc.target) as vae:
             vae.sample(1)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

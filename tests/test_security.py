@@ -2,21 +2,22 @@
 gets the right status code."""
 
 import asyncio
+import ssl
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from bench.processes import free_port
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.client import VaeClient
 from service.config import parse_config
 from service.security import Authorizer, TokenAuth, load_tokens
 from tests.certs import CA
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, free_port
 from tests.test_service import metric, scrape
 
 TOKEN = "s3cret-token-for-tests"
@@ -32,6 +33,13 @@ def pki(tmp_path_factory):
     }  # fmt: skip
 
 
+def tls_context(ca, client: tuple | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if client:
+        context.load_cert_chain(*map(str, client))
+    return context
+
+
 def refused(make_client, code=grpc.StatusCode.UNAVAILABLE) -> str:
     with make_client() as client, pytest.raises(grpc.RpcError) as err:
         client.sample(1, seed=0)
@@ -43,8 +51,9 @@ def test_tls(model_repo, pki, tmp_path):
     cert, key = pki["server"]
     health_port = free_port()
     proc = ServerProcess(
-        model_repo, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--health-port", str(health_port)
-    )
+        model_repo, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--health-port", str(health_port),
+        "--http-port", str(free_port()),
+    )  # fmt: skip
     try:
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:  # probes speak plaintext
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
@@ -56,6 +65,12 @@ def test_tls(model_repo, pki, tmp_path):
             assert client.sample(2, seed=0).shape == (2, 1, 8, 8)
         refused(lambda: VaeClient(proc.target, timeout=5))  # plaintext against TLS
         refused(lambda: VaeClient(proc.target, timeout=5, ca=pki["rogue_ca"]))  # server not trusted
+        https = proc.http_url.replace("http://", "https://")  # the HTTP port has the same certificate
+        assert httpx.get(https + "/v1/models", verify=tls_context(pki["ca"])).json()["default_model"] == "digits"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(proc.http_url + "/v1/models")  # plaintext against TLS
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(https + "/v1/models", verify=tls_context(pki["rogue_ca"]))
     finally:
         assert proc.terminate() == 0
     assert "transport: TLS" in proc.log.read_text()
@@ -64,8 +79,9 @@ def test_tls(model_repo, pki, tmp_path):
 def test_mutual_tls(model_repo, pki, tmp_path):
     cert, key = pki["server"]
     proc = ServerProcess(
-        model_repo, tmp_path / "mtls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki["ca"])
-    )
+        model_repo, tmp_path / "mtls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki["ca"]),
+        "--http-port", str(free_port()),
+    )  # fmt: skip
     try:
         client_cert, client_key = pki["client"]
         with VaeClient(proc.target, ca=pki["ca"], cert=client_cert, key=client_key) as client:
@@ -73,6 +89,11 @@ def test_mutual_tls(model_repo, pki, tmp_path):
         refused(lambda: VaeClient(proc.target, timeout=5, ca=pki["ca"]))  # no client certificate
         rogue_cert, rogue_key = pki["rogue_client"]
         refused(lambda: VaeClient(proc.target, timeout=5, ca=pki["ca"], cert=rogue_cert, key=rogue_key))
+        https = proc.http_url.replace("http://", "https://") + "/v1/models"
+        assert httpx.get(https, verify=tls_context(pki["ca"], pki["client"])).status_code == 200
+        for without in (tls_context(pki["ca"]), tls_context(pki["ca"], pki["rogue_client"])):
+            with pytest.raises(httpx.TransportError):  # the handshake fails: no request is read
+                httpx.get(https, verify=without)
     finally:
         assert proc.terminate() == 0
     assert "transport: mutual TLS" in proc.log.read_text()
