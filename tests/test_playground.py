@@ -240,3 +240,14 @@ def test_images_drawn_in_the_browser(browser, server, tmp_path):
     assert tensor["shape"] == [1, 1, 8, 8] and tensor["dtype"] == "uint8"
     rows = [tensor["data"][8 * y : 8 * y + 8] for y in range(8)]
     assert rows == [[0] * 8] * 2 + [[255] * 8] * 4 + [[0] * 8] * 2  # 20x10 -> 8x4, centred
+
+
+def test_api_docs_render_offline(browser, server):
+    """Swagger UI from the port itself: its operations render, with nothing fetched from elsewhere."""
+    d = browser
+    d.get(server.http_url + "/docs")
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 10, "the API's operations rendered")
+    paths = {e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert "/v1/models/{name}/sample.png" in {p.replace("\u200b", "") for p in paths}
+    hosts = d.execute_script("return performance.getEntriesByType('resource').map(e => new URL(e.name).host)")
+    assert hosts and set(hosts) == {server.http_url.removeprefix("http://")}, hosts
