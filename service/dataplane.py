@@ -78,7 +78,7 @@ class Call:
         return False
 
 
-class ControlCall:
+class UncappedCall:
     """A call that is not inference (health, metadata, model control): counted and timed, but not
     held to --max-concurrent-calls (loading a model must work on a busy server). `while_draining`
     lets health and readiness answer during a drain, which is when probes most need them."""
@@ -132,8 +132,9 @@ class DataPlane:
         `refusal` is a request the front end could not read, refused with the call accounted."""
         return Call(self, rpc, model, version, deadline, refusal)
 
-    def control(self, rpc: str, while_draining: bool = False) -> ControlCall:
-        return ControlCall(self, rpc, while_draining)
+    def uncapped(self, rpc: str, while_draining: bool = False) -> UncappedCall:
+        """A call that is not inference, so not held to the cap: health, metadata, model control."""
+        return UncappedCall(self, rpc, while_draining)
 
     @property
     def ready(self) -> bool:

@@ -27,14 +27,14 @@ CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_co
 HEALTH = ("ServerLive", "ServerReady", "ModelReady")  # answered while draining: probes need them most then
 
 
-def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def uncapped(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """A call that is not inference: counted and timed, not held to --max-concurrent-calls."""
     name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapped(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async with self.plane.control(PREFIX + name, while_draining=name in HEALTH):
+            async with self.plane.uncapped(PREFIX + name, while_draining=name in HEALTH):
                 bad = refusal(request)
                 if bad:
                     raise bad
@@ -76,48 +76,48 @@ class InferenceServicer:
     def _resolve(self, name: str, version: str) -> tuple[Any, str]:
         return self.models.resolve(*oip_models.target(name, version)), oip_models.split_name(name)[1]
 
-    @control
+    @uncapped
     async def ServerLive(self, request: oip.ServerLiveRequest) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    @control
+    @uncapped
     async def ServerReady(self, request: oip.ServerReadyRequest) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self.plane.ready)
 
-    @control
+    @uncapped
     async def ServerMetadata(self, request: oip.ServerMetadataRequest) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(**oip_models.server_metadata())
 
-    @control
+    @uncapped
     async def ModelReady(self, request: oip.ModelReadyRequest) -> oip.ModelReadyResponse:
         return oip.ModelReadyResponse(ready=not self.plane.draining and oip_models.model_ready(self.models, request.name, request.version))
 
-    @control
+    @uncapped
     async def ModelMetadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
         engine, kind = self._resolve(request.name, request.version)
         return json_format.ParseDict(oip_models.metadata(self.models, engine, request.name, kind), oip.ModelMetadataResponse())
 
-    @control
+    @uncapped
     async def ModelConfig(self, request: oip.ModelConfigRequest) -> oip.ModelConfigResponse:
         engine, kind = self._resolve(request.name, request.version)
         return oip.ModelConfigResponse(config=json_format.ParseDict(oip_models.config(engine, request.name, kind), oip.ModelConfig()))
 
-    @control
+    @uncapped
     async def ModelStatistics(self, request: oip.ModelStatisticsRequest) -> oip.ModelStatisticsResponse:
         stats = oip_models.statistics(self.models, self.plane.metrics, request.name, request.version)
         return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
-    @control
+    @uncapped
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest) -> oip.RepositoryIndexResponse:
         return json_format.ParseDict({"models": oip_models.index(self.plane.statuses(), request.ready)}, oip.RepositoryIndexResponse())
 
-    @control
+    @uncapped
     async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest) -> oip.RepositoryModelLoadResponse:
         """Loads the model behind the name: NAME, or any of NAME_encoder/_decoder/_sample."""
         await self.plane.load(oip_models.base_name(request.model_name))
         return oip.RepositoryModelLoadResponse()
 
-    @control
+    @uncapped
     async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest) -> oip.RepositoryModelUnloadResponse:
         """Unloads the model behind the name, and with it its three protocol models."""
         await self.plane.unload(oip_models.base_name(request.model_name))

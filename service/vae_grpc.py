@@ -70,14 +70,14 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     return wrapped
 
 
-def control(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A model-control handler: counted and timed, not held to --max-concurrent-calls."""
+def uncapped(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A listing or model-control handler: counted and timed, not held to --max-concurrent-calls."""
     name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async with self.plane.control(name):
+            async with self.plane.uncapped(name):
                 bad = refusal(request)
                 if bad:
                     raise bad
@@ -98,15 +98,15 @@ class VaeServicer:
             default_model=self.plane.models.default or "",
         )
 
-    @control
+    @uncapped
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         return self._listing(self.plane.statuses())
 
-    @control
+    @uncapped
     async def LoadModel(self, request: pb.LoadModelRequest) -> pb.ListModelsResponse:
         return self._listing(await self.plane.load(request.model_name, request.model_version))
 
-    @control
+    @uncapped
     async def UnloadModel(self, request: pb.UnloadModelRequest) -> pb.ListModelsResponse:
         return self._listing(await self.plane.unload(request.model_name, request.model_version))
 

@@ -42,37 +42,37 @@ def router(plane: DataPlane) -> APIRouter:
 
     @api.get("/health/live", summary="The server is live")
     async def live() -> Response:
-        async with plane.control(PREFIX + "ServerLive", while_draining=True):
+        async with plane.uncapped(PREFIX + "ServerLive", while_draining=True):
             return json_response({"live": True})
 
     @api.get("/health/ready", summary="The server is ready (400 while loading or draining)")
     async def ready() -> Response:
-        async with plane.control(PREFIX + "ServerReady", while_draining=True):
+        async with plane.uncapped(PREFIX + "ServerReady", while_draining=True):
             return json_response({"ready": plane.ready}, 200 if plane.ready else 400)
 
     @api.get("", summary="Server metadata")
     async def server() -> Response:
-        async with plane.control(PREFIX + "ServerMetadata"):
+        async with plane.uncapped(PREFIX + "ServerMetadata"):
             return json_response(oip_models.server_metadata())
 
     async def _ready(model: str, version: str = "") -> Response:
-        async with plane.control(PREFIX + "ModelReady", while_draining=True):
+        async with plane.uncapped(PREFIX + "ModelReady", while_draining=True):
             ok = not plane.draining and oip_models.model_ready(models, model, version)
             return json_response({"name": model, "ready": ok}, 200 if ok else 400)
 
     async def _metadata(model: str, version: str = "") -> Response:
-        async with plane.control(PREFIX + "ModelMetadata"):
+        async with plane.uncapped(PREFIX + "ModelMetadata"):
             base, kind = oip_models.split_name(model)
             engine = models.resolve(base, oip_models.parse_version(version))
             return json_response(oip_models.metadata(models, engine, model, kind))
 
     async def _config(model: str, version: str = "") -> Response:
-        async with plane.control(PREFIX + "ModelConfig"):
+        async with plane.uncapped(PREFIX + "ModelConfig"):
             base, kind = oip_models.split_name(model)
             return json_response(oip_models.config(models.resolve(base, oip_models.parse_version(version)), model, kind))
 
     async def _stats(model: str = "", version: str = "") -> Response:
-        async with plane.control(PREFIX + "ModelStatistics"):
+        async with plane.uncapped(PREFIX + "ModelStatistics"):
             return json_response({"model_stats": oip_models.statistics(models, plane.metrics, model, version)})
 
     async def _infer(request: Request, model: str, version: str = "") -> Response:
@@ -104,7 +104,7 @@ def router(plane: DataPlane) -> APIRouter:
 
     @api.post("/repository/index", summary="The repository's models and their states")
     async def index(request: Request) -> Response:
-        async with plane.control(PREFIX + "RepositoryIndex"):
+        async with plane.uncapped(PREFIX + "RepositoryIndex"):
             body = await request.body()
             asked = loads(body) if body.strip() else {}
             ready_only = bool(asked.get("ready", False)) if isinstance(asked, dict) else False
@@ -112,13 +112,13 @@ def router(plane: DataPlane) -> APIRouter:
 
     @api.post("/repository/models/{model}/load", summary="Load a model (admin token)")
     async def load(model: str) -> Response:
-        async with plane.control(PREFIX + "RepositoryModelLoad"):
+        async with plane.uncapped(PREFIX + "RepositoryModelLoad"):
             await plane.load(oip_models.base_name(model))
             return json_response({})
 
     @api.post("/repository/models/{model}/unload", summary="Unload a model (admin token)")
     async def unload(model: str) -> Response:
-        async with plane.control(PREFIX + "RepositoryModelUnload"):
+        async with plane.uncapped(PREFIX + "RepositoryModelUnload"):
             await plane.unload(oip_models.base_name(model))
             return json_response({})
 

@@ -157,18 +157,18 @@ def router(plane: DataPlane) -> APIRouter:
 
     @api.get("/models", summary="The models and versions the repository holds, and their states")
     async def list_models() -> Response:
-        async with plane.control(PREFIX + "ListModels"):
+        async with plane.uncapped(PREFIX + "ListModels"):
             return json_response(listing())
 
     @api.post("/models/{name}/load", summary="Load a model, or one version (admin token)")
     async def load(name: str, version: Version = 0) -> Response:
-        async with plane.control(PREFIX + "LoadModel"):
+        async with plane.uncapped(PREFIX + "LoadModel"):
             await plane.load(name, version)
             return json_response(listing())
 
     @api.post("/models/{name}/unload", summary="Unload a model, or one version (admin token)")
     async def unload(name: str, version: Version = 0) -> Response:
-        async with plane.control(PREFIX + "UnloadModel"):
+        async with plane.uncapped(PREFIX + "UnloadModel"):
             await plane.unload(name, version)
             return json_response(listing())
 
