@@ -1,12 +1,15 @@
 """`python -m bench [--quick] --model-repo DIR --json OUT`: the service's throughput and latency,
 each figure beside the limit it chases, all measured in the same run on the same machine.
 
-Limits: (a) ONNX Runtime in-process at the same batch size, the best over 1 .. the available cores
-intra-op threads (compute; the figure at the server's own thread count is kept beside it), (b) a bare
-grpc.aio server answering Sample with a prebuilt response of the same size (transport), loaded in
-turns with the service, slice by slice, and (c) the service itself with batching off. Then the
-mixes of bench/mixes.py: small calls beside a huge Score, one load over four models, memory per
-added model, and, for a flow-prior model, Sample(256) against the same graphs under N(0, I).
+Limits: (a) ONNX Runtime in-process at the same batch size (compute), at the thread count of 1 ..
+the available cores that measured best up front (the figure at the server's own thread count is
+kept beside it), (b) a bare grpc.aio server answering Sample with a prebuilt response of the same
+size (transport), and (c) the service itself with batching off; over the HTTP port (bench/http.py),
+a bare uvicorn echo replaying the service's own reply and the same server's gRPC path. Every ratio comes from interleaved
+slices (bench/interleave.py): the limit and the service measured in turns, one ratio per pair of
+slices, the median reported with the pairs' min..max. Then the mixes of bench/mixes.py: small calls
+beside a huge Score, one load over four models, memory per added model, and, for a flow-prior
+model, Sample(256) against the same graphs under N(0, I).
 """
 
 from __future__ import annotations
@@ -18,33 +21,20 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
 import onnxruntime as ort
 
-from bench.limits import graph_rows_per_s
-from bench.load import LoadResult, run_load
+from bench.http import http_part
+from bench.interleave import SLICES, Measure, Rounds, Slicing, combined, interleave, load_measure, mean_value, probe_measure, ratios
+from bench.limits import Probe, graph_input, sessions
+from bench.load import LoadResult
 from bench.mixes import fairness, many_models, memory_by_models, prior_cost
 from bench.processes import EchoProcess, ServiceProcess, rss_mb
-from service.api.vae.v1 import vae_pb2 as pb
-from service.api.vae.v1 import vae_pb2_grpc
+from bench.scenarios import Scenario, caller, make_request
 from service.repository import ModelSpec, load_spec
-from service.runtime import RuntimeOptions, available_cores, intra_op_threads
-from service.tensors import from_array
-
-
-@dataclass(frozen=True)
-class Scenario:
-    rpc: str
-    rows: int
-    concurrency: int
-    batching: str = "on"
-    k: int = 0  # Score's importance samples
-
+from service.runtime import Graph, RuntimeOptions, available_cores, intra_op_threads
 
 SCENARIOS = [
     Scenario("Sample", 1, 1),
@@ -58,105 +48,105 @@ SCENARIOS = [
 ]
 
 
-def make_request(spec: ModelSpec, s: Scenario) -> tuple[str, Any]:
-    rng = np.random.default_rng(0)
-    images = from_array((rng.random((s.rows, *spec.image_shape)) < 0.3).astype(np.float32))
-    if s.rpc == "Sample":
-        return "Sample", pb.SampleRequest(num_samples=s.rows, seed=1)
-    if s.rpc == "Encode":
-        return "Encode", pb.EncodeRequest(images=images)
-    if s.rpc == "Decode":
-        return "Decode", pb.DecodeRequest(latents=from_array(rng.standard_normal((s.rows, spec.latent_dim), dtype=np.float32)))
-    return "Score", pb.ScoreRequest(images=images, importance_samples=s.k, seed=1)
+def chases_echo(s: Scenario) -> bool:
+    """Sample(1) chases the transport (the echo); everything else the graphs."""
+    return s.rpc == "Sample" and s.rows == 1
 
 
-async def load(target: str, method: str, request: Any, concurrency: int, duration: float, warmup: float) -> LoadResult:
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
-        call = getattr(vae_pb2_grpc.VaeServiceStub(channel), method)
-        return await run_load(lambda: call(request), concurrency, duration, warmup)
+def graph_steps(s: Scenario) -> tuple[tuple[str, int], ...]:
+    """The graph runs, (graph, batch), that one request of a compute-bound scenario needs."""
+    if s.rpc == "Score":
+        return (("encoder", s.rows), ("decoder", s.rows * s.k))
+    return ((("encoder" if s.rpc == "Encode" else "decoder"), s.rows),)
 
 
-def side_by_side(
-    targets: list[str], method: str, request: Any, concurrency: int, duration: float, warmup: float, rounds: int = 3
-) -> list[LoadResult]:
-    """Load each target in turn, in `rounds` slices of duration/rounds: the machine's drift (it is
-    shared) then falls on all of them alike, and their ratio holds where absolute figures move."""
-    slices: list[list[LoadResult]] = [[] for _ in targets]
-    for _ in range(rounds):
-        for target, parts in zip(targets, slices):
-            parts.append(asyncio.run(load(target, method, request, concurrency, duration / rounds, warmup / rounds)))
-    return [LoadResult.combine(parts) for parts in slices]
+def compute_limits(
+    spec: ModelSpec, graphs: dict[tuple[str, int], Graph], seconds: float
+) -> dict[tuple[str, int, int], float]:
+    """Rows/s by (graph, batch size, intra-op threads), measured once up front: only to choose each
+    scenario's thread count (and for the record); the ratios come from the interleaved slices."""
+    sizes = {("decoder", 1), *(step for s in SCENARIOS if not chases_echo(s) for step in graph_steps(s))}
+    return {
+        (role, batch, t): Probe(((graph, graph_input(spec, role, batch)),), batch).rows_per_s(seconds)
+        for role, batch in sorted(sizes) for (r, t), graph in sorted(graphs.items()) if r == role
+    }  # fmt: skip
 
 
-def summarise(s: Scenario, r: LoadResult, limit: dict[str, Any]) -> dict[str, Any]:
-    rps = r.ok / r.seconds
-    rows_per_s = rps * s.rows
-    measured = rows_per_s if limit["unit"] == "rows/s" else rps
-    same = limit.get("same_threads_value")
+def candidates(s: Scenario, compute: dict[tuple[str, int, int], float], same_threads: int) -> list[int]:
+    """Thread counts to measure in every round: the two best up front and the server's own (on 2
+    cores, every count). Where two counts are close the up-front order flips between runs; taking
+    each round's best of them keeps the limit from flipping with it."""
+    counts = sorted({t for (_, _, t) in compute})
+    rate = {t: s.rows / sum(batch / compute[(role, batch, t)] for role, batch in graph_steps(s)) for t in counts}
+    return sorted({*sorted(counts, key=rate.__getitem__)[-2:], same_threads})
+
+
+def limit_kind(s: Scenario) -> str:
+    if chases_echo(s):
+        return f"bare grpc.aio echo, same response size, concurrency {s.concurrency}"
+    runs = " + ".join(f"{role} batch {batch}" for role, batch in graph_steps(s))
+    return f"onnxruntime in-process, {runs}"
+
+
+def probe(spec: ModelSpec, s: Scenario, graphs: dict[tuple[str, int], Graph], threads: int) -> Probe:
+    steps = tuple((graphs[(role, threads)], graph_input(spec, role, batch)) for role, batch in graph_steps(s))
+    return Probe(steps, s.rows)
+
+
+def summarise(s: Scenario, rounds: Rounds[str], limit: dict[str, Any]) -> dict[str, Any]:
+    """Absolute figures over the rounds used; each ratio the median of its pairs, with their spread."""
+    parts = rounds.parts
+    r: LoadResult = combined(parts["service"])
+    rps = r.in_window / r.seconds
+    ratio = ratios(parts["service"], parts["limit"])
+    same = ratios(parts["service"], parts["same"]) if "same" in parts else None
     return {
         "rpc": s.rpc + (f"(k={s.k})" if s.k else ""),
         "rows_per_request": s.rows,
         "concurrency": s.concurrency,
         "batching": s.batching,
         "requests_per_s": round(rps, 1),
-        "rows_per_s": round(rows_per_s, 1),
+        "rows_per_s": round(rps * s.rows, 1),
         "p50_ms": round(r.percentile_ms(50), 2),
         "p90_ms": round(r.percentile_ms(90), 2),
         "p99_ms": round(r.percentile_ms(99), 2),
         "errors": r.errors,
         "limit": limit,
-        "ratio_to_limit": round(measured / limit["value"], 3) if limit["value"] else None,
-        "ratio_to_same_threads_limit": round(measured / same, 3) if same else None,
+        "ratio_to_limit": round(ratio.median, 3),
+        "ratio_to_limit_spread": ratio.to_json(),
+        "ratio_to_same_threads_limit": round(same.median, 3) if same else None,
+        "ratio_to_same_threads_limit_spread": same.to_json() if same else None,
+        "rounds": rounds.to_json(),
     }
 
 
-def compute_limits(spec: ModelSpec, seconds: float, options: RuntimeOptions) -> dict[tuple[str, int, int], float]:
-    """Rows/s by (graph, batch size, intra-op threads), at 1 .. the available cores threads and at
-    the server's own count."""
-    sizes = {("decoder", 1), ("decoder", 64), ("decoder", 256), ("encoder", 64), ("encoder", 4)}
-    counts = sorted({*range(1, available_cores() + 1), intra_op_threads(options.intra_op_threads)})
-    return {
-        (graph, batch, t): graph_rows_per_s(spec, graph, batch, replace(options, intra_op_threads=t), seconds)
-        for graph, batch in sorted(sizes) for t in counts
-    }  # fmt: skip
+def used(rounds: dict[str, int]) -> str:
+    """Rounds the ratios used of those measured: the quiet ones, or all (marked !) if too few were."""
+    return f"{rounds['used']}/{rounds['rounds']}{'!' if rounds['used'] == rounds['rounds'] and rounds['disturbed'] else ''}"
 
 
-def limit_for(
-    s: Scenario, compute: dict[tuple[str, int, int], float], echo: LoadResult | None, same_threads: int
-) -> dict[str, Any]:
-    """The limit a scenario chases: the echo, or the best in-process rows/s over thread counts
-    (`threads` says which gave it), with the figure at the server's own count beside it."""
-    if echo is not None:
-        return {"kind": f"bare grpc.aio echo, same response size, concurrency {s.concurrency}, measured alternately",
-                "unit": "requests/s", "value": round(echo.ok / echo.seconds, 1)}  # fmt: skip
-    counts = sorted({t for (_, _, t) in compute})
-    if s.rpc == "Score":  # one thread count for both graphs, as the server has
-        kind = f"onnxruntime in-process, encoder batch {s.rows} + decoder batch {s.rows * s.k}"
-        by_threads = {t: 1 / (1 / compute[("encoder", 4, t)] + s.k / compute[("decoder", 256, t)]) for t in counts}
-    else:
-        graph = "encoder" if s.rpc == "Encode" else "decoder"
-        kind = f"onnxruntime in-process {graph} at batch {s.rows}"
-        by_threads = {t: compute[(graph, s.rows, t)] for t in counts}
-    best = max(by_threads, key=by_threads.__getitem__)
-    return {"kind": kind, "unit": "rows/s", "value": round(by_threads[best], 1), "threads": best,
-            "same_threads": same_threads, "same_threads_value": round(by_threads[same_threads], 1)}  # fmt: skip
+def range_of(spread: dict[str, Any] | None) -> str:
+    return f"{spread['min']:.2f}-{spread['max']:.2f}" if spread else ""
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """One row per scenario; `thr` is the thread count that gave the best in-process limit, `same`
-    the limit at the server's own count and `ratio` the figure's to each."""
-    head = (f"{'rpc':<12}{'rows':>5}{'conc':>5}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p90 ms':>8}"
-            f"{'p99 ms':>8}{'err':>5}{'limit':>10}{'thr':>4}{'ratio':>7}{'same':>10}{'ratio':>7}  limit is")
+    """One row per scenario; `thr` is the thread count whose in-process limit was best, `same` the
+    limit at the server's own count; each `ratio` is the median over the interleaved pairs of
+    slices and `min-max` their range; `used` the rounds they come from, of those measured."""
+    head = (f"{'rpc':<12}{'rows':>5}{'conc':>5}{'batch':>6}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p99 ms':>8}"
+            f"{'err':>5}{'limit':>10}{'thr':>4}{'ratio':>7}{'min-max':>11}{'same':>10}{'ratio':>7}{'min-max':>11}"
+            f"{'used':>8}  limit is")
     lines = [head, "-" * len(head)]
     for r in results:
-        limit, same = r["limit"], " " * 17
+        limit, same = r["limit"], " " * 28
         if "threads" in limit:
-            same = f"{limit['same_threads_value']:>10.0f}{r['ratio_to_same_threads_limit']:>7.2f}"
+            same = (f"{limit['same_threads_value']:>10.0f}{r['ratio_to_same_threads_limit']:>7.2f}"
+                    f"{range_of(r['ratio_to_same_threads_limit_spread']):>11}")  # fmt: skip
         lines.append(
             f"{r['rpc']:<12}{r['rows_per_request']:>5}{r['concurrency']:>5}{r['batching']:>6}{r['requests_per_s']:>9.1f}"
-            f"{r['rows_per_s']:>10.0f}{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['errors']:>5}"
-            f"{limit['value']:>10.0f}{limit.get('threads', ''):>4}{r['ratio_to_limit']:>7.2f}{same}"
-            f"  {limit['kind']} ({limit['unit']})"
+            f"{r['rows_per_s']:>10.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['errors']:>5}"
+            f"{limit['value']:>10.0f}{limit.get('threads', ''):>4}{r['ratio_to_limit']:>7.2f}"
+            f"{range_of(r['ratio_to_limit_spread']):>11}{same}{used(r['rounds']):>8}  {limit['kind']} ({limit['unit']})"
         )
     return "\n".join(lines)
 
@@ -165,15 +155,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="3 s per scenario instead of 10")
+    parser.add_argument("--quick", action="store_true", help="3 s per scenario and side instead of 10")
+    parser.add_argument("--slices", type=int, default=SLICES,
+                        help="slices per scenario and side, measured in turns with the limit; one ratio per pair")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0,
                         help="the server's --intra-op-threads, and the limits' same-threads count")  # fmt: skip
     parser.add_argument("--cpu-arena", choices=("on", "off"), default="on", help="onnxruntime's CPU arena, likewise")
-    parser.add_argument("--part", choices=("all", "single", "mixes", "prior"), default="all",
-                        help="single: one model's scenarios beside their limits; mixes: several kinds of traffic at once; "
+    parser.add_argument("--part", choices=("all", "single", "http", "mixes", "prior"), default="all",
+                        help="single: one model's scenarios beside their limits; http: Sample over the HTTP port beside a "
+                             "bare uvicorn echo and the gRPC path; mixes: several kinds of traffic at once; "
                              "prior: a flow-prior model against its graphs under N(0, I) (all runs it for flow models)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.slices < 1:
+        parser.error(f"--slices must be at least 1, got {args.slices}")
     duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
+    slicing = Slicing(args.slices, duration / args.slices, warmup)
     spec = load_spec(args.model_repo)
     if args.part == "prior" and spec.prior != "flow":
         parser.error(f"--part prior needs a flow-prior model; {spec.name} v{spec.version} has prior {spec.prior!r}")
@@ -181,15 +177,20 @@ def main(argv: list[str] | None = None) -> None:
     threads = ["--intra-op-threads", str(args.threads), "--cpu-arena", args.cpu_arena]
 
     print(f"model {spec.name} v{spec.version} {list(spec.image_shape)} latent {spec.latent_dim}; "
-          f"{os.cpu_count()} cores; {duration:.0f} s per scenario", flush=True)  # fmt: skip
+          f"{os.cpu_count()} cores; {duration:.0f} s per scenario and side in {args.slices} slices", flush=True)  # fmt: skip
     report: dict[str, Any] = {
         "model": {"name": spec.name, "version": spec.version, "image_shape": list(spec.image_shape), "latent_dim": spec.latent_dim},
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__},
         "quick": args.quick,
         "seconds_per_scenario": duration,
+        "slices": args.slices,
+        "ratio_spread": "min..max of the per-pair ratios of interleaved slices (the quiet rounds: bench/interleave.py); "
+                        "the ratio is their median",
     }
     if args.part in ("all", "single"):
-        report |= single_model(args, spec, duration, warmup, threads, logs)
+        report |= single_model(args, spec, slicing, threads, logs)
+    if args.part in ("all", "http"):
+        report |= http_part(args.model_repo, spec, slicing, threads, logs)
     if args.part in ("all", "mixes"):
         report |= mixes(spec, duration, warmup, threads, logs)
     if args.part in ("all", "prior") and spec.prior == "flow":
@@ -221,12 +222,12 @@ def prior(spec: ModelSpec, duration: float, warmup: float, threads: list[str], l
     return {"prior_cost": p}
 
 
-def single_model(
-    args: argparse.Namespace, spec: ModelSpec, duration: float, warmup: float, threads: list[str], logs: Path
-) -> dict[str, Any]:
+def single_model(args: argparse.Namespace, spec: ModelSpec, slicing: Slicing, threads: list[str], logs: Path) -> dict[str, Any]:
     options = RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on")
-    compute = compute_limits(spec, duration / 2, options)
     same_threads = intra_op_threads(args.threads)
+    counts = sorted({*range(1, available_cores() + 1), same_threads})
+    graphs = sessions(spec, {"encoder", "decoder"}, counts, options)
+    compute = compute_limits(spec, graphs, slicing.seconds)
 
     echo = EchoProcess(spec.image_shape, logs / "echo.log")
     servers: dict[str, ServiceProcess] = {}
@@ -235,16 +236,17 @@ def single_model(
         for batching in ("on", "off"):  # started one after the other, so each start is timed alone
             servers[batching] = ServiceProcess(args.model_repo, logs / f"service-{batching}.log", *threads, "--batching", batching)
         memory["after_warmup_mb"] = round(rss_mb(servers["on"].proc.pid), 1)
+        pids = (echo.proc.pid, *(server.proc.pid for server in servers.values()))
         for s in SCENARIOS:
-            method, request = make_request(spec, s)
             target = servers[s.batching].target
-            if s.rpc == "Sample" and s.rows == 1:  # transport-bound: the echo is loaded alternately with it
-                r, echo_r = side_by_side([target, echo.target], method, request, s.concurrency, duration, warmup)
+            if chases_echo(s):
+                rounds, limit = echo_bound(spec, s, target, echo.target, slicing, pids)
             else:
-                r, echo_r = asyncio.run(load(target, method, request, s.concurrency, duration, warmup)), None
-            results.append(summarise(s, r, limit_for(s, compute, echo_r, same_threads)))
-            print(f"  {s.rpc}({s.rows}) c={s.concurrency} batching {s.batching}: {results[-1]['requests_per_s']} req/s, "
-                  f"{results[-1]['ratio_to_limit']} of its limit", flush=True)  # fmt: skip
+                rounds, limit = compute_bound(spec, s, target, graphs, compute, same_threads, slicing, pids)
+            results.append(summarise(s, rounds, limit))
+            r = results[-1]
+            print(f"  {s.label}: {r['requests_per_s']} req/s, {r['ratio_to_limit']} "
+                  f"({range_of(r['ratio_to_limit_spread'])}) of its limit", flush=True)  # fmt: skip
         memory["after_load_mb"] = round(rss_mb(servers["on"].proc.pid), 1)
     finally:
         for process in (echo, *servers.values()):
@@ -255,15 +257,70 @@ def single_model(
     report = {
         "cold_start_to_serving_s": round(servers["on"].cold_start_s, 3),
         "resident_memory": memory,
-        "batching_gain_sample1_c64": round(on["requests_per_s"] / off["requests_per_s"], 2),
+        # The two medians' quotient: each is a ratio to the echo measured in turns with it, so the
+        # machine's drift between the two scenarios cancels.
+        "batching_gain_sample1_c64": round(on["ratio_to_limit"] / off["ratio_to_limit"], 2),
         "compute_limits_rows_per_s": {f"{g}@{b}/{t}t": round(v, 1) for (g, b, t), v in compute.items()},
         "scenarios": results,
     }
     print()
     print(table(results))
-    print(f"\ncold start to SERVING {report['cold_start_to_serving_s']} s; resident memory {memory} MB; "
-          f"batching on/off at Sample(1) c=64: {report['batching_gain_sample1_c64']}x", flush=True)  # fmt: skip
+    print(f"\nratio: median over the quiet rounds of interleaved slices (up to {slicing.slices}), min-max: their range; "
+          f"used: rounds used/measured (a round is disturbed where other processes took over {slicing.quiet_cores} of a core; "
+          f"! = too few quiet ones, all used); cold start to SERVING "
+          f"{report['cold_start_to_serving_s']} s; resident memory {memory} MB; batching on/off at Sample(1) c=64: "
+          f"{report['batching_gain_sample1_c64']}x", flush=True)  # fmt: skip
     return report
+
+
+def echo_bound(
+    spec: ModelSpec, s: Scenario, service: str, echo: str, slicing: Slicing, pids: tuple[int, ...]
+) -> tuple[Rounds[str], dict[str, Any]]:
+    """The echo and the service loaded in turns with the same calls."""
+    rounds = asyncio.run(echo_bound_slices(spec, s, service, echo, slicing, pids))
+    return rounds, {"kind": limit_kind(s), "unit": "requests/s", "value": round(mean_value(rounds.parts["limit"]), 1)}
+
+
+async def echo_bound_slices(
+    spec: ModelSpec, s: Scenario, service: str, echo: str, slicing: Slicing, pids: tuple[int, ...]
+) -> Rounds[str]:
+    method, request = make_request(spec, s)
+    async with caller(echo, method, request) as to_echo, caller(service, method, request) as to_service:
+        measures = {"limit": load_measure(to_echo, s.concurrency), "service": load_measure(to_service, s.concurrency)}
+        return await interleave(measures, slicing, pids)
+
+
+def compute_bound(
+    spec: ModelSpec, s: Scenario, service: str, graphs: dict[tuple[str, int], Graph],
+    compute: dict[tuple[str, int, int], float], same_threads: int, slicing: Slicing, pids: tuple[int, ...],
+) -> tuple[Rounds[str], dict[str, Any]]:  # fmt: skip
+    """The graphs in-process at each candidate thread count and the service loaded, in turns. A
+    round's limit is its best count's figure; `same` the figure at the server's own count."""
+    counts = candidates(s, compute, same_threads)
+    probes = {t: probe(spec, s, graphs, t) for t in counts}
+    measured = asyncio.run(compute_bound_slices(spec, s, service, probes, slicing, pids))
+    parts = measured.parts
+    best = max(counts, key=lambda t: mean_value(parts[t]))
+    out = {
+        "limit": [max(r, key=lambda p: p.value) for r in zip(*(parts[t] for t in counts))],
+        "same": parts[same_threads], "service": parts["service"],
+    }  # fmt: skip
+    limit = {
+        "kind": limit_kind(s), "unit": "rows/s", "value": round(mean_value(out["limit"]), 1),
+        "threads": best, "candidate_threads": counts,
+        "same_threads": same_threads, "same_threads_value": round(mean_value(out["same"]), 1),
+    }  # fmt: skip
+    return Rounds(out, measured.measured, measured.disturbed), limit
+
+
+async def compute_bound_slices(
+    spec: ModelSpec, s: Scenario, service: str, probes: dict[int, Probe], slicing: Slicing, pids: tuple[int, ...]
+) -> Rounds[int | str]:
+    method, request = make_request(spec, s)
+    async with caller(service, method, request) as to_service:
+        measures: dict[int | str, Measure] = {t: probe_measure(p) for t, p in probes.items()}
+        measures["service"] = load_measure(to_service, s.concurrency, s.rows)
+        return await interleave(measures, slicing, pids)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)  # of successful calls, seconds
     codes: Counter = field(default_factory=Counter)
+    # Successful calls, each counted by the share of its time that fell in the recorded window: a
+    # rate over a window as short as a few calls (an interleaved slice), without counting a whole
+    # call for the part of it that ran before or after.
+    in_window: float = 0.0
 
     @property
     def ok(self) -> int:
@@ -33,6 +37,7 @@ class LoadResult:
         for p in parts:
             whole.latencies += p.latencies
             whole.codes += p.codes
+            whole.in_window += p.in_window
         return whole
 
     @classmethod
@@ -42,16 +47,26 @@ class LoadResult:
         for p in parts:
             whole.latencies += p.latencies
             whole.codes += p.codes
+            whole.in_window += p.in_window
         return whole
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")
 
 
+class CallFailed(Exception):
+    """A call that did not succeed, for callers that are not gRPC (HTTP): its code names why."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 async def run_load(
     call: Callable[[], Awaitable[object]], concurrency: int, duration: float, warmup: float
 ) -> LoadResult:
-    """Warm up for `warmup` seconds (not recorded), then record every call for `duration` seconds."""
+    """Warm up for `warmup` seconds (not recorded), then record every call that starts in the next
+    `duration` seconds, and the share of every successful call that ran in them (`in_window`)."""
     result = LoadResult(concurrency, duration)
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -64,11 +79,16 @@ async def run_load(
                 code = "OK"
             except grpc.aio.AioRpcError as err:
                 code = err.code().name
+            except CallFailed as err:
+                code = err.code
             done = loop.time()
             if now >= record_from:
                 result.codes[code] += 1
                 if code == "OK":
                     result.latencies.append(done - now)
+            overlap = min(done, stop) - max(now, record_from)
+            if code == "OK" and overlap > 0:
+                result.in_window += overlap / (done - now)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return result

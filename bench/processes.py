@@ -29,11 +29,15 @@ def rss_mb(pid: int) -> float:
 
 
 class Process:
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+        """This Python running `args` in `cwd`, with `env` added to the environment (bench.ab runs
+        another commit's code this way: its worktree as cwd and PYTHONPATH)."""
         self.log = log
         self.started = time.perf_counter()
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        environment = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment, cwd=cwd
+        )
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -45,16 +49,24 @@ class Process:
             return self.proc.wait()
 
 
-class ServiceProcess(Process):
-    """`python -m service`; `cold_start_s` is process start to health SERVING."""
+NO_HTTP = ("--http-port", "0")  # this checkout's server opens an HTTP port by default; none here
 
-    def __init__(self, model_repo: Path, log: Path, *extra: str) -> None:
+
+class ServiceProcess(Process):
+    """`python -m service`; `cold_start_s` is process start to health SERVING. bench.ab starts
+    another commit's server with `launcher` (a `-c` that logs which `service` package it imported,
+    then runs it) and without the flags that server does not know (`own` = ())."""
+
+    def __init__(
+        self, model_repo: Path, log: Path, *extra: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = ("-m", "service"), own: tuple[str, ...] = NO_HTTP,
+    ) -> None:  # fmt: skip
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         super().__init__(
-            ["-m", "service", "--model-repo", str(model_repo), "--host", "127.0.0.1", "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), "--metrics-addr", "127.0.0.1", *extra],
-            log,
+            [*launcher, "--model-repo", str(model_repo), "--host", "127.0.0.1", "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), "--metrics-addr", "127.0.0.1", *own, *extra],
+            log, cwd, env,
         )  # fmt: skip
         try:
             self.cold_start_s = self._wait_serving()

@@ -25,7 +25,7 @@ import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
 from service.imaging import ImageError, load_image
-from service.likelihood import LOG_2PI, log_px_z, logsumexp, mean_image
+from service.likelihood import LOG_2PI, log_px_z, logsumexp, mean_function
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
@@ -112,6 +112,12 @@ class Engine:
         self.batch = batch
         self.limits = limits
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
+        # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
+        # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
+        self.mean_image = mean_function(spec.likelihood, spec.image_shape[0])
+        # Cheap means are computed per batch, on the inference thread; a mixture's (a softmax and a sum
+        # over K: milliseconds at batch 256) only for the requests that show images (not Score's), off the loop.
+        self._mean_in_batch = spec.likelihood != "logistic-mixture"
         common = dict(
             metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
@@ -119,7 +125,7 @@ class Engine:
             inline_seconds=INLINE_SECONDS if runtime.provider == CPU else 0.0,
         )  # fmt: skip
         self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]
-        self.decoder = Batcher("decoder", runtime.decoder.run, **common)  # type: ignore[arg-type]
+        self.decoder = Batcher("decoder", self._decode_batch, **common)  # type: ignore[arg-type]
         # A flow's prior_sample and prior_density, by role: each its own batcher, graph label its role.
         self.priors = {
             role: Batcher(role, graph.run, **common) for role, graph in runtime.priors.items()  # type: ignore[arg-type]
@@ -161,16 +167,17 @@ class Engine:
             if got != want:
                 raise ModelLoadError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
 
-    def mean_image(self, params: np.ndarray) -> np.ndarray:
-        """The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or
-        the clipped mean of a logistic mixture; a fixed function of z, so batching never changes it."""
-        return mean_image(self.spec.likelihood, params, self.spec.image_shape[0])
+    def _decode_batch(self, z: np.ndarray) -> list[np.ndarray]:
+        """The decoder graph on one batch, on the inference thread: its parameters and, where cheap,
+        their images, once per batch rather than once per request on the event loop."""
+        (params,) = self.runtime.decoder.run(z)
+        return [params, self.mean_image(params)] if self._mean_in_batch else [params]
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        (params,) = await self.decoder.submit(z, deadline)
-        if self.spec.likelihood == "logistic-mixture":  # a softmax and a sum over K: milliseconds at batch 256
-            return await asyncio.to_thread(self.mean_image, params)
-        return self.mean_image(params)
+        params, *images = await self.decoder.submit(z, deadline)
+        if images:
+            return images[0]
+        return await asyncio.to_thread(self.mean_image, params)
 
     def prepare_files(self, files: list[bytes], field: str) -> np.ndarray:
         """Encoded image files of any format and size as the model's images [N, C, H, W] float32 in
@@ -225,7 +232,10 @@ class Engine:
         return await self.decode(await self.prior_z(eps, deadline), deadline)
 
     async def sample(self, n: int, seed: int, temperature: float, deadline: float | None = None) -> np.ndarray:
-        return await self.generate(self.latents(n, seed, temperature), deadline)
+        eps = self.latents(n, seed, temperature)
+        if not self.priors:  # under N(0, I) the noise is the latents: one hop fewer on every small call
+            return await self.decode(eps, deadline)
+        return await self.generate(eps, deadline)
 
     async def reconstruct(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
         mu, _ = await self.encode(x, deadline)
@@ -270,12 +280,12 @@ class Engine:
         z = mu[:, None, :] + eps * np.exp(0.5 * logvar)[:, None, :]
         rows = z.reshape(n * k, d).astype(np.float32)
         if self.priors:
-            (params,), (_, log_pz) = await asyncio.gather(
+            (params, *_), (_, log_pz) = await asyncio.gather(
                 self.decoder.submit(rows, deadline), self.prior_density(rows, deadline)
             )
             log_pz = log_pz.reshape(n, k)
         else:
-            (params,) = await self.decoder.submit(rows, deadline)
+            params, *_ = await self.decoder.submit(rows, deadline)
             log_pz = None  # the closed form, on the float64 z, in _score_terms
         params = params.reshape(n, k, *params.shape[1:])
         return await asyncio.to_thread(self._score_terms, x, params, mu, logvar, eps, z, log_pz)

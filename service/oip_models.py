@@ -152,7 +152,7 @@ async def infer(
             dataplane.rows(x, field, engine.spec.image_shape, engine.limits.max_request_rows)
             arrays = await engine.encoder.submit(x.astype(np.float32, copy=False), deadline)
         else:
-            arrays = await engine.decoder.submit(dataplane.latents(engine, x, field), deadline)
+            arrays = (await engine.decoder.submit(dataplane.latents(engine, x, field), deadline))[: len(outs)]  # not the images
         results = dict(zip(outs, arrays))
     types = {n: t for n, t, _ in declared_out}
     return [(n, types[n], results[n]) for n in wanted]

@@ -10,6 +10,7 @@ calls get UNAVAILABLE (HTTP 503) on both ports, calls in flight finish within th
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -139,12 +140,18 @@ class Server:
         c = self.config
         limit = c.max_message_bytes
         tokens = self.tokens
-        await self.load_models()
 
         def denied(reason: str) -> None:
             self.metrics.rejections.labels(reason=reason, model="").inc()
 
         auth = Authorizer(tokens, self.admin_tokens, denied) if tokens or self.admin_tokens else None
+        app = build_app(self.plane, auth, HttpSettings(c.max_message_bytes, _origins(c.cors_origins))) if c.http_port else None
+        # Everything made so far (the modules, the HTTP app) lives as long as the process: frozen out of
+        # the garbage collector's reach, its full collections (which a busy event loop runs often) walk
+        # a few thousand objects instead of tens of thousands. Models are loaded after, so a retired
+        # model's objects stay collectable.
+        gc.freeze()
+        await self.load_models()
         self.grpc = grpc.aio.server(
             interceptors=[TokenAuth(auth, ADMIN_METHODS | OIP_ADMIN_METHODS)] if auth else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
@@ -183,9 +190,7 @@ class Server:
             log.info("health alone, in plaintext, on port %d", self.health_port)
         self._metrics_http, _ = self.metrics.serve(c.metrics_port, c.metrics_addr)
         self.metrics_port = self._metrics_http.server_port
-        if c.http_port:
-            settings = HttpSettings(c.max_message_bytes, tuple(o.strip() for o in c.cors_origins.split(",") if o.strip()))
-            app = build_app(self.plane, auth, settings)
+        if app is not None:
             self.http = HttpServer(app, c.host, c.http_port, c.tls_cert, c.tls_key, c.tls_client_ca)
             self.http_port = await self.http.start()
         await self.grpc.start()
@@ -251,6 +256,10 @@ class Server:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _origins(listed: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in listed.split(",") if o.strip())
 
 
 async def serve(config: ServerConfig) -> None:
