@@ -6,6 +6,8 @@ route (tensors as base64), each against its limit in interleaved slices:
                                   (bench/http_echo.py): the transport's limit
   Sample(256) at 4 callers        against the same server's gRPC path (vae.v1 Sample), in rows/s
 
+and every one beside the same server's gRPC Sample of the same size, measured in the same rounds.
+
 The load generator is aiohttp, one connection per caller, on the same machine as the servers.
 """
 
@@ -99,11 +101,11 @@ async def slices(
     path, body, headers = http_request(spec, s)
     async with contextlib.AsyncExitStack() as stack:
         to_service = await stack.enter_async_context(http_caller(http_url + path, body, headers, s.concurrency))
+        to_grpc = await stack.enter_async_context(caller(service.target, "Sample", pb.SampleRequest(num_samples=s.rows, seed=1)))
+        measures = {"service": load_measure(to_service, s.concurrency, s.rows), "grpc": load_measure(to_grpc, s.concurrency, s.rows)}
         if s.rows == 1:
-            to_limit = await stack.enter_async_context(http_caller(echo_url + path, body, headers, s.concurrency))
-        else:
-            to_limit = await stack.enter_async_context(caller(service.target, "Sample", pb.SampleRequest(num_samples=s.rows, seed=1)))
-        measures = {"limit": load_measure(to_limit, s.concurrency, s.rows), "service": load_measure(to_service, s.concurrency, s.rows)}
+            to_echo = await stack.enter_async_context(http_caller(echo_url + path, body, headers, s.concurrency))
+            measures["echo"] = load_measure(to_echo, s.concurrency)
         return await interleave(measures, slicing, pids)
 
 
@@ -122,7 +124,8 @@ def http_part(model_repo: Path, spec: ModelSpec, slicing: Slicing, threads: list
             results.append(summary(s, rounds))
             r = results[-1]
             print(f"  {s.label}: {r['requests_per_s']} req/s, {r['rows_per_s']} rows/s, {r['ratio']['median']} "
-                  f"({r['ratio']['min']}-{r['ratio']['max']}) of {r['limit']['kind']}", flush=True)  # fmt: skip
+                  f"({r['ratio']['min']}-{r['ratio']['max']}) of {r['limit']['kind']}, {r['ratio_to_grpc']['median']} of gRPC",
+                  flush=True)  # fmt: skip
     finally:
         for process in (echo, service):
             if process is not None:
@@ -133,29 +136,34 @@ def http_part(model_repo: Path, spec: ModelSpec, slicing: Slicing, threads: list
 
 
 def summary(s: HttpScenario, rounds: Rounds[str]) -> dict[str, Any]:
-    calls = combined(rounds.parts["service"])
-    echo_bound = s.rows == 1
-    limit = {
-        "kind": "a bare uvicorn echo of the same reply" if echo_bound else "the same server's gRPC Sample",
-        "unit": "requests/s" if echo_bound else "rows/s",
-        "value": round(mean_value(rounds.parts["limit"]), 1),
-    }  # fmt: skip
+    """Sample(1) chases the echo (the transport); Sample(256) the gRPC path. Every scenario also
+    gives its ratio to the same server's gRPC Sample, measured in the same rounds."""
+    parts = rounds.parts
+    calls = combined(parts["service"])
+    limit = (
+        {"kind": "a bare uvicorn echo of the same reply", "unit": "requests/s", "value": round(mean_value(parts["echo"]), 1)}
+        if "echo" in parts else
+        {"kind": "the same server's gRPC Sample", "unit": "rows/s", "value": round(mean_value(parts["grpc"]), 1)}
+    )  # fmt: skip
     return {
         "scenario": s.label, "protocol": s.protocol, "rows_per_request": s.rows, "concurrency": s.concurrency,
-        "requests_per_s": round(mean_value(rounds.parts["service"]) / s.rows, 1),
-        "rows_per_s": round(mean_value(rounds.parts["service"]), 1),
+        "requests_per_s": round(mean_value(parts["service"]) / s.rows, 1), "rows_per_s": round(mean_value(parts["service"]), 1),
         "p50_ms": round(calls.percentile_ms(50), 2), "p99_ms": round(calls.percentile_ms(99), 2), "errors": calls.errors,
-        "limit": limit, "ratio": ratios(rounds.parts["service"], rounds.parts["limit"]).to_json(), "rounds": rounds.to_json(),
+        "limit": limit, "ratio": ratios(parts["service"], parts["echo" if "echo" in parts else "grpc"]).to_json(),
+        "grpc_rows_per_s": round(mean_value(parts["grpc"]), 1), "ratio_to_grpc": ratios(parts["service"], parts["grpc"]).to_json(),
+        "rounds": rounds.to_json(),
     }  # fmt: skip
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = f"{'scenario':<28}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'err':>5}{'limit':>10}{'ratio':>7}  {'min-max':<11} limit is"
+    head = (f"{'scenario':<28}{'req/s':>9}{'rows/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'err':>5}{'limit':>10}{'ratio':>7}  {'min-max':<11}"
+            f"{'gRPC':>8}{'ratio':>7}  limit is")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in results:
         spread = f"{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}"
         lines.append(
             f"{r['scenario']:<28}{r['requests_per_s']:>9.1f}{r['rows_per_s']:>10.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
-            f"{r['errors']:>5}{r['limit']['value']:>10.0f}{r['ratio']['median']:>7.2f}  {spread:<11} {r['limit']['kind']} ({r['limit']['unit']})"
+            f"{r['errors']:>5}{r['limit']['value']:>10.0f}{r['ratio']['median']:>7.2f}  {spread:<11}"
+            f"{r['grpc_rows_per_s']:>8.0f}{r['ratio_to_grpc']['median']:>7.2f}  {r['limit']['kind']} ({r['limit']['unit']})"
         )
     return "\n".join(lines)

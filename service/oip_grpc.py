@@ -6,6 +6,7 @@ and `service.oip_models`' plain values back into messages (`rpc` label `oip.<met
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,8 +62,8 @@ def inputs_of(request: oip.ModelInferRequest) -> dict[str, tuple[str, np.ndarray
         else:
             dtype = oip_models.check_tensor(name, datatype, shape)
             values = getattr(tensor.contents, CONTENTS[datatype])
-            if len(values) != int(np.prod(shape)):
-                raise BadRequest(f"input {name!r}: shape {shape} needs {int(np.prod(shape))} values in contents, got {len(values)}")
+            if len(values) != math.prod(shape):
+                raise BadRequest(f"input {name!r}: shape {shape} needs {math.prod(shape)} values in contents, got {len(values)}")
             array = np.array(values, dtype=dtype).reshape(shape)
         inputs[name] = (datatype, array)
     return inputs

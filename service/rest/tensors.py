@@ -5,6 +5,7 @@ row-major order) and Triton's binary tensor data extension, in which a JSON head
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -84,8 +85,8 @@ def _from_json(data: Any, dtype: np.dtype, shape: list[int], name: str) -> np.nd
         array = np.asarray(data, dtype=dtype)  # nested or flat, in row-major order
     except (TypeError, ValueError, OverflowError) as err:
         raise BadRequest(f"input {name!r}: data is not an array of {dtype.name}: {err}") from None
-    if array.size != int(np.prod(shape)):
-        raise BadRequest(f"input {name!r}: shape {shape} needs {int(np.prod(shape))} values in data, got {array.size}")
+    if array.size != math.prod(shape):
+        raise BadRequest(f"input {name!r}: shape {shape} needs {math.prod(shape)} values in data, got {array.size}")
     return array.reshape(shape)
 
 
