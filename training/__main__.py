@@ -1,9 +1,14 @@
-"""`python -m training --dataset digits --epochs 3 --out runs/digits`: train, evaluate, draw."""
+"""`python -m training --dataset digits --epochs 3 --out runs/digits`: train, evaluate, draw.
+
+`torchrun --nproc_per_node N -m training ...` trains the same run data-parallel on N processes
+(`training.distributed`); only rank 0 logs and writes."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 
 from training.cli import add_data_arguments, data_options
@@ -44,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
     opt.add_argument("--seed", type=int, default=d.seed)
-    opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: cuda is LOCAL_RANK's GPU)")
+    opt.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                     help="under torchrun: seconds a rank waits for the others in a collective before the run fails")  # fmt: skip
     loss = p.add_argument_group("loss")
     loss.add_argument("--beta", type=float, default=d.beta, help="weight of the KL term")
     loss.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="KL warm-up length")
@@ -71,14 +78,37 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, out, resume = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Under torchrun only rank 0 logs; the others say nothing short of an error.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
     if cfg.dataset == "folder":  # the decoders' process server starts while torch imports
         from training.folder import start_workers
 
         start_workers()
-    from training.train import run  # torch is imported only once the arguments are good
+    from training import distributed  # torch is imported only once the arguments are good
+    from training.train import Stopped, run
 
-    metrics = run(cfg, out, resume)
+    dist = distributed.setup(cfg.device, cfg.dist_timeout)
+    try:
+        metrics = run(cfg, out, resume)
+    except Stopped as stop:  # last.pt is written: a restart with --resume continues from that step
+        print(f"{prefix}{stop}; {out}/last.pt holds the run to that step: continue with --resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except Exception as err:
+        if not (dist.active and distributed.is_collective_error(err)):
+            raise
+        print(
+            f"{prefix}training failed: another rank stopped answering ({type(err).__name__}: {err}). A rank that "
+            f"died is named in torchrun's summary; one that hangs ends the run after --dist-timeout "
+            f"({cfg.dist_timeout:g} s). {out}/last.pt (if written) is whole: restart with --resume",
+            file=sys.stderr,
+        )  # fmt: skip
+        sys.exit(1)
+    finally:
+        distributed.cleanup()
+    if metrics is None:  # a rank other than 0: its share is done
+        return
     test = metrics["test"]
     if test["nll"] is None:
         scores = f"reconstruction {test['reconstruction']:.2f} nats (an autoencoder: no ELBO, no NLL)"

@@ -57,7 +57,13 @@ def load(path: Path | str) -> dict[str, Any]:
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig, dict[str, Any]]:
     """The VAE on `device` in eval mode, its training config, and the whole checkpoint dict (on the CPU)."""
     state = load(path)
+    model, cfg = model_from_state(state, device)
+    return model, cfg, state
+
+
+def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig]:
+    """The VAE a loaded checkpoint dict holds, on `device` in eval mode, and its training config."""
     cfg = from_dict(TrainConfig, state["config"])
     model = VAE(cfg.model)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, state
+    return model.to(device).eval(), cfg

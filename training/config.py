@@ -94,6 +94,8 @@ class TrainConfig:
     hflip: bool = False  # mirror a random half of each training batch (augmentation; never the test images)
     seed: int = 0
     device: str = "auto"
+    # Under torchrun: seconds a collective waits for the other ranks before the run fails (a hung rank)
+    dist_timeout: float = 300.0
     iwae_k: int = 1000
     eval_images: int = 1000
     grad_clip: float = 0.0
@@ -119,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
         if self.reconstruction != "pixel" and not self.feature_checkpoint:
             raise ValueError("feature-map reconstruction needs --feature-checkpoint (train one with training.features)")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
 

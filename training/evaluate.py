@@ -24,8 +24,9 @@ from service.imaging import encoded, to_uint8
 from service.likelihood import bits_per_dim
 from training.checkpoint import load_model
 from training.data import Dataset, fixed_binarization, load_data, to_unit
+from training.distributed import Dist, gather_rows
 from training.features import load_feature_net
-from training.losses import iwae_bound, kl_divergence, monte_carlo_kl, reconstruction_nll
+from training.losses import iwae_bound, kl_divergence, monte_carlo_kl, reconstruction_nll, skip_iwae_noise
 from training.model import VAE
 from training.quality import sample_quality
 
@@ -54,16 +55,23 @@ def prepare_eval_images(x: torch.Tensor, likelihood: str, n: int | None = None, 
 
 
 @torch.no_grad()
-def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
+def elbo_terms(
+    model: VAE, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist | None = None
+) -> dict[str, torch.Tensor]:
     """Per-example reconstruction NLL, KL and ELBO (one z sample each), plus the posterior means.
 
     KL is closed form under N(0, I), the one-sample estimate log q(z|x) - log p(z) under the flow
-    prior. An autoencoder gets only "recon" (decoded from its code) and "mu"."""
+    prior. An autoencoder gets only "recon" (decoded from its code) and "mu". `eps` is the noise
+    [N, D] (drawn batch by batch when None). Under torchrun (`dist`) each rank scores its share of
+    x with its rows of the noise one process would draw, and every rank gets every row."""
+    if dist is not None and dist.active:
+        return _shared_elbo_terms(model, x, batch_size, dist)
     cfg = model.cfg
     recon, kl, mus = [], [], []
-    for xb in x.split(batch_size):
+    for i, xb in enumerate(x.split(batch_size)):
         mu, logvar = model.encode(xb)
-        z = model.reparameterize(mu, logvar) if logvar is not None else mu
+        noise = None if eps is None else eps[i * batch_size : i * batch_size + len(xb)]
+        z = model.reparameterize(mu, logvar, noise) if logvar is not None else mu
         params = model.decode(z)
         recon.append(reconstruction_nll(params, xb, cfg.likelihood, cfg.gaussian_std))
         if logvar is not None:
@@ -75,6 +83,15 @@ def elbo_terms(model: VAE, x: torch.Tensor, batch_size: int = 500) -> dict[str, 
         return {"recon": r, "mu": torch.cat(mus)}
     k = torch.cat(kl)
     return {"recon": r, "kl": k, "elbo": -(r + k), "mu": torch.cat(mus)}
+
+
+def _shared_elbo_terms(model: VAE, x: torch.Tensor, batch_size: int, dist: Dist) -> dict[str, torch.Tensor]:
+    eps = None
+    if model.variational:  # the draws one process makes, batch by batch, in its order
+        eps = torch.cat([torch.randn(len(xb), model.cfg.latent_dim, device=x.device) for xb in x.split(batch_size)])
+    rows = dist.share(len(x))
+    local = elbo_terms(model, x[rows], batch_size, None if eps is None else eps[rows])
+    return {key: gather_rows(dist, value, rows, len(x)) for key, value in local.items()}
 
 
 # Lossless codecs at their strongest settings in Pillow: what a likelihood's bits/dim is read against.
@@ -92,14 +109,18 @@ def codec_bits_per_dim(x: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: VAE, x: torch.Tensor, batch_size: int = 500) -> float:
+def reconstruction_psnr(model: VAE, x: torch.Tensor, batch_size: int = 500, dist: Dist | None = None) -> float:
     """PSNR in dB of the reconstructions (the mean image decoded from mu) against x in [0, 1]: a
     figure for any likelihood, and the one to read when there are no classes to judge samples by."""
+    rows = dist.share(len(x)) if dist is not None and dist.active else slice(0, len(x))
     errors = []
-    for xb in x.split(batch_size):
+    for xb in x[rows].split(batch_size):
         mu, _ = model.encode(xb)
         errors.append((model.mean_image(model.decode(mu)) - xb).pow(2).flatten(1).mean(dim=1))
-    mse = torch.cat(errors).mean().clamp_min(1e-12).item()
+    per_image = torch.cat(errors) if errors else x.new_zeros(0)
+    if dist is not None:
+        per_image = gather_rows(dist, per_image, rows, len(x))
+    mse = per_image.mean().clamp_min(1e-12).item()
     return 10.0 * math.log10(1.0 / mse)
 
 
@@ -109,9 +130,13 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 
 @torch.no_grad()
-def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10) -> torch.Tensor:
+def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist | None = None) -> torch.Tensor:
     """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL),
-    with the model's own prior density (N(0, I) or the flow)."""
+    with the model's own prior density (N(0, I) or the flow).
+
+    Under torchrun (`dist`) each rank scores a contiguous share of the batches, first drawing and
+    dropping the noise of the batches before its own (`skip_iwae_noise`), so every image gets the
+    samples one process would give it; every rank gets every image's figure."""
     cfg = model.cfg
     if not model.variational:
         raise ValueError(AE_NOTE)
@@ -120,18 +145,27 @@ def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int
     def decode_nll(z: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         return reconstruction_nll(model.decode(z), xs, cfg.likelihood, cfg.gaussian_std)
 
+    batches = x.split(batch_size)
+    mine = dist.share(len(batches)) if dist is not None and dist.active else slice(0, len(batches))
     out = []
-    for xb in x.split(batch_size):
+    for i, xb in enumerate(batches[: mine.stop]):
+        if i < mine.start:
+            skip_iwae_noise(len(xb), cfg.latent_dim, k, generator=gen, device=x.device)
+            continue
         mu, logvar = model.encode(xb)
         out.append(-iwae_bound(decode_nll, xb, mu, logvar, k, generator=gen, prior_log_prob=model.prior_log_prob))
-    return torch.cat(out)
+    nll = torch.cat(out) if out else x.new_zeros(0)
+    if dist is None or not dist.active:
+        return nll
+    return gather_rows(dist, nll, slice(mine.start * batch_size, min(mine.stop * batch_size, len(x))), len(x))
 
 
-def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, Any]:
-    """Means over the images x (already prepared with `prepare_eval_images`), in nats."""
+def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist | None = None) -> dict[str, Any]:
+    """Means over the images x (already prepared with `prepare_eval_images`), in nats; under
+    torchrun (`dist`) the images split over the ranks, every rank getting the same figures."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    terms = elbo_terms(model, x)
+    terms = elbo_terms(model, x, dist=dist)
     c, h, w = model.cfg.image_shape
     if not model.variational:
         return {
@@ -142,11 +176,11 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
             "kl": None,
             "nll": None,
             "note": AE_NOTE,
-            "psnr_db": reconstruction_psnr(model, x),
+            "psnr_db": reconstruction_psnr(model, x, dist=dist),
             "active_units": active_units(terms["mu"]),
             "seconds": round(time.perf_counter() - started, 2),
         }
-    nll = iwae_nll(model, x, k, seed)
+    nll = iwae_nll(model, x, k, seed, dist=dist)
     dims, likelihood = c * h * w, model.cfg.likelihood
     return {
         "images": len(x),
@@ -158,7 +192,7 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0) -> dict[str, An
         "nll_bits_per_dim": float(bits_per_dim(nll.mean().item(), dims, likelihood)),
         "elbo_bits_per_dim": float(bits_per_dim(-terms["elbo"].mean().item(), dims, likelihood)),
         "bits_per_dim_note": BITS_NOTES[likelihood],
-        "psnr_db": reconstruction_psnr(model, x),
+        "psnr_db": reconstruction_psnr(model, x, dist=dist),
         "active_units": active_units(terms["mu"]),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -147,3 +147,13 @@ def iwae_bound(
         log_px_z = -decode_nll(z.reshape(n * m, d), xs).view(n, m)
         log_w.append(log_px_z + prior_log_prob(z) - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1)))
     return torch.logsumexp(torch.cat(log_w, dim=1), dim=1) - math.log(k)
+
+
+def skip_iwae_noise(
+    n: int, d: int, k: int, chunk: int = 100, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> None:
+    """Advance `generator` exactly as `iwae_bound` does for n images (the draws dropped): how a rank
+    of a distributed evaluation passes over the images other ranks score and still gives its own
+    images the noise one process would."""
+    for start in range(0, k, chunk):
+        torch.randn(n, min(chunk, k - start), d, generator=generator, device=device)

@@ -3,6 +3,11 @@ baseline, the reconstruction alone); best and last checkpoints.
 
 Everything random draws from generators seeded by the config, and their states are saved in the
 last checkpoint, so the same seed gives the same run and `--resume` continues it exactly.
+
+Under torchrun the same loop runs data-parallel (`training.distributed`): the global batch is
+`--batch-size`, split over the ranks, and DDP averages the gradients, so a run means the same on
+any number of processes. SIGTERM on any rank stops every rank at the next step with last.pt saved
+there (`Stopped`), and `--resume` continues from that step.
 """
 
 from __future__ import annotations
@@ -10,29 +15,35 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training import checkpoint
+from training import checkpoint, distributed
 from training.config import TrainConfig, to_dict
 from training.data import Dataset, binarize, load_data
+from training.distributed import Dist, all_sum, any_rank, from_main, global_mean
 from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
-from training.losses import free_bits_kl, free_bits_total, kl_divergence, monte_carlo_kl, reconstruction_nll
+from training.losses import free_bits_kl, free_bits_total, kl_divergence, kl_per_dim, monte_carlo_kl, reconstruction_nll
 from training.model import VAE
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return distributed.pick_device(name)
 
 
 def kl_weight(cfg: TrainConfig, progress: float) -> float:
@@ -49,18 +60,62 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
 
 
+class TrainingPass(nn.Module):
+    """The model's training forward (encode, z = mu + eps * sigma, decode) as one module call, for
+    DDP to wrap: DDP syncs gradients in the backward of a pass that went through its forward, and
+    the VAE's own forward does not hand back z."""
+
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        mu, logvar = self.model.encode(x)
+        z = self.model.reparameterize(mu, logvar, eps) if logvar is not None else mu
+        return self.model.decode(z), mu, logvar, z
+
+
+@dataclass
+class Shard:
+    """One rank's rows of a global batch of `total` images under DDP (`net`: the DDP-wrapped
+    `TrainingPass`). DDP averages the ranks' gradients, so each batch mean is this rank's sum times
+    world_size / total: the average is then the gradient of the mean over the whole batch, whatever
+    each rank's share (the last batch of an epoch splits unevenly)."""
+
+    net: nn.Module
+    total: int
+    dist: Dist
+
+    def mean(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.sum(dim=0) * (self.dist.world_size / self.total)
+
+
+def _rows_mean(rows: torch.Tensor) -> float:
+    """A statistic's mean over this rank's rows (0 for none: it is weighted by their count)."""
+    return rows.mean().item() if len(rows) else 0.0
+
+
 def objective(
-    model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None
-) -> tuple[torch.Tensor, dict[str, float]]:
+    model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
+    eps: torch.Tensor | None = None, shard: Shard | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """The loss to minimise and the true (unweighted) per-example terms for logging.
 
     The KL term: closed form against N(0, I) with free bits per dimension; under the flow prior the
     one-sample Monte Carlo estimate log q(z|x) - log p(z) at the reparameterized z, with free bits as
     one floor of free_bits * latent_dim nats on its batch mean (a flow's KL has no per-dimension
-    split). An autoencoder has no KL term: its loss is the reconstruction alone."""
+    split). An autoencoder has no KL term: its loss is the reconstruction alone.
+
+    `eps` is the reparameterization noise (drawn here when None). With `shard` (a rank's rows under
+    DDP) the loss is the rank's part of the whole batch's loss (`Shard.mean`), free bits' floors are
+    judged on the whole batch's KL (an all-reduce), and the statistics are this rank's row means."""
+    if shard is not None:
+        return _shard_objective(model, x, cfg, beta, feature_net, eps, shard)
     mcfg = model.cfg
     mu, logvar = model.encode(x)
-    z = model.reparameterize(mu, logvar) if logvar is not None else mu
+    z = model.reparameterize(mu, logvar, eps) if logvar is not None else mu
     params = model.decode(z)
     pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
     recon_term = torch.zeros((), device=x.device)
@@ -84,6 +139,43 @@ def objective(
     return loss, stats
 
 
+def _shard_objective(
+    model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
+    eps: torch.Tensor | None, shard: Shard,
+) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """`objective` for one rank's rows. Free bits clamp a batch mean, which is not a sum over rows;
+    but clamp(m, floor) has the gradient of m where m >= floor and none below, so the floor is
+    decided on the whole batch's mean (`global_mean`) and the term is this rank's share of m for the
+    dimensions above it: DDP's average is then the one-process gradient. Its value for logging is the
+    whole batch's clamped mean."""
+    mcfg = model.cfg
+    params, mu, logvar, z = shard.net(x, eps)
+    pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
+    recon_term, recon_value = torch.zeros((), device=x.device), 0.0
+    if cfg.reconstruction in ("pixel", "both"):
+        recon_term, recon_value = recon_term + shard.mean(pixel), _rows_mean(pixel)
+    if feature_net is not None:
+        distance = feature_distance(feature_net, x, model.likelihood_mean(params))
+        recon_term = recon_term + cfg.feature_weight * shard.mean(distance)
+        recon_value += cfg.feature_weight * _rows_mean(distance)
+    if logvar is None:
+        return recon_term, {"loss": recon_value, "recon": _rows_mean(pixel)}
+    if mcfg.prior == "flow":
+        kl = monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z))
+        per_dim, floor = kl, cfg.free_bits * mcfg.latent_dim
+    else:
+        kl = kl_divergence(mu, logvar)
+        per_dim, floor = kl_per_dim(mu, logvar), cfg.free_bits
+    if cfg.free_bits > 0:
+        whole = global_mean(shard.dist, per_dim, shard.total)  # [D], or a scalar under the flow
+        kl_term = (shard.mean(per_dim) * (whole >= floor)).sum()
+        kl_value = whole.clamp(min=floor).sum().item()
+    else:
+        kl_term, kl_value = shard.mean(kl), _rows_mean(kl)
+    loss = recon_term + beta * kl_term
+    return loss, {"loss": recon_value + beta * kl_value, "recon": _rows_mean(pixel), "kl": _rows_mean(kl)}
+
+
 def mirror_half(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """x [N, C, H, W] with each image mirrored left to right with probability 1/2 (drawn from the
     data generator, so a seed gives the same flips and --resume continues them)."""
@@ -91,16 +183,40 @@ def mirror_half(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+class Stopped(Exception):
+    """Training stopped at a step boundary because a rank was sent SIGTERM (a pod's eviction, or
+    torchrun passing its own on); last.pt holds the run up to that step, for `--resume`."""
+
+    def __init__(self, signum: int, epoch: int, step: int) -> None:
+        self.signum, self.epoch, self.step = signum, epoch, step
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} in epoch {epoch + 1} after step {step}")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, data: Dataset | None = None) -> None:
         self.cfg = cfg
         self.out = out
-        self.device = pick_device(cfg.device)
+        self.dist = distributed.current()
+        d = self.dist
+        self.device = distributed.pick_device(cfg.device, d.local_rank if d.active else None)
+        if d.active and cfg.batch_size < d.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is the global batch, split over {d.world_size} processes: "
+                             f"it must be at least {d.world_size}")  # fmt: skip
         torch.manual_seed(cfg.seed)
-        self.data = data or load_data(cfg)
+        if data is None:
+            with distributed.local_main_first(d):
+                data = load_data(cfg)
+        self.data = data
         cfg.model.image_shape = self.data.image_shape
         cfg.model.widths = cfg.model.stage_widths  # the checkpoint records the stages, whatever the default becomes
         self.model = VAE(cfg.model).to(self.device)
+        # Under torchrun: the training pass wrapped by DDP (which starts every rank from rank 0's weights).
+        # Buffers (the flow's masks, an autoencoder's code Gaussian) do not change in training: not broadcast.
+        self.net = None
+        if d.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(TrainingPass(self.model), device_ids=ids, broadcast_buffers=False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -108,14 +224,21 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_val = -math.inf
         self.start_epoch = 0
+        self.partial: dict[str, Any] | None = None  # an epoch stopped part-way (last.pt's "partial")
+        self.resumed = False
+        self.signalled = 0  # the signal number SIGTERM's handler saw; 0: none
+        self.images_per_second = 0.0
+        self.carried_seconds = 0.0  # training seconds of a stopped epoch before its resumption
 
     def resume(self) -> None:
-        """Continue from last.pt: weights, optimizer, history and every random generator's state.
+        """Continue from last.pt: weights, optimizer, history and every random generator's state,
+        and, for a run stopped part-way through an epoch, that epoch's order and sums so far.
 
         The checkpoint is read onto the CPU, where the generators' states must be; the weights are
         copied into the model on its device, and the optimizer's state follows its parameters' device
-        (torch's `Optimizer.load_state_dict` moves it)."""
-        state = checkpoint.load(self.out / "last.pt")
+        (torch's `Optimizer.load_state_dict` moves it). Under torchrun rank 0 reads it and hands it
+        to the others, so only rank 0 needs the run directory."""
+        state = from_main(self.dist, lambda: checkpoint.load(self.out / "last.pt"))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
@@ -125,38 +248,68 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.data_gen.set_state(state["data_rng"])
-        log.info("resumed from %s at epoch %d", self.out / "last.pt", self.start_epoch)
+        self.partial = state.get("partial")
+        self.resumed = True
+        if self.dist.main:
+            at = f", step {self.partial['step']}" if self.partial else ""
+            log.info("resumed from %s at epoch %d%s", self.out / "last.pt", self.start_epoch, at)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
+        cfg, model, d = self.cfg, self.model, self.dist
         model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, epoch)
-        batches = torch.randperm(len(self.data.train), generator=self.data_gen).split(cfg.batch_size)
-        totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0} if model.variational else {"loss": 0.0, "recon": 0.0}
-        seen = skipped = 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-        for i, idx in enumerate(bar):
+        partial, self.partial = self.partial, None
+        if partial is None:
+            order = torch.randperm(len(self.data.train), generator=self.data_gen)
+            start, skipped, elapsed = 0, 0, 0.0
+            totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0} if model.variational else {"loss": 0.0, "recon": 0.0}
+            seen = 0
+        else:  # resumed part-way: the epoch's order and its sums so far (every rank's: rank 0 carries them)
+            order, start, skipped, elapsed = partial["order"], partial["step"], partial["skipped"], partial["seconds"]
+            totals = {k: v if d.main else 0.0 for k, v in partial["totals"].items()}
+            seen = partial["seen"] if d.main else 0
+        self.carried_seconds = elapsed
+        batches = order.split(cfg.batch_size)
+        started, images = time.perf_counter(), 0
+        bar = tqdm(batches[start:], desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if d.main else True,
+                   initial=start, total=len(batches))  # fmt: skip
+        for i, idx in enumerate(bar, start):
+            stop = any_rank(d, self.signalled)
+            if stop:
+                self._stop(stop, epoch, i, order, totals, seen, skipped, elapsed + time.perf_counter() - started)
+            # Every rank prepares the whole global batch, so the data generator draws what one process draws.
             x = self.data.train.batch(idx)
             if cfg.hflip:
                 x = mirror_half(x, self.data_gen)
             if cfg.model.likelihood == "bernoulli" and cfg.dynamic_binarization:
                 x = binarize(x, self.data_gen)
-            x = x.to(self.device)
             beta = kl_weight(cfg, epoch + i / len(batches))
-            loss, stats = objective(model, x, cfg, beta, self.feature_net)
+            if d.active:  # this rank's rows, and their noise from the same draw one process makes
+                rows = d.share(len(idx))
+                eps = torch.randn(len(idx), cfg.model.latent_dim, device=self.device)[rows] if model.variational else None
+                x = x[rows].to(self.device)
+                loss, stats = objective(model, x, cfg, beta, self.feature_net, eps, Shard(self.net, len(idx), d))
+            else:
+                x = x.to(self.device)
+                loss, stats = objective(model, x, cfg, beta, self.feature_net)
+            images += len(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not torch.isfinite(norm):  # one bad batch must not turn every weight into NaN
+            if not torch.isfinite(norm):  # one bad batch must not turn every weight into NaN (the same on every rank)
                 skipped += 1
                 continue
             self.optimizer.step()
             for key in totals:
-                totals[key] += stats[key] * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
-        if skipped:
+                totals[key] += stats[key] * len(x)
+            seen += len(x)
+            if seen:
+                bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
+        self.images_per_second = images / max(time.perf_counter() - started, 1e-9)
+        if d.active:
+            totals, seen = self._summed(totals, seen)
+        if skipped and d.main:
             log.warning("epoch %d: %d of %d steps skipped, their gradients not finite (try a lower --lr or --grad-clip)",
                         epoch + 1, skipped, len(batches))  # fmt: skip
         if seen == 0:
@@ -167,59 +320,115 @@ class Trainer:
             avg["beta"] = beta
         return avg
 
+    def _summed(self, totals: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
+        """The epoch's sums over every rank's rows."""
+        *sums, all_seen = all_sum(self.dist, [*totals.values(), float(seen)])
+        return dict(zip(totals, sums)), int(all_seen)
+
+    def _stop(
+        self, signum: int, epoch: int, step: int, order: torch.Tensor, totals: dict[str, float], seen: int, skipped: int,
+        seconds: float,
+    ) -> NoReturn:  # fmt: skip
+        """Every rank stops before `step` of `epoch`: rank 0 writes last.pt as of that step (the epoch's
+        order, its sums so far, the generators as they stand), the others wait for it, all raise."""
+        if self.dist.active:
+            totals, seen = self._summed(totals, seen)
+        if self.dist.main:
+            partial = {"step": step, "order": order, "totals": totals, "seen": seen, "skipped": skipped, "seconds": seconds}
+            self.save_last(epoch, partial)
+            log.warning("%s: stopping in epoch %d at step %d; wrote %s (continue with --resume)",
+                        signal.Signals(signum).name, epoch + 1, step, self.out / "last.pt")  # fmt: skip
+        distributed.barrier(self.dist)
+        raise Stopped(signum, epoch, step)
+
+    def save_last(self, epochs_done: int, partial: dict[str, Any] | None = None) -> None:
+        checkpoint.save(
+            self.out / "last.pt",
+            self.model,
+            self.cfg,
+            epoch=epochs_done,
+            optimizer=self.optimizer.state_dict(),
+            history=self.history,
+            best_val=self.best_val,
+            torch_rng=torch.get_rng_state(),
+            data_rng=self.data_gen.get_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+            **({"partial": partial} if partial else {}),
+        )
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the same noise every epoch; the training stream untouched
             torch.manual_seed(self.cfg.seed)
-            terms = elbo_terms(self.model, self.val_x)
+            terms = elbo_terms(self.model, self.val_x, dist=self.dist)
         recon = terms["recon"].mean().item()
         if "kl" not in terms:  # an autoencoder: reconstruction only
             return {"recon": recon, "active_units": active_units(terms["mu"])}
         kl = terms["kl"].mean().item()
         return {"neg_elbo": recon + kl, "recon": recon, "kl": kl, "active_units": active_units(terms["mu"])}
 
+    @contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """While training, SIGTERM asks for a stop at the next step (`Stopped`) instead of ending the
+        process wherever it is; the previous handler is back afterwards. Only the main thread can
+        take signals: elsewhere (a trainer in a thread) nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, _frame: Any) -> None:
+            self.signalled = signum
+
+        previous = signal.signal(signal.SIGTERM, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     def fit(self) -> list[dict[str, Any]]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.start_epoch == 0:
+        d = self.dist
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resumed:
             torch.manual_seed(self.cfg.seed)  # the reparameterization noise; a resumed run restores its own
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            started = time.perf_counter()
-            train = self.train_epoch(epoch)
-            val = self.validate()
-            record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": round(time.perf_counter() - started, 2)}
-            self.history.append(record)
-            if self.model.variational:
-                log.info(
-                    "epoch %d/%d  train -elbo %.2f (recon %.2f, kl %.2f)  val -elbo %.2f (recon %.2f, kl %.2f)  "
-                    "active units %d  %.1fs",
-                    epoch + 1, self.cfg.epochs, train["neg_elbo"], train["recon"], train["kl"],
-                    val["neg_elbo"], val["recon"], val["kl"], val["active_units"], record["seconds"],
-                )  # fmt: skip
-            else:
-                log.info(
-                    "epoch %d/%d  train recon %.2f  val recon %.2f  active units %d  %.1fs",
-                    epoch + 1, self.cfg.epochs, train["recon"], val["recon"], val["active_units"], record["seconds"],
-                )  # fmt: skip
-            # The best checkpoint: highest validation ELBO (an autoencoder: lowest reconstruction loss).
-            score = -val["neg_elbo"] if "neg_elbo" in val else -val["recon"]
-            if score > self.best_val:
-                self.best_val = score
-                checkpoint.save(self.out / "best.pt", self.model, self.cfg, epoch=epoch + 1)
-            checkpoint.save(
-                self.out / "last.pt",
-                self.model,
-                self.cfg,
-                epoch=epoch + 1,
-                optimizer=self.optimizer.state_dict(),
-                history=self.history,
-                best_val=self.best_val,
-                torch_rng=torch.get_rng_state(),
-                data_rng=self.data_gen.get_state(),
-                **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
-            )
+        with self.stop_on_sigterm():
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                self.fit_epoch(epoch)
         return self.history
+
+    def fit_epoch(self, epoch: int) -> None:
+        d = self.dist
+        started = time.perf_counter()
+        train = self.train_epoch(epoch)
+        val = self.validate()
+        record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": round(time.perf_counter() - started + self.carried_seconds, 2),
+                  "images_per_second": round(self.images_per_second, 1), "world_size": d.world_size}  # fmt: skip
+        self.history.append(record)
+        # The best checkpoint: highest validation ELBO (an autoencoder: lowest reconstruction loss).
+        # Every rank holds the same validation figures, so every rank takes the same decision.
+        score = -val["neg_elbo"] if "neg_elbo" in val else -val["recon"]
+        best = score > self.best_val
+        if best:
+            self.best_val = score
+        if not d.main:
+            return
+        if self.model.variational:
+            log.info(
+                "epoch %d/%d  train -elbo %.2f (recon %.2f, kl %.2f)  val -elbo %.2f (recon %.2f, kl %.2f)  "
+                "active units %d  %.1fs",
+                epoch + 1, self.cfg.epochs, train["neg_elbo"], train["recon"], train["kl"],
+                val["neg_elbo"], val["recon"], val["kl"], val["active_units"], record["seconds"],
+            )  # fmt: skip
+        else:
+            log.info(
+                "epoch %d/%d  train recon %.2f  val recon %.2f  active units %d  %.1fs",
+                epoch + 1, self.cfg.epochs, train["recon"], val["recon"], val["active_units"], record["seconds"],
+            )  # fmt: skip
+        if best:
+            checkpoint.save(self.out / "best.pt", self.model, self.cfg, epoch=epoch + 1)
+        self.save_last(epoch + 1)
 
 
 @torch.no_grad()
@@ -259,24 +468,30 @@ def collapse_warning(test: dict[str, Any], cfg: TrainConfig) -> str | None:
     )
 
 
-def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
+def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any] | None:
     """Train, then evaluate the best checkpoint on the test set, write metrics.json and the figures.
 
-    An autoencoder's best checkpoint gets its fitted code Gaussian first (and is saved again with it)."""
+    An autoencoder's best checkpoint gets its fitted code Gaussian first (and is saved again with it).
+    Under torchrun every rank trains and evaluates its share; rank 0 returns the metrics, the others None."""
     started = time.perf_counter()
     trainer = Trainer(cfg, out, data)
-    if resume and (out / "last.pt").exists():
+    d = trainer.dist
+    if resume and from_main(d, (out / "last.pt").exists):
         trainer.resume()
     history = trainer.fit()
     train_seconds = sum(h["seconds"] for h in history)
 
-    model, _, best = checkpoint.load_model(out / "best.pt", trainer.device)
-    if not model.variational:
+    best = from_main(d, lambda: checkpoint.load(out / "best.pt"))  # under torchrun rank 0 reads, all evaluate
+    model, _ = checkpoint.model_from_state(best, trainer.device)
+    if not model.variational and d.main:  # its figures need the fitted codes; its scores do not
         fit_autoencoder_codes(model, trainer.data)
         checkpoint.save(out / "best.pt", model, cfg, epoch=best["epoch"])
     test_x = prepare_eval_images(trainer.data.test.unit(), cfg.model.likelihood, cfg.eval_images).to(trainer.device)
-    log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
-    test = evaluate(model, test_x, cfg.iwae_k)
+    if d.main:
+        log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
+    test = evaluate(model, test_x, cfg.iwae_k, dist=d)
+    if not d.main:  # the other ranks' part ends here; rank 0 alone scores samples, draws and writes
+        return None
     if cfg.dataset == "folder":  # 8-bit images: what lossless codecs need for the same test images
         test["codecs"] = codec_bits_per_dim(test_x)
         log.info(
@@ -298,6 +513,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         "config": to_dict(cfg),
         "data": data_summary(trainer.data),
         "best_epoch": best["epoch"],
+        "world_size": d.world_size,
+        "backend": d.backend,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "test": test,
