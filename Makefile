@@ -8,6 +8,7 @@ TORCH  ?= torch==2.13.0
 RUNS   ?= runs
 MODELS ?= models
 PORT   ?= 50051
+HTTP_PORT ?= 8000
 METRICS_PORT ?= 9090
 CHECKPOINT ?= $(RUNS)/digits/best.pt
 NAME   ?= digits
@@ -76,10 +77,11 @@ $(eval $(call RECIPE_TARGETS,twemoji,TWEMOJI_RECIPE))
 $(RUNS)/features-twemoji/features.pt: | install
 	$(PY) -m training.features $(TWEMOJI_DATA) --out $(RUNS)/features-twemoji
 
-# Serve the model repository; on a fresh checkout, train and export the small digits model first.
+# Serve the model repository (gRPC on PORT, HTTP on HTTP_PORT); on a fresh checkout, train and export the
+# small digits model first.
 run: install
 	@if [ -z "$$(ls -A $(MODELS) 2>/dev/null)" ]; then $(MAKE) --no-print-directory model; fi
-	$(PY) -m service --model-repo $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m service --model-repo $(MODELS) --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 
 model: train
 	$(MAKE) --no-print-directory export
