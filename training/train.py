@@ -12,6 +12,7 @@ there (`Stopped`), and `--resume` continues from that step.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -216,7 +217,9 @@ class Trainer:
         self.net = None
         if d.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(TrainingPass(self.model), device_ids=ids, broadcast_buffers=False)
+            newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters  # torch >= 2.13
+            quiet = "forward_sync_buffers" if newer else "broadcast_buffers"
+            self.net = DistributedDataParallel(TrainingPass(self.model), device_ids=ids, **{quiet: False})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
