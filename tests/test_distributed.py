@@ -268,6 +268,196 @@ def test_torchrun_run_resumes_on_four_ranks_then_exports_and_serves(two_ranks, o
 
 
 
+# ---- the PyTorchJob (deploy/training) against the image and the flag parsers ---------------------
+
+TRAINING_DEPLOY = ROOT / "deploy" / "training"
+JOBS = ["pytorchjob.yaml", "pytorchjob-gpu.yaml"]
+
+
+def documents(path: Path) -> list[dict]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def image_facts() -> dict:
+    """What deploy/training/Dockerfile sets up: user, entry point, env, where it copies what."""
+    import re
+
+    text = (TRAINING_DEPLOY / "Dockerfile").read_text()
+    return {
+        "uid": int(re.search(r"^ARG UID=(\d+)$", text, re.M)[1]),
+        "user": re.search(r"^USER (\S+)$", text, re.M)[1],
+        "entrypoint": json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)[1]),
+        "env": dict(re.findall(r"\b([A-Z_]+)=(\S+)", re.search(r"^ENV (.*?)(?=^\S)", text, re.M | re.S)[1])),
+        "copies": {dst: src for src, dst in re.findall(r"^COPY (\S+) (\S+)$", text, re.M)},
+    }
+
+
+def operator_env(job: dict, replica: str) -> dict[str, str]:
+    """What the training operator adds to a pod of `replica` (its envvar.go, v1.7+): the Master's
+    Service as MASTER_ADDR and MASTER_PORT, and torchrun's PET_ variables."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    (port,) = [p["containerPort"] for p in specs["Master"]["template"]["spec"]["containers"][0]["ports"]
+               if p["name"] == "pytorchjob-port"]  # fmt: skip
+    return {"MASTER_ADDR": f"{job['metadata']['name']}-master-0", "MASTER_PORT": str(port),
+            "PET_NNODES": str(sum(r["replicas"] for r in specs.values())), "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"],
+            "PET_NODE_RANK": "0" if replica == "Master" else "1"}  # fmt: skip
+
+
+def expanded(args: list[str], env: dict[str, str]) -> list[str]:
+    """$(VAR) in a container's args, as the kubelet expands them from the container's environment."""
+    import re
+
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in args]
+
+
+def mounts(pod: dict, container: dict) -> dict[str, dict]:
+    """Mount path -> (the volume, the mount) of a container."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: {"volume": volumes[m["name"]], "mount": m} for m in container["volumeMounts"]}
+
+
+@pytest.mark.parametrize("manifest", JOBS)
+def test_pytorchjob_runs_the_training_cli_on_a_folder_and_exports_into_the_model_repository(manifest):
+    from torch.distributed.run import get_args_parser
+
+    from training.__main__ import parse_args
+
+    (job,) = documents(TRAINING_DEPLOY / manifest)
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"} and specs["Master"]["replicas"] == 1
+    image = image_facts()
+    (models_claim,) = documents(ROOT / "deploy" / "k8s" / "models-pvc.yaml")
+    claims = {d["metadata"]["name"]: d for d in documents(TRAINING_DEPLOY / "pvcs.yaml")}
+    nproc = int(job["spec"]["nprocPerNode"])
+    world = nproc * sum(r["replicas"] for r in specs.values())
+    runs = {}
+    for replica, spec in specs.items():
+        pod = spec["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["name"] == "pytorch"  # the container the operator gives the rendezvous variables to
+        assert c["image"].startswith("localhost/vae-train:") and spec["restartPolicy"] == "OnFailure"
+        args = c["args"]
+        if replica == "Master":  # train-then-export.sh NAME TORCHRUN_ARGS...: a script the image holds
+            assert c["command"] == ["/opt/vae/train-then-export.sh"] and c["command"][0] in image["copies"]
+            name, args = args[0], args[1:]
+        else:  # the image's entry point, torchrun, takes the args
+            assert "command" not in c and image["entrypoint"] == ["torchrun"]
+        # torchrun's own parser: one node per pod, the rendezvous the operator describes.
+        assert {"$(PET_NNODES)", "$(PET_NPROC_PER_NODE)", "$(PET_NODE_RANK)", "$(MASTER_ADDR)", "$(MASTER_PORT)"} <= set(args)
+        launch = get_args_parser().parse_args(expanded(args, operator_env(job, replica)))
+        assert launch.module and launch.training_script == "training" and launch.rdzv_backend == "static"
+        assert int(launch.nproc_per_node) * int(launch.nnodes) == world
+        # The training flags: python -m training's own parser.
+        cfg, out, resume = parse_args(launch.training_script_args)
+        runs[replica] = launch.training_script_args
+        where = mounts(pod, c)
+        assert cfg.dataset == "folder" and resume
+        data = where[cfg.data_dir]
+        assert data["mount"]["readOnly"] and claims[data["volume"]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadOnlyMany"]
+        assert "emptyDir" in where[cfg.cache_dir]["volume"]
+        assert cfg.batch_size >= world  # the global batch, split over every rank
+        gpus = c["resources"]["limits"].get("nvidia.com/gpu", 0)
+        assert (cfg.device, gpus) == (("cuda", nproc) if manifest.endswith("-gpu.yaml") else ("cpu", 0))
+        if gpus:
+            assert where["/dev/shm"]["volume"]["emptyDir"]["medium"] == "Memory"
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] and security["runAsUser"] == image["uid"] != 0 and image["user"] == "${UID}:${UID}"
+        if replica == "Master":  # rank 0 lives here: the run directory and the model repository
+            runs_mount = where[str(out.parent)]
+            assert claims[runs_mount["volume"]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+            env = image["env"] | {e["name"]: e["value"] for e in c.get("env", [])}
+            repo = where[env["VAE_MODEL_REPO"]]
+            assert repo["volume"]["persistentVolumeClaim"]["claimName"] == models_claim["metadata"]["name"]
+            assert not repo["mount"].get("readOnly") and name == out.name
+        else:  # the other ranks never touch the run directory
+            assert str(out.parent) not in where
+    assert runs["Master"] == runs["Worker"], "every rank must run the same training flags"
+
+
+def test_training_kustomization_lists_the_claims_and_the_job():
+    (kustomization,) = documents(TRAINING_DEPLOY / "kustomization.yaml")
+    assert kustomization["resources"] == ["pvcs.yaml", "pytorchjob.yaml"]
+    assert all((TRAINING_DEPLOY / r).is_file() for r in kustomization["resources"])
+    # The image's own ignore file admits every file its Dockerfile copies.
+    admitted = [line[1:].rstrip("/") for line in (TRAINING_DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.startswith("!")]  # fmt: skip
+    for src in image_facts()["copies"].values():
+        assert src.rstrip("/") in admitted, src
+
+
+@pytest.fixture
+def fake_launchers(tmp_path):
+    """A torchrun and a python that record their arguments (and torchrun any SIGTERM) and signal
+    when torchrun has started; FAKE_TORCHRUN=wait keeps it running until it is signalled."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    (bin_dir / "torchrun").write_text(
+        '#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD/torchrun.args"\n'
+        'trap \'echo TERM > "$RECORD/torchrun.signal"; exit 143\' TERM\n'
+        'touch "$RECORD/torchrun.started"\n'
+        '[ "$FAKE_TORCHRUN" = wait ] || exit 0\n'
+        'sleep 600 & wait $!\n'
+    )  # fmt: skip
+    (bin_dir / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD/python.args"\n')
+    for tool in ("torchrun", "python"):
+        (bin_dir / tool).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)}, record
+
+
+def master_args() -> tuple[list[str], dict[str, str]]:
+    (job,) = documents(TRAINING_DEPLOY / "pytorchjob.yaml")
+    (c,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    return expanded(c["args"], operator_env(job, "Master")), {e["name"]: e["value"] for e in c["env"]}
+
+
+def test_train_then_export_runs_torchrun_then_the_export_cli_with_the_run_s_best_checkpoint(fake_launchers, monkeypatch):
+    import export.__main__ as export_cli
+
+    env, record = fake_launchers
+    args, container_env = master_args()
+    done = subprocess.run([str(TRAINING_DEPLOY / "train-then-export.sh"), *args], env=os.environ | env | container_env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (record / "torchrun.args").read_text().splitlines() == args[1:]
+    export_argv = (record / "python.args").read_text().splitlines()
+    assert export_argv[:2] == ["-m", "export"]
+    assert export_argv[2:] == ["--checkpoint", "/runs/products/best.pt", "--out", "/models", "--name", "products"]
+
+    # The export's own parser takes them: it reaches loading the checkpoint.
+    class Parsed(Exception):
+        pass
+
+    def parsed(path):
+        raise Parsed(path)
+
+    monkeypatch.setattr(export_cli, "load_model", parsed)
+    with pytest.raises(Parsed) as reached:
+        export_cli.main(export_argv[2:])
+    assert str(reached.value) == "/runs/products/best.pt"
+
+
+def test_train_then_export_passes_sigterm_to_torchrun_and_exports_nothing(fake_launchers):
+    from tests.conftest import wait_for
+
+    env, record = fake_launchers
+    args, container_env = master_args()
+    proc = subprocess.Popen([str(TRAINING_DEPLOY / "train-then-export.sh"), *args],
+                            env=os.environ | env | container_env | {"FAKE_TORCHRUN": "wait"})  # fmt: skip
+    try:
+        wait_for(lambda: (record / "torchrun.started").exists())
+        proc.send_signal(signal.SIGTERM)  # as the kubelet signals a pod's PID 1
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    assert (record / "torchrun.signal").read_text().strip() == "TERM"
+    assert not (record / "python.args").exists()
+
+
+
 if __name__ == "__main__":
     hooks, record, *training_argv = sys.argv[1:]
     install_hooks(hooks, Path(record) if record != "-" else None)
