@@ -217,9 +217,20 @@ def test_a_killed_rank_ends_the_job_with_an_error_naming_it_and_leaves_the_last_
 
 
 def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
-    # Rank 1 stops answering at step 5 while alive, which torchrun cannot see: rank 0's next
-    # collective gives up after --dist-timeout and the run ends with that error.
-    done = torchrun(2, "hang:1:5", None, *FLAGS, "--epochs", "1", "--dist-timeout", "3", "--out", str(tmp_path / "run"))
+    """Rank 1 stops answering at step 5 while alive, which torchrun cannot see: rank 0's next
+    collective gives up after --dist-timeout and the run ends with that error. The data is a
+    folder of images (each node's local rank 0 decodes it before the node's other ranks read it)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (tmp_path / "images" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"class{i % 2}" / f"{i}.png")
+    folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--image-size", "8", "--cache-dir",
+              str(tmp_path / "cache"), "--likelihood", "logistic-mixture", "--batch-size", "8"]  # fmt: skip
+    done = torchrun(2, "hang:1:5", None, *MODEL, *folder, "--epochs", "1", "--dist-timeout", "3", "--device", "cpu",
+                    "--out", str(tmp_path / "run"))  # fmt: skip
     logged = done.stdout + done.stderr
     assert done.returncode != 0, logged
     assert "[rank 0/2] training failed: another rank stopped answering" in logged and "Timed out" in logged
