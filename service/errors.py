@@ -11,16 +11,13 @@ from typing import ClassVar
 
 # HTTP statuses by gRPC code name: Triton's for the codes it maps, the usual ones for the rest.
 HTTP_STATUS = {
-    "OK": 200,
     "INVALID_ARGUMENT": 400,
     "FAILED_PRECONDITION": 400,
     "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
     "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,
     "INTERNAL": 500,
-    "UNIMPLEMENTED": 501,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
@@ -74,10 +71,6 @@ class Unauthenticated(ServiceError):
 
 class PermissionDenied(ServiceError):
     code = "PERMISSION_DENIED"
-
-
-class Unimplemented(ServiceError):
-    code = "UNIMPLEMENTED"
 
 
 class TooManyCalls(ResourceExhausted):

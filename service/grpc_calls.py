@@ -49,17 +49,28 @@ async def abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
     await context.abort(getattr(grpc.StatusCode, code_of(err)), str(err)[:1000])
 
 
-def aborts(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A unary handler whose typed errors end the call with their status code."""
+def uncapped(prefix: str = "", while_draining: frozenset[str] = frozenset()) -> Callable[..., Any]:
+    """A decorator for handlers of calls that are not inference (listings, metadata, health, model
+    control): counted and timed under `rpc` label prefix + name, not held to --max-concurrent-calls;
+    those named in `while_draining` also answer during a drain. The handler takes (self, request)."""
 
-    @functools.wraps(handler)
-    async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await handler(self, request, context)
-        except Exception as err:  # noqa: BLE001 - every error becomes a status code (INTERNAL if untyped)
-            await abort(context, err)
+    def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        name = handler.__name__
 
-    return wrapped
+        @functools.wraps(handler)
+        async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async with self.plane.uncapped(prefix + name, while_draining=name in while_draining):
+                    bad = refusal(request)
+                    if bad:
+                        raise bad
+                    return await handler(self, request)
+            except Exception as err:  # noqa: BLE001 - typed errors become their status code, others INTERNAL
+                await abort(context, err)
+
+        return wrapped
+
+    return decorate
 
 
 def add_to_server(servicer: Any, server: grpc.aio.Server, module: Any, service: str) -> None:

@@ -31,7 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.errors import BadRequest
+
 FITS = ("crop", "pad")
+PNG_CHANNELS = (1, 3, 4)
 NAMED_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
@@ -275,6 +278,13 @@ def encoded(image: np.ndarray, fmt: str = "PNG", **options: Any) -> bytes:
     buf = io.BytesIO()
     _to_pil(to_uint8(image)).save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def check_png(channels: int, field: str = "format") -> None:
+    """BadRequest unless a model's images (of `channels`) can be PNGs: grey, RGB or RGBA. Checked
+    before any compute, so a request that cannot be answered costs nothing."""
+    if channels not in PNG_CHANNELS:
+        raise BadRequest(f"{field}: PNG needs 1, 3 or 4 channels, the model has {channels}")
 
 
 def png_bytes(image: np.ndarray) -> bytes:

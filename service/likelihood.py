@@ -186,14 +186,10 @@ def mixture_mean(params: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(mean, 0.0, 1.0, out=mean)
 
 
-def mean_image(likelihood: str, params: np.ndarray, channels: int) -> np.ndarray:
-    """What Sample and Reconstruct show, float32 [N, C, H, W] in [0, 1]: sigmoid of the Bernoulli
-    logits, the Gaussian mean clipped to [0, 1], or the logistic mixture's mean."""
-    return mean_function(likelihood, channels)(params)
-
-
 def mean_function(likelihood: str, channels: int) -> Callable[[np.ndarray], np.ndarray]:
-    """`mean_image` for one likelihood, chosen once: the server runs it on every decoded row."""
+    """What Sample and Reconstruct show for one likelihood, chosen once (the server runs it on every
+    decoded batch): params -> float32 [N, C, H, W] in [0, 1], sigmoid of the Bernoulli logits, the
+    Gaussian mean clipped to [0, 1], or the logistic mixture's mean."""
     check_likelihood(likelihood)
     if likelihood == "bernoulli":
         return sigmoid

@@ -5,9 +5,6 @@ and `service.oip_models`' plain values back into messages (`rpc` label `oip.<met
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -18,32 +15,15 @@ from service import oip_models
 from service.api.inference import grpc_service_pb2 as oip
 from service.dataplane import DataPlane
 from service.errors import BadRequest
-from service.grpc_calls import abort, deadline_of, refusal
+from service.grpc_calls import abort, deadline_of, refusal, uncapped
+from service.shapes import from_values
 
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ADMIN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("RepositoryModelLoad", "RepositoryModelUnload"))
 PREFIX = "oip."
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "UINT64": "uint64_contents",
             "INT32": "int_contents", "UINT8": "uint_contents"}  # fmt: skip
-HEALTH = ("ServerLive", "ServerReady", "ModelReady")  # answered while draining: probes need them most then
-
-
-def uncapped(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A call that is not inference: counted and timed, not held to --max-concurrent-calls."""
-    name = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapped(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            async with self.plane.uncapped(PREFIX + name, while_draining=name in HEALTH):
-                bad = refusal(request)
-                if bad:
-                    raise bad
-                return await handler(self, request)
-        except Exception as err:  # noqa: BLE001 - typed errors become their status code, others INTERNAL
-            await abort(context, err)
-
-    return wrapped
+HEALTH = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # answered while draining: probes need them most then
 
 
 def inputs_of(request: oip.ModelInferRequest) -> dict[str, tuple[str, np.ndarray]]:
@@ -61,10 +41,7 @@ def inputs_of(request: oip.ModelInferRequest) -> dict[str, tuple[str, np.ndarray
             array = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
         else:
             dtype = oip_models.check_tensor(name, datatype, shape)
-            values = getattr(tensor.contents, CONTENTS[datatype])
-            if len(values) != math.prod(shape):
-                raise BadRequest(f"input {name!r}: shape {shape} needs {math.prod(shape)} values in contents, got {len(values)}")
-            array = np.array(values, dtype=dtype).reshape(shape)
+            array = from_values(getattr(tensor.contents, CONTENTS[datatype]), dtype, shape, f"input {name!r}", "contents")
         inputs[name] = (datatype, array)
     return inputs
 
@@ -77,48 +54,48 @@ class InferenceServicer:
     def _resolve(self, name: str, version: str) -> tuple[Any, str]:
         return self.models.resolve(*oip_models.target(name, version)), oip_models.split_name(name)[1]
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ServerLive(self, request: oip.ServerLiveRequest) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ServerReady(self, request: oip.ServerReadyRequest) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self.plane.ready)
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ServerMetadata(self, request: oip.ServerMetadataRequest) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(**oip_models.server_metadata())
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ModelReady(self, request: oip.ModelReadyRequest) -> oip.ModelReadyResponse:
         return oip.ModelReadyResponse(ready=not self.plane.draining and oip_models.model_ready(self.models, request.name, request.version))
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ModelMetadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
         engine, kind = self._resolve(request.name, request.version)
         return json_format.ParseDict(oip_models.metadata(self.models, engine, request.name, kind), oip.ModelMetadataResponse())
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ModelConfig(self, request: oip.ModelConfigRequest) -> oip.ModelConfigResponse:
         engine, kind = self._resolve(request.name, request.version)
         return oip.ModelConfigResponse(config=json_format.ParseDict(oip_models.config(engine, request.name, kind), oip.ModelConfig()))
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def ModelStatistics(self, request: oip.ModelStatisticsRequest) -> oip.ModelStatisticsResponse:
         stats = oip_models.statistics(self.models, self.plane.metrics, request.name, request.version)
         return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest) -> oip.RepositoryIndexResponse:
         return json_format.ParseDict({"models": oip_models.index(self.plane.statuses(), request.ready)}, oip.RepositoryIndexResponse())
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest) -> oip.RepositoryModelLoadResponse:
         """Loads the model behind the name: NAME, or any of NAME_encoder/_decoder/_sample."""
         await self.plane.load(oip_models.base_name(request.model_name))
         return oip.RepositoryModelLoadResponse()
 
-    @uncapped
+    @uncapped(PREFIX, HEALTH)
     async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest) -> oip.RepositoryModelUnloadResponse:
         """Unloads the model behind the name, and with it its three protocol models."""
         await self.plane.unload(oip_models.base_name(request.model_name))

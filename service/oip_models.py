@@ -13,7 +13,6 @@ the protobuf messages' field names, so the gRPC front end parses them into its m
 
 from __future__ import annotations
 
-import math
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
@@ -25,6 +24,7 @@ from service.engine import Engine
 from service.errors import BadRequest
 from service.metrics import Metrics
 from service.models import READY, ModelNotFound, Models, Status
+from service.shapes import tensor_size
 
 KINDS = ("encoder", "decoder", "sample")
 # The protocol's extensions (Triton's names) that this server implements, and no others.
@@ -33,7 +33,7 @@ DATATYPES = {
     "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8"),
     "INT32": np.dtype("<i4"), "UINT8": np.dtype("u1"),
 }  # fmt: skip
-MAX_ELEMENTS = 1 << 31  # more than any request a limit lets through; keeps shape arithmetic sane
+MAX_INT64 = (1 << 63) - 1
 Signature = tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]
 
 
@@ -60,7 +60,7 @@ def parse_version(version: str) -> int:
     """"" is the newest version served (0); otherwise a positive integer."""
     if not version:
         return 0
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise BadRequest(f"model_version: {version!r}; give a version number, or nothing for the newest")
     return int(version)
 
@@ -83,9 +83,7 @@ def check_tensor(name: str, datatype: str, shape: list[int], size: int | None = 
     through, or bytes that do not match the shape."""
     if datatype not in DATATYPES:
         raise BadRequest(f"input {name!r}: datatype {datatype!r} is not one this server takes ({', '.join(DATATYPES)})")
-    count = math.prod(shape)  # Python integers: no overflow, and cheaper than numpy's on a short list
-    if any(d < 0 for d in shape) or count > MAX_ELEMENTS:
-        raise BadRequest(f"input {name!r}: shape {list(shape)} is not a valid shape here")
+    count = tensor_size(shape, f"input {name!r}")
     dtype = DATATYPES[datatype]
     if size is not None and size != count * dtype.itemsize:
         raise BadRequest(f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, got {size}")
@@ -137,8 +135,11 @@ async def infer(
         n = _scalar(inputs, "num_samples", ("INT64", "INT32"))
         if n is None:
             raise BadRequest("input 'num_samples': missing")
+        seed = _scalar(inputs, "seed", ("INT64", "UINT64"))
+        if seed is not None and not 0 <= seed <= MAX_INT64:  # the seed output is INT64
+            raise BadRequest(f"input 'seed': {seed}; must be between 0 and 2^63 - 1")
         images, seed = await dataplane.sample(
-            engine, int(n), _scalar(inputs, "seed", ("INT64", "UINT64")), _scalar(inputs, "temperature", ("FP32",)), deadline,
+            engine, int(n), seed, _scalar(inputs, "temperature", ("FP32",)), deadline,
             names=("input 'num_samples'", "input 'seed'", "input 'temperature'"),
         )  # fmt: skip
         results = {"images": images, "seed": np.array([seed], np.int64)}

@@ -89,7 +89,7 @@ class Authorizer:
         self._deny(what, "unauthenticated", Unauthenticated(f"{reason}: send 'authorization: Bearer <token>'"))
 
     def _deny(self, what: str, reason: str, err: Exception) -> None:
-        log.warning("auth: denied %s (%s)", what, str(err).split(":")[0])
+        log.warning("auth: denied %r (%s)", what, str(err).split(":")[0])  # %r: a path may hold a newline
         if self.on_denied:
             self.on_denied(reason)
         raise err

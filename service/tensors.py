@@ -5,17 +5,15 @@ data plane. Each check raises BadRequest with a message naming the field and wha
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.errors import BadRequest
-from service.imaging import png_bytes, to_uint8
+from service.imaging import check_png, png_bytes, to_uint8
+from service.shapes import tensor_size
 
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_UINT8: np.dtype("u1")}
 FORMATS = frozenset(pb.ImageFormat.values())
-MAX_DIMS = 8
 
 
 def to_array(t: pb.Tensor, field: str, allow_uint8: bool = False) -> np.ndarray:
@@ -27,10 +25,8 @@ def to_array(t: pb.Tensor, field: str, allow_uint8: bool = False) -> np.ndarray:
         allowed = "float32 or uint8" if allow_uint8 else "float32"
         raise BadRequest(f"{field}: dtype must be {allowed}, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}")
     shape = tuple(t.shape)
-    if len(shape) > MAX_DIMS:
-        raise BadRequest(f"{field}: {len(shape)} dimensions; a tensor here has at most {MAX_DIMS}")
     dtype = DTYPES[t.dtype]
-    want = math.prod(shape) * dtype.itemsize
+    want = tensor_size(shape, field) * dtype.itemsize
     if len(t.data) != want:
         raise BadRequest(f"{field}: shape {list(shape)} of {dtype.name} needs {want} bytes, got {len(t.data)}")
     return np.frombuffer(t.data, dtype=dtype).reshape(shape)
@@ -49,8 +45,8 @@ def from_array(a: np.ndarray, into: pb.Tensor | None = None) -> pb.Tensor:
 def check_format(fmt: int, channels: int) -> int:
     if fmt not in FORMATS:
         raise BadRequest(f"format: unknown image format {fmt}")
-    if fmt == pb.IMAGE_FORMAT_PNG and channels not in (1, 3, 4):
-        raise BadRequest(f"format: PNG needs 1, 3 or 4 channels, the model has {channels}")
+    if fmt == pb.IMAGE_FORMAT_PNG:
+        check_png(channels)
     return fmt or pb.IMAGE_FORMAT_FLOAT32
 
 

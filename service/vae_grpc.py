@@ -14,7 +14,7 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.dataplane import DataPlane, EndPoint
 from service.engine import Engine
 from service.errors import BadRequest
-from service.grpc_calls import abort, deadline_of, refusal
+from service.grpc_calls import abort, deadline_of, refusal, uncapped
 from service.models import LOADING, READY, UNAVAILABLE, UNLOADING, Status
 from service.tensors import check_format, fill_images, from_array, to_array
 
@@ -70,24 +70,6 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     return wrapped
 
 
-def uncapped(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A listing or model-control handler: counted and timed, not held to --max-concurrent-calls."""
-    name = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapped(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            async with self.plane.uncapped(name):
-                bad = refusal(request)
-                if bad:
-                    raise bad
-                return await handler(self, request)
-        except Exception as err:  # noqa: BLE001
-            await abort(context, err)
-
-    return wrapped
-
-
 class VaeServicer:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -98,15 +80,15 @@ class VaeServicer:
             default_model=self.plane.models.default or "",
         )
 
-    @uncapped
+    @uncapped()
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         return self._listing(self.plane.statuses())
 
-    @uncapped
+    @uncapped()
     async def LoadModel(self, request: pb.LoadModelRequest) -> pb.ListModelsResponse:
         return self._listing(await self.plane.load(request.model_name, request.model_version))
 
-    @uncapped
+    @uncapped()
     async def UnloadModel(self, request: pb.UnloadModelRequest) -> pb.ListModelsResponse:
         return self._listing(await self.plane.unload(request.model_name, request.model_version))
 

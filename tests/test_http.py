@@ -199,6 +199,23 @@ BAD = [
     ("post", "/v1/models/digits/reconstruct.png", {"json": {}}, 400, "image"),
     ("post", "/v1/models/digits/sample", {"content": bytes(2 << 20)}, 413, "at most 1048576"),
     ("post", "/v1/models/digits/load", {}, 401, "bearer token"),
+    ("post", "/v1/models/digits/decode", {"json": {"latents": {"shape": [2**20, 2**20], "data": []}}}, 400, "elements; at most"),
+    ("post", "/v1/models/digits/decode", {"json": {"latents": {"shape": [10**23], "data": []}}}, 400, "dimensions must be"),
+    ("post", "/v1/models/digits/decode", {"json": {"latents": {"shape": [1, 8], "dtype": "uint8", "data": [0] * 8}}}, 400, "float32"),
+    ("post", "/v2/models/digits_decoder/infer", {"json": {"inputs": [{"name": "z", "datatype": "FP32", "shape": [10**30, 0], "data": []}]}},
+     400, "dimensions must be"),
+    ("post", "/v2/models/digits_decoder/infer", {"json": {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1] * 70, "data": [0]}]}},
+     400, "70 dimensions"),
+    ("post", "/v2/models/digits_sample/infer", {"json": {"inputs": [
+        {"name": "num_samples", "datatype": "INT64", "shape": [1], "data": [1]},
+        {"name": "seed", "datatype": "UINT64", "shape": [1], "data": [2**63]}]}}, 400, "2^63 - 1"),
+    ("post", "/v2/models/digits_sample/infer", {"json": {"inputs": [{"name": "num_samples", "datatype": "INT64", "shape": [1], "data": [1]}],
+                                                         "outputs": [{"name": "seed", "parameters": [1]}]}}, 400, "'parameters'"),
+    ("post", "/v2/models/digits_sample/infer", {"content": b"[" * 100000}, 400, "nests too deeply"),
+    ("post", "/v2/models/digits_sample/infer", {"content": b"{}", "headers": {"Inference-Header-Content-Length": b"\xb2"}}, 400,
+     "Inference-Header-Content-Length"),
+    ("get", "/v2/models/digits_sample/versions/%C2%B2", {}, 400, "give a version number"),
+    ("get", "/v2/models/digits_sample/versions/%D9%A1/ready", {}, 400, "give a version number"),
 ]  # fmt: skip
 
 
@@ -227,6 +244,19 @@ def test_uploaded_png_and_jpeg_reconstruct_as_over_grpc(server, web):
         assert r.content == want
     both = web.post("/v1/models/digits/reconstruct.png", files=[("image", ("a.png", files[0])), ("image", ("b.jpg", files[1]))])
     assert Image.open(io.BytesIO(both.content)).size[0] > Image.open(io.BytesIO(expected[0])).size[0]  # a grid of two
+
+
+def test_a_chunked_body_over_the_cap_is_413_on_every_route(web):
+    def chunks():  # a well-formed start, so that every parser reads on: one file part without end
+        yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+
+    multipart = "multipart/form-data; boundary=x"
+    for path, kind in (("/v1/models/digits/sample", "application/json"), ("/v2/models/digits_sample/infer", "application/json"),
+                       ("/v1/models/digits/reconstruct.png", multipart)):  # fmt: skip
+        r = web.post(path, content=chunks(), headers={"content-type": kind})
+        assert r.status_code == 413 and "more than" in r.json()["error"], (path, r.text)
 
 
 def test_openapi_document_and_docs_page_work_offline(web):

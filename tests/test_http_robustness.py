@@ -43,7 +43,8 @@ def value(rng: random.Random, depth: int = 0):
 
 
 def tensor(rng: random.Random) -> dict:
-    shape = rng.choice([[1], [2, 8], [1, 1, 8, 8], [-1, 8], [0, 8], [10**9, 10**9], [], [1, 9], value(rng)])
+    shape = rng.choice([[1], [2, 8], [1, 1, 8, 8], [-1, 8], [0, 8], [10**9, 10**9], [], [1, 9], [2**62, 0], [10**30, 0], [1] * 70,
+                        [2**20, 2**20], value(rng)])
     spec = {"name": rng.choice(INPUTS), "datatype": rng.choice(TYPES), "shape": shape}
     if rng.random() < 0.5:
         spec["data"] = value(rng) if rng.random() < 0.3 else [rng.random() for _ in range(rng.choice([1, 8, 16, 64, 3]))]
@@ -53,7 +54,7 @@ def tensor(rng: random.Random) -> dict:
 
 
 def request(rng: random.Random) -> dict:
-    path = rng.choice(PATHS).format(m=rng.choice(NAMES), n=rng.choice(NAMES), v=rng.choice(["1", "0", "-1", "x", "99"]))
+    path = rng.choice(PATHS).format(m=rng.choice(NAMES), n=rng.choice(NAMES), v=rng.choice(["1", "0", "-1", "x", "99", "%C2%B2", "%D9%A1"]))
     if rng.random() < 0.05:
         path += "/" + "".join(rng.choice("ab/%?#.~") for _ in range(rng.randrange(12)))
     headers = {}
@@ -63,15 +64,19 @@ def request(rng: random.Random) -> dict:
         headers["authorization"] = rng.choice(["Bearer", "Bearer x", "Basic abc", "", "bearer " + "z" * 500])
     if rng.random() < 0.1:
         headers["accept-encoding"] = rng.choice(["gzip", "br", "*"])
-    kind = rng.randrange(5)
+    kind = rng.randrange(6)
     if kind == 0:
         body = bytes(rng.randrange(256) for _ in range(rng.randrange(300)))
+    elif kind == 5:  # JSON nested past any parser's recursion
+        body = rng.choice([b"[", b'{"a":']) * rng.choice([10, 1000, 100_000])
     elif kind == 1:
         body = json.dumps(value(rng)).encode()
     else:  # an inference request, possibly with a binary tail whose lengths disagree with its header
         head = {"inputs": [tensor(rng) for _ in range(rng.randrange(4))]}
         if rng.random() < 0.3:
             head["outputs"] = [{"name": rng.choice(["images", "seed", "mu", "x", 3]), "parameters": value(rng)}]
+        if rng.random() < 0.1:  # a seed past INT64
+            head["inputs"].append({"name": "seed", "datatype": "UINT64", "shape": [1], "data": [rng.choice([2**63, 2**64 - 1, 2**64])]})
         if rng.random() < 0.3:
             head["parameters"] = rng.choice([{"binary_data_output": True}, {"timeout": rng.randint(-5, 10**7)}, value(rng)])
         for key in ("num_samples", "seed", "temperature", "format", "latents", "images", "image_files", "steps", "start"):
@@ -81,7 +86,8 @@ def request(rng: random.Random) -> dict:
         tail = bytes(rng.randrange(256) for _ in range(rng.choice([0, 4, 32, 64, 100])))
         body = text + tail
         if tail or rng.random() < 0.3:
-            headers["inference-header-content-length"] = str(rng.choice([len(text), len(text) - 1, len(body) + 5, 0, -3, "x"]))
+            headers["inference-header-content-length"] = rng.choice([str(n) for n in (len(text), len(text) - 1, len(body) + 5, 0, -3)]
+                                                                   + ["x", b"\xb2"])  # fmt: skip
     return {"method": rng.choice(METHODS), "url": path, "headers": headers, "content": body}
 
 

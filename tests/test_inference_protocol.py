@@ -125,6 +125,10 @@ BAD_INPUTS = [
     ("digits_sample", [("seed", "INT64", [1], np.array([1], "<i8").tobytes())], "input 'num_samples': missing"),
     ("digits_sample", [("num_samples", "INT64", [1], np.array([2], "<i8").tobytes()),
                        ("temperature", "FP32", [1], np.array([-1], "<f4").tobytes())], "'temperature': -1.0"),
+    ("digits_sample", [("num_samples", "INT64", [1], np.array([2], "<i8").tobytes()),
+                       ("seed", "UINT64", [1], np.array([2**63], "<u8").tobytes())], "'seed': 9223372036854775808"),
+    ("digits_decoder", [("z", "FP32", [2**62, 0], b"")], "dimensions must be whole numbers"),
+    ("digits_decoder", [("z", "FP32", [1] * 70, b"\x00" * 4)], "70 dimensions"),
 ]  # fmt: skip
 
 

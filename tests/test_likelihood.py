@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.special import expit
 
-from service.likelihood import bits_per_dim, decoder_channels, log_px_z, mean_image, mixture_components
+from service.likelihood import bits_per_dim, decoder_channels, log_px_z, mean_function, mixture_components
 from training.losses import discretized_mix_logistic_nll, mixture_mean, reconstruction_nll
 
 H = 1.0 / 255  # half an 8-bit step in [-1, 1]
@@ -138,21 +138,21 @@ def test_numpy_broadcasts_images_over_posterior_samples_as_score_does():
 def test_mixture_mean_image_is_in_range_and_the_same_in_numpy_and_torch():
     k, c = 3, 3
     params, _ = extreme_case(np.random.default_rng(6), n=5, k=k, c=c)
-    image = mean_image("logistic-mixture", params.astype(np.float32), c)
+    image = mean_function("logistic-mixture", c)(params.astype(np.float32))
     reference = mixture_mean(torch.from_numpy(params), c).numpy()
     assert image.shape == (5, c, 4, 4) and image.dtype == np.float32
     assert image.min() >= 0.0 and image.max() <= 1.0
     np.testing.assert_allclose(image, reference, rtol=0, atol=1e-6)
     # one component with mean m in [-1, 1] shows (m + 1) / 2
     single = np.array([0.0, 0.5, -0.3])[None, :, None, None]
-    assert mean_image("logistic-mixture", single, 1)[0, 0, 0, 0] == pytest.approx(0.75)
+    assert mean_function("logistic-mixture", 1)(single)[0, 0, 0, 0] == pytest.approx(0.75)
 
 
 def test_bernoulli_and_gaussian_mean_images():
     params = np.array([-50.0, 0.0, 0.25, 2.0], dtype=np.float32).reshape(1, 1, 2, 2)
     expected = torch.sigmoid(torch.from_numpy(params)).numpy()
-    np.testing.assert_allclose(mean_image("bernoulli", params, 1), expected, atol=1e-7)
-    np.testing.assert_array_equal(mean_image("gaussian", params, 1), np.clip(params, 0, 1))
+    np.testing.assert_allclose(mean_function("bernoulli", 1)(params), expected, atol=1e-7)
+    np.testing.assert_array_equal(mean_function("gaussian", 1)(params), np.clip(params, 0, 1))
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])

@@ -31,11 +31,11 @@ def test_sample_is_an_image_in_unit_range_and_seeded():
 
 
 def service_mean_image(likelihood: str, params: torch.Tensor, channels: int = 1) -> torch.Tensor:
-    """What the service shows for these decoder outputs (`service.likelihood.mean_image`, which
-    `Engine.mean_image` calls), on numpy."""
-    from service.likelihood import mean_image
+    """What the service shows for these decoder outputs (`service.likelihood.mean_function`, which
+    `Engine.mean_image` is), on numpy."""
+    from service.likelihood import mean_function
 
-    return torch.from_numpy(mean_image(likelihood, params.numpy(), channels))
+    return torch.from_numpy(mean_function(likelihood, channels)(params.numpy()))
 
 
 def test_gaussian_mean_image_is_clipped_as_the_service_clips_it():

@@ -121,7 +121,7 @@ def test_bearer_tokens(model_repo, tmp_path):
     finally:
         assert proc.terminate() == 0
     log = proc.log.read_text()
-    assert "auth: denied /vae.v1.VaeService/Sample (unknown token)" in log
+    assert "auth: denied '/vae.v1.VaeService/Sample' (unknown token)" in log
     assert "bearer tokens on a plaintext port travel in clear" in log  # no --tls-cert here
     assert TOKEN not in log
 

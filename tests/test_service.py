@@ -216,6 +216,8 @@ BAD_REQUESTS = [
     ("Decode", pb.DecodeRequest(latents=from_array(np.full((2, 8), 1e38, np.float32))), "magnitude 1e+38"),
     ("Decode", pb.DecodeRequest(latents=from_array(np.full((1, 8), -1.5e4, np.float32))), "within [-10000, 10000]"),
     ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[3] * 20000, dtype=pb.DTYPE_FLOAT32)), "20000 dimensions"),
+    ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[2**62, 0], dtype=pb.DTYPE_FLOAT32)), "dimensions must be whole numbers"),
+    ("Decode", pb.DecodeRequest(latents=pb.Tensor(shape=[2**20, 2**20], dtype=pb.DTYPE_FLOAT32)), "elements; at most"),
     ("Encode", pb.EncodeRequest(images=from_array(np.zeros((2, 1, 9, 8), np.float32))), "shape"),
     ("Encode", pb.EncodeRequest(images=from_array(np.full((1, 1, 8, 8), 3.0, np.float32))), "[0, 1]"),
     ("Encode", pb.EncodeRequest(images=pb.Tensor(shape=[1, 1, 8, 8], dtype=99, data=bytes(64))), "dtype"),

@@ -20,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,6 +58,8 @@ class Guard:
         self.app, self.auth, self.max_body_bytes = app, auth, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no route speaks it: refused before anything else
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
@@ -69,17 +72,39 @@ class Guard:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await error(413, self._too_large(int(length)))(scope, receive, send)
-        received = 0
+        received, over = 0, False
+        started = False
 
         async def capped() -> Message:
-            nonlocal received
+            """The body as it arrives (chunked, or lying about its length), refused past the cap."""
+            nonlocal received, over
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
+                over = True
                 raise PayloadTooLarge(self._too_large(received, more=True))
             return message
 
-        await self.app(scope, capped, send)
+        async def answer(message: Message) -> None:
+            """The app's answer, unless the body went over the cap: then 413, whatever the app made
+            of the error its body parser met (FastAPI answers those 400)."""
+            nonlocal started
+            if over:
+                if not started:
+                    started = True
+                    await error(413, self._too_large(received, more=True))(scope, receive, send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, capped, answer)
+        except ClientDisconnect:
+            return  # nobody is left to answer
+        except Exception:  # noqa: BLE001 - answered 500 already (the app's handler); logged here, once
+            log.error("%s %r failed", method, path, exc_info=True)
+            if not started:
+                await error(500, "internal error")(scope, receive, send)
 
     def _too_large(self, size: int, more: bool = False) -> str:
         return f"request body of {'more than ' if more else ''}{size} bytes; at most {self.max_body_bytes} (--max-message-bytes)"
@@ -108,7 +133,7 @@ def build_app(plane: DataPlane, auth: Authorizer | None, settings: HttpSettings)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, err: Exception) -> JSONResponse:
-        log.error("%s %s failed: %s", request.method, request.url.path, err, exc_info=True)
+        """The answer to a fault; Starlette raises it on after answering, and the guard logs it."""
         return error(500, f"internal error: {type(err).__name__}")
 
     app.include_router(oip.router(plane))

@@ -76,13 +76,14 @@ def router(plane: DataPlane) -> APIRouter:
             return json_response({"model_stats": oip_models.statistics(models, plane.metrics, model, version)})
 
     async def _infer(request: Request, model: str, version: str = "") -> Response:
+        body = await request.body()  # before the call: a slow upload holds no --max-concurrent-calls slot
         refusal, base, kind, v = None, "", "", 0
         try:
             (base, kind), v = oip_models.split_name(model), oip_models.parse_version(version)
         except Exception as err:  # noqa: BLE001 - refused, and accounted, by the call below
             refusal = err
         async with plane.call(PREFIX + "ModelInfer", base, v, None, refusal) as engine:
-            head, tail = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+            head, tail = split_body(body, request.headers.get(HEADER_LENGTH))
             inputs = read_inputs(head, tail)
             names, binary = asked_outputs(head)
             outputs = await oip_models.infer(engine, kind, inputs, names, deadline_in(_timeout(head)))
@@ -104,10 +105,10 @@ def router(plane: DataPlane) -> APIRouter:
 
     @api.post("/repository/index", summary="The repository's models and their states")
     async def index(request: Request) -> Response:
+        body = await request.body()
         async with plane.uncapped(PREFIX + "RepositoryIndex"):
-            body = await request.body()
             asked = loads(body) if body.strip() else {}
-            ready_only = bool(asked.get("ready", False)) if isinstance(asked, dict) else False
+            ready_only = isinstance(asked, dict) and asked.get("ready") is True
             return json_response(oip_models.index(plane.statuses(), ready_only))
 
     @api.post("/repository/models/{model}/load", summary="Load a model (admin token)")

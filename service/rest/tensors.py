@@ -5,13 +5,13 @@ row-major order) and Triton's binary tensor data extension, in which a JSON head
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 
 from service.errors import BadRequest
 from service.oip_models import DATATYPES, check_tensor
+from service.shapes import from_values
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -21,6 +21,8 @@ def loads(body: bytes, what: str = "request body") -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} nests too deeply") from None
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
@@ -28,7 +30,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if header_length is None:
         head, tail = body, memoryview(b"")
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise BadRequest(f"Inference-Header-Content-Length: {header_length!r}; must be a byte count within the body ({len(body)} bytes)")
         n = int(header_length)
         head, tail = body[:n], memoryview(body)[n:]
@@ -73,21 +75,11 @@ def read_inputs(request: dict[str, Any], tail: memoryview) -> dict[str, tuple[st
             dtype = check_tensor(name, datatype, shape)
             if "data" not in spec:
                 raise BadRequest(f"input {name!r}: give 'data', or binary data with 'binary_data_size'")
-            array = _from_json(spec["data"], dtype, shape, name)
+            array = from_values(spec["data"], dtype, shape, f"input {name!r}")
         out[name] = (datatype, array)
     if offset != len(tail):
         raise BadRequest(f"{len(tail) - offset} bytes after the JSON header belong to no input")
     return out
-
-
-def _from_json(data: Any, dtype: np.dtype, shape: list[int], name: str) -> np.ndarray:
-    try:
-        array = np.asarray(data, dtype=dtype)  # nested or flat, in row-major order
-    except (TypeError, ValueError, OverflowError) as err:
-        raise BadRequest(f"input {name!r}: data is not an array of {dtype.name}: {err}") from None
-    if array.size != math.prod(shape):
-        raise BadRequest(f"input {name!r}: shape {shape} needs {math.prod(shape)} values in data, got {array.size}")
-    return array.reshape(shape)
 
 
 def asked_outputs(request: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
@@ -99,7 +91,7 @@ def asked_outputs(request: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest(f"outputs[{i}]: must be a JSON object with a 'name'")
         names.append(spec["name"])
-        binary[spec["name"]] = bool((spec.get("parameters") or {}).get("binary_data", default))
+        binary[spec["name"]] = bool((_field(spec, "parameters", dict, f"outputs[{i}]", {}) or {}).get("binary_data", default))
     binary[""] = default  # for outputs not named
     return names, binary
 

@@ -30,8 +30,9 @@ from service import dataplane
 from service.dataplane import DataPlane, EndPoint
 from service.engine import Engine
 from service.errors import BadRequest
-from service.imaging import grid, png_bytes, to_uint8
+from service.imaging import check_png, grid, png_bytes, to_uint8
 from service.rest.responses import json_response
+from service.shapes import from_values, tensor_size
 
 PREFIX = "http."
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
@@ -92,11 +93,13 @@ class ScoreRequest(ImagesRequest):
     seed: int | None = None
 
 
-def array(t: Tensor, field: str) -> np.ndarray:
+def array(t: Tensor, field: str, allow_uint8: bool = True) -> np.ndarray:
+    """The tensor's values (`data`, or `b64` raw bytes) as an array of its shape and dtype; latents
+    are float32 only, as over gRPC."""
+    if t.dtype == "uint8" and not allow_uint8:
+        raise BadRequest(f"{field}: dtype must be float32, got uint8")
     dtype = DTYPES[t.dtype]
-    if any(d < 0 for d in t.shape) or len(t.shape) > 8:
-        raise BadRequest(f"{field}: shape {t.shape} is not a valid shape")
-    n = int(np.prod(t.shape, dtype=np.int64))
+    n = tensor_size(t.shape, field)
     if t.b64 is not None:
         raw = unbase64(t.b64, field)
         if len(raw) != n * dtype.itemsize:
@@ -104,13 +107,7 @@ def array(t: Tensor, field: str) -> np.ndarray:
         return np.frombuffer(raw, dtype).reshape(t.shape)
     if t.data is None:
         raise BadRequest(f"{field}: give 'data' or 'b64'")
-    try:
-        a = np.asarray(t.data, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise BadRequest(f"{field}: data is not an array of {t.dtype}: {err}") from None
-    if a.size != n:
-        raise BadRequest(f"{field}: shape {t.shape} needs {n} values, got {a.size}")
-    return a.reshape(t.shape)
+    return from_values(t.data, dtype, t.shape, field)
 
 
 def unbase64(text: str, field: str) -> bytes:
@@ -128,10 +125,14 @@ def tensor(a: np.ndarray, encoding: str) -> dict[str, Any]:
     return {"shape": list(a.shape), "dtype": dtype, "data": a.ravel().tolist()}
 
 
+def check_answer(engine: Engine, body: Answer) -> None:
+    """Before any compute: the answer's format must suit the model."""
+    if body.format == "png":
+        check_png(engine.spec.image_shape[0])
+
+
 def images_out(engine: Engine, images: np.ndarray, body: Answer) -> dict[str, Any]:
     if body.format == "png":
-        if engine.spec.image_shape[0] not in (1, 3, 4):
-            raise BadRequest(f"format: png needs 1, 3 or 4 channels, the model has {engine.spec.image_shape[0]}")
         return {"format": "png", "png": [base64.b64encode(png_bytes(im)).decode() for im in images]}
     return {"format": body.format, **tensor(to_uint8(images) if body.format == "uint8" else images, body.encoding)}
 
@@ -185,12 +186,14 @@ def router(plane: DataPlane) -> APIRouter:
         columns: Annotated[int | None, Query(ge=1, le=1024, description="images per row (default: a square)")] = None,
     ) -> Response:  # fmt: skip
         async with call("Sample", name, version) as engine:
+            check_png(engine.spec.image_shape[0])
             images, _ = await dataplane.sample(engine, n, seed, temperature, None, names=("n", "seed", "temperature"))
             return Response(_grid_png(images, columns), media_type="image/png")
 
     @api.post("/models/{name}/sample", summary="Samples from the prior")
     async def sample(name: str, body: SampleRequest, version: Version = 0) -> Response:
         async with call("Sample", name, version) as engine:
+            check_answer(engine, body)
             images, seed = await dataplane.sample(engine, body.num_samples, body.seed, body.temperature, None)
             return _answered(engine, {"seed": seed, "images": images_out(engine, images, body)})
 
@@ -207,12 +210,14 @@ def router(plane: DataPlane) -> APIRouter:
     @api.post("/models/{name}/decode", summary="Images of latents")
     async def decode(name: str, body: DecodeRequest, version: Version = 0) -> Response:
         async with call("Decode", name, version) as engine:
-            z = dataplane.latents(engine, array(body.latents, "latents"))
+            check_answer(engine, body)
+            z = dataplane.latents(engine, array(body.latents, "latents", allow_uint8=False))
             return _answered(engine, {"images": images_out(engine, await engine.decode(z), body)})
 
     @api.post("/models/{name}/reconstruct", summary="Decoded images of the images' encodings")
     async def reconstruct(name: str, body: ImagesRequest, version: Version = 0) -> Response:
         async with call("Reconstruct", name, version) as engine:
+            check_answer(engine, body)
             x = await dataplane.request_images(engine, *_images_in(body))
             return _answered(engine, {"images": images_out(engine, await engine.reconstruct(x), body)})
 
@@ -223,6 +228,7 @@ def router(plane: DataPlane) -> APIRouter:
         columns: Annotated[int | None, Query(ge=1, le=1024)] = None,
     ) -> Response:  # fmt: skip
         async with call("Reconstruct", name, version) as engine:
+            check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
             x = await dataplane.request_images(engine, None, files, files_field="image")
             images = await engine.reconstruct(x)
@@ -231,6 +237,7 @@ def router(plane: DataPlane) -> APIRouter:
     @api.post("/models/{name}/interpolate", summary="Images along the latent path between two end points")
     async def interpolate(name: str, body: InterpolateRequest, version: Version = 0) -> Response:
         async with call("Interpolate", name, version) as engine:
+            check_answer(engine, body)
             ends = [_end_point(getattr(body, side), side) for side in ("start", "end")]
             path, images = await dataplane.interpolate(engine, *ends, body.steps, body.method, None)
             return _answered(engine, {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body)})
@@ -256,13 +263,11 @@ def _end_point(end: EndPointIn, side: str) -> EndPoint:
     if end.file is not None:
         return EndPoint(f"{side}.file", file=unbase64(end.file, f"{side}.file"))
     which = given[0]
-    a = array(getattr(end, which), f"{side}.{which}")
+    a = array(getattr(end, which), f"{side}.{which}", allow_uint8=which == "image")
     return EndPoint(f"{side}.{which}", **{which: a})
 
 
 def _grid_png(images: np.ndarray, columns: int | None) -> bytes:
-    if images.shape[1] not in (1, 3, 4):
-        raise BadRequest(f"a PNG needs 1, 3 or 4 channels, the model has {images.shape[1]}")
     buf = io.BytesIO()
     grid(images, columns).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
