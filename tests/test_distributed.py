@@ -204,6 +204,42 @@ def test_sigterm_to_rank_1_stops_every_rank_at_a_step_and_the_run_resumes_on_one
     assert [h["train"]["loss"] for h in trainer.history] == pytest.approx([h["train"]["loss"] for h in reference], rel=1e-6)
 
 
+def test_sigterm_stops_one_process_at_a_step_and_resuming_continues_it_exactly(one_process, tmp_path, monkeypatch):
+    """The same stop without torchrun: the SIGTERM handler lives only while fit() runs, and the
+    step-level last.pt resumes to the very weights of the run that was never stopped."""
+    from training import train
+    from training.__main__ import parse_args
+
+    cfg, _, _ = parse_args([*FLAGS, "--epochs", "2", "--out", str(tmp_path)])
+    objective, calls = train.objective, []
+
+    def signalling(*a, **k):
+        calls.append(1)
+        if len(calls) == STEPS + 3:  # during step index 2 of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return objective(*a, **k)
+
+    monkeypatch.setattr(train, "objective", signalling)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(train.Stopped) as stopped:
+        train.Trainer(cfg, tmp_path).fit()
+    assert (stopped.value.epoch, stopped.value.step) == (1, 3) and signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(train, "objective", objective)
+    cfg, _, _ = parse_args([*FLAGS, "--epochs", "2", "--out", str(tmp_path)])
+    resumed = train.Trainer(cfg, tmp_path)
+    resumed.resume()
+    resumed.fit()
+    assert distance(resumed.model.state_dict(), weights(one_process[2] / "last.pt")) == 0.0
+    reference = json_history(one_process[2])
+    assert [(h["train"], h["val"]) for h in resumed.history] == [(h["train"], h["val"]) for h in reference]
+
+
+def json_history(run: Path) -> list[dict]:
+    from training import checkpoint
+
+    return checkpoint.load(run / "last.pt")["history"]
+
+
 def test_a_killed_rank_ends_the_job_with_an_error_naming_it_and_leaves_the_last_checkpoint(tmp_path):
     from training import checkpoint
 
