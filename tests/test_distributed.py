@@ -262,7 +262,8 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(60):
         (tmp_path / "images" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"class{i % 2}" / f"{i}.png")
+        pixels = (rng.random((12, 12, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"class{i % 2}" / f"{i}.png")
     folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--image-size", "8", "--cache-dir",
               str(tmp_path / "cache"), "--likelihood", "logistic-mixture", "--batch-size", "8"]  # fmt: skip
     done = torchrun(2, "hang:1:5", None, *MODEL, *folder, "--epochs", "1", "--dist-timeout", "3", "--device", "cpu",
@@ -365,6 +366,11 @@ def mounts(pod: dict, container: dict) -> dict[str, dict]:
     return {m["mountPath"]: {"volume": volumes[m["name"]], "mount": m} for m in container["volumeMounts"]}
 
 
+def access(claims: dict[str, dict], mounted: dict) -> list[str]:
+    """The access modes of the claim behind a mount (from `mounts`)."""
+    return claims[mounted["volume"]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"]
+
+
 @pytest.mark.parametrize("manifest", JOBS)
 def test_pytorchjob_runs_the_training_cli_on_a_folder_and_exports_into_the_model_repository(manifest):
     from torch.distributed.run import get_args_parser
@@ -393,7 +399,8 @@ def test_pytorchjob_runs_the_training_cli_on_a_folder_and_exports_into_the_model
         else:  # the image's entry point, torchrun, takes the args
             assert "command" not in c and image["entrypoint"] == ["torchrun"]
         # torchrun's own parser: one node per pod, the rendezvous the operator describes.
-        assert {"$(PET_NNODES)", "$(PET_NPROC_PER_NODE)", "$(PET_NODE_RANK)", "$(MASTER_ADDR)", "$(MASTER_PORT)"} <= set(args)
+        operator_variables = {"$(PET_NNODES)", "$(PET_NPROC_PER_NODE)", "$(PET_NODE_RANK)", "$(MASTER_ADDR)", "$(MASTER_PORT)"}
+        assert operator_variables <= set(args)
         launch = get_args_parser().parse_args(expanded(args, operator_env(job, replica)))
         assert launch.module and launch.training_script == "training" and launch.rdzv_backend == "static"
         assert int(launch.nproc_per_node) * int(launch.nnodes) == world
@@ -403,7 +410,7 @@ def test_pytorchjob_runs_the_training_cli_on_a_folder_and_exports_into_the_model
         where = mounts(pod, c)
         assert cfg.dataset == "folder" and resume
         data = where[cfg.data_dir]
-        assert data["mount"]["readOnly"] and claims[data["volume"]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadOnlyMany"]
+        assert data["mount"]["readOnly"] and access(claims, data) == ["ReadOnlyMany"]
         assert "emptyDir" in where[cfg.cache_dir]["volume"]
         assert cfg.batch_size >= world  # the global batch, split over every rank
         gpus = c["resources"]["limits"].get("nvidia.com/gpu", 0)
@@ -414,7 +421,7 @@ def test_pytorchjob_runs_the_training_cli_on_a_folder_and_exports_into_the_model
         assert security["runAsNonRoot"] and security["runAsUser"] == image["uid"] != 0 and image["user"] == "${UID}:${UID}"
         if replica == "Master":  # rank 0 lives here: the run directory and the model repository
             runs_mount = where[str(out.parent)]
-            assert claims[runs_mount["volume"]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+            assert access(claims, runs_mount) == ["ReadWriteOnce"]
             env = image["env"] | {e["name"]: e["value"] for e in c.get("env", [])}
             repo = where[env["VAE_MODEL_REPO"]]
             assert repo["volume"]["persistentVolumeClaim"]["claimName"] == models_claim["metadata"]["name"]

@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
     opt.add_argument("--seed", type=int, default=d.seed)
-    opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: cuda is LOCAL_RANK's GPU)")
+    opt.add_argument("--device", default=d.device,
+                     help="auto, cpu, cuda or cuda:N (under torchrun: cuda is LOCAL_RANK's GPU)")  # fmt: skip
     opt.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
                      help="under torchrun: seconds a rank waits for the others in a collective before the run fails")  # fmt: skip
     loss = p.add_argument_group("loss")
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     # Under torchrun only rank 0 logs; the others say nothing short of an error.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
+    level = logging.INFO if rank == 0 else logging.ERROR
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
     if cfg.dataset == "folder":  # the decoders' process server starts while torch imports
         from training.folder import start_workers
 

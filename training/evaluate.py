@@ -130,7 +130,9 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 
 @torch.no_grad()
-def iwae_nll(model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist | None = None) -> torch.Tensor:
+def iwae_nll(
+    model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist | None = None
+) -> torch.Tensor:
     """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL),
     with the model's own prior density (N(0, I) or the flow).
 

@@ -406,7 +406,8 @@ class Trainer:
         started = time.perf_counter()
         train = self.train_epoch(epoch)
         val = self.validate()
-        record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": round(time.perf_counter() - started + self.carried_seconds, 2),
+        seconds = round(time.perf_counter() - started + self.carried_seconds, 2)
+        record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": seconds,
                   "images_per_second": round(self.images_per_second, 1), "world_size": d.world_size}  # fmt: skip
         self.history.append(record)
         # The best checkpoint: highest validation ELBO (an autoencoder: lowest reconstruction loss).
