@@ -426,6 +426,7 @@ def test_pytorchjob_runs_the_training_cli_on_a_folder_and_exports_into_the_model
             repo = where[env["VAE_MODEL_REPO"]]
             assert repo["volume"]["persistentVolumeClaim"]["claimName"] == models_claim["metadata"]["name"]
             assert not repo["mount"].get("readOnly") and name == out.name
+            assert "ReadWriteMany" in models_claim["spec"]["accessModes"]  # this pod writes where every replica reads
         else:  # the other ranks never touch the run directory
             assert str(out.parent) not in where
     assert runs["Master"] == runs["Worker"], "every rank must run the same training flags"
