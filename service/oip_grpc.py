@@ -5,7 +5,6 @@ and `service.oip_models`' plain values back into messages (`rpc` label `oip.<met
 
 from __future__ import annotations
 
-from typing import Any
 
 import grpc
 import numpy as np
@@ -51,9 +50,6 @@ class InferenceServicer:
         self.plane = plane
         self.models = plane.models
 
-    def _resolve(self, name: str, version: str) -> tuple[Any, str]:
-        return self.models.resolve(*oip_models.target(name, version)), oip_models.split_name(name)[1]
-
     @uncapped(PREFIX, HEALTH)
     async def ServerLive(self, request: oip.ServerLiveRequest) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
@@ -72,12 +68,12 @@ class InferenceServicer:
 
     @uncapped(PREFIX, HEALTH)
     async def ModelMetadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
-        engine, kind = self._resolve(request.name, request.version)
+        engine, kind = oip_models.resolve(self.models, request.name, request.version)
         return json_format.ParseDict(oip_models.metadata(self.models, engine, request.name, kind), oip.ModelMetadataResponse())
 
     @uncapped(PREFIX, HEALTH)
     async def ModelConfig(self, request: oip.ModelConfigRequest) -> oip.ModelConfigResponse:
-        engine, kind = self._resolve(request.name, request.version)
+        engine, kind = oip_models.resolve(self.models, request.name, request.version)
         return oip.ModelConfigResponse(config=json_format.ParseDict(oip_models.config(engine, request.name, kind), oip.ModelConfig()))
 
     @uncapped(PREFIX, HEALTH)
@@ -103,12 +99,9 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
         bad, deadline = refusal(request), deadline_of(context)
-        try:
-            kind, model, version = "", "", 0
-            if bad is None:
-                (model, kind), version = oip_models.split_name(request.model_name), oip_models.parse_version(request.model_version)
-        except Exception as err:  # noqa: BLE001 - refused, and accounted, by the call below
-            bad = err
+        model, version, kind = "", 0, ""
+        if bad is None:
+            model, version, kind, bad = oip_models.route(request.model_name, request.model_version)
         try:
             async with self.plane.call(PREFIX + "ModelInfer", model, version, deadline, bad) as engine:
                 inputs = inputs_of(request)

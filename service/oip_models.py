@@ -70,6 +70,21 @@ def target(name: str, version: str) -> tuple[str, int]:
     return split_name(name)[0], parse_version(version)
 
 
+def route(name: str, version: str) -> tuple[str, int, str, Exception | None]:
+    """(served model, version, kind) of an inference request, or ("", 0, "") and the error that
+    refuses it: the data plane's call accounts the refusal, so it is returned, not raised."""
+    try:
+        (base, kind), number = split_name(name), parse_version(version)
+    except (ModelNotFound, BadRequest) as err:
+        return "", 0, "", err
+    return base, number, kind, None
+
+
+def resolve(models: Models, name: str, version: str) -> tuple[Engine, str]:
+    """The engine serving a protocol model name and version, and the model's kind."""
+    return models.resolve(*target(name, version)), split_name(name)[1]
+
+
 def base_name(name: str) -> str:
     """The served model behind a name given to load or unload: NAME, or any of its three protocol models."""
     dataplane.check_model_name(name)
@@ -198,7 +213,7 @@ def statistics(models: Models, metrics: Metrics, name: str, version: str) -> lis
     """From the metrics' own numbers, per graph: NAME_sample and NAME_decoder both report the
     decoder, which computes them both. Every model when no name is given."""
     if name:
-        pairs = [(models.resolve(*target(name, version)), split_name(name)[1])]
+        pairs = [resolve(models, name, version)]
     else:
         pairs = [(e, kind) for e in models.engines() for kind in KINDS]
     return [_statistics(metrics, e, kind) for e, kind in pairs]

@@ -128,12 +128,3 @@ def server(model_repo, tmp_path_factory):
     proc = ServerProcess(model_repo, tmp_path_factory.mktemp("server") / "server.log", "--max-batch-delay-ms", "5")
     yield proc
     proc.terminate()
-
-
-def free_port() -> int:
-    """A port free now, for a server flag that takes 0 to mean off (--http-port)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import free_port
 from service.client import VaeClient
 from service.vae_grpc import SERVICE  # not service.server: it loads the inference protocol's messages, which tritonclient holds in its tests
-from tests.conftest import free_port
 from tests.test_service import metric, scrape
 
 ROOT = Path(__file__).resolve().parent.parent

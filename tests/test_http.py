@@ -14,9 +14,10 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from bench.processes import free_port
 from service.client import VaeClient
 from service.imaging import grid
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess
 from tests.test_service import metric, scrape
 
 ADMIN = "admin-secret"

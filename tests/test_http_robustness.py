@@ -12,9 +12,10 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import free_port
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
-from tests.conftest import ServerProcess, free_port, wait_for
+from tests.conftest import ServerProcess, wait_for
 from tests.test_service import metric, scrape
 
 PATHS = [

@@ -62,14 +62,13 @@ def router(plane: DataPlane) -> APIRouter:
 
     async def _metadata(model: str, version: str = "") -> Response:
         async with plane.uncapped(PREFIX + "ModelMetadata"):
-            base, kind = oip_models.split_name(model)
-            engine = models.resolve(base, oip_models.parse_version(version))
+            engine, kind = oip_models.resolve(models, model, version)
             return json_response(oip_models.metadata(models, engine, model, kind))
 
     async def _config(model: str, version: str = "") -> Response:
         async with plane.uncapped(PREFIX + "ModelConfig"):
-            base, kind = oip_models.split_name(model)
-            return json_response(oip_models.config(models.resolve(base, oip_models.parse_version(version)), model, kind))
+            engine, kind = oip_models.resolve(models, model, version)
+            return json_response(oip_models.config(engine, model, kind))
 
     async def _stats(model: str = "", version: str = "") -> Response:
         async with plane.uncapped(PREFIX + "ModelStatistics"):
@@ -77,12 +76,8 @@ def router(plane: DataPlane) -> APIRouter:
 
     async def _infer(request: Request, model: str, version: str = "") -> Response:
         body = await request.body()  # before the call: a slow upload holds no --max-concurrent-calls slot
-        refusal, base, kind, v = None, "", "", 0
-        try:
-            (base, kind), v = oip_models.split_name(model), oip_models.parse_version(version)
-        except Exception as err:  # noqa: BLE001 - refused, and accounted, by the call below
-            refusal = err
-        async with plane.call(PREFIX + "ModelInfer", base, v, None, refusal) as engine:
+        base, number, kind, refusal = oip_models.route(model, version)
+        async with plane.call(PREFIX + "ModelInfer", base, number, None, refusal) as engine:
             head, tail = split_body(body, request.headers.get(HEADER_LENGTH))
             inputs = read_inputs(head, tail)
             names, binary = asked_outputs(head)

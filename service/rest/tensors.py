@@ -60,8 +60,6 @@ def read_inputs(request: dict[str, Any], tail: memoryview) -> dict[str, tuple[st
         shape = _field(spec, "shape", list, f"inputs[{i}]")
         if name is None or datatype is None or shape is None:
             raise BadRequest(f"inputs[{i}]: needs 'name', 'datatype' and 'shape'")
-        if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise BadRequest(f"input {name!r}: shape {shape} must hold integers")
         if name in out:
             raise BadRequest(f"input {name!r} given twice")
         size = (_field(spec, "parameters", dict, f"input {name!r}", {}) or {}).get("binary_data_size")

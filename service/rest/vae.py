@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -30,7 +29,7 @@ from service import dataplane
 from service.dataplane import DataPlane, EndPoint
 from service.engine import Engine
 from service.errors import BadRequest
-from service.imaging import check_png, grid, png_bytes, to_uint8
+from service.imaging import check_png, grid_png, png_bytes, to_uint8
 from service.rest.responses import json_response
 from service.shapes import from_values, tensor_size
 
@@ -188,7 +187,7 @@ def router(plane: DataPlane) -> APIRouter:
         async with call("Sample", name, version) as engine:
             check_png(engine.spec.image_shape[0])
             images, _ = await dataplane.sample(engine, n, seed, temperature, None, names=("n", "seed", "temperature"))
-            return Response(_grid_png(images, columns), media_type="image/png")
+            return Response(grid_png(images, columns), media_type="image/png")
 
     @api.post("/models/{name}/sample", summary="Samples from the prior")
     async def sample(name: str, body: SampleRequest, version: Version = 0) -> Response:
@@ -232,7 +231,7 @@ def router(plane: DataPlane) -> APIRouter:
             files = [await f.read() for f in image]
             x = await dataplane.request_images(engine, None, files, files_field="image")
             images = await engine.reconstruct(x)
-            return Response(png_bytes(images[0]) if len(images) == 1 else _grid_png(images, columns), media_type="image/png")
+            return Response(png_bytes(images[0]) if len(images) == 1 else grid_png(images, columns), media_type="image/png")
 
     @api.post("/models/{name}/interpolate", summary="Images along the latent path between two end points")
     async def interpolate(name: str, body: InterpolateRequest, version: Version = 0) -> Response:
@@ -265,9 +264,3 @@ def _end_point(end: EndPointIn, side: str) -> EndPoint:
     which = given[0]
     a = array(getattr(end, which), f"{side}.{which}", allow_uint8=which == "image")
     return EndPoint(f"{side}.{which}", **{which: a})
-
-
-def _grid_png(images: np.ndarray, columns: int | None) -> bytes:
-    buf = io.BytesIO()
-    grid(images, columns).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
