@@ -13,14 +13,15 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from service.engine import Engine, new_seed
-from service.errors import BadRequest, Internal, TooManyCalls, Unavailable, code_of
+from service.errors import BadRequest, DeadlineExceeded, Internal, TooManyCalls, Unavailable, code_of
 from service.likelihood import bits_per_dim
 from service.metrics import Metrics
 from service.models import Models, Status
@@ -153,6 +154,21 @@ class DataPlane:
 def deadline_in(seconds: float | None) -> float | None:
     """An event-loop deadline `seconds` from now (None: no deadline), as the batchers take it."""
     return None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+
+@asynccontextmanager
+async def within(deadline: float | None) -> AsyncIterator[None]:
+    """Answer DEADLINE_EXCEEDED at `deadline`, wherever the call is: for front ends whose transport
+    does not end a call at its deadline (HTTP; a gRPC client cancels its own). Cancelling the wait
+    takes the call's rows out of the batch queues, as a caller going away does."""
+    if deadline is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError:
+        raise DeadlineExceeded("the call's timeout passed before it was answered") from None
 
 
 # The checks on inputs. `field` is the input's name as the caller's protocol spells it, so the

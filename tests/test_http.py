@@ -217,6 +217,8 @@ BAD = [
      "Inference-Header-Content-Length"),
     ("get", "/v2/models/digits_sample/versions/%C2%B2", {}, 400, "give a version number"),
     ("get", "/v2/models/digits_sample/versions/%D9%A1/ready", {}, 400, "give a version number"),
+    ("get", "/v1/models/digits/sample.png?timeout=0", {}, 400, "timeout: Input should be greater than 0"),
+    ("post", "/v1/models/digits/sample?timeout=nan", {"json": {"num_samples": 1}}, 400, "timeout: Input should be a finite number"),
 ]  # fmt: skip
 
 
@@ -226,6 +228,28 @@ def test_bad_requests_are_refused_clearly_and_the_server_goes_on(web, method, pa
     assert r.status_code == status, r.text
     assert message in r.json()["error"], r.json()
     assert web.get("/v1/models/digits/sample.png", params={"n": 1, "seed": 0}).status_code == 200
+
+
+def test_unreadable_requests_are_counted_under_their_rpc(server, web):
+    """FastAPI refuses these before the route runs; the metrics count them as gRPC counts a request
+    it could not parse."""
+    before = scrape(server)
+    assert web.get("/v1/models/digits/sample.png", params={"n": "abc"}).status_code == 400
+    assert web.post("/v1/models/digits/encode", json={"sample": "perhaps"}).status_code == 400
+    after = scrape(server)
+    for rpc in ("http.Sample", "http.Encode"):
+        labels = {"rpc": rpc, "code": "INVALID_ARGUMENT"}
+        assert metric(after, "vae_requests_total", **labels) == metric(before, "vae_requests_total", **labels) + 1
+    assert metric(after, "vae_request_duration_seconds_count", rpc="http.Encode") > metric(
+        before, "vae_request_duration_seconds_count", rpc="http.Encode"
+    )
+
+
+def test_health_answers_head_for_probes_that_send_it(web):
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        r = web.head(path)
+        assert r.status_code == 200 and r.content == b""
+        assert web.get(path).json() in ({"live": True}, {"ready": True})
 
 
 def upload(fmt: str) -> bytes:

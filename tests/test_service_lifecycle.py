@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import free_port
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.config import ConfigError, check_message_size, parse_config
@@ -24,10 +26,11 @@ from tests.test_service import burst, metric, scrape
 @pytest.fixture
 def held_server(model_repo, tmp_path):
     """A batch goes only when full (5 rows): the timer never fires within a test, so whatever sits
-    in the queue stays there until the test sends the rows that fill the batch."""
+    in the queue stays there until the test sends the rows that fill the batch. With an HTTP port."""
     proc = ServerProcess(
         model_repo, tmp_path / "held.log", "--max-batch-delay-ms", "600000", "--batch-delay", "always",
         "--max-batch-rows", "5", "--max-request-rows", "5", "--max-queue-rows", "6", "--max-interpolation-steps", "6",
+        "--http-port", str(free_port()),
     )  # fmt: skip
     yield proc
     proc.terminate()
@@ -73,6 +76,25 @@ def test_expired_deadline_is_dropped_before_compute(held_server):
     dropped = metric(text, "vae_rejections_total", reason="deadline") + metric(text, "vae_rejections_total", reason="cancelled")
     assert dropped == 1
     assert metric(text, "vae_batch_rows_sum", graph="decoder") == 5  # nothing of the expired request was computed
+
+
+def test_http_timeouts_answer_504_at_the_deadline_and_free_the_queue(held_server):
+    """HTTP has no client-side cancellation at a deadline, so the server ends the call itself: the
+    held request (the batch never goes while it waits) is answered 504 and its rows leave the queue."""
+    with httpx.Client(base_url=held_server.http_url, timeout=60) as web:
+        r = web.get("/v1/models/digits/sample.png", params={"n": 2, "timeout": 0.5})
+        assert r.status_code == 504 and "timeout" in r.json()["error"]
+        queued(held_server, 0)
+        z = {"name": "z", "datatype": "FP32", "shape": [3, 8], "data": [0.0] * 24}
+        r = web.post("/v2/models/digits_decoder/infer", json={"inputs": [z], "parameters": {"timeout": 500_000}})
+        assert r.status_code == 504 and "timeout" in r.json()["error"]
+        queued(held_server, 0)
+    with grpc.insecure_channel(held_server.target) as channel:
+        assert sample(vae_pb2_grpc.VaeServiceStub(channel), 5).result().images.tensor.shape == [5, 1, 8, 8]
+    text = scrape(held_server)
+    assert metric(text, "vae_requests_total", rpc="http.Sample", code="DEADLINE_EXCEEDED") == 1
+    assert metric(text, "vae_requests_total", rpc="http.oip.ModelInfer", code="DEADLINE_EXCEEDED") == 1
+    assert metric(text, "vae_batch_rows_sum", graph="decoder") == 5  # nothing of the timed-out calls was computed
 
 
 def test_graceful_shutdown_finishes_calls_in_flight(model_repo, tmp_path):

@@ -10,6 +10,7 @@ may make the call (401, or 403 for model control without an admin token), and a 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
+        scope.setdefault("state", {})["received"] = time.perf_counter()  # for the metrics of calls refused unrouted
         if self.auth is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
             try:
@@ -124,6 +126,11 @@ def build_app(plane: DataPlane, auth: Authorizer | None, settings: HttpSettings)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        """A request FastAPI could not read into a route's parameters: counted under the route's `rpc`
+        label (the vae.v1 routes are named for it) as gRPC counts a request it could not parse."""
+        rpc = getattr(request.scope.get("route"), "name", "")
+        if rpc.startswith(vae.PREFIX):
+            plane.metrics.answered(rpc, "INVALID_ARGUMENT", "", "", time.perf_counter() - request.state.received)
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5])
         return error(400, problems)
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import oip_models
-from service.dataplane import DataPlane, deadline_in
+from service.dataplane import DataPlane, deadline_in, within
 from service.rest.responses import json_response
 from service.rest.tensors import HEADER_LENGTH, asked_outputs, loads, read_inputs, split_body, write_response
 
@@ -40,12 +40,12 @@ def router(plane: DataPlane) -> APIRouter:
     api = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
     models = plane.models
 
-    @api.get("/health/live", summary="The server is live")
+    @api.api_route("/health/live", methods=["GET", "HEAD"], summary="The server is live")
     async def live() -> Response:
         async with plane.uncapped(PREFIX + "ServerLive", while_draining=True):
             return json_response({"live": True})
 
-    @api.get("/health/ready", summary="The server is ready (400 while loading or draining)")
+    @api.api_route("/health/ready", methods=["GET", "HEAD"], summary="The server is ready (400 while loading or draining)")
     async def ready() -> Response:
         async with plane.uncapped(PREFIX + "ServerReady", while_draining=True):
             return json_response({"ready": plane.ready}, 200 if plane.ready else 400)
@@ -81,7 +81,9 @@ def router(plane: DataPlane) -> APIRouter:
             head, tail = split_body(body, request.headers.get(HEADER_LENGTH))
             inputs = read_inputs(head, tail)
             names, binary = asked_outputs(head)
-            outputs = await oip_models.infer(engine, kind, inputs, names, deadline_in(_timeout(head)))
+            deadline = deadline_in(_timeout(head))
+            async with within(deadline):
+                outputs = await oip_models.infer(engine, kind, inputs, names, deadline)
             answer: dict[str, Any] = {"model_name": model, "model_version": str(engine.spec.version)}
             if isinstance(head.get("id"), str):
                 answer["id"] = head["id"]

@@ -8,7 +8,9 @@ as vae.v1 gRPC, so a seed gives the same images and the same PNG bytes (`rpc` la
   POST /v1/models/NAME/{sample,encode,decode,reconstruct,interpolate,score}   JSON in, JSON out
   POST /v1/models/NAME/{load,unload}             model control (admin token)
 
-Every route takes `?version=N` (default: the newest served). Tensors in JSON are
+Every route takes `?version=N` (default: the newest served), and the inference routes
+`?timeout=SECONDS`: past it the call is answered 504 wherever it is, and its rows leave the batch
+queues (a gRPC deadline does the same). Tensors in JSON are
 `{"shape": [...], "dtype": "float32"|"uint8", "data": [...]}` (data flat or nested) or carry
 `"b64"` (the raw little-endian bytes in base64) instead of `data`; images come back in the
 `format` asked for: float32 (default), uint8, or png (base64 files).
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -26,7 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service import dataplane
-from service.dataplane import DataPlane, EndPoint
+from service.dataplane import DataPlane, EndPoint, deadline_in, within
 from service.engine import Engine
 from service.errors import BadRequest
 from service.imaging import check_png, grid_png, png_bytes, to_uint8
@@ -36,6 +40,9 @@ from service.shapes import from_values, tensor_size
 PREFIX = "http."
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 Version = Annotated[int, Query(ge=0, description="the model version (0: the newest served)")]
+Timeout = Annotated[
+    float | None, Query(gt=0, allow_inf_nan=False, description="seconds the call may take; past them it is answered 504")
+]
 
 
 class Tensor(BaseModel):
@@ -148,104 +155,111 @@ def _answered(engine: Engine, body: dict[str, Any]) -> Response:
 def router(plane: DataPlane) -> APIRouter:
     api = APIRouter(prefix="/v1", tags=["vae.v1"])
 
-    def call(rpc: str, name: str, version: int) -> dataplane.Call:
-        return plane.call(PREFIX + rpc, name, version)
+    @asynccontextmanager
+    async def call(
+        rpc: str, name: str, version: int, timeout: float | None
+    ) -> AsyncIterator[tuple[Engine, float | None]]:
+        """An inference call and its deadline, answered 504 when the deadline passes."""
+        deadline = deadline_in(timeout)
+        async with plane.call(PREFIX + rpc, name, version, deadline) as engine, within(deadline):
+            yield engine, deadline
 
     def listing() -> dict[str, Any]:
         models = [{"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in plane.statuses()]
         return {"models": models, "default_model": plane.models.default or ""}
 
-    @api.get("/models", summary="The models and versions the repository holds, and their states")
+    @api.get("/models", name=PREFIX + "ListModels", summary="The models and versions the repository holds, and their states")
     async def list_models() -> Response:
         async with plane.uncapped(PREFIX + "ListModels"):
             return json_response(listing())
 
-    @api.post("/models/{name}/load", summary="Load a model, or one version (admin token)")
+    @api.post("/models/{name}/load", name=PREFIX + "LoadModel", summary="Load a model, or one version (admin token)")
     async def load(name: str, version: Version = 0) -> Response:
         async with plane.uncapped(PREFIX + "LoadModel"):
             await plane.load(name, version)
             return json_response(listing())
 
-    @api.post("/models/{name}/unload", summary="Unload a model, or one version (admin token)")
+    @api.post("/models/{name}/unload", name=PREFIX + "UnloadModel", summary="Unload a model, or one version (admin token)")
     async def unload(name: str, version: Version = 0) -> Response:
         async with plane.uncapped(PREFIX + "UnloadModel"):
             await plane.unload(name, version)
             return json_response(listing())
 
-    @api.get("/models/{name}", summary="What a client needs to know to call a model")
+    @api.get("/models/{name}", name=PREFIX + "GetModelInfo", summary="What a client needs to know to call a model")
     async def model_info(name: str, version: Version = 0) -> Response:
-        async with call("GetModelInfo", name, version) as engine:
+        async with plane.call(PREFIX + "GetModelInfo", name, version) as engine:
             return json_response(dataplane.model_info(engine))
 
-    @api.get("/models/{name}/sample.png", summary="One PNG grid of samples from the prior", response_class=Response,
+    @api.get("/models/{name}/sample.png", name=PREFIX + "Sample", summary="One PNG grid of samples from the prior", response_class=Response,
              responses={200: {"content": {"image/png": {}}}})  # fmt: skip
     async def sample_png(
         name: str, version: Version = 0, n: Annotated[int, Query(description="how many samples")] = 16,
         seed: int | None = None, temperature: float | None = None,
         columns: Annotated[int | None, Query(ge=1, le=1024, description="images per row (default: a square)")] = None,
+        timeout: Timeout = None,
     ) -> Response:  # fmt: skip
-        async with call("Sample", name, version) as engine:
+        async with call("Sample", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
-            images, _ = await dataplane.sample(engine, n, seed, temperature, None, names=("n", "seed", "temperature"))
+            images, _ = await dataplane.sample(engine, n, seed, temperature, deadline, names=("n", "seed", "temperature"))
             return Response(grid_png(images, columns), media_type="image/png")
 
-    @api.post("/models/{name}/sample", summary="Samples from the prior")
-    async def sample(name: str, body: SampleRequest, version: Version = 0) -> Response:
-        async with call("Sample", name, version) as engine:
+    @api.post("/models/{name}/sample", name=PREFIX + "Sample", summary="Samples from the prior")
+    async def sample(name: str, body: SampleRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Sample", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            images, seed = await dataplane.sample(engine, body.num_samples, body.seed, body.temperature, None)
+            images, seed = await dataplane.sample(engine, body.num_samples, body.seed, body.temperature, deadline)
             return _answered(engine, {"seed": seed, "images": images_out(engine, images, body)})
 
-    @api.post("/models/{name}/encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")
-    async def encode(name: str, body: EncodeRequest, version: Version = 0) -> Response:
-        async with call("Encode", name, version) as engine:
+    @api.post("/models/{name}/encode", name=PREFIX + "Encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")
+    async def encode(name: str, body: EncodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Encode", name, version, timeout) as (engine, deadline):
             x = await dataplane.request_images(engine, *_images_in(body))
-            e = await dataplane.encode(engine, x, body.sample, body.seed, None)
+            e = await dataplane.encode(engine, x, body.sample, body.seed, deadline)
             answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding)}
             if e.z is not None:
                 answer |= {"z": tensor(e.z, body.encoding), "seed": e.seed}
             return _answered(engine, answer)
 
-    @api.post("/models/{name}/decode", summary="Images of latents")
-    async def decode(name: str, body: DecodeRequest, version: Version = 0) -> Response:
-        async with call("Decode", name, version) as engine:
+    @api.post("/models/{name}/decode", name=PREFIX + "Decode", summary="Images of latents")
+    async def decode(name: str, body: DecodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Decode", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
             z = dataplane.latents(engine, array(body.latents, "latents", allow_uint8=False))
-            return _answered(engine, {"images": images_out(engine, await engine.decode(z), body)})
+            return _answered(engine, {"images": images_out(engine, await engine.decode(z, deadline), body)})
 
-    @api.post("/models/{name}/reconstruct", summary="Decoded images of the images' encodings")
-    async def reconstruct(name: str, body: ImagesRequest, version: Version = 0) -> Response:
-        async with call("Reconstruct", name, version) as engine:
+    @api.post("/models/{name}/reconstruct", name=PREFIX + "Reconstruct", summary="Decoded images of the images' encodings")
+    async def reconstruct(name: str, body: ImagesRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
             x = await dataplane.request_images(engine, *_images_in(body))
-            return _answered(engine, {"images": images_out(engine, await engine.reconstruct(x), body)})
+            return _answered(engine, {"images": images_out(engine, await engine.reconstruct(x, deadline), body)})
 
-    @api.post("/models/{name}/reconstruct.png", summary="Uploaded image files' reconstructions as one PNG",
+    @api.post("/models/{name}/reconstruct.png", name=PREFIX + "Reconstruct", summary="Uploaded image files' reconstructions as one PNG",
               response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
     async def reconstruct_png(
         name: str, image: Annotated[list[UploadFile], File(description="one or more image files")], version: Version = 0,
-        columns: Annotated[int | None, Query(ge=1, le=1024)] = None,
+        columns: Annotated[int | None, Query(ge=1, le=1024)] = None, timeout: Timeout = None,
     ) -> Response:  # fmt: skip
-        async with call("Reconstruct", name, version) as engine:
+        async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
             x = await dataplane.request_images(engine, None, files, files_field="image")
-            images = await engine.reconstruct(x)
+            images = await engine.reconstruct(x, deadline)
             return Response(png_bytes(images[0]) if len(images) == 1 else grid_png(images, columns), media_type="image/png")
 
-    @api.post("/models/{name}/interpolate", summary="Images along the latent path between two end points")
-    async def interpolate(name: str, body: InterpolateRequest, version: Version = 0) -> Response:
-        async with call("Interpolate", name, version) as engine:
+    @api.post("/models/{name}/interpolate", name=PREFIX + "Interpolate", summary="Images along the latent path between two end points")
+    async def interpolate(name: str, body: InterpolateRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Interpolate", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
             ends = [_end_point(getattr(body, side), side) for side in ("start", "end")]
-            path, images = await dataplane.interpolate(engine, *ends, body.steps, body.method, None)
+            path, images = await dataplane.interpolate(engine, *ends, body.steps, body.method, deadline)
             return _answered(engine, {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body)})
 
-    @api.post("/models/{name}/score", summary="Per image: ELBO, its terms and the importance-weighted log-likelihood")
-    async def score(name: str, body: ScoreRequest, version: Version = 0) -> Response:
-        async with call("Score", name, version) as engine:
+    @api.post("/models/{name}/score", name=PREFIX + "Score", summary="Per image: ELBO, its terms and the importance-weighted log-likelihood")
+    async def score(name: str, body: ScoreRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Score", name, version, timeout) as (engine, deadline):
             x, files = _images_in(body)
-            s = await dataplane.score(engine, x, files, body.importance_samples, body.seed, None)
+            s = await dataplane.score(engine, x, files, body.importance_samples, body.seed, deadline)
             scores = [
                 {"elbo": e, "reconstruction": r, "kl": kl, "log_likelihood": ll, "bits_per_dim": b}
                 for e, r, kl, ll, b in zip(*(a.tolist() for a in (s.elbo, s.reconstruction, s.kl, s.log_likelihood, s.bits_per_dim)))
