@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.processes import free_port
 from training.data import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,20 +97,21 @@ def expected_sample(model, n: int, seed: int):
 class ServerProcess:
     """The real server, `python -m service`, in its own process on free ports."""
 
-    def __init__(self, repo: Path, log: Path, *args: str) -> None:
+    def __init__(self, repo: Path, log: Path, *args: str, http: bool = False) -> None:
+        """`http`: open the HTTP port too (on a free port; `http_url`), which is off otherwise."""
         cmd = [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0",
                "--host", "127.0.0.1", "--metrics-addr", "127.0.0.1", "--intra-op-threads", "1",
-               *(() if "--http-port" in args else ("--http-port", "0")), *args]  # fmt: skip
+               "--http-port", str(free_port()) if http else "0", *args]  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            found = re.search(r"on port (\d+) \(metrics on (\d+)", log.read_text())
+            found = re.search(r"on port (\d+) \(metrics on (\d+)(?:, HTTP on (\d+))?", log.read_text())
             if found:
                 self.port, self.metrics_port = int(found[1]), int(found[2])
                 self.target = f"127.0.0.1:{self.port}"
-                http = re.search(r"HTTP on (\d+)", log.read_text())
-                self.http_url = f"http://127.0.0.1:{http[1]}" if http else None
+                self.http_port = int(found[3]) if found[3] else None
+                self.http_url = f"http://127.0.0.1:{found[3]}" if found[3] else None
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{log.read_text()}")

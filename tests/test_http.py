@@ -14,7 +14,6 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from bench.processes import free_port
 from service.client import VaeClient
 from service.imaging import grid
 from tests.conftest import ServerProcess
@@ -28,8 +27,8 @@ def server(model_repo, tmp_path_factory):
     """A server with an HTTP port; model control needs the admin token, inference is open."""
     tmp = tmp_path_factory.mktemp("http")
     (tmp / "admin").write_text(ADMIN + "\n")
-    proc = ServerProcess(model_repo, tmp / "server.log", "--http-port", str(free_port()), "--admin-token-file", str(tmp / "admin"),
-                         "--max-batch-delay-ms", "5", "--max-message-bytes", str(1 << 20))  # fmt: skip
+    proc = ServerProcess(model_repo, tmp / "server.log", "--admin-token-file", str(tmp / "admin"), "--max-batch-delay-ms", "5",
+                         "--max-message-bytes", str(1 << 20), http=True)  # fmt: skip
     yield proc
     proc.terminate()
 
@@ -295,8 +294,8 @@ def test_openapi_document_and_docs_page_work_offline(web):
 
 def test_tokens_guard_http_as_grpc_and_cors_admits_only_listed_origins(model_repo, tmp_path):
     (tmp_path / "tokens").write_text("user-token\n")
-    proc = ServerProcess(model_repo, tmp_path / "s.log", "--http-port", str(free_port()), "--auth-token-file", str(tmp_path / "tokens"),
-                         "--cors-origins", "https://page.example")  # fmt: skip
+    proc = ServerProcess(model_repo, tmp_path / "s.log", "--auth-token-file", str(tmp_path / "tokens"),
+                         "--cors-origins", "https://page.example", http=True)  # fmt: skip
     try:
         with httpx.Client(base_url=proc.http_url, timeout=30) as web:
             assert web.get("/v2/health/ready").status_code == 200  # probes carry no token

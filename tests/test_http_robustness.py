@@ -12,7 +12,6 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import free_port
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from tests.conftest import ServerProcess, wait_for
@@ -98,8 +97,8 @@ def server(model_repo, tmp_path_factory):
     cannot unload what the rest of it calls."""
     tmp = tmp_path_factory.mktemp("fuzz")
     (tmp / "admin").write_text("admin-only\n")
-    proc = ServerProcess(model_repo, tmp / "server.log", "--http-port", str(free_port()), "--max-message-bytes", str(1 << 20),
-                         "--admin-token-file", str(tmp / "admin"))  # fmt: skip
+    proc = ServerProcess(model_repo, tmp / "server.log", "--max-message-bytes", str(1 << 20), "--admin-token-file", str(tmp / "admin"),
+                         http=True)  # fmt: skip
     yield proc
     proc.terminate()
 
@@ -125,10 +124,9 @@ def test_ten_thousand_malformed_requests_get_no_server_fault(server):
 
 
 def test_sigterm_drains_calls_on_both_ports_then_closes_them(model_repo, tmp_path):
-    port = free_port()
     proc = ServerProcess(
-        model_repo, tmp_path / "drain.log", "--http-port", str(port), "--max-batch-delay-ms", "5000", "--batch-delay", "always",
-        "--max-batch-rows", "8", "--grace-seconds", "60",
+        model_repo, tmp_path / "drain.log", "--max-batch-delay-ms", "5000", "--batch-delay", "always",
+        "--max-batch-rows", "8", "--grace-seconds", "60", http=True,
     )  # fmt: skip
     web = httpx.Client(base_url=proc.http_url, timeout=60)
     answers: list[httpx.Response] = []
@@ -151,7 +149,7 @@ def test_sigterm_drains_calls_on_both_ports_then_closes_them(model_repo, tmp_pat
         assert answers[0].status_code == 200 and answers[0].json()["images"]["shape"] == [2, 1, 8, 8]
     web.close()
     assert proc.proc.wait(60) == 0
-    for closed in (port, proc.port):
+    for closed in (proc.http_port, proc.port):
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", closed), timeout=5):
             pass
     log = proc.log.read_text()

@@ -21,7 +21,6 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bench.processes import free_port
 from tests.conftest import ServerProcess
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -31,7 +30,7 @@ WAIT = 60  # seconds: only ends a test that would otherwise hang (two shared cor
 
 @pytest.fixture(scope="module")
 def server(model_repo, tmp_path_factory):
-    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("playground") / "server.log", "--http-port", str(free_port()))
+    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("playground") / "server.log", http=True)
     yield proc
     proc.terminate()
 
@@ -40,7 +39,7 @@ def server(model_repo, tmp_path_factory):
 def token_server(model_repo, tmp_path_factory):
     folder = tmp_path_factory.mktemp("playground-tokens")
     (folder / "tokens").write_text(f"{TOKEN}\n")
-    proc = ServerProcess(model_repo, folder / "server.log", "--http-port", str(free_port()), "--auth-token-file", str(folder / "tokens"))
+    proc = ServerProcess(model_repo, folder / "server.log", "--auth-token-file", str(folder / "tokens"), http=True)
     yield proc
     proc.terminate()
 

@@ -53,7 +53,7 @@ def test_tls(model_repo, pki, tmp_path):
     health_port = free_port()
     proc = ServerProcess(
         model_repo, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--health-port", str(health_port),
-        "--http-port", str(free_port()),
+        http=True,
     )  # fmt: skip
     try:
         with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:  # probes speak plaintext
@@ -81,7 +81,7 @@ def test_mutual_tls(model_repo, pki, tmp_path):
     cert, key = pki["server"]
     proc = ServerProcess(
         model_repo, tmp_path / "mtls.log", "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki["ca"]),
-        "--http-port", str(free_port()),
+        http=True,
     )  # fmt: skip
     try:
         client_cert, client_key = pki["client"]

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import free_port
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.config import ConfigError, check_message_size, parse_config
@@ -30,7 +29,7 @@ def held_server(model_repo, tmp_path):
     proc = ServerProcess(
         model_repo, tmp_path / "held.log", "--max-batch-delay-ms", "600000", "--batch-delay", "always",
         "--max-batch-rows", "5", "--max-request-rows", "5", "--max-queue-rows", "6", "--max-interpolation-steps", "6",
-        "--http-port", str(free_port()),
+        http=True,
     )  # fmt: skip
     yield proc
     proc.terminate()
