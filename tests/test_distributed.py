@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_deploy import documents
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TOL = 1e-5  # max |w_2 ranks - w_1 process| over every weight (see the module's docstring)
@@ -200,7 +202,7 @@ def test_sigterm_to_rank_1_stops_every_rank_at_a_step_and_the_run_resumes_on_one
     trainer.resume()
     trainer.fit()
     assert distance(trainer.model.state_dict(), weights(one_process[2] / "last.pt")) < TOL
-    reference = checkpoint.load(one_process[2] / "last.pt")["history"]
+    reference = history(one_process[2])
     assert [h["train"]["loss"] for h in trainer.history] == pytest.approx([h["train"]["loss"] for h in reference], rel=1e-6)
 
 
@@ -230,11 +232,12 @@ def test_sigterm_stops_one_process_at_a_step_and_resuming_continues_it_exactly(o
     resumed.resume()
     resumed.fit()
     assert distance(resumed.model.state_dict(), weights(one_process[2] / "last.pt")) == 0.0
-    reference = json_history(one_process[2])
+    reference = history(one_process[2])
     assert [(h["train"], h["val"]) for h in resumed.history] == [(h["train"], h["val"]) for h in reference]
 
 
-def json_history(run: Path) -> list[dict]:
+def history(run: Path) -> list[dict]:
+    """The epochs' records the run's last.pt holds."""
     from training import checkpoint
 
     return checkpoint.load(run / "last.pt")["history"]
@@ -320,12 +323,6 @@ def test_torchrun_run_resumes_on_four_ranks_then_exports_and_serves(two_ranks, o
 
 TRAINING_DEPLOY = ROOT / "deploy" / "training"
 JOBS = ["pytorchjob.yaml", "pytorchjob-gpu.yaml"]
-
-
-def documents(path: Path) -> list[dict]:
-    import yaml
-
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def image_facts() -> dict:

@@ -102,7 +102,7 @@ def setup(device: str, timeout_s: float) -> Dist:
     if where.type == "cuda":
         torch.cuda.set_device(where)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Dist(dist.get_rank(), dist.get_world_size(), local, backend)
+    return current()
 
 
 def current() -> Dist:
@@ -174,7 +174,7 @@ def from_main(d: Dist, make: Callable[[], T]) -> T:
     if not d.active:
         return make()
     box: list[Any] = [make() if d.main else None]
-    dist.broadcast_object_list(box, src=0, device=collective_device(d) if d.backend == "nccl" else None)
+    dist.broadcast_object_list(box, src=0, device=collective_device(d))
     return box[0]
 
 

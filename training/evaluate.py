@@ -56,7 +56,7 @@ def prepare_eval_images(x: torch.Tensor, likelihood: str, n: int | None = None, 
 
 @torch.no_grad()
 def elbo_terms(
-    model: VAE, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist | None = None
+    model: VAE, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist = Dist()
 ) -> dict[str, torch.Tensor]:
     """Per-example reconstruction NLL, KL and ELBO (one z sample each), plus the posterior means.
 
@@ -64,7 +64,7 @@ def elbo_terms(
     prior. An autoencoder gets only "recon" (decoded from its code) and "mu". `eps` is the noise
     [N, D] (drawn batch by batch when None). Under torchrun (`dist`) each rank scores its share of
     x with its rows of the noise one process would draw, and every rank gets every row."""
-    if dist is not None and dist.active:
+    if dist.active:
         return _shared_elbo_terms(model, x, batch_size, dist)
     cfg = model.cfg
     recon, kl, mus = [], [], []
@@ -109,17 +109,16 @@ def codec_bits_per_dim(x: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: VAE, x: torch.Tensor, batch_size: int = 500, dist: Dist | None = None) -> float:
+def reconstruction_psnr(model: VAE, x: torch.Tensor, batch_size: int = 500, dist: Dist = Dist()) -> float:
     """PSNR in dB of the reconstructions (the mean image decoded from mu) against x in [0, 1]: a
     figure for any likelihood, and the one to read when there are no classes to judge samples by."""
-    rows = dist.share(len(x)) if dist is not None and dist.active else slice(0, len(x))
+    rows = dist.share(len(x))
     errors = []
     for xb in x[rows].split(batch_size):
         mu, _ = model.encode(xb)
         errors.append((model.mean_image(model.decode(mu)) - xb).pow(2).flatten(1).mean(dim=1))
     per_image = torch.cat(errors) if errors else x.new_zeros(0)
-    if dist is not None:
-        per_image = gather_rows(dist, per_image, rows, len(x))
+    per_image = gather_rows(dist, per_image, rows, len(x))
     mse = per_image.mean().clamp_min(1e-12).item()
     return 10.0 * math.log10(1.0 / mse)
 
@@ -131,7 +130,7 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 @torch.no_grad()
 def iwae_nll(
-    model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist | None = None
+    model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist = Dist()
 ) -> torch.Tensor:
     """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL),
     with the model's own prior density (N(0, I) or the flow).
@@ -148,7 +147,7 @@ def iwae_nll(
         return reconstruction_nll(model.decode(z), xs, cfg.likelihood, cfg.gaussian_std)
 
     batches = x.split(batch_size)
-    mine = dist.share(len(batches)) if dist is not None and dist.active else slice(0, len(batches))
+    mine = dist.share(len(batches))
     out = []
     for i, xb in enumerate(batches[: mine.stop]):
         if i < mine.start:
@@ -157,12 +156,10 @@ def iwae_nll(
         mu, logvar = model.encode(xb)
         out.append(-iwae_bound(decode_nll, xb, mu, logvar, k, generator=gen, prior_log_prob=model.prior_log_prob))
     nll = torch.cat(out) if out else x.new_zeros(0)
-    if dist is None or not dist.active:
-        return nll
     return gather_rows(dist, nll, slice(mine.start * batch_size, min(mine.stop * batch_size, len(x))), len(x))
 
 
-def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist | None = None) -> dict[str, Any]:
+def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Dist()) -> dict[str, Any]:
     """Means over the images x (already prepared with `prepare_eval_images`), in nats; under
     torchrun (`dist`) the images split over the ranks, every rank getting the same figures."""
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ Score RPC need.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,10 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
     return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) / logvar.exp()).sum(dim=-1)
 
 
+# Samples per image drawn at once by the IWAE bound: bounds memory; the draw order depends on it.
+IWAE_CHUNK = 100
+
+
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + z.pow(2)).sum(dim=-1)
 
@@ -127,7 +131,7 @@ def iwae_bound(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     k: int,
-    chunk: int = 100,
+    chunk: int = IWAE_CHUNK,
     generator: torch.Generator | None = None,
     prior_log_prob: Callable[[torch.Tensor], torch.Tensor] = standard_normal_log_prob,
 ) -> torch.Tensor:
@@ -139,9 +143,8 @@ def iwae_bound(
     """
     n, d = mu.shape
     log_w = []
-    for start in range(0, k, chunk):
-        m = min(chunk, k - start)
-        eps = torch.randn(n, m, d, generator=generator, device=mu.device)
+    for eps in _iwae_noise(n, d, k, chunk, generator, mu.device):
+        m = eps.shape[1]
         z = mu.unsqueeze(1) + eps * torch.exp(0.5 * logvar).unsqueeze(1)
         xs = x.unsqueeze(1).expand(n, m, *x.shape[1:]).reshape(n * m, *x.shape[1:])
         log_px_z = -decode_nll(z.reshape(n * m, d), xs).view(n, m)
@@ -149,11 +152,20 @@ def iwae_bound(
     return torch.logsumexp(torch.cat(log_w, dim=1), dim=1) - math.log(k)
 
 
+def _iwae_noise(
+    n: int, d: int, k: int, chunk: int, generator: torch.Generator | None, device: torch.device | None
+) -> Iterator[torch.Tensor]:
+    """The k standard normal draws per image of `iwae_bound`, [n, m, d] for m <= chunk, in its order."""
+    for start in range(0, k, chunk):
+        yield torch.randn(n, min(chunk, k - start), d, generator=generator, device=device)
+
+
 def skip_iwae_noise(
-    n: int, d: int, k: int, chunk: int = 100, generator: torch.Generator | None = None, device: torch.device | None = None
-) -> None:
+    n: int, d: int, k: int, chunk: int = IWAE_CHUNK, generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> None:  # fmt: skip
     """Advance `generator` exactly as `iwae_bound` does for n images (the draws dropped): how a rank
     of a distributed evaluation passes over the images other ranks score and still gives its own
     images the noise one process would."""
-    for start in range(0, k, chunk):
-        torch.randn(n, min(chunk, k - start), d, generator=generator, device=device)
+    for _ in _iwae_noise(n, d, k, chunk, generator, device):
+        pass

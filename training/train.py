@@ -43,10 +43,6 @@ from training.model import VAE
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
-    return distributed.pick_device(name)
-
-
 def kl_weight(cfg: TrainConfig, progress: float) -> float:
     """beta, ramped linearly from 0 over the first `warmup_epochs` (progress counts epochs, fractional)."""
     if cfg.warmup_epochs <= 0:
@@ -152,29 +148,31 @@ def _shard_objective(
     mcfg = model.cfg
     params, mu, logvar, z = shard.net(x, eps)
     pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
+    pixel_mean = _rows_mean(pixel)  # one .item() (a device sync on CUDA) per statistic and step
     recon_term, recon_value = torch.zeros((), device=x.device), 0.0
     if cfg.reconstruction in ("pixel", "both"):
-        recon_term, recon_value = recon_term + shard.mean(pixel), _rows_mean(pixel)
+        recon_term, recon_value = recon_term + shard.mean(pixel), pixel_mean
     if feature_net is not None:
         distance = feature_distance(feature_net, x, model.likelihood_mean(params))
         recon_term = recon_term + cfg.feature_weight * shard.mean(distance)
         recon_value += cfg.feature_weight * _rows_mean(distance)
     if logvar is None:
-        return recon_term, {"loss": recon_value, "recon": _rows_mean(pixel)}
+        return recon_term, {"loss": recon_value, "recon": pixel_mean}
     if mcfg.prior == "flow":
         kl = monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z))
         per_dim, floor = kl, cfg.free_bits * mcfg.latent_dim
     else:
         kl = kl_divergence(mu, logvar)
         per_dim, floor = kl_per_dim(mu, logvar), cfg.free_bits
+    kl_mean = _rows_mean(kl)
     if cfg.free_bits > 0:
         whole = global_mean(shard.dist, per_dim, shard.total)  # [D], or a scalar under the flow
         kl_term = (shard.mean(per_dim) * (whole >= floor)).sum()
         kl_value = whole.clamp(min=floor).sum().item()
     else:
-        kl_term, kl_value = shard.mean(kl), _rows_mean(kl)
+        kl_term, kl_value = shard.mean(kl), kl_mean
     loss = recon_term + beta * kl_term
-    return loss, {"loss": recon_value + beta * kl_value, "recon": _rows_mean(pixel), "kl": _rows_mean(kl)}
+    return loss, {"loss": recon_value + beta * kl_value, "recon": pixel_mean, "kl": kl_mean}
 
 
 def mirror_half(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
