@@ -27,12 +27,14 @@ from typing import Any
 import onnxruntime as ort
 
 from bench.http import http_part
-from bench.interleave import SLICES, Measure, Rounds, Slicing, combined, interleave, load_measure, mean_value, probe_measure, ratios
+from bench.interleave import (
+    SLICES, Measure, Rounds, Slicing, figures, interleave, load_measure, mean_value, probe_measure, range_of, ratios,
+    slice_count, used,
+)  # fmt: skip
 from bench.limits import Probe, graph_input, sessions
-from bench.load import LoadResult
 from bench.mixes import fairness, many_models, memory_by_models, prior_cost
 from bench.processes import EchoProcess, ServiceProcess, rss_mb
-from bench.scenarios import Scenario, caller, make_request
+from bench.scenarios import Scenario, caller, grpc_slices, make_request
 from service.repository import ModelSpec, load_spec
 from service.runtime import Graph, RuntimeOptions, available_cores, intra_op_threads
 
@@ -96,8 +98,6 @@ def probe(spec: ModelSpec, s: Scenario, graphs: dict[tuple[str, int], Graph], th
 def summarise(s: Scenario, rounds: Rounds[str], limit: dict[str, Any]) -> dict[str, Any]:
     """Absolute figures over the rounds used; each ratio the median of its pairs, with their spread."""
     parts = rounds.parts
-    r: LoadResult = combined(parts["service"])
-    rps = r.in_window / r.seconds
     ratio = ratios(parts["service"], parts["limit"])
     same = ratios(parts["service"], parts["same"]) if "same" in parts else None
     return {
@@ -105,12 +105,7 @@ def summarise(s: Scenario, rounds: Rounds[str], limit: dict[str, Any]) -> dict[s
         "rows_per_request": s.rows,
         "concurrency": s.concurrency,
         "batching": s.batching,
-        "requests_per_s": round(rps, 1),
-        "rows_per_s": round(rps * s.rows, 1),
-        "p50_ms": round(r.percentile_ms(50), 2),
-        "p90_ms": round(r.percentile_ms(90), 2),
-        "p99_ms": round(r.percentile_ms(99), 2),
-        "errors": r.errors,
+        **figures(parts["service"], s.rows, (50, 90, 99)),
         "limit": limit,
         "ratio_to_limit": round(ratio.median, 3),
         "ratio_to_limit_spread": ratio.to_json(),
@@ -118,15 +113,6 @@ def summarise(s: Scenario, rounds: Rounds[str], limit: dict[str, Any]) -> dict[s
         "ratio_to_same_threads_limit_spread": same.to_json() if same else None,
         "rounds": rounds.to_json(),
     }
-
-
-def used(rounds: dict[str, int]) -> str:
-    """Rounds the ratios used of those measured: the quiet ones, or all (marked !) if too few were."""
-    return f"{rounds['used']}/{rounds['rounds']}{'!' if rounds['used'] == rounds['rounds'] and rounds['disturbed'] else ''}"
-
-
-def range_of(spread: dict[str, Any] | None) -> str:
-    return f"{spread['min']:.2f}-{spread['max']:.2f}" if spread else ""
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -156,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 s per scenario and side instead of 10")
-    parser.add_argument("--slices", type=int, default=SLICES,
+    parser.add_argument("--slices", type=slice_count, default=SLICES,
                         help="slices per scenario and side, measured in turns with the limit; one ratio per pair")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0,
                         help="the server's --intra-op-threads, and the limits' same-threads count")  # fmt: skip
@@ -166,10 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                              "bare uvicorn echo and the gRPC path; mixes: several kinds of traffic at once; "
                              "prior: a flow-prior model against its graphs under N(0, I) (all runs it for flow models)")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.slices < 1:
-        parser.error(f"--slices must be at least 1, got {args.slices}")
-    duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
-    slicing = Slicing(args.slices, duration / args.slices, warmup)
+    slicing = Slicing.of(args.quick, args.slices)
+    duration, warmup = slicing.duration, slicing.first_warmup
     spec = load_spec(args.model_repo)
     if args.part == "prior" and spec.prior != "flow":
         parser.error(f"--part prior needs a flow-prior model; {spec.name} v{spec.version} has prior {spec.prior!r}")
@@ -277,17 +261,8 @@ def echo_bound(
     spec: ModelSpec, s: Scenario, service: str, echo: str, slicing: Slicing, pids: tuple[int, ...]
 ) -> tuple[Rounds[str], dict[str, Any]]:
     """The echo and the service loaded in turns with the same calls."""
-    rounds = asyncio.run(echo_bound_slices(spec, s, service, echo, slicing, pids))
+    rounds = asyncio.run(grpc_slices(spec, s, {"limit": echo, "service": service}, slicing, pids))
     return rounds, {"kind": limit_kind(s), "unit": "requests/s", "value": round(mean_value(rounds.parts["limit"]), 1)}
-
-
-async def echo_bound_slices(
-    spec: ModelSpec, s: Scenario, service: str, echo: str, slicing: Slicing, pids: tuple[int, ...]
-) -> Rounds[str]:
-    method, request = make_request(spec, s)
-    async with caller(echo, method, request) as to_echo, caller(service, method, request) as to_service:
-        measures = {"limit": load_measure(to_echo, s.concurrency), "service": load_measure(to_service, s.concurrency)}
-        return await interleave(measures, slicing, pids)
 
 
 def compute_bound(

@@ -33,9 +33,9 @@ from typing import Any
 
 import onnxruntime as ort
 
-from bench.interleave import SLICES, Rounds, Slice, Slicing, combined, interleave, load_measure, ratios
+from bench.interleave import SLICES, Slicing, figures, range_of, ratios, slice_count, used
 from bench.processes import NO_HTTP, ServiceProcess
-from bench.scenarios import Scenario, caller, make_request
+from bench.scenarios import Scenario, grpc_slices
 from service.repository import ModelSpec, load_spec
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -123,36 +123,19 @@ def start(tree: Tree, model_repo: Path, flags: list[str], log: Path) -> tuple[Se
     return server, package
 
 
-async def ab_slices(spec: ModelSpec, s: Scenario, servers: dict[str, ServiceProcess], slicing: Slicing) -> Rounds[str]:
-    """The two servers loaded in turns with the same calls."""
-    method, request = make_request(spec, s)
-    base, new = servers["base"].target, servers["new"].target
-    pids = tuple(server.proc.pid for server in servers.values())
-    async with caller(base, method, request) as to_base, caller(new, method, request) as to_new:
-        measures = {"base": load_measure(to_base, s.concurrency), "new": load_measure(to_new, s.concurrency)}
-        return await interleave(measures, slicing, pids)
-
-
-def figures(s: Scenario, parts: list[Slice]) -> dict[str, Any]:
-    r = combined(parts)
-    rps = r.in_window / r.seconds
-    return {
-        "requests_per_s": round(rps, 1), "rows_per_s": round(rps * s.rows, 1), "p50_ms": round(r.percentile_ms(50), 2),
-        "p99_ms": round(r.percentile_ms(99), 2), "errors": r.errors,
-    }  # fmt: skip
-
-
 def compare(
     spec: ModelSpec, scenarios: list[Scenario], servers: dict[str, ServiceProcess], slicing: Slicing
 ) -> list[dict[str, Any]]:
     results = []
+    targets = {name: server.target for name, server in servers.items()}
+    pids = tuple(server.proc.pid for server in servers.values())
     for s in scenarios:
-        rounds = asyncio.run(ab_slices(spec, s, servers, slicing))
+        rounds = asyncio.run(grpc_slices(spec, s, targets, slicing, pids))
         parts = rounds.parts
         ratio = ratios(parts["new"], parts["base"])
         results.append({
             "scenario": s.label, "rpc": s.rpc, "rows_per_request": s.rows, "concurrency": s.concurrency,
-            "base": figures(s, parts["base"]), "new": figures(s, parts["new"]), "new_over_base": ratio.to_json(),
+            "base": figures(parts["base"], s.rows), "new": figures(parts["new"], s.rows), "new_over_base": ratio.to_json(),
             "rounds": rounds.to_json(),
         })  # fmt: skip
         print(f"  {s.label}: new/base {ratio}, rounds {rounds.to_json()}", flush=True)
@@ -169,8 +152,8 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio, rounds = r["new_over_base"], r["rounds"]
         lines.append(
             f"{r['scenario']:<18}{r['base']['requests_per_s']:>12.1f}{r['new']['requests_per_s']:>12.1f}"
-            f"{ratio['median']:>10.3f}{ratio['min']:>6.2f}-{ratio['max']:<5.2f}{r['base']['p50_ms']:>10.2f}"
-            f"{r['new']['p50_ms']:>10.2f}{rounds['used']:>4}/{rounds['rounds']:<2}"
+            f"{ratio['median']:>10.3f}{range_of(ratio):>12}{r['base']['p50_ms']:>10.2f}"
+            f"{r['new']['p50_ms']:>10.2f}{used(rounds):>7}"
         )
     return "\n".join(lines)
 
@@ -192,17 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-model-repo", type=Path, help="for the base, when it cannot read --model-repo's model.json")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 s per scenario and server instead of 10")
-    parser.add_argument("--slices", type=int, default=SLICES, help="slices per scenario and server, in turns")
+    parser.add_argument("--slices", type=slice_count, default=SLICES, help="slices per scenario and server, in turns")
     parser.add_argument("--threads", type=int, default=0, help="both servers' --intra-op-threads")
     parser.add_argument("--scenarios", help="comma-separated labels to run of: " + ", ".join(s.label for s in SCENARIOS))
     args = parser.parse_args(argv)
     scenarios = [s for s in SCENARIOS if not args.scenarios or s.label in args.scenarios.split(",")]
     if not scenarios:
         parser.error(f"--scenarios {args.scenarios!r} names none of: {', '.join(s.label for s in SCENARIOS)}")
-    if args.slices < 1:
-        parser.error(f"--slices must be at least 1, got {args.slices}")
-    duration, warmup = (3.0, 1.0) if args.quick else (10.0, 2.0)
-    slicing = Slicing(args.slices, duration / args.slices, warmup)
+    slicing = Slicing.of(args.quick, args.slices)
     spec = load_spec(args.model_repo)
     base_repo = (args.base_model_repo or args.model_repo).resolve()
     flags = ["--intra-op-threads", str(args.threads)]
@@ -222,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             servers["new"], new_package = start(new_tree, args.model_repo.resolve(), flags, logs / "new.log")
             print(f"model {spec.name} v{spec.version}; base {base_tree.commit[:7]} ({base_package}), new "
                   f"{new_tree.commit[:7]}{' + working tree' if new_tree.working_tree else ''} ({new_package}); "
-                  f"{duration:.0f} s per scenario and server in {args.slices} slices; logs in {logs}", flush=True)  # fmt: skip
+                  f"{slicing.duration:.0f} s per scenario and server in {args.slices} slices; logs in {logs}", flush=True)  # fmt: skip
             results = compare(spec, scenarios, servers, slicing)
         finally:
             for server in servers.values():

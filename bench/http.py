@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.interleave import Rounds, Slicing, combined, interleave, load_measure, mean_value, ratios
+from bench.interleave import Rounds, Slicing, combined, interleave, load_measure, mean_value, range_of, ratios
 from bench.load import CallFailed
 from bench.processes import Process, ServiceProcess, free_port
 from bench.scenarios import caller
@@ -42,6 +41,11 @@ class HttpScenario:
     @property
     def label(self) -> str:
         return f"{'OIP REST' if self.protocol == 'oip' else 'vae.v1 HTTP'} Sample({self.rows})@{self.concurrency}"
+
+    @property
+    def chases_echo(self) -> bool:
+        """Sample(1) chases the transport (the echo); larger calls the same server's gRPC path."""
+        return self.rows == 1
 
 
 HTTP_SCENARIOS = [HttpScenario(p, rows, c) for p in ("oip", "vae") for rows, c in ((1, 1), (1, 64), (256, 4))]
@@ -63,10 +67,7 @@ class HttpEchoProcess(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(["-m", "bench.http_echo", "--port", str(self.port), "--replies", str(replies)], log)
-        while "http echo on port" not in log.read_text():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"http echo exited: {log.read_text()}")
-            time.sleep(0.02)
+        self.wait_for_line("http echo on port", "http echo")
 
 
 def record_replies(url: str, requests: list[tuple[str, bytes, dict[str, str]]], folder: Path) -> Path:
@@ -103,7 +104,7 @@ async def slices(
         to_service = await stack.enter_async_context(http_caller(http_url + path, body, headers, s.concurrency))
         to_grpc = await stack.enter_async_context(caller(service.target, "Sample", pb.SampleRequest(num_samples=s.rows, seed=1)))
         measures = {"service": load_measure(to_service, s.concurrency, s.rows), "grpc": load_measure(to_grpc, s.concurrency, s.rows)}
-        if s.rows == 1:
+        if s.chases_echo:
             to_echo = await stack.enter_async_context(http_caller(echo_url + path, body, headers, s.concurrency))
             measures["echo"] = load_measure(to_echo, s.concurrency)
         return await interleave(measures, slicing, pids)
@@ -116,7 +117,7 @@ def http_part(model_repo: Path, spec: ModelSpec, slicing: Slicing, threads: list
     echo = None
     results = []
     try:
-        replies = record_replies(http_url, [http_request(spec, s) for s in HTTP_SCENARIOS if s.rows == 1], logs)
+        replies = record_replies(http_url, [http_request(spec, s) for s in HTTP_SCENARIOS if s.chases_echo], logs)
         echo = HttpEchoProcess(replies, logs / "http-echo.log")
         pids = (service.proc.pid, echo.proc.pid)
         for s in HTTP_SCENARIOS:
@@ -140,17 +141,18 @@ def summary(s: HttpScenario, rounds: Rounds[str]) -> dict[str, Any]:
     gives its ratio to the same server's gRPC Sample, measured in the same rounds."""
     parts = rounds.parts
     calls = combined(parts["service"])
+    to_grpc = ratios(parts["service"], parts["grpc"]).to_json()
     limit = (
         {"kind": "a bare uvicorn echo of the same reply", "unit": "requests/s", "value": round(mean_value(parts["echo"]), 1)}
-        if "echo" in parts else
+        if s.chases_echo else
         {"kind": "the same server's gRPC Sample", "unit": "rows/s", "value": round(mean_value(parts["grpc"]), 1)}
     )  # fmt: skip
     return {
         "scenario": s.label, "protocol": s.protocol, "rows_per_request": s.rows, "concurrency": s.concurrency,
         "requests_per_s": round(mean_value(parts["service"]) / s.rows, 1), "rows_per_s": round(mean_value(parts["service"]), 1),
         "p50_ms": round(calls.percentile_ms(50), 2), "p99_ms": round(calls.percentile_ms(99), 2), "errors": calls.errors,
-        "limit": limit, "ratio": ratios(parts["service"], parts["echo" if "echo" in parts else "grpc"]).to_json(),
-        "grpc_rows_per_s": round(mean_value(parts["grpc"]), 1), "ratio_to_grpc": ratios(parts["service"], parts["grpc"]).to_json(),
+        "limit": limit, "ratio": ratios(parts["service"], parts["echo"]).to_json() if s.chases_echo else to_grpc,
+        "grpc_rows_per_s": round(mean_value(parts["grpc"]), 1), "ratio_to_grpc": to_grpc,
         "rounds": rounds.to_json(),
     }  # fmt: skip
 
@@ -160,7 +162,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{'gRPC':>8}{'ratio':>7}  limit is")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in results:
-        spread = f"{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}"
+        spread = range_of(r["ratio"])
         lines.append(
             f"{r['scenario']:<28}{r['requests_per_s']:>9.1f}{r['rows_per_s']:>10.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
             f"{r['errors']:>5}{r['limit']['value']:>10.0f}{r['ratio']['median']:>7.2f}  {spread:<11}"

@@ -14,6 +14,7 @@ ratios come from the quiet rounds (the report says how many rounds were measured
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -63,6 +64,24 @@ class Slicing:
     slice_warmup: float = SLICE_WARMUP
     quiet_cores: float = QUIET_CORES
 
+    @classmethod
+    def of(cls, quick: bool, slices: int) -> Slicing:
+        """A benchmark's slicing: 10 s per scenario and side (3 with --quick) in `slices` slices."""
+        duration, warmup = (3.0, 1.0) if quick else (10.0, 2.0)
+        return cls(slices, duration / slices, warmup)
+
+    @property
+    def duration(self) -> float:
+        return self.slices * self.seconds
+
+
+def slice_count(text: str) -> int:
+    """--slices, as argparse reads it: at least one."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
 
 @dataclass(frozen=True)
 class Rounds(Generic[K]):
@@ -75,6 +94,12 @@ class Rounds(Generic[K]):
 
     def to_json(self) -> dict[str, int]:
         return {"rounds": self.measured, "disturbed": self.disturbed, "used": len(next(iter(self.parts.values())))}
+
+
+def used(rounds: dict[str, int]) -> str:
+    """Rounds (`Rounds.to_json`) the ratios used of those measured: the quiet ones, or all (marked !)
+    if too few were."""
+    return f"{rounds['used']}/{rounds['rounds']}{'!' if rounds['used'] == rounds['rounds'] and rounds['disturbed'] else ''}"
 
 
 def cpu_ticks(pids: tuple[int, ...]) -> tuple[int, int]:
@@ -171,6 +196,11 @@ class Spread:
         return f"{self.median:.2f} ({min(self.ratios):.2f}-{max(self.ratios):.2f})"
 
 
+def range_of(spread: dict[str, Any] | None) -> str:
+    """A spread's (`Spread.to_json`) min-max, for tables."""
+    return f"{spread['min']:.2f}-{spread['max']:.2f}" if spread else ""
+
+
 def ratios(numerator: list[Slice], denominator: list[Slice]) -> Spread:
     """numerator / denominator, pair by pair (slice i of each was measured in the same round)."""
     return Spread(tuple(n.value / d.value if d.value else float("nan") for n, d in zip(numerator, denominator, strict=True)))
@@ -184,6 +214,16 @@ def mean_value(parts: list[Slice]) -> float:
 def combined(parts: list[Slice]) -> LoadResult:
     """Every call of a load's slices as one result (absolute figures, percentiles)."""
     return LoadResult.combine([p.load for p in parts if p.load is not None])
+
+
+def figures(parts: list[Slice], rows: int, percentiles: tuple[int, ...] = (50, 99)) -> dict[str, Any]:
+    """A load's absolute figures over its slices: requests/s and rows/s, latency percentiles, errors."""
+    r = combined(parts)
+    rps = r.in_window / r.seconds
+    return {
+        "requests_per_s": round(rps, 1), "rows_per_s": round(rps * rows, 1),
+        **{f"p{q}_ms": round(r.percentile_ms(q), 2) for q in percentiles}, "errors": r.errors,
+    }  # fmt: skip
 
 
 def load_measure(call: Callable[[], Awaitable[object]], concurrency: int, rows: int = 1) -> Measure:

@@ -33,22 +33,20 @@ class LoadResult:
     @classmethod
     def combine(cls, parts: list[LoadResult]) -> LoadResult:
         """Several recorded slices of the same load as one result."""
-        whole = cls(parts[0].concurrency, sum(p.seconds for p in parts))
-        for p in parts:
-            whole.latencies += p.latencies
-            whole.codes += p.codes
-            whole.in_window += p.in_window
-        return whole
+        return cls(parts[0].concurrency, sum(p.seconds for p in parts))._add(parts)
 
     @classmethod
     def combine_concurrent(cls, parts: list[LoadResult]) -> LoadResult:
         """Loads that ran side by side over the same window as one load of their total concurrency."""
-        whole = cls(sum(p.concurrency for p in parts), max(p.seconds for p in parts))
+        return cls(sum(p.concurrency for p in parts), max(p.seconds for p in parts))._add(parts)
+
+    def _add(self, parts: list[LoadResult]) -> LoadResult:
+        """This result with every call of `parts` counted in."""
         for p in parts:
-            whole.latencies += p.latencies
-            whole.codes += p.codes
-            whole.in_window += p.in_window
-        return whole
+            self.latencies += p.latencies
+            self.codes += p.codes
+            self.in_window += p.in_window
+        return self
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")

@@ -48,6 +48,13 @@ class Process:
             self.proc.kill()
             return self.proc.wait()
 
+    def wait_for_line(self, marker: str, what: str) -> None:
+        """Until the process logs `marker` (it is up); an error with its log if it exits first."""
+        while marker not in self.log.read_text():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what} exited: {self.log.read_text()}")
+            time.sleep(0.02)
+
 
 NO_HTTP = ("--http-port", "0")  # this checkout's server opens an HTTP port by default; none here
 
@@ -95,7 +102,4 @@ class EchoProcess(Process):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         super().__init__(["-m", "bench.echo", "--port", str(self.port), "--image-shape", ",".join(map(str, image_shape))], log)
-        while "echo on port" not in log.read_text():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"echo server exited: {log.read_text()}")
-            time.sleep(0.02)
+        self.wait_for_line("echo on port", "echo server")

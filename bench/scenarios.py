@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.interleave import Rounds, Slicing, interleave, load_measure
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.repository import ModelSpec
@@ -49,3 +50,14 @@ async def caller(target: str, method: str, request: Any) -> AsyncIterator[Callab
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         call = getattr(vae_pb2_grpc.VaeServiceStub(channel), method)
         yield lambda: call(request)
+
+
+async def grpc_slices(spec: ModelSpec, s: Scenario, targets: dict[str, str], slicing: Slicing, pids: tuple[int, ...]) -> Rounds[str]:
+    """The scenario's calls on each of `targets` (name -> address), loaded in turns (`interleave`)."""
+    method, request = make_request(spec, s)
+    async with contextlib.AsyncExitStack() as stack:
+        measures = {
+            name: load_measure(await stack.enter_async_context(caller(target, method, request)), s.concurrency)
+            for name, target in targets.items()
+        }
+        return await interleave(measures, slicing, pids)
