@@ -7,7 +7,6 @@ request the handler refuses with INVALID_ARGUMENT, rather than gRPC's own INTERN
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from service.dataplane import deadline_in
 from service.errors import BadRequest, code_of
 
 
@@ -40,8 +40,7 @@ def refusal(request: Any) -> BadRequest | None:
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+    return deadline_in(context.time_remaining())
 
 
 async def abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
