@@ -17,8 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import parse_config
-
-WILDCARDS = {"", "[::]", "::", "0.0.0.0"}
+from service.listen import WILDCARDS, bare, grpc_address
 
 
 def server_argv_env() -> tuple[list[str], dict[str, str] | None]:
@@ -40,8 +39,8 @@ def target() -> str:
         config = parse_config(argv, env)
     except SystemExit:  # flags this parser does not know: fall back to our own environment
         config = parse_config([], None)
-    host = "127.0.0.1" if config.host in WILDCARDS else config.host
-    return f"{host}:{config.port if config.health_port is None else config.health_port}"
+    host = "127.0.0.1" if bare(config.host) in (*WILDCARDS, "0.0.0.0") else config.host
+    return grpc_address(host, config.port if config.health_port is None else config.health_port)
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ class ServerConfig:
     http_port: int = 8000
     metrics_port: int = 9090
     health_port: int | None = None
-    metrics_addr: str = "0.0.0.0"
+    metrics_addr: str = "[::]"
     device: str = "auto"
     intra_op_threads: int = 0
     split_rows: int = 128
@@ -90,13 +90,15 @@ HELP = {
     "tls_key": "PEM private key for --tls-cert",
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "auth_token_file": "bearer tokens, one per line (VAE_AUTH_TOKENS adds comma-separated ones)",
-    "metrics_addr": "address the metrics HTTP endpoint binds to",
+    "host": "address the gRPC, HTTP and --health-port ports bind to: [::] takes IPv4 and IPv6 clients (IPv4 alone "
+    "on a host without IPv6); 0.0.0.0 all of IPv4; 127.0.0.1 or ::1 that address alone",
+    "metrics_addr": "address the metrics port binds to, read as --host",
     "http_port": "the HTTP port: the Open Inference Protocol's REST API, vae.v1 as plain HTTP, the OpenAPI docs and the "
     "playground page, with the gRPC port's TLS, tokens and limits (0: off)",
     "cors_origins": "comma-separated origins whose browser pages may call the HTTP port (CORS); default: none",
     "max_message_bytes": "the largest gRPC message and HTTP request body",
-    "max_concurrent_calls": "vae.v1 calls in progress at once; beyond it RESOURCE_EXHAUSTED at once (health checks "
-    "are not counted)",
+    "max_concurrent_calls": "inference calls in progress at once, vae.v1 and the Open Inference Protocol's on both "
+    "ports; beyond it RESOURCE_EXHAUSTED at once (health checks, metadata and model control are not counted)",
 }
 
 

@@ -178,9 +178,11 @@ def to_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     resized with crop or pad."""
     try:
         image = _flatten(_to_8bit(image), prep.background).convert("L" if prep.channels == 1 else "RGB")
-    except ValueError as e:  # a mode convert() has no route for (LAB, HSV ...)
-        raise ImageError(f"unsupported: {image.mode} images cannot be converted ({e})") from None
-    image = _fit(image, prep)
+    except MemoryError:
+        raise
+    except Exception as e:  # a mode convert() has no route for (LAB, HSV ...), whatever Pillow raises for it
+        raise ImageError(f"unsupported: {image.mode} images cannot be converted ({type(e).__name__}: {e})") from None
+    image = _fit(image, prep)  # the project's own geometry: an exception here is a bug, never the file's
     a = np.asarray(image, dtype=np.uint8)
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
@@ -231,25 +233,41 @@ def _crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale so the image covers the target, then take the centre: one resample over the source
     box that maps onto the target, or a plain crop when no scaling is needed."""
     w, h = image.size
-    scale = max(width / w, height / h)
-    bw, bh = width / scale, height / scale
-    if scale == 1:
+    box = crop_box(w, h, width, height)
+    if (box[2] - box[0], box[3] - box[1]) == (width, height):
         left, top = (w - width) // 2, (h - height) // 2
         return image.crop((left, top, left + width, top + height))
-    box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
     return image.resize((width, height), RESAMPLE, box=box)
+
+
+def crop_box(w: int, h: int, width: int, height: int) -> tuple[float, float, float, float]:
+    """The centred box of a w x h source with the target's aspect ratio, as large as fits. Which
+    side is kept whole is decided on integer products, never on rounded scales, so the box never
+    leaves the source (32 / (32 / 49) is not 49 in floating point)."""
+    if width * h >= height * w:  # width / w >= height / h: the whole width is kept
+        bw, bh = float(w), height * w / width
+    else:
+        bw, bh = width * h / height, float(h)
+    return ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
 
 
 def _pad(image: Image.Image, width: int, height: int, background: tuple[int, int, int]) -> Image.Image:
     """Scale so the image fits inside the target, then centre it on the background colour."""
     w, h = image.size
-    scale = min(width / w, height / h)
-    size = (min(width, max(1, round(w * scale))), min(height, max(1, round(h * scale))))
+    size = pad_size(w, h, width, height)
     inner = image if size == (w, h) else image.resize(size, RESAMPLE)
     fill = Image.new("RGB", (1, 1), background).convert(image.mode).getpixel((0, 0))
     canvas = Image.new(image.mode, (width, height), fill)
     canvas.paste(inner, ((width - size[0]) // 2, (height - size[1]) // 2))
     return canvas
+
+
+def pad_size(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) a w x h source is scaled to inside the target: the binding side fills
+    it exactly, the other keeps the aspect ratio, rounded, at least one pixel."""
+    if width * h <= height * w:  # width / w <= height / h: the width fills the target
+        return width, min(height, max(1, round(h * width / w)))
+    return min(width, max(1, round(w * height / h))), height
 
 
 def load_image(source: bytes | str | os.PathLike, prep: Preprocessing, max_pixels: int | None = None) -> np.ndarray:

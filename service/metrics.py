@@ -6,9 +6,14 @@ process and each scrape shows only its own server.
 
 from __future__ import annotations
 
+import threading
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from service.listen import Endpoint
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -93,6 +98,31 @@ class Metrics:
         except KeyError:
             pass
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> tuple[object, object]:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
-        return start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, where: Endpoint) -> MetricsServer:
+        """Start the /metrics HTTP endpoint in a daemon thread, as prometheus-client's
+        start_http_server does, but bound by `service.listen`'s rule (its own binds a wildcard
+        to IPv4 alone, or to IPv6 alone where the host says so)."""
+        server = MetricsServer(where, make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged, as prometheus-client's own server does not."""
+
+
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server on an `Endpoint`: a slow scraper does not hold up the next."""
+
+    daemon_threads = True
+
+    def __init__(self, where: Endpoint, app: Any) -> None:
+        self.where = where
+        self.address_family = where.family
+        super().__init__(where.address, _Quiet)
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        self.where.prepare(self.socket)
+        super().server_bind()

@@ -27,6 +27,7 @@ from service.api.inference import grpc_service_pb2 as oip
 from service.api.vae.v1 import vae_pb2
 from service.dataplane import DataPlane
 from service.grpc_calls import add_to_server
+from service.listen import binding, endpoint, grpc_address
 from service.metrics import Metrics
 from service.models import READY, Models
 from service.oip_grpc import ADMIN_METHODS as OIP_ADMIN_METHODS
@@ -162,11 +163,12 @@ class Server:
         enable_reflection(self.grpc, (SERVICE, OIP_SERVICE, health.SERVICE_NAME))
         for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{c.host}:{c.port}"
-        if c.tls_cert and c.tls_key:
-            self.port = self.grpc.add_secure_port(address, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        address = grpc_address(c.host, c.port)
+        with binding("gRPC", endpoint(c.host, c.port)):
+            if c.tls_cert and c.tls_key:
+                self.port = self.grpc.add_secure_port(address, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
+            else:
+                self.port = self.grpc.add_insecure_port(address)
         log.info(
             "transport: %s; auth: %s",
             "mutual TLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext",
@@ -185,13 +187,19 @@ class Server:
         if c.health_port is not None:
             self.probes = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probes)
-            self.health_port = self.probes.add_insecure_port(f"{c.host}:{c.health_port}")
+            with binding("health", endpoint(c.host, c.health_port)):
+                self.health_port = self.probes.add_insecure_port(grpc_address(c.host, c.health_port))
             await self.probes.start()
             log.info("health alone, in plaintext, on port %d", self.health_port)
-        self._metrics_http, _ = self.metrics.serve(c.metrics_port, c.metrics_addr)
+        metrics_at = endpoint(c.metrics_addr, c.metrics_port, "--metrics-addr")
+        with binding("metrics", metrics_at):
+            self._metrics_http = self.metrics.serve(metrics_at)
         self.metrics_port = self._metrics_http.server_port
         if app is not None:
-            self.http = HttpServer(app, c.host, c.http_port, c.tls_cert, c.tls_key, c.tls_client_ca)
+            http_at = endpoint(c.host, c.http_port)
+            with binding("HTTP", http_at):
+                sock = http_at.bind()
+            self.http = HttpServer(app, sock, c.tls_cert, c.tls_key, c.tls_client_ca)
             self.http_port = await self.http.start()
         await self.grpc.start()
         for name in ("", SERVICE, OIP_SERVICE):
@@ -202,6 +210,14 @@ class Server:
         provider = self.models.engines()[0].runtime.provider
         http = f", HTTP on {self.http_port}" if self.http else ""
         log.info("serving %s on port %d (metrics on %d%s, %s)", served, self.port, self.metrics_port, http, provider)
+        log.info("listening: %s", self.listening())
+
+    def listening(self) -> str:
+        """Each open port and what it binds: 'gRPC [::]:50051 (IPv4 and IPv6), metrics ...'."""
+        c = self.config
+        ports = [("gRPC", c.host, self.port), ("HTTP", c.host, self.http_port), ("health", c.host, self.health_port),
+                 ("metrics", c.metrics_addr, self.metrics_port)]  # fmt: skip
+        return ", ".join(f"{what} {endpoint(host, port).describe(port)}" for what, host, port in ports if port)
 
     async def reload(self) -> None:
         """Bring what is served in line with the repository (SIGHUP, the watcher)."""

@@ -97,11 +97,16 @@ def expected_sample(model, n: int, seed: int):
 class ServerProcess:
     """The real server, `python -m service`, in its own process on free ports."""
 
-    def __init__(self, repo: Path, log: Path, *args: str, http: bool = False) -> None:
-        """`http`: open the HTTP port too (on a free port; `http_url`), which is off otherwise."""
-        cmd = [sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port", "0",
-               "--host", "127.0.0.1", "--metrics-addr", "127.0.0.1", "--intra-op-threads", "1",
-               "--http-port", str(free_port()) if http else "0", *args]  # fmt: skip
+    def __init__(
+        self, repo: Path, log: Path, *args: str, http: bool = False, loopback: bool = True,
+        launcher: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        """`http`: open the HTTP port too (on a free port; `http_url`), which is off otherwise.
+        `loopback`: bind 127.0.0.1 alone; False keeps the server's default addresses. `launcher`
+        runs the server through another command (`ip netns exec NAME`)."""
+        addresses = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1"] if loopback else []
+        cmd = [*launcher, sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port",
+               "0", *addresses, "--intra-op-threads", "1", "--http-port", str(free_port()) if http else "0", *args]  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120

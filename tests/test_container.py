@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.processes import free_port
 from service.client import VaeClient
 from service.vae_grpc import SERVICE  # not service.server: it loads the inference protocol's messages, which tritonclient holds in its tests
+from tests.reach import FAMILIES, grpc_health, http_get, url
 from tests.test_service import metric, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,7 @@ class Container:
     def __init__(self, name: str, port: int, metrics_port: int, http_port: int) -> None:
         self.name, self.port, self.metrics_port = name, port, metrics_port
         self.target = f"127.0.0.1:{port}"
+        self.http_port = http_port
         self.http_url = f"http://127.0.0.1:{http_port}"
 
     def logs(self) -> str:
@@ -82,8 +84,9 @@ def health_status(target: str, service: str = "") -> int:
 def container(image, model_repo, tmp_path_factory):
     """The image serving the test model repository, mounted read-only at /models; removed at the end.
 
-    Host networking (the only kind podman has here), bound to 127.0.0.1 on free ports: the flags after
-    the image name go to the server through the ENTRYPOINT. Health timers are off (they need systemd);
+    Host networking (the only kind podman has here), on free ports and the image's default addresses
+    (every address, IPv4 and IPv6): the flags after the image name go to the server through the
+    ENTRYPOINT. Health timers are off (they need systemd);
     test_health runs the image's HEALTHCHECK by hand.
     """
     repo = tmp_path_factory.mktemp("mounted") / "models"
@@ -96,8 +99,7 @@ def container(image, model_repo, tmp_path_factory):
                # As deploy/k8s runs it: read-only root filesystem, no capabilities, no privilege gain.
                "--read-only", "--cap-drop", "all", "--security-opt", "no-new-privileges",
                "--volume", f"{repo}:/models:ro", image,
-               "--host", "127.0.0.1", "--port", str(c.port), "--metrics-addr", "127.0.0.1",
-               "--metrics-port", str(c.metrics_port), "--http-port", str(http_port), "--intra-op-threads", "1")  # fmt: skip
+               "--port", str(c.port), "--metrics-port", str(c.metrics_port), "--http-port", str(http_port), "--intra-op-threads", "1")  # fmt: skip
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -174,6 +176,14 @@ def test_http_port_serves_the_api_the_docs_and_the_page(container, server):
         assert web.get("/v1/models/digits/sample.png", params={"n": 4}).content.startswith(b"\x89PNG")
         assert "VAE playground" in web.get("/").text
         assert web.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+
+
+@pytest.mark.parametrize("host", FAMILIES)
+def test_every_port_takes_ipv4_and_ipv6_clients(container, host):
+    """As a kubelet's probes and Prometheus reach a pod: by its address, IPv4 in most clusters."""
+    assert grpc_health(host, container.port) == "SERVING"
+    assert http_get(url(host, container.http_port, "/v2/health/ready")) == "200"
+    assert http_get(url(host, container.metrics_port, "/metrics")) == "200"
 
 
 def test_health(container):

@@ -245,6 +245,16 @@ def test_encode_of_files_is_the_encoder_on_the_prepared_pixels(client, model, fi
     assert np.abs(mu[0] - mu[1]).max() > 1e-3  # different files, different codes: the pixels really came through
 
 
+def test_files_of_sizes_that_once_crashed_the_crop_are_encoded_as_training_reads_them(client, model):
+    """Sprites' everyday sizes whose crop box once left the image by float rounding (a server fault)."""
+    rng = np.random.default_rng(11)
+    odd = [encoded(picture(rng, w, h, i % 3), "PNG") for i, (w, h) in enumerate([(57, 49), (49, 52), (129, 98), (49, 49)])]
+    mu, _, _ = client.encode(odd)
+    with torch.no_grad():
+        t_mu, _ = model.encode(prepared(odd))
+    np.testing.assert_allclose(mu, t_mu.numpy(), atol=1e-4, rtol=0)
+
+
 def test_score_of_files_is_the_iwae_and_elbo_of_training(client, model, files):
     k, seed, n = 500, 3, len(files)
     scores = client.score(files, k=k, seed=seed)

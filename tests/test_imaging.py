@@ -8,14 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service.imaging import (
     ImageError,
     Preprocessing,
+    crop_box,
     grid,
     load_image,
     open_image,
+    pad_size,
     parse_color,
     parse_size,
     png_bytes,
@@ -232,6 +236,57 @@ def test_an_image_at_the_target_size_comes_back_identical():
         colour_png, grey_png = encoded(Image.fromarray(colour), "PNG"), encoded(Image.fromarray(grey), "PNG")
         assert np.array_equal(load_image(colour_png, Preprocessing(size=(24, 32), fit=fit)), colour.transpose(2, 0, 1))
         assert np.array_equal(load_image(grey_png, Preprocessing(channels=1, size=(24, 32), fit=fit)), grey[None])
+
+
+SOURCE = st.integers(1, 5000)  # a side of a file's image, 1 pixel to a large photo
+TARGET = st.integers(1, 512)  # a side of a model's images
+
+
+@settings(max_examples=2000, deadline=None)
+@given(w=SOURCE, h=SOURCE, width=TARGET, height=TARGET)
+def test_the_crop_box_lies_inside_the_image_centred_with_the_targets_shape(w, h, width, height):
+    left, top, right, bottom = crop_box(w, h, width, height)
+    assert 0 <= left < right <= w and 0 <= top < bottom <= h
+    assert right - left == w or bottom - top == h  # as large as fits: one side whole
+    assert (right - left) * height == pytest.approx((bottom - top) * width, rel=1e-9)
+    assert left + right == pytest.approx(w, abs=1e-9) and top + bottom == pytest.approx(h, abs=1e-9)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(w=SOURCE, h=SOURCE, width=TARGET, height=TARGET)
+def test_the_padded_size_fits_the_target_and_keeps_the_aspect(w, h, width, height):
+    sw, sh = pad_size(w, h, width, height)
+    assert 1 <= sw <= width and 1 <= sh <= height
+    assert sw == width or sh == height
+    assert abs(sw * h - sh * w) <= max(w, h)  # within half a pixel of the aspect, on either side
+
+
+def uniform(w: int, h: int) -> Image.Image:
+    return Image.new("RGB", (w, h), (200, 30, 90))
+
+
+@settings(max_examples=150, deadline=None)
+@given(w=st.integers(1, 3000), h=st.integers(1, 3000), width=st.integers(1, 96), height=st.integers(1, 96),
+       fit=st.sampled_from(["crop", "pad"]))  # fmt: skip
+def test_any_image_size_becomes_the_models_size(w, h, width, height, fit):
+    """Whole images through Pillow: every source size, square and non-square targets, both fits."""
+    prep = Preprocessing(size=(height, width), fit=fit, background=(0, 255, 0))
+    pixels = to_pixels(uniform(w, h), prep)
+    assert pixels.shape == (3, height, width)
+    inside = np.abs(pixels.astype(int) - np.array([200, 30, 90])[:, None, None]).max(axis=0) <= 2
+    if fit == "crop":
+        assert inside.all()
+    else:
+        sw, sh = pad_size(w, h, width, height)
+        x0, y0 = (width - sw) // 2, (height - sh) // 2
+        assert inside[y0 : y0 + sh, x0 : x0 + sw].all()
+        assert inside.sum() == sw * sh  # the rest is background
+
+
+@pytest.mark.parametrize("w, h", [(57, 49), (49, 52), (58, 49), (129, 98), (49, 49), (1, 1000), (4000, 1)])
+def test_the_sizes_that_once_crashed_the_crop(w, h):
+    for size in [(32, 32), (16, 16), (64, 48)]:
+        assert to_pixels(uniform(w, h), Preprocessing(size=size)).shape == (3, *size)
 
 
 # --- bad files ------------------------------------------------------------------------------------

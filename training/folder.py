@@ -106,7 +106,8 @@ def load_folder(
     """Every image under `root` as the model's pixels, decoding only what the cache lacks.
 
     Bad files are skipped and logged (strict: the first raises ImageError naming it). Raises
-    FileNotFoundError for a missing folder, ValueError for one without a readable image."""
+    FileNotFoundError for a missing folder, ValueError for one without a readable image, and
+    PreprocessingBug, naming the file, where the project's own code fails on one."""
     root = _check_root(root)
     folder = _cache_folder(root, prep, cache_dir)
     files = _scan(root)
@@ -287,6 +288,11 @@ def _decode_chunk(root: str, paths: list[str], prep: Preprocessing) -> list[np.n
     return [_decode_file(os.path.join(root, p), prep) for p in paths]
 
 
+class PreprocessingBug(RuntimeError):
+    """The project's own preprocessing failed on a file that Pillow read: a bug to report, not a bad
+    file, so it ends the run naming the file (its traceback is chained) rather than being skipped."""
+
+
 def _decode_file(path: str, prep: Preprocessing) -> np.ndarray | str:
     try:
         return load_image(path, prep)
@@ -294,6 +300,11 @@ def _decode_file(path: str, prep: Preprocessing) -> np.ndarray | str:
         return str(e)
     except OSError as e:  # vanished, unreadable, a broken link
         return f"unreadable: {e.strerror or e}"
+    except Exception as e:
+        raise PreprocessingBug(
+            f"{path}: preprocessing failed with {type(e).__name__}: {e}. This is a bug in the project, not in the "
+            "file: please report it with this file and this traceback"
+        ) from e
 
 
 def _entries(

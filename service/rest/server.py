@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +23,15 @@ class _Server(uvicorn.Server):
 
 class HttpServer:
     def __init__(
-        self, app: ASGIApp, host: str, port: int, cert: Path | None = None, key: Path | None = None,
+        self, app: ASGIApp, sock: socket.socket, cert: Path | None = None, key: Path | None = None,
         client_ca: Path | None = None,
     ) -> None:  # fmt: skip
-        """TLS with `cert` and `key`; with `client_ca`, clients must present a certificate it signed."""
+        """Serves on `sock`, bound by `service.listen` (uvicorn's own binding makes an IPv6
+        wildcard IPv6-only). TLS with `cert` and `key`; with `client_ca`, clients must present a
+        certificate it signed."""
+        self.sock = sock
         config = uvicorn.Config(
-            app, host=host.strip("[]"), port=port, log_level="warning", access_log=False, lifespan="off",
+            app, log_level="warning", access_log=False, lifespan="off",
             ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
             http="httptools" if _has_httptools() else "h11", loop="none", timeout_graceful_shutdown=1,
@@ -37,7 +41,7 @@ class HttpServer:
 
     async def start(self) -> int:
         """Listen; returns the port (the one chosen when asked for port 0)."""
-        self.task = asyncio.ensure_future(self.server.serve())
+        self.task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
         while not self.server.started:
             if self.task.done():
                 self.task.result()  # raises what stopped it (a port in use, a bad certificate)
