@@ -33,9 +33,11 @@ from bench.interleave import (
 )  # fmt: skip
 from bench.limits import Probe, graph_input, sessions
 from bench.mixes import fairness, many_models, memory_by_models, prior_cost
-from bench.processes import EchoProcess, ServiceProcess, rss_mb
+from bench.processes import EchoProcess, ServiceProcess, one_model, rss_mb
 from bench.scenarios import Scenario, caller, grpc_slices, make_request
-from service.repository import ModelSpec, load_spec
+from service import commands
+from service.commands import Parser, writable_folder
+from service.repository import ModelSpec
 from service.runtime import Graph, RuntimeOptions, available_cores, intra_op_threads
 
 SCENARIOS = [
@@ -138,7 +140,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 s per scenario and side instead of 10")
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     slicing = Slicing.of(args.quick, args.slices)
     duration, warmup = slicing.duration, slicing.first_warmup
-    spec = load_spec(args.model_repo)
+    spec = one_model(parser, args.model_repo)
+    writable_folder(args.json.parent, "--json")
     if args.part == "prior" and spec.prior != "flow":
         parser.error(f"--part prior needs a flow-prior model; {spec.name} v{spec.version} has prior {spec.prior!r}")
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -299,4 +302,4 @@ async def compute_bound_slices(
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m bench")

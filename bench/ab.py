@@ -15,7 +15,6 @@ on the installed protobuf runtime gets it made again from its own .proto files (
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -34,9 +33,11 @@ from typing import Any
 import onnxruntime as ort
 
 from bench.interleave import SLICES, Slicing, figures, range_of, ratios, slice_count, used
-from bench.processes import NO_HTTP, ServiceProcess
+from bench.processes import NO_HTTP, ServiceProcess, one_model
 from bench.scenarios import Scenario, grpc_slices
-from service.repository import ModelSpec, load_spec
+from service import commands
+from service.commands import Parser, existing_folder, writable_folder
+from service.repository import ModelSpec
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 SCENARIOS = [
@@ -93,6 +94,14 @@ def regenerate_protos(tree: Tree) -> None:
 
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(CHECKOUT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def is_commit(ref: str) -> bool:
+    try:
+        git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    except (subprocess.CalledProcessError, OSError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -168,7 +177,7 @@ def describe(tree: Tree, package: str, model_repo: Path, regenerated: bool) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the commit to compare with (any git revision)")
     parser.add_argument("--new", help="a commit for the new side instead of the working tree")
     parser.add_argument("--model-repo", type=Path, required=True)
@@ -182,8 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     scenarios = [s for s in SCENARIOS if not args.scenarios or s.label in args.scenarios.split(",")]
     if not scenarios:
         parser.error(f"--scenarios {args.scenarios!r} names none of: {', '.join(s.label for s in SCENARIOS)}")
+    for flag, ref in (("--base", args.base), ("--new", args.new)):
+        if ref is not None and not is_commit(ref):
+            parser.error(f"{flag} {ref}: not a commit of {CHECKOUT} (git rev-parse cannot find it)")
     slicing = Slicing.of(args.quick, args.slices)
-    spec = load_spec(args.model_repo)
+    spec = one_model(parser, args.model_repo)
+    if args.base_model_repo:
+        existing_folder(args.base_model_repo, "--base-model-repo")
+    writable_folder(args.json.parent, "--json")
     base_repo = (args.base_model_repo or args.model_repo).resolve()
     flags = ["--intra-op-threads", str(args.threads)]
     logs = Path(tempfile.mkdtemp(prefix="bench-ab-logs-"))
@@ -228,4 +243,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m bench.ab")

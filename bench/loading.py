@@ -25,7 +25,6 @@ at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -45,6 +44,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from service import commands
+from service.commands import Parser, existing_folder, writable_folder
 from service.imaging import RESAMPLE, Preprocessing, parse_size
 from training.folder import CHUNK, load_folder
 
@@ -284,17 +285,19 @@ def show(label: str, f: dict[str, Any], fmt: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.loading", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench.loading", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True, help="a folder of images (read only, never written)")
     parser.add_argument("--image-size", type=parse_size, default=(32, 32), help="N or HxW (default 32)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--workdir", type=Path, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--steps", type=int, default=50, help="training steps per memory run (default 50)")
     args = parser.parse_args(argv)
-    root = args.folder.expanduser().resolve()
+    root = existing_folder(args.folder.expanduser(), "--folder").resolve()
     prep = Preprocessing(channels=3, size=args.image_size, fit="crop", background=(255, 255, 255))
     if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
+        writable_folder(args.workdir, "--workdir")
+    if args.json:
+        writable_folder(args.json.parent, "--json")
     work = Path(tempfile.mkdtemp(prefix="bench-loading-", dir=args.workdir))
     command = shlex.join([Path(sys.executable).name, "-m", "bench.loading", *(sys.argv[1:] if argv is None else argv)])
     report: dict[str, Any] = {
@@ -345,4 +348,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m bench.loading")

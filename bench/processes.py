@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -12,6 +13,16 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.repository import ModelSpec, RepositoryError, load_spec
+
+
+def one_model(parser: argparse.ArgumentParser, repo: Path) -> ModelSpec:
+    """The one model of --model-repo a bench runs against, or the parser's one-line error."""
+    try:
+        return load_spec(repo)
+    except RepositoryError as err:
+        parser.error(f"--model-repo: {err}")
 
 
 def free_port() -> int:

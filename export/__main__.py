@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -12,14 +13,27 @@ from pathlib import Path
 
 from export.repository import publish
 from export.verify import ParityError
+from service import commands
+from service.commands import Parser, writable_folder
 from training.checkpoint import load_model
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def model_name(text: str) -> str:
+    """argparse type: a name the server serves as a folder and in URLs (/v2/models/NAME)."""
+    if not NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot name a model: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description="Export a VAE checkpoint to ONNX.")
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser = Parser(prog="python -m export", description="Export a VAE checkpoint to ONNX.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="best.pt of python -m training")
     parser.add_argument("--out", type=Path, default=Path("models"), help="the model repository")
-    parser.add_argument("--name", required=True, help="model name: the folder under --out")
+    parser.add_argument("--name", type=model_name, required=True, help="model name: the folder under --out")
     parser.add_argument("--max-batch-size", type=int, default=256, help="written to model.json and Triton configs")
     parser.add_argument("--fp16-decoder", action="store_true", help="also write decoder_fp16.onnx, for GPUs")
     parser.add_argument("--int8-decoder", action="store_true",
@@ -28,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # torch.onnx's exporter is chatty at WARNING
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
     started = time.perf_counter()
-    model, cfg, _ = load_model(args.checkpoint)
+    model, cfg, _ = load_model(args.checkpoint)  # CheckpointError, one line, for a file that is none
+    writable_folder(args.out, "--out")
     metrics_file = args.checkpoint.parent / "metrics.json"
     run = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     metrics, classes = run.get("test", {}), run.get("data", {}).get("classes", [])
@@ -45,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.run(main, "python -m export")

@@ -3,15 +3,18 @@
 Each version folder gets `<role>.config.pbtxt` beside each graph: encoder and decoder, and for a
 flow prior prior_sample and prior_density.
 Triton wants one model per folder (`<repo>/<model>/config.pbtxt`, `<repo>/<model>/<version>/...`),
-so `python -m export.triton MODELS/NAME TRITON_REPO` lays out that view with hard links: no copies.
+so `python -m export.triton MODELS/NAME TRITON_REPO` lays out that view with hard links: no copies (copies only across filesystems).
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import os
+import shutil
 from pathlib import Path
 
+from service import commands
+from service.commands import Parser, existing_folder, writable_folder
 from service.manifest import PRIOR_ROLES, ROLES, version_numbers
 
 
@@ -60,21 +63,34 @@ def layout(model_dir: Path, triton_repo: Path) -> list[Path]:
             (target / version.name).mkdir(parents=True, exist_ok=True)
             dest = target / version.name / f"{role}.onnx"
             if not dest.exists():
-                os.link(version / f"{role}.onnx", dest)
+                _link_or_copy(version / f"{role}.onnx", dest)
         # The newest version's config describes the model (Triton has one config per model).
         (target / "config.pbtxt").write_text((versions[-1] / f"{role}.config.pbtxt").read_text())
         made.append(target)
     return made
 
 
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """A hard link, or a copy where the Triton repository is on another filesystem."""
+    try:
+        os.link(source, dest)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.copy2(source, dest)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Lay out a Triton model repository from an exported model.")
+    parser = Parser(prog="python -m export.triton", description="Lay out a Triton model repository from an exported model.")
     parser.add_argument("model_dir", type=Path, help="MODELS/NAME, as written by python -m export")
     parser.add_argument("triton_repo", type=Path)
     args = parser.parse_args(argv)
+    if not version_numbers(existing_folder(args.model_dir, "model_dir")):
+        parser.error(f"{args.model_dir} holds no version folders: give MODELS/NAME, as python -m export writes it")
+    writable_folder(args.triton_repo, "triton_repo")
     for path in layout(args.model_dir, args.triton_repo):
         print(path)
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m export.triton")

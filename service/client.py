@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from google.protobuf.message import Message
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
+from service.commands import Parser
 from service.imaging import grid
 from service.tensors import from_array, tensor_to_numpy
 
@@ -200,7 +200,7 @@ def _save(images: np.ndarray, out: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.client", description="Call the VAE service.")
+    parser = Parser(prog="python -m service.client", description="Call the VAE service.")
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--ca", type=Path, help="CA certificate (PEM) that signed the server's: use TLS")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from service.commands import Parser
 from service.manifest import DECODER_PRECISIONS
 from service.repository import VersionPolicy
 
@@ -115,7 +115,7 @@ def _optional_int(value: str) -> int | None:
 
 def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
     env = dict(os.environ) if env is None else env
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve a VAE over gRPC and HTTP.")
+    parser = Parser(prog="python -m service", description="Serve a VAE over gRPC and HTTP.")
     for f in fields(ServerConfig):
         default = f.default
         env_name = f"VAE_{f.name.upper()}"

@@ -1,6 +1,5 @@
 """The architecture follows the image shape: any (C, H, W) round-trips to the same shape."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -5,19 +5,20 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
 
-from training.cli import add_data_arguments, data_options
+from service import commands
+from service.commands import Parser, UsageError, writable_folder
+from training.cli import add_data_arguments, check_data, data_options
 from training.config import LIKELIHOODS, ModelConfig, TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     d, m = TrainConfig(), ModelConfig()
-    p = argparse.ArgumentParser(prog="python -m training", description="Train a VAE, evaluate it, draw its figures.")
+    p = Parser(prog="python -m training", description="Train a VAE, evaluate it, draw its figures.")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.json, figures")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     add_data_arguments(p, d)
@@ -72,13 +73,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     try:
         model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
         cfg = TrainConfig(model=model_cfg, **data_options(args), **args)
-    except ValueError as err:
+    except (ValueError, UsageError) as err:
         p.error(str(err))
     return cfg, out, resume
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train; a mistake of the user's raises a UserError (one line from the command, see run)."""
     cfg, out, resume = parse_args(argv)
+    check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    writable_folder(out, "--out")
     # Under torchrun only rank 0 logs; the others say nothing short of an error.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
@@ -89,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
 
         start_workers()
     from training import distributed  # torch is imported only once the arguments are good
+    from training.features import check_classifiers
     from training.train import Stopped, run
 
+    check_classifiers(cfg)  # an hour of training must not end on a --classifier that is no classifier
     dist = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
         metrics = run(cfg, out, resume)
@@ -125,4 +131,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m training")

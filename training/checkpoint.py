@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from service.commands import UsageError
 from training.config import TrainConfig, from_dict, to_dict
 from training.model import VAE
 
@@ -46,19 +47,69 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class CheckpointError(UsageError, ValueError):
+    """A file named as a checkpoint or classifier that is not one of this project's, or that comes
+    from a version of it whose layout this one cannot rebuild."""
+
+
+def read(path: Path | str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A file the user named, read with torch.load (weights only, onto the CPU): CheckpointError,
+    saying which file and why, unless it is a dict holding `keys`. `what` completes 'PATH is not ...'."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
+    except Exception as err:  # torch's readers raise anything from KeyError to RuntimeError on a foreign file
+        cause = innermost(err)  # torch wraps the reason in advice to turn weights_only off, which is never right here
+        if str(cause).startswith("Unsupported global"):
+            raise CheckpointError(
+                f"{path} is not {what}: it holds Python objects, which are never unpickled (torch.load weights_only: "
+                f"{first_line(cause)})"
+            ) from err
+        raise CheckpointError(f"{path} is not {what}: torch cannot read it ({type(cause).__name__}: {first_line(cause)})") from err
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path} is not {what}: it holds no {', '.join(missing)}")
+    return state
+
+
+def innermost(err: BaseException) -> BaseException:
+    """The exception at the bottom of `err`'s chain: what went wrong, under the wrappers' advice."""
+    while err.__cause__ or err.__context__:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+CHECKPOINT = "a checkpoint of this project (the best.pt or last.pt that python -m training writes)"
+
+
 def load(path: Path | str) -> dict[str, Any]:
     """The checkpoint dict, every tensor on the CPU."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+    state = read(path, CHECKPOINT, ("format", "config", "model"))
+    if state["format"] != FORMAT:
+        raise CheckpointError(
+            f"{path} comes from another version of this project (checkpoint format {state['format']!r}; this one reads "
+            f"{FORMAT}): use that version, or train again"
+        )
     return state
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig, dict[str, Any]]:
     """The VAE on `device` in eval mode, its training config, and the whole checkpoint dict (on the CPU)."""
     state = load(path)
-    model, cfg = model_from_state(state, device)
-    return model, cfg, state
+    try:
+        model, cfg = model_from_state(state)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # a config or weights this version has no layout for
+        raise CheckpointError(
+            f"{path} comes from a version of this project whose model this one cannot rebuild ({type(err).__name__}: "
+            f"{first_line(err)}): use that version, or train again"
+        ) from err
+    return model.to(device), cfg, state
 
 
 def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig]:

@@ -7,9 +7,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from service.commands import UsageError
 from service.imaging import parse_size
 from training.config import FITS, TrainConfig
-from training.data import DATASETS
+from training.data import DATASETS, MIRRORS, MissingData, check_idx, idx_folder
 
 DATA_KEYS = (
     "dataset", "data_dir", "download", "val_fraction", "test_fraction", "image_size", "channels", "fit", "background",
@@ -38,7 +39,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | 
 
 def data_options(args: dict[str, Any]) -> dict[str, Any]:
     """Take the data flags out of parsed arguments (vars(namespace)), as TrainConfig fields. Folders
-    are made absolute, so the checkpoint's config finds its data from any working directory."""
+    are made absolute, so the checkpoint's config finds its data from any working directory.
+    ValueError for flags that cannot work together; whether the data is there is `check_data`'s."""
     options = {key: args.pop(key) for key in DATA_KEYS}
     if options["dataset"] != "folder" and options["image_size"] is not None:
         raise ValueError(f"--image-size is for --dataset folder; {options['dataset']} has its own size")
@@ -46,3 +48,17 @@ def data_options(args: dict[str, Any]) -> dict[str, Any]:
         if options[key]:
             options[key] = str(Path(options[key]).expanduser().resolve())
     return options
+
+
+def check_data(dataset: str, data_dir: str | None, download: bool) -> None:
+    """After parsing, before any work: a folder that is not there, or a bundled set's files missing
+    where nothing may be downloaded, is a UsageError saying so."""
+    if dataset == "folder" and data_dir:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise UsageError(f"--data-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    if dataset in MIRRORS and not download:
+        try:
+            check_idx(dataset, idx_folder(dataset, data_dir))
+        except MissingData as err:
+            raise UsageError(str(err)) from None

@@ -8,19 +8,24 @@ training codes. Every panel uses the same seed.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from service import commands
+from service.commands import Parser, writable_folder
 from training.checkpoint import load_model
 from training.figures import image_grid
 
 
+def checkpoint_of(run: Path) -> Path:
+    """A run folder's best.pt, or the checkpoint file named."""
+    return run / "best.pt" if run.is_dir() else run
+
+
 def panels(run: Path, n: int, seed: int, temperature: float) -> list[tuple[str, torch.Tensor]]:
     """(title, images) for one run folder (or a checkpoint file)."""
-    path = run / "best.pt" if run.is_dir() else run
-    model, cfg, _ = load_model(path)
+    model, cfg, _ = load_model(checkpoint_of(run))
     name = run.name if run.is_dir() else run.parent.name
     m = cfg.model
 
@@ -54,16 +59,20 @@ def write_compare(runs: list[Path], out: Path, n: int = 36, seed: int = 0, tempe
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (or best.pt files)")
     parser.add_argument("--out", type=Path, default=Path("compare.png"))
     parser.add_argument("--n", type=int, default=36, help="samples per panel")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args(argv)
+    for run in args.runs:
+        if not checkpoint_of(run).is_file():
+            parser.error(f"--runs {run}: no {checkpoint_of(run)}; give run folders of python -m training, or best.pt files")
+    writable_folder(args.out.parent, "--out")
     write_compare(args.runs, args.out, args.n, args.seed, args.temperature)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m training.compare")

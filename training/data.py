@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.commands import UserError
 from service.imaging import Preprocessing, on_black, parse_color
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ MIRRORS = {
     "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 }
 DATASETS = ("digits", "mnist", "fashion-mnist", "folder")
+BUNDLED_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -115,24 +117,36 @@ def _download(name: str, data_dir: Path, stem: str) -> Path:
     return target
 
 
+def idx_folder(name: str, data_dir: str | Path | None) -> Path:
+    """Where a bundled set's IDX files are looked for: --data-dir, else data/NAME."""
+    return Path(data_dir or f"data/{name}")
+
+
+class MissingData(UserError, FileNotFoundError):
+    """A bundled set's files are not where the run looks, and could not be downloaded."""
+
+
+def check_idx(name: str, data_dir: Path) -> None:
+    """MissingData, saying where to put them, unless `data_dir` holds the set's four IDX files."""
+    missing = [stem for stem in IDX_FILES.values() if _find_idx(data_dir, stem) is None]
+    if missing:
+        wanted = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
+        raise MissingData(
+            f"{name}: {missing[0]}(.gz) not found in {data_dir.resolve()} and it could not be downloaded. "
+            f"Put the four IDX files there ({wanted}) or pass --data-dir."
+        )
+
+
 def load_idx_dataset(name: str, data_dir: Path, download: bool = True) -> dict[str, np.ndarray]:
     """The four standard IDX arrays of MNIST or Fashion-MNIST, downloading missing ones if allowed."""
-    arrays = {}
-    for key, stem in IDX_FILES.items():
-        path = _find_idx(data_dir, stem)
-        if path is None and download:
+    for stem in IDX_FILES.values():
+        if download and _find_idx(data_dir, stem) is None:
             try:
-                path = _download(name, data_dir, stem)
+                _download(name, data_dir, stem)
             except OSError as err:
                 log.warning("download of %s failed: %s", stem, err)
-        if path is None:
-            wanted = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
-            raise FileNotFoundError(
-                f"{name}: {stem}(.gz) not found in {data_dir.resolve()} and it could not be downloaded. "
-                f"Put the four IDX files there ({wanted}) or pass --data-dir."
-            )
-        arrays[key] = read_idx(path)
-    return arrays
+    check_idx(name, data_dir)
+    return {key: read_idx(_find_idx(data_dir, stem)) for key, stem in IDX_FILES.items()}  # type: ignore[arg-type]
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +176,7 @@ def load_dataset(
         test_idx, train_idx = order[:300], order[300:]
         train_x, train_y, test_x, test_y = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
     elif name in MIRRORS:
-        arrays = load_idx_dataset(name, Path(data_dir or f"data/{name}"), download=download)
+        arrays = load_idx_dataset(name, idx_folder(name, data_dir), download=download)
         train_x = arrays["train_images"].astype(np.float32) / 255.0
         test_x = arrays["test_images"].astype(np.float32) / 255.0
         train_y, test_y = arrays["train_labels"], arrays["test_labels"]
@@ -191,7 +205,7 @@ def load_folder_dataset(
 ) -> Dataset:  # fmt: skip
     """A folder of image files (`training.folder`): splits from a hash of each file's relative path,
     uint8 pixels mapped from the decoded cache, one contiguous slice per split."""
-    from training.folder import load_folder
+    from training.folder import FolderError, load_folder
 
     folder = load_folder(data_dir, prep, cache_dir=cache_dir, strict=strict)
     slices = folder.split(test_fraction, val_fraction)
@@ -203,7 +217,7 @@ def load_folder_dataset(
     flags = {"train": "smaller --val-fraction and --test-fraction", "val": "larger --val-fraction", "test": "larger --test-fraction"}
     for name, split in splits.items():
         if len(split) == 0:
-            raise ValueError(
+            raise FolderError(
                 f"{data_dir}: the {name} split is empty ({len(folder.paths)} images, --val-fraction {val_fraction:g}, "
                 f"--test-fraction {test_fraction:g}); a folder this small needs a {flags[name]}"
             )
@@ -217,6 +231,13 @@ def load_folder_dataset(
         name="folder", train=splits["train"], val=splits["val"], test=splits["test"], preprocessing=prep,
         classes=list(folder.classes), info=info,
     )  # fmt: skip
+
+
+def shape_of(cfg: Any) -> tuple[int, int, int]:
+    """The [C, H, W] of a run's images, from its flags alone (before any data is read)."""
+    if cfg.dataset == "folder":
+        return (cfg.channels, *cfg.image_size)
+    return BUNDLED_SHAPES[cfg.dataset]
 
 
 def preprocessing(cfg: Any) -> Preprocessing:

@@ -10,7 +10,6 @@ it gets its reconstruction loss, no ELBO and no NLL.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -20,12 +19,15 @@ from typing import Any
 
 import torch
 
+from service import commands
+from service.commands import Parser, writable_folder
 from service.imaging import encoded, to_uint8
 from service.likelihood import bits_per_dim
 from training.checkpoint import load_model
+from training.cli import check_data
 from training.data import Dataset, fixed_binarization, load_data, to_unit
 from training.distributed import Dist, gather_rows
-from training.features import load_feature_net
+from training.features import check_classifier, load_feature_net
 from training.losses import iwae_bound, kl_divergence, monte_carlo_kl, reconstruction_nll, skip_iwae_noise
 from training.model import VAE
 from training.quality import sample_quality
@@ -220,12 +222,15 @@ def evaluate_checkpoint(
     """Scores of a checkpoint; quality figures with `classifier`, or the one its run was trained with."""
     model, cfg, _ = load_model(path)
     cfg.data_dir = data_dir or cfg.data_dir
+    check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    classifier = classifier or cfg.classifier
+    if classifier:
+        check_classifier(classifier, "--classifier", cfg.model.image_shape)
     data = load_data(cfg)
     x = prepare_eval_images(data.test.unit(), cfg.model.likelihood, images)
     result = evaluate(model, x, k)
     if cfg.dataset == "folder":
         result["codecs"] = codec_bits_per_dim(x)
-    classifier = classifier or cfg.classifier
     if classifier and data.classes:
         result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples)
     return result
@@ -253,7 +258,7 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--k", type=int, default=1000, help="importance samples per image")
     parser.add_argument("--images", type=int, default=1000, help="test images, a seeded draw (0: all)")
@@ -262,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, help="samples scored for sample quality (default: the run's, 10000)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.out:
+        writable_folder(args.out.parent, "--out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = evaluate_checkpoint(
         args.checkpoint, args.k, args.images or None, args.data_dir, args.classifier, args.samples
@@ -276,4 +283,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m training.evaluate")

@@ -8,7 +8,6 @@ distance, its class probabilities for the class statistics.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -16,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.cli import add_data_arguments, data_options
+from service import commands
+from service.commands import Parser, writable_folder
+from training.checkpoint import CheckpointError, read
+from training.cli import add_data_arguments, check_data, data_options
 from training.config import TrainConfig
-from training.data import Dataset, load_data, load_dataset
+from training.data import Dataset, load_data, load_dataset, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 # MNIST's 54,000 images to train the classifier well (30 epochs of 32: 98% test accuracy; 5 of 128: 87%).
 # A folder's classes (a few thousand images, colour): many epochs of mid-sized batches.
 SCHEDULES = {"digits": (30, 32), "folder": (30, 64)}
+CLASSIFIER = "a classifier of this project (the features.pt that python -m training.features writes)"
 DEFAULT_SCHEDULE = (5, 128)
 
 
@@ -74,18 +77,40 @@ def feature_distance(net: FeatureNet, x: torch.Tensor, x_hat: torch.Tensor) -> t
 
 def load_feature_net(path: str | Path, device: torch.device | str = "cpu") -> FeatureNet:
     """A frozen FeatureNet from a features.pt file (loaded without unpickling arbitrary objects)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)  # read on the CPU, like checkpoints
+    state = read(path, CLASSIFIER, ("image_shape", "classes", "width", "model"))  # on the CPU, like checkpoints
     net = FeatureNet(tuple(state["image_shape"]), state["classes"], state["width"])
     try:
         net.load_state_dict(state["model"])
     except RuntimeError as err:  # one saved before the layout gained its stages (images over 8x8)
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds a classifier of another layout than this version's FeatureNet; train it again "
             f"with python -m training.features --dataset {state.get('dataset', 'NAME')} ({err})"
         ) from err
     net.to(device)
     net.eval().requires_grad_(False)
     return net
+
+
+def check_classifiers(cfg: TrainConfig) -> None:
+    """Before a run trains: --classifier and --feature-checkpoint must each be a classifier of this
+    project, for images of the run's shape. Training would otherwise find out only when it first
+    uses them (the classifier, after the last epoch)."""
+    for flag, path in (("--classifier", cfg.classifier), ("--feature-checkpoint", cfg.feature_checkpoint)):
+        if path:
+            check_classifier(path, flag, shape_of(cfg))
+
+
+def check_classifier(path: str | Path, flag: str, shape: tuple[int, ...]) -> None:
+    """CheckpointError, naming `flag`, unless `path` is a classifier of images of `shape`."""
+    try:
+        net = load_feature_net(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{flag}: {err}") from err.__cause__
+    if net.image_shape != tuple(shape):
+        raise CheckpointError(
+            f"{flag} {path} judges images of shape {list(net.image_shape)}, this run's are {list(shape)}: train one "
+            f"on this data with python -m training.features"
+        )
 
 
 def train_feature_net(
@@ -126,7 +151,7 @@ def train_feature_net(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.features", description=__doc__.splitlines()[0])
     add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, help="default: 30 for digits and folders, 5 otherwise")
     parser.add_argument("--batch-size", type=int, help="default: 32 for digits, 64 for folders, 128 otherwise")
@@ -139,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(**data_options(args), seed=args["seed"])
     except ValueError as err:
         parser.error(str(err))
+    check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    writable_folder(args["out"], "--out")
     data = load_data(cfg) if cfg.dataset == "folder" else None
     result = train_feature_net(
         cfg.dataset, args["out"], args["epochs"], cfg.data_dir, cfg.seed, args["width"], args["batch_size"], data
@@ -147,4 +174,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    commands.run(main, "python -m training.features")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from service.commands import UserError
 from service.imaging import ImageError, Preprocessing, load_image
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ COPY_BYTES = 64 << 20  # rows copied at a time when a new generation is assemble
 STALE_S = 3600  # leftovers of crashed or racing writers older than this are removed
 SHOWN = 5  # bad files named in the warning; the rest are counted
 KIND_WORDS = {"empty file": "empty", "not an image": "not images"}  # other kinds read well as they are
+
+
+class FolderError(UserError, ValueError):
+    """A folder that cannot be a data set: no image in it, or too few for every split."""
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,13 @@ def load_folder(
     """Every image under `root` as the model's pixels, decoding only what the cache lacks.
 
     Bad files are skipped and logged (strict: the first raises ImageError naming it). Raises
-    FileNotFoundError for a missing folder, ValueError for one without a readable image, and
+    FileNotFoundError for a missing folder, FolderError for one without a readable image, and
     PreprocessingBug, naming the file, where the project's own code fails on one."""
     root = _check_root(root)
     folder = _cache_folder(root, prep, cache_dir)
     files = _scan(root)
     if not files:
-        raise ValueError(f"{root}: no files, so no image to read")
+        raise FolderError(f"{root}: no files, so no image to read")
     cache = _read_cache(folder, prep)
     reused = {f.path: cache.entries[f.path] for f in files if cache and _unchanged(cache.entries.get(f.path), f)}
     if strict:
@@ -331,7 +336,7 @@ def _check_readable(root: Path, entries: list[dict[str, Any]]) -> None:
     if all("skip" in e for e in entries):
         kinds = Counter(e["skip"].split(":")[0] for e in entries)
         found = ", ".join(f"{n} {KIND_WORDS.get(kind, kind)}" for kind, n in kinds.most_common())
-        raise ValueError(f"{root}: {len(entries)} files, none a readable image: {found}")
+        raise FolderError(f"{root}: {len(entries)} files, none a readable image: {found}")
 
 
 def _order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -240,7 +240,13 @@ class Trainer:
         (torch's `Optimizer.load_state_dict` moves it). Under torchrun rank 0 reads it and hands it
         to the others, so only rank 0 needs the run directory."""
         state = from_main(self.dist, lambda: checkpoint.load(self.out / "last.pt"))
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:  # the weights' names or shapes differ: other model flags than the run's
+            raise checkpoint.CheckpointError(
+                f"--resume: {self.out / 'last.pt'} holds a model of other flags than these ({checkpoint.first_line(err)}); "
+                f"resume with the flags it was trained with, or train into another --out"
+            ) from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.best_val = state["best_val"]
