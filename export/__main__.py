@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="best.pt of python -m training")
     parser.add_argument("--out", type=Path, default=Path("models"), help="the model repository")
     parser.add_argument("--name", type=model_name, required=True, help="model name: the folder under --out")
-    parser.add_argument("--max-batch-size", type=int, default=256, help="written to model.json and Triton configs")
+    parser.add_argument("--max-batch-size", type=int, default=256,
+                        help="Triton's max_batch_size in each config.pbtxt (recorded in model.json too); this "
+                             "project's server batches by its own --max-batch-rows and does not read it")  # fmt: skip
     parser.add_argument("--fp16-decoder", action="store_true", help="also write decoder_fp16.onnx, for GPUs")
     parser.add_argument("--int8-decoder", action="store_true",
                         help="also write decoder_int8.onnx, dynamically quantized for CPUs (pays on large decoders)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Prometheus metrics, in base units, on their own HTTP port (DESIGN.md section 7).
+"""Prometheus metrics, in base units, on their own HTTP port (docs/serving.md, "Metrics").
 
 One registry per server (not the process-global one), so tests can run several servers in one
 process and each scrape shows only its own server.
