@@ -150,6 +150,17 @@ class DataPlane:
     async def unload(self, name: str, version: int = 0) -> list[Status]:
         return await self.models.unload(check_model_name(name), check_version(version))
 
+    def listing(self, statuses: list[Status] | None = None) -> Listing:
+        """The repository's models and versions with their states (`statuses`, as model control
+        returns them, or now), and the default model: ListModels' answer on every front end."""
+        return Listing(self.statuses() if statuses is None else statuses, self.models.default or "")
+
+
+@dataclass(frozen=True)
+class Listing:
+    statuses: list[Status]
+    default_model: str
+
 
 def deadline_in(seconds: float | None) -> float | None:
     """An event-loop deadline `seconds` from now (None: no deadline), as the batchers take it."""
@@ -265,6 +276,57 @@ async def sample(
 
 
 @dataclass(frozen=True)
+class SampleStream:
+    """Sample's images in chunks: the seed that drew them, and (offset, images) per chunk."""
+
+    seed: int
+    chunks: AsyncIterator[tuple[int, np.ndarray]]
+
+
+def sample_stream(
+    engine: Engine, n: int, seed_value: int | None, temperature_value: float | None, chunk_rows: int,
+    deadline: float | None,
+) -> SampleStream:  # fmt: skip
+    """`n` images from the prior in chunks of `chunk_rows` (0: a batch, within the request limit):
+    concatenated, Sample's images for the same seed. `n` may reach the queue's bound, since only
+    one chunk is queued at a time."""
+    n = count(n, "num_samples", engine.batch.max_queue_rows)
+    t, s = temperature(temperature_value), seed(seed_value)
+    limit = engine.limits.max_request_rows
+    chunk = count(chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
+    eps = engine.latents(n, s, t)
+
+    async def chunks() -> AsyncIterator[tuple[int, np.ndarray]]:
+        for offset in range(0, n, chunk):
+            yield offset, await engine.generate(eps[offset : offset + chunk], deadline)
+
+    return SampleStream(s, chunks())
+
+
+async def decode(engine: Engine, z: np.ndarray, deadline: float | None, field: str = "latents") -> np.ndarray:
+    """Images [N, C, H, W] in [0, 1] of latents [N, D]."""
+    return await engine.decode(latents(engine, z, field), deadline)
+
+
+async def reconstruct(
+    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], deadline: float | None, files_field: str = "image_files"
+) -> np.ndarray:  # fmt: skip
+    """Decoded images of the images' (or files') encodings, their posterior means."""
+    return await engine.reconstruct(await request_images(engine, x, files, files_field=files_field), deadline)
+
+
+async def encoder_graph(engine: Engine, x: np.ndarray, field: str, deadline: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder graph as exported, on any float32 [N, C, H, W] the caller sends: mu and logvar."""
+    rows(x, field, engine.spec.image_shape, engine.limits.max_request_rows)
+    return await engine.encode(x.astype(np.float32, copy=False), deadline)
+
+
+async def decoder_graph(engine: Engine, z: np.ndarray, field: str, deadline: float | None) -> np.ndarray:
+    """The decoder graph as exported: the likelihood's parameters of latents [N, D]."""
+    return await engine.decoder_params(latents(engine, z, field), deadline)
+
+
+@dataclass(frozen=True)
 class Encoded:
     mu: np.ndarray
     sigma: np.ndarray
@@ -333,6 +395,12 @@ class Scores:
     bits_per_dim: np.ndarray
     importance_samples: int
     seed: int
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per image, its five figures by the names every front end answers with."""
+        figures = (self.elbo, self.reconstruction, self.kl, self.log_likelihood, self.bits_per_dim)
+        names = ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim")
+        return [dict(zip(names, values)) for values in zip(*(a.tolist() for a in figures))]
 
 
 async def score(

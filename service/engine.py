@@ -1,4 +1,5 @@
-"""The data plane: what each RPC computes, on numpy arrays, through the graphs' batchers.
+"""One served model version's operations: what each call computes, on numpy arrays, through its
+graphs' batchers. Inputs arrive checked: `service.dataplane` checks them and is the only caller.
 
 Everything random is drawn here from a per-request generator seeded by the request, before any
 batching, so a seeded answer is the same whatever other requests share its batch.
@@ -172,6 +173,11 @@ class Engine:
         their images, once per batch rather than once per request on the event loop."""
         (params,) = self.runtime.decoder.run(z)
         return [params, self.mean_image(params)] if self._mean_in_batch else [params]
+
+    async def decoder_params(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """The decoder graph's output as exported: the likelihood's parameters, not images."""
+        params, *_ = await self.decoder.submit(z, deadline)
+        return params
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
         params, *images = await self.decoder.submit(z, deadline)

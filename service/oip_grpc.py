@@ -15,7 +15,7 @@ from service.api.inference import grpc_service_pb2 as oip
 from service.dataplane import DataPlane
 from service.errors import BadRequest
 from service.grpc_calls import abort, deadline_of, refusal, uncapped
-from service.shapes import from_values
+from service.tensors import DATATYPES, oip_tensor
 
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ADMIN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("RepositoryModelLoad", "RepositoryModelUnload"))
@@ -36,12 +36,10 @@ def inputs_of(request: oip.ModelInferRequest) -> dict[str, tuple[str, np.ndarray
         if name in inputs:
             raise BadRequest(f"input {name!r} given twice")
         if raw:
-            dtype = oip_models.check_tensor(name, datatype, shape, len(raw[i]))
-            array = np.frombuffer(raw[i], dtype=dtype).reshape(shape)
+            inputs[name] = (datatype, oip_tensor(name, datatype, shape, raw=raw[i]))
         else:
-            dtype = oip_models.check_tensor(name, datatype, shape)
-            array = from_values(getattr(tensor.contents, CONTENTS[datatype]), dtype, shape, f"input {name!r}", "contents")
-        inputs[name] = (datatype, array)
+            contents = getattr(tensor.contents, CONTENTS[datatype]) if datatype in CONTENTS else None
+            inputs[name] = (datatype, oip_tensor(name, datatype, shape, values=contents, what="contents"))
     return inputs
 
 
@@ -109,7 +107,7 @@ class InferenceServicer:
                 response = oip.ModelInferResponse(model_name=request.model_name, model_version=str(engine.spec.version), id=request.id)
                 for name, datatype, array in outputs:
                     response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-                    response.raw_output_contents.append(np.ascontiguousarray(array, dtype=oip_models.DATATYPES[datatype]).tobytes())
+                    response.raw_output_contents.append(np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes())
                 return response
         except Exception as err:  # noqa: BLE001
             await abort(context, err)

@@ -24,15 +24,10 @@ from service.engine import Engine
 from service.errors import BadRequest
 from service.metrics import Metrics
 from service.models import READY, ModelNotFound, Models, Status
-from service.shapes import tensor_size
 
 KINDS = ("encoder", "decoder", "sample")
 # The protocol's extensions (Triton's names) that this server implements, and no others.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data")
-DATATYPES = {
-    "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8"),
-    "INT32": np.dtype("<i4"), "UINT8": np.dtype("u1"),
-}  # fmt: skip
 MAX_INT64 = (1 << 63) - 1
 Signature = tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]
 
@@ -90,19 +85,6 @@ def base_name(name: str) -> str:
     dataplane.check_model_name(name)
     base, _, kind = name.rpartition("_")
     return base if base and kind in KINDS else name
-
-
-def check_tensor(name: str, datatype: str, shape: list[int], size: int | None = None) -> np.dtype:
-    """The numpy dtype of a tensor as the wire describes it; `size` is its data's length in bytes
-    where the wire sends raw bytes. BadRequest for an unknown datatype, a shape no limit lets
-    through, or bytes that do not match the shape."""
-    if datatype not in DATATYPES:
-        raise BadRequest(f"input {name!r}: datatype {datatype!r} is not one this server takes ({', '.join(DATATYPES)})")
-    count = tensor_size(shape, f"input {name!r}")
-    dtype = DATATYPES[datatype]
-    if size is not None and size != count * dtype.itemsize:
-        raise BadRequest(f"input {name!r}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, got {size}")
-    return dtype
 
 
 def signature(engine: Engine, kind: str) -> Signature:
@@ -167,10 +149,9 @@ async def infer(
             raise BadRequest(f"input {name!r}: datatype {datatype!r}; must be FP32")
         field = f"input {name!r}"
         if kind == "encoder":
-            dataplane.rows(x, field, engine.spec.image_shape, engine.limits.max_request_rows)
-            arrays = await engine.encoder.submit(x.astype(np.float32, copy=False), deadline)
+            arrays = await dataplane.encoder_graph(engine, x, field, deadline)
         else:
-            arrays = (await engine.decoder.submit(dataplane.latents(engine, x, field), deadline))[: len(outs)]  # not the images
+            arrays = (await dataplane.decoder_graph(engine, x, field, deadline),)
         results = dict(zip(outs, arrays))
     types = {n: t for n, t, _ in declared_out}
     return [(n, types[n], results[n]) for n in wanted]

@@ -1,19 +1,79 @@
-"""vae.v1's tensors and images on the wire: proto <-> numpy. Pixels to PNG and uint8 are
-`service.imaging`'s, the one image module training shares; what a model takes is checked by the
-data plane. Each check raises BadRequest with a message naming the field and what is wrong.
+"""Tensors on every wire, decoded once into the arrays the data plane takes, and encoded back:
+vae.v1's protobuf Tensor, the Open Inference Protocol's typed tensors (gRPC contents, REST JSON
+`data`, raw bytes from gRPC's raw contents or REST's binary extension), vae.v1's JSON. Each is
+checked before anything is allocated or reshaped, and each check raises BadRequest naming the field
+and what is wrong. Pixels to PNG and uint8 are `service.imaging`'s; what a model takes (shapes,
+ranges) is checked by the data plane.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.errors import BadRequest
 from service.imaging import check_png, png_bytes, to_uint8
-from service.shapes import tensor_size
 
+MAX_DIMS = 8  # no tensor here has more
+MAX_ELEMENTS = 1 << 31  # more than any request a limit lets through; keeps shape arithmetic sane
 DTYPES = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_UINT8: np.dtype("u1")}
 FORMATS = frozenset(pb.ImageFormat.values())
+# The Open Inference Protocol's datatypes this server takes.
+DATATYPES = {
+    "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8"),
+    "INT32": np.dtype("<i4"), "UINT8": np.dtype("u1"),
+}  # fmt: skip
+
+
+def tensor_size(shape: Sequence[int], field: str) -> int:
+    """The number of elements of a tensor of `shape`: at most MAX_DIMS dimensions, each and their
+    product within MAX_ELEMENTS; BadRequest naming `field` otherwise."""
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"{field}: {len(shape)} dimensions; a tensor here has at most {MAX_DIMS}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_ELEMENTS for d in shape):
+        raise BadRequest(f"{field}: shape {list(shape)}; dimensions must be whole numbers from 0 to {MAX_ELEMENTS}")
+    size = math.prod(shape)  # Python integers: no overflow, and cheaper than numpy's on a short list
+    if size > MAX_ELEMENTS:
+        raise BadRequest(f"{field}: shape {list(shape)} has {size} elements; at most {MAX_ELEMENTS}")
+    return size
+
+
+def from_values(values: Any, dtype: np.dtype, shape: list[int], field: str, what: str = "data") -> np.ndarray:
+    """An array of `shape` from numbers, flat or nested in row-major order (JSON `data`, gRPC's typed
+    contents); BadRequest for values that are no numbers of `dtype` or too few or too many."""
+    try:
+        array = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise BadRequest(f"{field}: {what} is not an array of {dtype.name}: {err}") from None
+    if array.size != math.prod(shape):
+        raise BadRequest(f"{field}: shape {list(shape)} needs {math.prod(shape)} values in {what}, got {array.size}")
+    return array.reshape(shape)
+
+
+def from_bytes(data: bytes | memoryview, dtype: np.dtype, shape: Sequence[int], field: str) -> np.ndarray:
+    """An array of `shape` over raw little-endian bytes, uncopied and read-only; BadRequest unless
+    the bytes are exactly what the shape needs."""
+    want = tensor_size(shape, field) * dtype.itemsize
+    if len(data) != want:
+        raise BadRequest(f"{field}: shape {list(shape)} of {dtype.name} needs {want} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+
+
+def oip_tensor(name: str, datatype: str, shape: list[int], raw: bytes | memoryview | None = None, values: Any = None,
+               what: str = "data") -> np.ndarray:  # fmt: skip
+    """One of the Open Inference Protocol's input tensors: `raw` bytes, or `values` (JSON `data`,
+    gRPC's typed contents, named `what`)."""
+    field = f"input {name!r}"
+    if datatype not in DATATYPES:
+        raise BadRequest(f"{field}: datatype {datatype!r} is not one this server takes ({', '.join(DATATYPES)})")
+    if raw is not None:
+        return from_bytes(raw, DATATYPES[datatype], shape, field)
+    tensor_size(shape, field)
+    return from_values(values, DATATYPES[datatype], shape, field, what)
 
 
 def to_array(t: pb.Tensor, field: str, allow_uint8: bool = False) -> np.ndarray:
@@ -24,12 +84,7 @@ def to_array(t: pb.Tensor, field: str, allow_uint8: bool = False) -> np.ndarray:
     if t.dtype not in DTYPES or (t.dtype == pb.DTYPE_UINT8 and not allow_uint8):
         allowed = "float32 or uint8" if allow_uint8 else "float32"
         raise BadRequest(f"{field}: dtype must be {allowed}, got {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype}")
-    shape = tuple(t.shape)
-    dtype = DTYPES[t.dtype]
-    want = tensor_size(shape, field) * dtype.itemsize
-    if len(t.data) != want:
-        raise BadRequest(f"{field}: shape {list(shape)} of {dtype.name} needs {want} bytes, got {len(t.data)}")
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return from_bytes(t.data, DTYPES[t.dtype], t.shape, field)
 
 
 def from_array(a: np.ndarray, into: pb.Tensor | None = None) -> pb.Tensor:

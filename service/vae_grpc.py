@@ -15,7 +15,7 @@ from service.dataplane import DataPlane, EndPoint
 from service.engine import Engine
 from service.errors import BadRequest
 from service.grpc_calls import abort, deadline_of, refusal, uncapped
-from service.models import LOADING, READY, UNAVAILABLE, UNLOADING, Status
+from service.models import LOADING, READY, UNAVAILABLE, UNLOADING
 from service.tensors import check_format, fill_images, from_array, to_array
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name
@@ -27,6 +27,11 @@ STATES = {
 }  # fmt: skip
 METHODS = {pb.INTERPOLATION_METHOD_UNSPECIFIED: "linear", pb.INTERPOLATION_METHOD_LINEAR: "linear",
            pb.INTERPOLATION_METHOD_SPHERICAL: "spherical"}  # fmt: skip
+
+
+def _listing(listing: dataplane.Listing) -> pb.ListModelsResponse:
+    models = [pb.ModelStatus(name=s.name, version=s.version, state=STATES[s.state], reason=s.reason) for s in listing.statuses]
+    return pb.ListModelsResponse(models=models, default_model=listing.default_model)
 
 
 def _seed(request: Any) -> int | None:
@@ -74,23 +79,17 @@ class VaeServicer:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
-    def _listing(self, statuses: list[Status]) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(
-            models=[pb.ModelStatus(name=s.name, version=s.version, state=STATES[s.state], reason=s.reason) for s in statuses],
-            default_model=self.plane.models.default or "",
-        )
-
     @uncapped()
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
-        return self._listing(self.plane.statuses())
+        return _listing(self.plane.listing())
 
     @uncapped()
     async def LoadModel(self, request: pb.LoadModelRequest) -> pb.ListModelsResponse:
-        return self._listing(await self.plane.load(request.model_name, request.model_version))
+        return _listing(self.plane.listing(await self.plane.load(request.model_name, request.model_version)))
 
     @uncapped()
     async def UnloadModel(self, request: pb.UnloadModelRequest) -> pb.ListModelsResponse:
-        return self._listing(await self.plane.unload(request.model_name, request.model_version))
+        return _listing(self.plane.listing(await self.plane.unload(request.model_name, request.model_version)))
 
     @rpc
     async def GetModelInfo(self, engine: Engine, request: pb.GetModelInfoRequest, deadline: float | None) -> pb.ModelInfo:
@@ -111,16 +110,11 @@ class VaeServicer:
         try:
             model, version = ("", 0) if bad else (request.model_name, request.model_version)
             async with self.plane.call("SampleStream", model, version, deadline, bad) as engine:
-                n = dataplane.count(request.num_samples, "num_samples", engine.batch.max_queue_rows)
                 fmt = _format(engine, request.format)
-                t = dataplane.temperature(request.temperature if request.HasField("temperature") else None)
-                seed = dataplane.seed(_seed(request))
-                limit = engine.limits.max_request_rows
-                chunk = dataplane.count(request.chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
-                z = engine.latents(n, seed, t)
-                for offset in range(0, n, chunk):
-                    images = await engine.generate(z[offset : offset + chunk], deadline)
-                    response = _with_images(pb.SampleResponse(seed=seed, offset=offset), images, fmt)
+                t = request.temperature if request.HasField("temperature") else None
+                stream = dataplane.sample_stream(engine, request.num_samples, _seed(request), t, request.chunk_rows, deadline)
+                async for offset, images in stream.chunks:
+                    response = _with_images(pb.SampleResponse(seed=stream.seed, offset=offset), images, fmt)
                     response.model_name, response.model_version = engine.spec.name, engine.spec.version
                     yield response
         except Exception as err:  # noqa: BLE001
@@ -140,15 +134,14 @@ class VaeServicer:
 
     @rpc
     async def Decode(self, engine: Engine, request: pb.DecodeRequest, deadline: float | None) -> pb.ImagesResponse:
-        z = dataplane.latents(engine, to_array(request.latents, "latents"))
         fmt = _format(engine, request.format)
-        return _with_images(pb.ImagesResponse(), await engine.decode(z, deadline), fmt)
+        return _with_images(pb.ImagesResponse(), await dataplane.decode(engine, to_array(request.latents, "latents"), deadline), fmt)
 
     @rpc
     async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, deadline: float | None) -> pb.ImagesResponse:
-        x = await dataplane.request_images(engine, _images(request), request.image_files)
         fmt = _format(engine, request.format)
-        return _with_images(pb.ImagesResponse(), await engine.reconstruct(x, deadline), fmt)
+        images = await dataplane.reconstruct(engine, _images(request), request.image_files, deadline)
+        return _with_images(pb.ImagesResponse(), images, fmt)
 
     @staticmethod
     def _end_point(request: pb.InterpolateRequest, side: str) -> EndPoint:
@@ -174,8 +167,5 @@ class VaeServicer:
     @rpc
     async def Score(self, engine: Engine, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
         s = await dataplane.score(engine, _images(request), request.image_files, request.importance_samples or 64, _seed(request), deadline)
-        scores = [
-            pb.ImageScore(elbo=e, reconstruction=r, kl=kl, log_likelihood=ll, bits_per_dim=b)
-            for e, r, kl, ll, b in zip(s.elbo, s.reconstruction, s.kl, s.log_likelihood, s.bits_per_dim)
-        ]
+        scores = [pb.ImageScore(**row) for row in s.rows()]
         return pb.ScoreResponse(scores=scores, importance_samples=s.importance_samples, seed=s.seed)

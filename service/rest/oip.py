@@ -14,7 +14,7 @@ from starlette.responses import Response
 from service import oip_models
 from service.dataplane import DataPlane, deadline_in, within
 from service.rest.responses import json_response
-from service.rest.tensors import HEADER_LENGTH, asked_outputs, loads, read_inputs, split_body, write_response
+from service.rest.bodies import HEADER_LENGTH, asked_outputs, loads, read_inputs, split_body, write_response
 
 PREFIX = "http.oip."
 INFER_BODY = {

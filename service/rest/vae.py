@@ -34,8 +34,9 @@ from service.dataplane import DataPlane, EndPoint, deadline_in, within
 from service.engine import Engine
 from service.errors import BadRequest
 from service.imaging import check_png, grid_png, png_bytes, to_uint8
+from service.models import Status
 from service.rest.responses import json_response
-from service.shapes import from_values, tensor_size
+from service.tensors import from_bytes, from_values, tensor_size
 
 PREFIX = "http."
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
@@ -105,14 +106,11 @@ def array(t: Tensor, field: str, allow_uint8: bool = True) -> np.ndarray:
     if t.dtype == "uint8" and not allow_uint8:
         raise BadRequest(f"{field}: dtype must be float32, got uint8")
     dtype = DTYPES[t.dtype]
-    n = tensor_size(t.shape, field)
     if t.b64 is not None:
-        raw = unbase64(t.b64, field)
-        if len(raw) != n * dtype.itemsize:
-            raise BadRequest(f"{field}: shape {t.shape} of {t.dtype} needs {n * dtype.itemsize} bytes, got {len(raw)}")
-        return np.frombuffer(raw, dtype).reshape(t.shape)
+        return from_bytes(unbase64(t.b64, field), dtype, t.shape, field)
     if t.data is None:
         raise BadRequest(f"{field}: give 'data' or 'b64'")
+    tensor_size(t.shape, field)
     return from_values(t.data, dtype, t.shape, field)
 
 
@@ -164,26 +162,25 @@ def router(plane: DataPlane) -> APIRouter:
         async with plane.call(PREFIX + rpc, name, version, deadline) as engine, within(deadline):
             yield engine, deadline
 
-    def listing() -> dict[str, Any]:
-        models = [{"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in plane.statuses()]
-        return {"models": models, "default_model": plane.models.default or ""}
+    def listing(statuses: list[Status] | None = None) -> Response:
+        answer = plane.listing(statuses)
+        models = [{"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in answer.statuses]
+        return json_response({"models": models, "default_model": answer.default_model})
 
     @api.get("/models", name=PREFIX + "ListModels", summary="The models and versions the repository holds, and their states")
     async def list_models() -> Response:
         async with plane.uncapped(PREFIX + "ListModels"):
-            return json_response(listing())
+            return listing()
 
     @api.post("/models/{name}/load", name=PREFIX + "LoadModel", summary="Load a model, or one version (admin token)")
     async def load(name: str, version: Version = 0) -> Response:
         async with plane.uncapped(PREFIX + "LoadModel"):
-            await plane.load(name, version)
-            return json_response(listing())
+            return listing(await plane.load(name, version))
 
     @api.post("/models/{name}/unload", name=PREFIX + "UnloadModel", summary="Unload a model, or one version (admin token)")
     async def unload(name: str, version: Version = 0) -> Response:
         async with plane.uncapped(PREFIX + "UnloadModel"):
-            await plane.unload(name, version)
-            return json_response(listing())
+            return listing(await plane.unload(name, version))
 
     @api.get("/models/{name}", name=PREFIX + "GetModelInfo", summary="What a client needs to know to call a model")
     async def model_info(name: str, version: Version = 0) -> Response:
@@ -224,15 +221,15 @@ def router(plane: DataPlane) -> APIRouter:
     async def decode(name: str, body: DecodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Decode", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            z = dataplane.latents(engine, array(body.latents, "latents", allow_uint8=False))
-            return _answered(engine, {"images": images_out(engine, await engine.decode(z, deadline), body)})
+            images = await dataplane.decode(engine, array(body.latents, "latents", allow_uint8=False), deadline)
+            return _answered(engine, {"images": images_out(engine, images, body)})
 
     @api.post("/models/{name}/reconstruct", name=PREFIX + "Reconstruct", summary="Decoded images of the images' encodings")
     async def reconstruct(name: str, body: ImagesRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            x = await dataplane.request_images(engine, *_images_in(body))
-            return _answered(engine, {"images": images_out(engine, await engine.reconstruct(x, deadline), body)})
+            images = await dataplane.reconstruct(engine, *_images_in(body), deadline)
+            return _answered(engine, {"images": images_out(engine, images, body)})
 
     @api.post("/models/{name}/reconstruct.png", name=PREFIX + "Reconstruct", summary="Uploaded image files' reconstructions as one PNG",
               response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
@@ -243,8 +240,7 @@ def router(plane: DataPlane) -> APIRouter:
         async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
-            x = await dataplane.request_images(engine, None, files, files_field="image")
-            images = await engine.reconstruct(x, deadline)
+            images = await dataplane.reconstruct(engine, None, files, deadline, files_field="image")
             return Response(png_bytes(images[0]) if len(images) == 1 else grid_png(images, columns), media_type="image/png")
 
     @api.post("/models/{name}/interpolate", name=PREFIX + "Interpolate", summary="Images along the latent path between two end points")
@@ -260,11 +256,7 @@ def router(plane: DataPlane) -> APIRouter:
         async with call("Score", name, version, timeout) as (engine, deadline):
             x, files = _images_in(body)
             s = await dataplane.score(engine, x, files, body.importance_samples, body.seed, deadline)
-            scores = [
-                {"elbo": e, "reconstruction": r, "kl": kl, "log_likelihood": ll, "bits_per_dim": b}
-                for e, r, kl, ll, b in zip(*(a.tolist() for a in (s.elbo, s.reconstruction, s.kl, s.log_likelihood, s.bits_per_dim)))
-            ]  # fmt: skip
-            return _answered(engine, {"scores": scores, "importance_samples": s.importance_samples, "seed": s.seed})
+            return _answered(engine, {"scores": s.rows(), "importance_samples": s.importance_samples, "seed": s.seed})
 
     return api
 

@@ -1,6 +1,7 @@
-"""Tensors in HTTP bodies: the Open Inference Protocol's JSON tensors (`data`, flat or nested, in
-row-major order) and Triton's binary tensor data extension, in which a JSON header of
-`Inference-Header-Content-Length` bytes is followed by the tensors' raw little-endian bytes."""
+"""The Open Inference Protocol's REST bodies: JSON tensors (`data`, flat or nested, in row-major
+order) and Triton's binary tensor data extension, in which a JSON header of
+`Inference-Header-Content-Length` bytes is followed by the tensors' raw little-endian bytes. The
+tensors themselves are decoded by `service.tensors`, as on every wire."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import BadRequest
-from service.oip_models import DATATYPES, check_tensor
-from service.shapes import from_values
+from service.tensors import DATATYPES, oip_tensor
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -66,14 +66,12 @@ def read_inputs(request: dict[str, Any], tail: memoryview) -> dict[str, tuple[st
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the {len(tail)} bytes after the JSON header")
-            dtype = check_tensor(name, datatype, shape, size)
-            array = np.frombuffer(tail[offset : offset + size], dtype=dtype).reshape(shape)
+            array = oip_tensor(name, datatype, shape, raw=tail[offset : offset + size])
             offset += size
         else:
-            dtype = check_tensor(name, datatype, shape)
             if "data" not in spec:
                 raise BadRequest(f"input {name!r}: give 'data', or binary data with 'binary_data_size'")
-            array = from_values(spec["data"], dtype, shape, f"input {name!r}")
+            array = oip_tensor(name, datatype, shape, values=spec["data"])
         out[name] = (datatype, array)
     if offset != len(tail):
         raise BadRequest(f"{len(tail) - offset} bytes after the JSON header belong to no input")
