@@ -24,7 +24,8 @@ from service.engine import Engine, new_seed
 from service.errors import BadRequest, DeadlineExceeded, Internal, TooManyCalls, Unavailable, code_of
 from service.likelihood import bits_per_dim
 from service.metrics import Metrics
-from service.models import Models, Status
+from service.models import Models
+from service.registry import Status
 
 log = logging.getLogger(__name__)
 # Prior latents lie within a few units of 0 (temperature 100 keeps them within hundreds); far past

@@ -23,7 +23,8 @@ from service import dataplane
 from service.engine import Engine
 from service.errors import BadRequest
 from service.metrics import Metrics
-from service.models import READY, ModelNotFound, Models, Status
+from service.models import Models
+from service.registry import READY, ModelNotFound, Status
 
 KINDS = ("encoder", "decoder", "sample")
 # The protocol's extensions (Triton's names) that this server implements, and no others.

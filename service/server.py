@@ -29,7 +29,8 @@ from service.dataplane import DataPlane
 from service.grpc_calls import add_to_server
 from service.listen import binding, endpoint, grpc_address
 from service.metrics import Metrics
-from service.models import READY, Models
+from service.models import Models
+from service.registry import READY
 from service.oip_grpc import ADMIN_METHODS as OIP_ADMIN_METHODS
 from service.oip_grpc import SERVICE as OIP_SERVICE
 from service.oip_grpc import InferenceServicer

@@ -15,7 +15,7 @@ from service.dataplane import DataPlane, EndPoint
 from service.engine import Engine
 from service.errors import BadRequest
 from service.grpc_calls import abort, deadline_of, refusal, uncapped
-from service.models import LOADING, READY, UNAVAILABLE, UNLOADING
+from service.registry import LOADING, READY, UNAVAILABLE, UNLOADING
 from service.tensors import check_format, fill_images, from_array, to_array
 
 SERVICE = pb.DESCRIPTOR.services_by_name["VaeService"].full_name

@@ -34,7 +34,7 @@ from service.dataplane import DataPlane, EndPoint, deadline_in, within
 from service.engine import Engine
 from service.errors import BadRequest
 from service.imaging import check_png, grid_png, png_bytes, to_uint8
-from service.models import Status
+from service.registry import Status
 from service.rest.responses import json_response
 from service.tensors import from_bytes, from_values, tensor_size
 
