@@ -139,7 +139,8 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
@@ -153,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="single: one model's scenarios beside their limits; http: Sample over the HTTP port beside a "
                              "bare uvicorn echo and the gRPC path; mixes: several kinds of traffic at once; "
                              "prior: a flow-prior model against its graphs under N(0, I) (all runs it for flow models)")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     slicing = Slicing.of(args.quick, args.slices)
     duration, warmup = slicing.duration, slicing.first_warmup

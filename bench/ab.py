@@ -176,7 +176,8 @@ def describe(tree: Tree, package: str, model_repo: Path, regenerated: bool) -> d
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the commit to compare with (any git revision)")
     parser.add_argument("--new", help="a commit for the new side instead of the working tree")
@@ -187,6 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slices", type=slice_count, default=SLICES, help="slices per scenario and server, in turns")
     parser.add_argument("--threads", type=int, default=0, help="both servers' --intra-op-threads")
     parser.add_argument("--scenarios", help="comma-separated labels to run of: " + ", ".join(s.label for s in SCENARIOS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     scenarios = [s for s in SCENARIOS if not args.scenarios or s.label in args.scenarios.split(",")]
     if not scenarios:

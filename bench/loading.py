@@ -284,14 +284,19 @@ def show(label: str, f: dict[str, Any], fmt: str = "") -> None:
     print(f"  {label:<44}{value:>14} {f['unit']}{goal}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m bench.loading", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True, help="a folder of images (read only, never written)")
     parser.add_argument("--image-size", type=parse_size, default=(32, 32), help="N or HxW (default 32)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--workdir", type=Path, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--steps", type=int, default=50, help="training steps per memory run (default 50)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     root = existing_folder(args.folder.expanduser(), "--folder").resolve()
     prep = Preprocessing(channels=3, size=args.image_size, fit="crop", background=(255, 255, 255))
     if args.workdir:

@@ -29,7 +29,8 @@ def model_name(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m export", description="Export a VAE checkpoint to ONNX.")
     parser.add_argument("--checkpoint", type=Path, required=True, help="best.pt of python -m training")
     parser.add_argument("--out", type=Path, default=Path("models"), help="the model repository")
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16-decoder", action="store_true", help="also write decoder_fp16.onnx, for GPUs")
     parser.add_argument("--int8-decoder", action="store_true",
                         help="also write decoder_int8.onnx, dynamically quantized for CPUs (pays on large decoders)")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # torch.onnx's exporter is chatty at WARNING
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
     started = time.perf_counter()

@@ -80,10 +80,16 @@ def _link_or_copy(source: Path, dest: Path) -> None:
         shutil.copy2(source, dest)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m export.triton", description="Lay out a Triton model repository from an exported model.")
     parser.add_argument("model_dir", type=Path, help="MODELS/NAME, as written by python -m export")
     parser.add_argument("triton_repo", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not version_numbers(existing_folder(args.model_dir, "model_dir")):
         parser.error(f"{args.model_dir} holds no version folders: give MODELS/NAME, as python -m export writes it")

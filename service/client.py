@@ -199,7 +199,8 @@ def _save(images: np.ndarray, out: Path | None) -> None:
         print(f"wrote {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m service.client", description="Call the VAE service.")
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--timeout", type=float, default=30.0)
@@ -237,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--spherical", action="store_true")
     p.add_argument("--out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     connection = dict(ca=args.ca, cert=args.cert, key=args.key, token=args.token, model=args.model, version=args.version)

@@ -86,7 +86,7 @@ HELP = {
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
     "health_port": "also serve grpc.health.v1 alone, in plaintext, on this port (for probes when the main port has TLS)",
     "watch_seconds": "how often to look for a newer model version (0: only on SIGHUP)",
-    "tls_cert": "PEM certificate (chain) for TLS on the gRPC port; with --tls-key",
+    "tls_cert": "PEM certificate (chain) for TLS on the gRPC and HTTP ports; with --tls-key",
     "tls_key": "PEM private key for --tls-cert",
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "auth_token_file": "bearer tokens, one per line (VAE_AUTH_TOKENS adds comma-separated ones)",

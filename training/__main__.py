@@ -16,7 +16,8 @@ from training.cli import add_data_arguments, check_data, data_options
 from training.config import LIKELIHOODS, ModelConfig, TrainConfig
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     d, m = TrainConfig(), ModelConfig()
     p = Parser(prog="python -m training", description="Train a VAE, evaluate it, draw its figures.")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, metrics.json, figures")
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     ev.add_argument("--eval-images", type=int, default=d.eval_images, help="test images to evaluate")
     ev.add_argument("--classifier", help="features.pt from python -m training.features: sample-quality figures")
     ev.add_argument("--quality-samples", type=int, default=d.quality_samples, help="samples scored for sample quality")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
+    p = build_parser()
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
     model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "mixtures", "kind", "prior",

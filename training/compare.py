@@ -58,13 +58,19 @@ def write_compare(runs: list[Path], out: Path, n: int = 36, seed: int = 0, tempe
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m training.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (or best.pt files)")
     parser.add_argument("--out", type=Path, default=Path("compare.png"))
     parser.add_argument("--n", type=int, default=36, help="samples per panel")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for run in args.runs:
         if not checkpoint_of(run).is_file():

@@ -257,7 +257,8 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--k", type=int, default=1000, help="importance samples per image")
@@ -266,7 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier", help="features.pt for the sample-quality figures (default: the run's own)")
     parser.add_argument("--samples", type=int, help="samples scored for sample quality (default: the run's, 10000)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.out:
         writable_folder(args.out.parent, "--out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -150,7 +150,8 @@ def train_feature_net(
     return {"test_accuracy": accuracy}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
+    """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
     parser = Parser(prog="python -m training.features", description=__doc__.splitlines()[0])
     add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, help="default: 30 for digits and folders, 5 otherwise")
@@ -158,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
