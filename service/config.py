@@ -98,7 +98,8 @@ HELP = {
     "cors_origins": "comma-separated origins whose browser pages may call the HTTP port (CORS); default: none",
     "max_message_bytes": "the largest gRPC message and HTTP request body",
     "max_concurrent_calls": "inference calls in progress at once, vae.v1 and the Open Inference Protocol's on both "
-    "ports; beyond it RESOURCE_EXHAUSTED at once (health checks, metadata and model control are not counted)",
+    "ports; beyond it RESOURCE_EXHAUSTED at once (health checks, the Open Inference Protocol's metadata calls and "
+    "model control are not counted)",
 }
 
 
