@@ -15,7 +15,9 @@ the flow existed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import itertools
 import math
 import secrets
 import threading
@@ -26,16 +28,16 @@ import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
 from service.imaging import ImageError, load_image
-from service.likelihood import LOG_2PI, log_px_z, logsumexp, mean_function
+from service.likelihood import mean_function
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
+from service.scoring import IN_FLIGHT, ScoreSums, chunk_rows
 from service.errors import BadRequest
 
 # An image file sent to the server may hold at most this many pixels (Pillow's own limit is 89M): a
 # small compressed file can claim a huge image, and decoding one takes several copies of it in memory.
 MAX_FILE_PIXELS = 40_000_000
-SCORE_CHUNK_VALUES = 1 << 21  # float64 values per chunk of Score's arithmetic (16 MiB)
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,26 @@ def new_seed(seed: int | None) -> int:
 _generators = threading.local()
 
 
+def noise_stream(seed: int) -> np.random.Generator:
+    """The generator of a seed's noise: PCG64 with its 128-bit state and increment taken from
+    BLAKE2b of the seed, for draws in order (Score's chunks)."""
+    generator = np.random.Generator(np.random.PCG64(0))
+    _seed_state(generator, seed)
+    return generator
+
+
 def normal(seed: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-    """Standard normal noise, a function of the seed alone: PCG64 with its 128-bit state and
-    increment taken from BLAKE2b of the seed. Setting the state of a per-thread generator is
-    cheaper than `PCG64(seed)`'s SeedSequence, and this runs on the event loop for every Sample."""
+    """Standard normal noise, a function of the seed alone (`noise_stream`'s first draws). Setting the
+    state of a per-thread generator is cheaper than a new one, and this runs on the event loop for
+    every Sample."""
     generator = getattr(_generators, "generator", None)
     if generator is None:
         generator = _generators.generator = np.random.Generator(np.random.PCG64(0))
+    _seed_state(generator, seed)
+    return generator.standard_normal(shape, dtype=dtype)
+
+
+def _seed_state(generator: np.random.Generator, seed: int) -> None:
     digest = hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=32).digest()
     generator.bit_generator.state = {
         "bit_generator": "PCG64",
@@ -83,7 +98,6 @@ def normal(seed: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.nd
         "has_uint32": 0,
         "uinteger": 0,
     }
-    return generator.standard_normal(shape, dtype=dtype)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -272,60 +286,47 @@ class Engine:
         return np.array(await self.prior_z(base, deadline), dtype=np.float32)
 
     async def score(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound.
-
-        log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x), z_i ~ q(z|x); IWAE = logsumexp(log w) - log k.
-        Under a flow, log p(z_i) comes from the prior_density graph, computed beside the decoder
-        (two batchers, at once). The float64 arithmetic on n*k rows runs on a worker thread, off
-        the event loop.
-        """
+        """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound
+        (`service.scoring`). The n x k draws are decoded a chunk of rows at a time, IN_FLIGHT chunks
+        queued at once, and each chunk is folded into running sums on a worker thread, off the event
+        loop: the request never holds more than those chunks' decoder outputs. Under a flow, log p(z)
+        comes from the prior_density graph, computed beside the decoder (two batchers, at once)."""
         n, d = len(x), self.spec.latent_dim
         mu, logvar = await self.encode(x, deadline)
         mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
-        eps = normal(seed, (n, k, d), np.float64)
-        z = mu[:, None, :] + eps * np.exp(0.5 * logvar)[:, None, :]
-        rows = z.reshape(n * k, d).astype(np.float32)
-        if self.priors:
-            (params, *_), (_, log_pz) = await asyncio.gather(
-                self.decoder.submit(rows, deadline), self.prior_density(rows, deadline)
-            )
-            log_pz = log_pz.reshape(n, k)
-        else:
-            params, *_ = await self.decoder.submit(rows, deadline)
-            log_pz = None  # the closed form, on the float64 z, in _score_terms
-        params = params.reshape(n, k, *params.shape[1:])
-        return await asyncio.to_thread(self._score_terms, x, params, mu, logvar, eps, z, log_pz)
+        sums = ScoreSums(x.astype(np.float64), mu, logvar, k, self.spec.likelihood, self.spec.gaussian_std, bool(self.priors))
+        noise, sigma, total = noise_stream(seed), np.exp(0.5 * logvar), n * k
+        step = chunk_rows(self.spec.decoder_channels * math.prod(self.spec.image_shape[1:]), total)
 
-    def _score_terms(
-        self, x: np.ndarray, params: np.ndarray, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray, z: np.ndarray,
-        log_pz: np.ndarray | None,
-    ) -> dict[str, np.ndarray]:  # fmt: skip
-        """The figures from the graphs' outputs: `params` [n, k, P, H, W] per image and sample.
-        `log_pz` [n, k] is the flow's log p(z); None under N(0, I), whose log-density and KL have
-        closed forms."""
-        n, k = params.shape[:2]
-        target = x[:, None].astype(np.float64)
-        spec = self.spec
-        # log p(x|z) in float64 over a few importance samples at a time: the temporaries of one
-        # chunk stay near SCORE_CHUNK_VALUES, whatever n x k the request has.
-        step = max(1, SCORE_CHUNK_VALUES // max(1, n * math.prod(params.shape[2:])))
-        log_px = np.concatenate(
-            [log_px_z(spec.likelihood, target, params[:, j : j + step], spec.gaussian_std) for j in range(0, k, step)],
-            axis=1,
-        )
-        log_qz = -0.5 * (LOG_2PI + logvar[:, None, :] + eps**2).sum(-1)
-        if log_pz is None:
-            log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
-            kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
-        else:  # no closed form under a flow: the Monte Carlo estimate over the same k samples
-            kl = (log_qz - log_pz).mean(axis=1)
-        reconstruction = -log_px.mean(axis=1)
-        return {
-            "elbo": -(reconstruction + kl),
-            "reconstruction": reconstruction,
-            "kl": kl,
-            "log_likelihood": logsumexp(log_px + log_pz - log_qz, axis=1) - math.log(k),
-        }
+        def launch(start: int) -> asyncio.Future:
+            """Draw the chunk's noise (here, in row order: the stream's order) and queue its decoding."""
+            image = (start + np.arange(min(step, total - start))) // k
+            eps = noise.standard_normal((len(image), d))
+            z = mu[image] + eps * sigma[image]
+            return asyncio.ensure_future(self._decode_draws(start, eps, z, deadline))
+
+        starts = iter(range(0, total, step))
+        pending = collections.deque(launch(start) for start in itertools.islice(starts, IN_FLIGHT))
+        try:
+            while pending:
+                chunk = await pending.popleft()
+                pending.extend(launch(start) for start in itertools.islice(starts, 1))
+                await asyncio.to_thread(sums.add, *chunk)
+        finally:
+            for future in pending:  # an error or a cancelled call: its queued chunks leave the batchers
+                future.cancel()
+        return sums.figures()
+
+    async def _decode_draws(
+        self, start: int, eps: np.ndarray, z: np.ndarray, deadline: float | None
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """One chunk of Score's draws through the decoder (and a flow's prior_density): the
+        arguments of `ScoreSums.add`."""
+        rows = z.astype(np.float32)
+        if not self.priors:
+            return start, await self.decoder_params(rows, deadline), eps, z, None
+        params, (_, log_pz) = await asyncio.gather(self.decoder_params(rows, deadline), self.prior_density(rows, deadline))
+        return start, params, eps, z, log_pz
 
 
 def load_engine(
