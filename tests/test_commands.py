@@ -118,6 +118,8 @@ CASES = {
         ["bench.ab", "--base", "no-such-ref", "--model-repo", "{empty}", "--json", "{tmp}/b.json"],
         2, ["--base no-such-ref: not a commit"]),
     "bench.loading: no such folder": (["bench.loading", "--folder", "/no/such"], 2, ["--folder /no/such: no such folder"]),
+    "bench.memory: a repository without a model": (
+        ["bench.memory", "--model-repo", "{empty}"], 2, ["expected exactly one model"]),
     "service.client: an unknown command": (["service.client", "nonsense"], 2, ["invalid choice"]),
 }  # fmt: skip
 

@@ -59,6 +59,7 @@ PARSERS = {
     "bench": "bench.__main__",
     "bench.ab": "bench.ab",
     "bench.loading": "bench.loading",
+    "bench.memory": "bench.memory",
     "service": "service.config",
     "service.client": "service.client",
 }
