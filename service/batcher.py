@@ -426,10 +426,14 @@ class Batcher:
     def _take(self, take: Take, now: float) -> list[_Slice]:
         """Carry out `take` on the queue: mark its rows taken, fail the expired entries, and drop the
         entries it finished from the scanned prefix, counting a caller that went away but has not
-        withdrawn yet. A request's queue wait is timed when its first rows are taken."""
+        withdrawn yet; a batch that takes rows is noted for the next decision (`last_merged`,
+        `last_shared`). A request's queue wait is timed when its first rows are taken."""
         queue = self.queue
         observe = self._wait.observe
         batch: list[_Slice] = take.slices  # type: ignore[assignment] - the policy saw these _Entry as Queued
+        if batch:
+            queue.last_merged = take.merged
+            queue.last_shared = len(batch) > 1 and any(entry.n <= self.policy.share_cap for entry, _ in batch)
         unfinished = 0
         for entry, k in batch:
             if entry.taken == 0:
@@ -488,8 +492,6 @@ class Batcher:
             batch = self._take(decision, now)
             if not batch:
                 continue
-            queue.last_merged = decision.merged
-            queue.last_shared = len(batch) > 1 and any(entry.n <= self.policy.share_cap for entry, _ in batch)
             if len(batch) == 1:
                 entry, k = batch[0]
                 x = entry.rows if k == entry.n else entry.rows[entry.taken - k : entry.taken]

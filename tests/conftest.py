@@ -1,3 +1,10 @@
+"""Fixtures: the digits data, a small model trained on it, that model exported into a model
+repository, and the real server on it. Beside them, what they are built from and tests use too:
+`ServerProcess` (the server in its own process), `wait_for` (poll for an event the server shows),
+`HeldGraph` (a graph function for batcher tests that holds its batch until released),
+`expected_sample` (what Sample should answer) and `ROOT` (the repository). Other helpers that
+several test modules share are in tests/helpers.py."""
+
 import json
 import os
 import re
@@ -11,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.processes import free_port
+from tests.helpers import free_port
 from training.data import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,11 +1,14 @@
 """The batch policy on its own: tables of cases and properties, no asyncio, a fake clock passed in.
 
 `BatchPolicy.decide(queue, now)` answers Take (these rows of these requests now) or Wait (until a
-time). The entries here are plain records; time is a number the test moves. The asyncio tests at
-the end check the mechanism's side: a cancelled call's rows leave the queue count at once, a small
-call queued behind a huge one rides the next batch, a request spread over several batches is put
-back together in order, and the metrics carry the model's labels. They are ordered by events (a
-batch seen computing, loop turns, a clock that moves only when told), never by sleeps.
+time). The entries of a single decision are plain records; time is a number the test moves. Where
+a test follows a queue across several batches, each decision is carried out by the real
+mechanism, `Batcher._take`, on the real entries `Batcher.submit` queues (`ByHand`), so the test
+and the code cannot drift apart. The asyncio tests at the end check the rest of the mechanism: a
+cancelled call's rows leave the queue count at once, a small call queued behind a huge one rides
+the next batch, a request spread over several batches is put back together in order, and the
+metrics carry the model's labels. They are ordered by events (a batch seen computing, loop turns,
+a clock that moves only when told), never by sleeps.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pytest
@@ -30,6 +33,7 @@ from service.batcher import (
     QueueState,
     Take,
     Wait,
+    _Entry,
 )
 from service.metrics import Metrics
 from tests.conftest import HeldGraph
@@ -85,21 +89,42 @@ def shares(take: Take) -> list[int]:
     return [k for _, k in take.slices]
 
 
-def carry_out(queue: QueueState, take: Take, policy: BatchPolicy) -> None:
-    """The mechanism's part, as `Batcher._take` and `_serve` do it: the rows taken, the expired
-    failed (their rows leave the count), the finished entries dropped from the scanned prefix only,
-    and what the batch showed noted for the next decision."""
-    for entry, k in take.slices:
-        entry.taken += k
-    queue.rows -= take.rows
-    for entry in take.expired:
-        queue.rows -= entry.wanted
-        entry.abandoned = True  # its future now holds DeadlineExpired
-    scanned = [queue.entries.popleft() for _ in range(take.scanned)]
-    queue.entries.extendleft(reversed([e for e in scanned if not e.abandoned and e.wanted]))
-    if take.slices:
-        small = any(e.n <= policy.share_cap for e, _ in take.slices)
-        queue.last_merged, queue.last_shared = take.merged, len(take.slices) > 1 and small
+class ByHand:
+    """The real mechanism's bookkeeping, driven by hand: a `Batcher` with the policy under test,
+    whose queue holds real entries (their futures on an event loop that never runs). The test asks
+    the policy and hands each decision to `Batcher._take`, as `_serve` does between batches; no
+    graph is called, and time is the `now` the test passes."""
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.batcher = Batcher("test", self.no_graph, Metrics(), **asdict(policy))
+        assert self.batcher.policy == policy
+        self.queue = self.batcher.queue
+
+    @staticmethod
+    def no_graph(x: np.ndarray) -> list[np.ndarray]:
+        raise AssertionError("no batch is computed by hand")
+
+    def arrive(self, n: int, enqueued: float = 0.0, deadline: float | None = None, gone: bool = False) -> _Entry:
+        """A request of `n` rows joins the queue, as `Batcher.submit` queues it; `gone`: its caller
+        then goes away (`Batcher._withdraw`), so its rows no longer count."""
+        entry = _Entry(np.zeros((n, 1), np.float32), n, self.loop.create_future(), deadline, enqueued)
+        self.queue.entries.append(entry)
+        self.queue.rows += n
+        if gone:
+            self.batcher._withdraw(entry)
+        return entry
+
+    def carry_out(self, take: Take, now: float) -> None:
+        """The rows taken, the expired failed (their rows leave the count), the finished entries
+        dropped from the scanned prefix only, and what the batch showed noted for the next decision."""
+        self.batcher._take(take, now)
+
+    def __enter__(self) -> ByHand:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.close()
 
 
 # When a batch goes: wait for company only with merging on, and then only after a merged batch
@@ -224,21 +249,24 @@ def test_a_huge_request_does_not_hold_back_the_small_ones_queued_behind_it():
     """The measured case: 16,000 decoder rows queued first, then 16 one-row Sample calls. The next
     batch holds every small row and the large request's share beside them."""
     policy = BatchPolicy(max_rows=256, max_delay=0.0)
-    queue = state(16_000, *[1] * 16)
-    take = policy.decide(queue, 1.0)
-    assert shares(take) == [32] + [1] * 16  # the cap: max_rows // 8 while others wait
-    assert batch(take) == list(queue.entries) and take.scanned == 17 and take.merged
-    # plain max-min: the large one takes all that the small ones leave, and the batch is full
-    uncapped = BatchPolicy(max_rows=256, max_delay=0.0, max_share_rows=256).decide(state(16_000, *[1] * 16), 1.0)
-    assert shares(uncapped) == [240] + [1] * 16
-    # the small callers answered are likely sending again: the next batch stays short, although
-    # the large one waits alone; after a batch of its own, it gets full batches again
-    carry_out(queue, take, policy)
-    assert [e.wanted for e in queue.entries] == [16_000 - 32] and queue.last_shared
-    alone = policy.decide(queue, 1.0)
-    assert shares(alone) == [32]
-    carry_out(queue, alone, policy)
-    assert shares(policy.decide(queue, 1.0)) == [256]
+    with ByHand(policy) as hand:
+        for n in (16_000, *[1] * 16):
+            hand.arrive(n)
+        queue = hand.queue
+        take = policy.decide(queue, 1.0)
+        assert shares(take) == [32] + [1] * 16  # the cap: max_rows // 8 while others wait
+        assert batch(take) == list(queue.entries) and take.scanned == 17 and take.merged
+        # plain max-min: the large one takes all that the small ones leave, and the batch is full
+        uncapped = BatchPolicy(max_rows=256, max_delay=0.0, max_share_rows=256).decide(state(16_000, *[1] * 16), 1.0)
+        assert shares(uncapped) == [240] + [1] * 16
+        # the small callers answered are likely sending again: the next batch stays short, although
+        # the large one waits alone; after a batch of its own, it gets full batches again
+        hand.carry_out(take, 1.0)
+        assert [e.n - e.taken for e in queue.entries] == [16_000 - 32] and queue.last_shared
+        alone = policy.decide(queue, 1.0)
+        assert shares(alone) == [32]
+        hand.carry_out(alone, 1.0)
+        assert shares(policy.decide(queue, 1.0)) == [256]
 
 
 @pytest.mark.parametrize(
@@ -283,12 +311,14 @@ def test_merge_off_takes_one_entry(queued):
 
 def test_merge_off_takes_a_large_request_a_batch_at_a_time():
     policy = BatchPolicy(max_rows=4, max_delay=0.0, merge=False)
-    queue = state(10, 1)
     sizes = []
-    while queue.rows:
-        take = policy.decide(queue, 1.0)
-        sizes.append(shares(take))
-        carry_out(queue, take, policy)
+    with ByHand(policy) as hand:
+        hand.arrive(10)
+        hand.arrive(1)
+        while hand.queue.rows:
+            take = policy.decide(hand.queue, 1.0)
+            sizes.append(shares(take))
+            hand.carry_out(take, 1.0)
     assert sizes == [[4], [4], [2], [1]]  # first in, first out: batching off is the unshared baseline
 
 
@@ -329,16 +359,18 @@ def test_expired_rows_do_not_count_toward_the_batch():
 
 def test_a_request_that_expires_midway_is_failed_and_its_rows_stop_being_taken():
     policy = BatchPolicy(max_rows=4, max_delay=0.0)
-    big, small = Entry(10, deadline=2.0), Entry(1)
-    queue = queue_of([big, small])
-    first = policy.decide(queue, 1.0)
-    assert shares(first) == [1, 1]  # the default cap with max_rows 4: one row each
-    carry_out(queue, first, policy)
-    assert list(queue.entries) == [big] and queue.rows == 9
-    late = policy.decide(queue, 2.0)  # its deadline has come while 9 of its rows wait
-    assert list(late.expired) == [big] and not late.slices
-    carry_out(queue, late, policy)
-    assert queue.rows == 0 and not queue.entries
+    with ByHand(policy) as hand:
+        big, small = hand.arrive(10, deadline=2.0), hand.arrive(1)
+        queue = hand.queue
+        first = policy.decide(queue, 1.0)
+        assert shares(first) == [1, 1]  # the default cap with max_rows 4: one row each
+        hand.carry_out(first, 1.0)
+        assert list(queue.entries) == [big] and queue.rows == 9
+        late = policy.decide(queue, 2.0)  # its deadline has come while 9 of its rows wait
+        assert list(late.expired) == [big] and not late.slices
+        hand.carry_out(late, 2.0)
+        assert queue.rows == 0 and not queue.entries
+        assert isinstance(big.future.exception(), DeadlineExpired) and "1 of its 10 rows" in str(big.future.exception())
 
 
 def test_abandoned_entries_are_passed_over_whatever_their_size():
@@ -556,46 +588,47 @@ def test_a_wait_is_only_for_company_and_ends_when_the_oldest_has_waited_the_dela
     ),
 )
 def test_run_with_a_fake_clock_every_row_of_every_live_request_is_served_once(policy, arrivals):
-    """Play the mechanism's part with a clock that moves only when told: requests (some larger than
-    a batch) arrive, the policy decides, a batch takes a fixed time. Every row of every request whose
-    caller stays is served exactly once, in order, unless its deadline passes first: then it fails
-    once and no row of it is taken at or after its deadline. Every batch serves the oldest request."""
-    clock, queue, compute = FakeClock(), QueueState(), 0.003
+    """Run the policy and the mechanism's bookkeeping (`ByHand`) with a clock that moves only when
+    told: requests (some larger than a batch) arrive, the policy decides, `Batcher._take` carries
+    the decision out, a batch takes a fixed time. Every row of every request whose caller stays is
+    served exactly once, in order, unless its deadline passes first: then it fails once and no row
+    of it is taken at or after its deadline. Every batch serves the oldest request."""
+    clock, compute = FakeClock(), 0.003
     served: dict[int, list[tuple[int, int]]] = {}  # per request: (first row, rows) of each slice
     expired: dict[int, list[float]] = {}
-    pending = deque()
+    pending = deque()  # (arrival time, rows, caller gone, deadline)
     at = 0.0
     for n, gap, gone, patience in arrivals:
         at += gap
-        entry = Entry(n, enqueued=at, abandoned=gone, deadline=None if patience is None else at + patience)
-        pending.append((at, entry))
-    everyone = [entry for _, entry in pending]
-    for _ in range(10_000):
-        while pending and pending[0][0] <= clock.now:  # arrivals up to now join the queue
-            _, entry = pending.popleft()
-            queue.entries.append(entry)
-            queue.rows += 0 if entry.abandoned else entry.n
-        if not pending and not queue.rows:
-            break
-        decision = policy.decide(queue, clock.now)
-        if isinstance(decision, Wait):
-            if decision.until == math.inf:
-                assert queue.rows == 0  # a wait without end only when nothing waits
-            clock.now = min(decision.until, pending[0][0] if pending else math.inf)
-            continue
-        assert decision.rows <= policy.max_rows
-        oldest = waiting(queue, clock.now)
-        assert not oldest or (decision.slices and decision.slices[0][0] is oldest[0])
-        for entry, k in decision.slices:
-            served.setdefault(id(entry), []).append((entry.taken, k))
-        for entry in decision.expired:
-            expired.setdefault(id(entry), []).append(clock.now)
-        carry_out(queue, decision, policy)
-        assert queue.rows == sum(e.wanted for e in queue.entries if not e.abandoned)
-        if decision.slices:
-            clock.advance(compute)
-    else:
-        raise AssertionError("the queue never drained")
+        pending.append((at, n, gone, None if patience is None else at + patience))
+    everyone = []
+    with ByHand(policy) as hand:
+        queue = hand.queue
+        for _ in range(10_000):
+            while pending and pending[0][0] <= clock.now:  # arrivals up to now join the queue
+                at, n, gone, deadline = pending.popleft()
+                everyone.append(hand.arrive(n, enqueued=at, deadline=deadline, gone=gone))
+            if not pending and not queue.rows:
+                break
+            decision = policy.decide(queue, clock.now)
+            if isinstance(decision, Wait):
+                if decision.until == math.inf:
+                    assert queue.rows == 0  # a wait without end only when nothing waits
+                clock.now = min(decision.until, pending[0][0] if pending else math.inf)
+                continue
+            assert decision.rows <= policy.max_rows
+            oldest = waiting(queue, clock.now)
+            assert not oldest or (decision.slices and decision.slices[0][0] is oldest[0])
+            for entry, k in decision.slices:
+                served.setdefault(id(entry), []).append((entry.taken, k))
+            for entry in decision.expired:
+                expired.setdefault(id(entry), []).append(clock.now)
+            hand.carry_out(decision, clock.now)
+            assert queue.rows == sum(e.n - e.taken for e in queue.entries if not e.abandoned)
+            if decision.slices:
+                clock.advance(compute)
+        else:
+            raise AssertionError("the queue never drained")
     assert queue.rows == 0 and all(e.abandoned for e in queue.entries)  # withdrawn callers wait to be passed over
     for entry in everyone:
         slices = served.get(id(entry), [])
@@ -605,6 +638,7 @@ def test_run_with_a_fake_clock_every_row_of_every_live_request_is_served_once(po
             assert not slices
         elif id(entry) in expired:
             assert len(expired[id(entry)]) == 1 and expired[id(entry)][0] >= entry.deadline and rows < entry.n
+            assert isinstance(entry.future.exception(), DeadlineExpired)  # failed, as its caller sees it
         else:
             assert rows == entry.n  # every row, once
 

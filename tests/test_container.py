@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import free_port
 from service.client import VaeClient
 from service.vae_grpc import SERVICE  # not service.server: it loads the inference protocol's messages, which tritonclient holds in its tests
+from tests.helpers import free_port, metric, scrape
 from tests.reach import FAMILIES, grpc_health, http_get, url
-from tests.test_service import metric, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("VAE_IMAGE", "localhost/vae-serve:latest")

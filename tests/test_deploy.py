@@ -11,14 +11,11 @@ import pytest
 import yaml
 
 from service.config import ServerConfig, parse_config
+from tests.helpers import documents
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 DEFAULTS = ServerConfig()
-
-
-def documents(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def everything() -> list[dict]:

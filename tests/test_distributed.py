@@ -1,9 +1,10 @@
 """Data-parallel training under torchrun, for real: two (and four) gloo processes on this machine.
 
-Each run is `torchrun -m tests.test_distributed HOOKS RECORD_DIR TRAINING FLAGS...`: this module,
-run as the entry point, installs the test's hooks (`install_hooks`) in every rank and then calls
-`python -m training`'s own main. A hook acts at a numbered call of the objective on one rank, so
-every event a test waits for happens at a known step of the run, not at a moment on the clock.
+Each run is `torchrun -m tests.faults FAULT KWARGS TRAINING FLAGS...`: every rank installs one
+fault of tests/faults.py (a function, named with its keyword arguments) and then calls `python -m
+training`'s own main. A fault that stops a rank acts at a numbered call of the objective on one
+rank, so every event a test waits for happens at a known step of the run, not at a moment on the
+clock.
 
 The equivalence the tests hold the runs to: two ranks with the global batch B give the weights one
 process gets with batch B on the same data, within TOL. The design makes that exact up to float
@@ -25,11 +26,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.test_deploy import documents
+from tests import faults
+from tests.helpers import documents
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -44,75 +48,17 @@ FLAGS = ["--dataset", "digits", *MODEL, "--batch-size", "64", "--lr-schedule", "
          "--free-bits", "0.02", "--iwae-k", "10", "--eval-images", "40", "--device", "cpu"]  # fmt: skip
 
 
-# ---- the entry point torchrun starts: hooks, then python -m training ------------------------------
-
-
-def install_hooks(spec: str, record_dir: Path | None) -> None:
-    """HOOKS is a comma-separated list of:
-    unsynced          the ranks step on their own gradients (DDP's sync switched off): the control
-    record            each rank lists what it writes (checkpoints, figures) in record_dir
-    signal:R:N:SIG    rank R sends itself SIG at its N-th call of the objective (1-based)
-    hang:R:N          rank R stops answering at its N-th call (a stuck rank: torchrun sees it alive)"""
-    from training import checkpoint, train
-
-    rank = int(os.environ.get("RANK", "0"))
-    for hook in filter(None, spec.split(",")):
-        name, *args = hook.split(":")
-        if name == "unsynced":
-            init = train.Trainer.__init__
-
-            def unsynced_init(self, *a, _init=init, **k):
-                _init(self, *a, **k)
-                self.net.require_backward_grad_sync = False  # what DDP.no_sync() sets, for every step
-
-            train.Trainer.__init__ = unsynced_init
-        elif name == "record":
-            writes: list[str] = []
-            save, figures = checkpoint.save, train.write_figures
-
-            def recording_save(path, *a, _save=save, **k):
-                writes.append(Path(path).name)
-                return _save(path, *a, **k)
-
-            def recording_figures(*a, _figures=figures, **k):
-                written = _figures(*a, **k)
-                writes.extend(p.name for p in written)
-                return written
-
-            checkpoint.save, train.write_figures = recording_save, recording_figures
-            import atexit
-
-            atexit.register(lambda: (record_dir / f"writes-rank{rank}.json").write_text(json.dumps(writes)))
-        elif name in ("signal", "hang"):
-            target, call = int(args[0]), int(args[1])
-            if target != rank:
-                continue
-            objective, calls = train.objective, [0]
-
-            def hooked(*a, _objective=objective, _calls=calls, _name=name, _args=args, _call=call, **k):
-                _calls[0] += 1
-                if _calls[0] == _call:
-                    if _name == "signal":
-                        os.kill(os.getpid(), getattr(signal, _args[2]))
-                    else:  # stuck outside any collective; torchrun's SIGTERM still ends it
-                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        import threading
-
-                        threading.Event().wait()
-                return _objective(*a, **k)
-
-            train.objective = hooked
-        else:
-            raise SystemExit(f"unknown hook {hook!r}")
-
-
 # ---- the tests -----------------------------------------------------------------------------------
 
 
-def torchrun(nproc: int, hooks: str, record: Path | None, *flags: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` (a free port, so runs beside other jobs do not collide) with this module's hooks."""
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "tests.test_distributed", hooks,
-           str(record) if record else "-", *flags]  # fmt: skip
+def torchrun(
+    nproc: int, flags: list[str], fault: Callable[..., None] = faults.none, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free port, so runs beside other jobs do not collide) of `python -m
+    training FLAGS` in `nproc` ranks, each with `fault` (a function of tests/faults.py) installed
+    with these keyword arguments."""
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "tests.faults", fault.__name__,
+           json.dumps(kwargs), *flags]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -152,7 +98,8 @@ def one_process(tmp_path_factory):
 def two_ranks(tmp_path_factory):
     """`torchrun --nproc-per-node 2 -m training FLAGS --epochs 1`, every rank listing what it writes."""
     out, record = tmp_path_factory.mktemp("two-ranks"), tmp_path_factory.mktemp("writes")
-    done = torchrun(2, "record", record, *FLAGS, "--epochs", "1", "--out", str(out / "run"))
+    flags = [*FLAGS, "--epochs", "1", "--out", str(out / "run")]
+    done = torchrun(2, flags, faults.record_writes, record_dir=str(record))
     assert done.returncode == 0, done.stdout + done.stderr
     return out / "run", record, done
 
@@ -162,7 +109,7 @@ def test_two_ranks_step_as_one_process_and_unsynchronised_ranks_do_not(two_ranks
     synced = distance(weights(run / "last.pt"), weights(one_process[1] / "last.pt"))
     assert synced < TOL, f"two ranks end {synced:.2e} from one process"
     # The control: the same run with DDP's gradient sync off fails the same comparison.
-    done = torchrun(2, "unsynced", None, *FLAGS, "--epochs", "1", "--out", str(tmp_path / "unsynced"))
+    done = torchrun(2, [*FLAGS, "--epochs", "1", "--out", str(tmp_path / "unsynced")], faults.unsynced)
     assert done.returncode == 0, done.stdout + done.stderr
     unsynced = distance(weights(tmp_path / "unsynced" / "last.pt"), weights(one_process[1] / "last.pt"))
     assert unsynced > 100 * TOL, f"unsynchronised ranks end only {unsynced:.2e} from one process"
@@ -189,7 +136,7 @@ def test_sigterm_to_rank_1_stops_every_rank_at_a_step_and_the_run_resumes_on_one
 
     # Rank 1 is sent SIGTERM during step index 4 of epoch 2 (its objective's call STEPS + 5).
     out = tmp_path / "run"
-    done = torchrun(2, f"signal:1:{STEPS + 5}:SIGTERM", None, *FLAGS, "--epochs", "2", "--out", str(out))
+    done = torchrun(2, [*FLAGS, "--epochs", "2", "--out", str(out)], faults.sigterm_at, rank=1, call=STEPS + 5)
     logged = done.stdout + done.stderr
     assert done.returncode != 0, logged
     assert "[rank 1/2] stopped by SIGTERM in epoch 2 after step 5" in logged
@@ -247,7 +194,7 @@ def test_a_killed_rank_ends_the_job_with_an_error_naming_it_and_leaves_the_last_
     from training import checkpoint
 
     out = tmp_path / "run"
-    done = torchrun(2, f"signal:1:{STEPS + 5}:SIGKILL", None, *FLAGS, "--epochs", "2", "--out", str(out))
+    done = torchrun(2, [*FLAGS, "--epochs", "2", "--out", str(out)], faults.killed_at, rank=1, call=STEPS + 5)
     logged = done.stdout + done.stderr
     assert done.returncode != 0, logged
     assert "Signal 9 (SIGKILL) received by PID" in logged and "rank      : 1 (local_rank: 1)" in logged
@@ -269,8 +216,8 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
         Image.fromarray(pixels).save(tmp_path / "images" / f"class{i % 2}" / f"{i}.png")
     folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--image-size", "8", "--cache-dir",
               str(tmp_path / "cache"), "--likelihood", "logistic-mixture", "--batch-size", "8"]  # fmt: skip
-    done = torchrun(2, "hang:1:5", None, *MODEL, *folder, "--epochs", "1", "--dist-timeout", "3", "--device", "cpu",
-                    "--out", str(tmp_path / "run"))  # fmt: skip
+    done = torchrun(2, [*MODEL, *folder, "--epochs", "1", "--dist-timeout", "3", "--device", "cpu", "--out",
+                        str(tmp_path / "run")], faults.hang_at, rank=1, call=5)  # fmt: skip
     logged = done.stdout + done.stderr
     assert done.returncode != 0, logged
     assert "[rank 0/2] training failed: another rank stopped answering" in logged and "Timed out" in logged
@@ -291,7 +238,7 @@ def test_torchrun_run_resumes_on_four_ranks_then_exports_and_serves(two_ranks, o
 
     run = tmp_path / "run"
     shutil.copytree(two_ranks[0], run)
-    done = torchrun(4, "", None, *FLAGS, "--epochs", "2", "--resume", "--out", str(run))
+    done = torchrun(4, [*FLAGS, "--epochs", "2", "--resume", "--out", str(run)])
     assert done.returncode == 0, done.stdout + done.stderr
     assert distance(weights(run / "last.pt"), weights(one_process[2] / "last.pt")) < TOL
     metrics = json.loads((run / "metrics.json").read_text())
@@ -507,13 +454,3 @@ def test_train_then_export_passes_sigterm_to_torchrun_and_exports_nothing(fake_l
         proc.kill()
     assert (record / "torchrun.signal").read_text().strip() == "TERM"
     assert not (record / "python.args").exists()
-
-
-
-if __name__ == "__main__":
-    hooks, record, *training_argv = sys.argv[1:]
-    install_hooks(hooks, Path(record) if record != "-" else None)
-    from training.__main__ import main
-
-    main(training_argv)
-    sys.exit(0)

@@ -21,7 +21,7 @@ from service.client import VaeClient
 from service.engine import normal, slerp
 from service.manifest import RepositoryError, read_manifest
 from tests.conftest import ServerProcess, expected_sample
-from tests.test_service import metric, scrape
+from tests.helpers import metric, scrape
 from training.checkpoint import load_model
 from training.config import ModelConfig, TrainConfig
 from training.data import fixed_binarization

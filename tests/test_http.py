@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from service.client import VaeClient
 from service.imaging import grid
 from tests.conftest import ServerProcess
-from tests.test_service import metric, scrape
+from tests.helpers import metric, scrape
 
 ADMIN = "admin-secret"
 

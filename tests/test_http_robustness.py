@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from tests.conftest import ServerProcess, wait_for
-from tests.test_service import metric, scrape
+from tests.helpers import metric, scrape
 
 PATHS = [
     "/", "/docs", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/stats",

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.client import VaeClient
 from tests.conftest import ServerProcess
-from tests.test_service import metric, scrape
+from tests.helpers import metric, scrape
 
 
 def tensor(name: str, array: np.ndarray) -> triton.InferInput:
@@ -164,7 +164,7 @@ def test_versions_and_model_control(model_repo, tmp_path, digits):
     import shutil
 
     from export.repository import publish
-    from tests.test_models import train
+    from tests.helpers import train
 
     repo = tmp_path / "models"
     shutil.copytree(model_repo, repo)

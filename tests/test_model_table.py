@@ -178,7 +178,7 @@ def test_a_restart_keeps_a_models_interface(repo, models_narrow):
 
 @pytest.fixture(scope="module")
 def models_narrow(tmp_path_factory, digits):
-    from tests.test_models import train
+    from tests.helpers import train
 
     return train(digits, tmp_path_factory.mktemp("narrow"), latent_dim=4, epochs=1)
 

@@ -15,18 +15,7 @@ from service.api.vae.v1 import vae_pb2 as pb
 from service.client import VaeClient
 from service.repository import RepositoryError, ServingConfig, VersionPolicy, read_serving_config
 from tests.conftest import ServerProcess, expected_sample, wait_for
-from tests.test_reliability import Load
-from tests.test_service import metric, scrape
-
-
-def train(digits, out: Path, latent_dim: int = 8, epochs: int = 3, seed: int = 5):
-    from training.config import ModelConfig, TrainConfig
-    from training.train import Trainer
-
-    cfg = TrainConfig(model=ModelConfig(latent_dim=latent_dim, widths=(16, 32), hidden=64), epochs=epochs, batch_size=32, seed=seed)
-    trainer = Trainer(cfg, out, digits)
-    trainer.fit()
-    return trainer.model.eval(), cfg
+from tests.helpers import Load, metric, scrape, train
 
 
 @pytest.fixture(scope="module")

@@ -23,56 +23,13 @@ from service.batcher import Batcher, BatchFailed
 from service.client import VaeClient
 from service.metrics import Metrics
 from tests.conftest import HeldGraph, ServerProcess, expected_sample, wait_for
-from tests.test_service import metric, scrape
-
-
-class Load:
-    """Closed-loop callers in a background thread; every call's caller, status code and answer kept,
-    in the order they ended."""
-
-    def __init__(self, target: str, request: pb.SampleRequest, concurrency: int = 8) -> None:
-        self.concurrency = concurrency
-        self.calls: list[tuple[int, str, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run(target, request, concurrency)))
-        self._thread.start()
-
-    async def _run(self, target: str, request: pb.SampleRequest, concurrency: int) -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = vae_pb2_grpc.VaeServiceStub(channel)
-
-            async def caller(number: int) -> None:
-                while not self._stop.is_set():
-                    try:
-                        response = await stub.Sample(request, timeout=60)
-                        self.calls.append((number, "OK", response.images.tensor.data))
-                    except grpc.aio.AioRpcError as err:
-                        self.calls.append((number, err.code().name, b""))
-                        await asyncio.sleep(0.01)
-
-            await asyncio.gather(*(caller(number) for number in range(concurrency)))
-
-    def stop(self) -> Counter:
-        self._stop.set()
-        self._thread.join(60)
-        return Counter(code for _, code, _ in self.calls)
-
-    def callers(self) -> list[list[str]]:
-        """Each caller's status codes, in the order its calls were made."""
-        return [[code for number, code, _ in self.calls if number == caller] for caller in range(self.concurrency)]
+from tests.helpers import Load, metric, scrape, train
 
 
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory, digits):
     """Another real model, trained with another seed: its answers differ from the first's."""
-    from training.config import ModelConfig, TrainConfig
-    from training.train import Trainer
-
-    out = tmp_path_factory.mktemp("second")
-    cfg = TrainConfig(model=ModelConfig(latent_dim=8, widths=(16, 32), hidden=64), epochs=3, batch_size=32, seed=5)
-    trainer = Trainer(cfg, out, digits)
-    trainer.fit()
-    return trainer.model.eval(), cfg
+    return train(digits, tmp_path_factory.mktemp("second"), epochs=3, seed=5)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from bench.processes import free_port
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.client import VaeClient
@@ -19,7 +18,7 @@ from service.config import parse_config
 from service.security import Authorizer, TokenAuth, load_tokens
 from tests.certs import CA
 from tests.conftest import ServerProcess
-from tests.test_service import metric, scrape
+from tests.helpers import free_port, metric, scrape
 
 TOKEN = "s3cret-token-for-tests"
 

@@ -3,7 +3,6 @@
 import asyncio
 import io
 import json
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -25,6 +24,7 @@ from training.checkpoint import load_model
 from training.data import fixed_binarization
 from training.evaluate import elbo_terms, iwae_nll
 from training.losses import kl_divergence
+from tests.helpers import burst, metric, scrape
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +42,6 @@ def stub(server):
 @pytest.fixture(scope="module")
 def images(digits):
     return digits.test.images[:16].numpy()
-
-
-def scrape(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def metric(text: str, family: str, /, **labels: str) -> float:
-    """The sum of the samples of one family in Prometheus text whose labels include `labels` (0 if
-    none): a series that gained labels (a model, a version) is still found by the ones asked for."""
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(family):
-            continue
-        head, value = line.rsplit(" ", 1)
-        got = head[len(family) :]
-        if got and not got.startswith("{"):
-            continue  # another family with this one's name as prefix
-        if want <= set(got.strip("{}").split(",")) - {""}:
-            total += float(value)
-    return total
 
 
 def test_model_info(client, model_repo):
@@ -179,17 +157,6 @@ def test_seeded_answers_do_not_depend_on_batch_neighbours(server, client):
 
     for seed, images in asyncio.run(load()):
         assert np.array_equal(images, solo[seed]), f"seed {seed} changed under load"
-
-
-def burst(target: str, count: int, rows: int) -> None:
-    """`count` Sample calls of `rows` rows, all sent at once."""
-
-    async def send() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = vae_pb2_grpc.VaeServiceStub(channel)
-            await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=rows, seed=i)) for i in range(count)))
-
-    asyncio.run(send())
 
 
 def test_batching_merges_concurrent_requests(server):

@@ -19,7 +19,7 @@ from service.config import ConfigError, check_message_size, parse_config
 from service.repository import RepositoryError, load_spec, version_state
 from service.runtime import CPU, CUDA, Graph, RuntimeOptions, available_cores, choose_providers
 from tests.conftest import ROOT, ServerProcess, wait_for
-from tests.test_service import burst, metric, scrape
+from tests.helpers import burst, metric, scrape
 
 
 @pytest.fixture
