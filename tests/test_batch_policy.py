@@ -360,7 +360,7 @@ def test_expired_rows_do_not_count_toward_the_batch():
 def test_a_request_that_expires_midway_is_failed_and_its_rows_stop_being_taken():
     policy = BatchPolicy(max_rows=4, max_delay=0.0)
     with ByHand(policy) as hand:
-        big, small = hand.arrive(10, deadline=2.0), hand.arrive(1)
+        big, _ = hand.arrive(10, deadline=2.0), hand.arrive(1)  # the one-row request shares the first batch
         queue = hand.queue
         first = policy.decide(queue, 1.0)
         assert shares(first) == [1, 1]  # the default cap with max_rows 4: one row each

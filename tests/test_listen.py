@@ -17,7 +17,8 @@ import uuid
 import pytest
 import tritonclient.http as triton_http
 
-from tests.conftest import ROOT, ServerProcess, free_port
+from tests.conftest import ROOT, ServerProcess
+from tests.helpers import free_port
 from tests.reach import FAMILIES, grpc_health, host_has_ipv6, http_get, url
 
 
