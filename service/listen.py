@@ -51,7 +51,9 @@ class Endpoint:
 
     def bind(self) -> socket.socket:
         """A socket bound to this endpoint (not yet listening)."""
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+        # without it a keep-alive client's small requests wait out Nagle and delayed ACKs (~40 ms).
+        sock = socket.socket(self.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self.prepare(sock)
             sock.bind(self.address)

@@ -173,3 +173,30 @@ def test_a_host_without_ipv6_starts_and_serves_ipv4(namespace, model_repo, tmp_p
         assert list(namespace.reach(probes(proc, "127.0.0.1")).values()) == SERVING
     finally:
         assert proc.terminate() == 0
+
+
+@pytest.mark.parametrize("host", ["[::]", "127.0.0.1"])
+def test_connections_on_a_bound_socket_send_small_answers_at_once(host):
+    """asyncio (so uvicorn) turns Nagle's algorithm off only on sockets that say they are TCP; a
+    socket made without IPPROTO_TCP left keep-alive HTTP clients waiting ~40 ms per request."""
+    import asyncio
+
+    from service.listen import endpoint
+
+    async def accepted_nodelay() -> int:
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = endpoint(host, 0).bind()
+        server = await asyncio.start_server(connected, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        try:
+            return await got
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
