@@ -11,7 +11,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
 
 from service.listen import Endpoint
 
@@ -23,6 +23,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process's resident and virtual memory, CPU seconds and open files (process_*), Linux only:
+        # what a memory limit is set against.
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "vae_requests", "RPCs answered, by method, status code, model and version ('' before one is chosen)",
             ["rpc", "code", "model", "version"], registry=r,

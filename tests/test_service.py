@@ -263,6 +263,9 @@ def test_metrics_scrape(server, client, stub):
     assert metric(text, "vae_compute_seconds_sum", graph="decoder") > 0
     assert metric(text, "vae_batch_rows_bucket", graph="decoder", le="+Inf") >= 1
     assert any(line.startswith('vae_queue_rows{graph="decoder",model="digits",version="1"} ') for line in text.splitlines())
+    # The process's own figures, what a memory limit is set against: resident memory as /proc has it.
+    rss = int(next(line.split()[1] for line in open(f"/proc/{server.proc.pid}/status") if line.startswith("VmRSS:"))) * 1024
+    assert metric(text, "process_resident_memory_bytes") == pytest.approx(rss, rel=0.5)
 
 
 def test_serving_process_has_not_imported_torch(server):
