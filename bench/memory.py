@@ -3,7 +3,7 @@ peak of four such calls at once (VmRSS and VmHWM from /proc, Linux).
 
     python -m bench.memory --model-repo models [--k 256] [--json runs/memory.json]
 
-Each figure is one server process's: the peak (VmHWM) only grows, so the calls run in that order.
+The peak is reset before each measurement, so each is that of its own calls (not of the warm-up).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.processes import ServiceProcess, one_model
+from bench.processes import ServiceProcess, one_model, rss_mb
 from service import commands
 from service.client import VaeClient
 from service.commands import Parser, writable_folder
@@ -26,12 +26,10 @@ from service.commands import Parser, writable_folder
 IMAGES = 16
 
 
-def status_mb(pid: int, key: str) -> float:
-    """A /proc/PID/status memory field (VmRSS, VmHWM) in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
+def peak_from_now(pid: int) -> None:
+    """Reset the process's peak resident memory (VmHWM) to its resident memory now, so the next
+    peak is that of what runs next alone (Linux: /proc/PID/clear_refs, 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def build_parser() -> Parser:
@@ -56,14 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with VaeClient(server.target, timeout=600) as client:
             client.sample(4, seed=0)  # every path once, as a served model would have been called
-            idle = status_mb(pid, "VmRSS")
+            idle = rss_mb(pid)
+            peak_from_now(pid)
             started = time.perf_counter()
             client.score(images, k=args.k, seed=1)
-            one = {"peak_mb": status_mb(pid, "VmHWM"), "seconds": time.perf_counter() - started}
+            one = {"peak_mb": rss_mb(pid, "VmHWM"), "seconds": time.perf_counter() - started}
+            peak_from_now(pid)
             started = time.perf_counter()
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(lambda s: client.score(images, k=args.k, seed=s), range(4)))
-            four = {"peak_mb": status_mb(pid, "VmHWM"), "seconds": time.perf_counter() - started}
+            four = {"peak_mb": rss_mb(pid, "VmHWM"), "seconds": time.perf_counter() - started}
     finally:
         server.stop()
     report = {

@@ -181,10 +181,21 @@ def to_pixels(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as e:  # a mode convert() has no route for (LAB, HSV ...), whatever Pillow raises for it
+        if not _raised_by_pillow(e):
+            raise  # the project's own conversion code: a bug, never the file's
         raise ImageError(f"unsupported: {image.mode} images cannot be converted ({type(e).__name__}: {e})") from None
     image = _fit(image, prep)  # the project's own geometry: an exception here is a bug, never the file's
     a = np.asarray(image, dtype=np.uint8)
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+
+
+def _raised_by_pillow(err: BaseException) -> bool:
+    """Whether `err` came from inside a library (Pillow, reading or converting the file) rather
+    than from this module's own lines: its traceback's innermost frame is not this module's."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") != __name__
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

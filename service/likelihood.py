@@ -139,9 +139,8 @@ def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
 def log_px_z(likelihood: str, x: np.ndarray, params: np.ndarray, gaussian_std: float = 0.1) -> np.ndarray:
     """log p(x|z) in nats, float64, summed over the last three dims (C, H, W).
 
-    x [..., C, H, W] in [0, 1] and params [..., P, H, W] broadcast over the leading dims, so Score
-    passes x [n, 1, C, H, W] against params [n, s, P, H, W] for s posterior samples without
-    repeating the images. Bernoulli: x l - log(1 + e^l); Gaussian with fixed std: the normal
+    x [..., C, H, W] in [0, 1] and params [..., P, H, W] broadcast over the leading dims (Score's
+    streamed sums pass each draw's image beside its parameters, a slice of rows at a time). Bernoulli: x l - log(1 + e^l); Gaussian with fixed std: the normal
     log-density; logistic-mixture: the 8-bit bin's log-probability (see `_log_logistic_mixture`).
     """
     check_likelihood(likelihood)

@@ -10,7 +10,6 @@ the same rule to `[::]` by itself; the HTTP and metrics ports get their sockets 
 from __future__ import annotations
 
 import contextlib
-import errno
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from service.config import ConfigError
 
 WILDCARDS = ("", "::")
-NO_IPV6 = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 def bare(host: str) -> str:
@@ -81,6 +79,11 @@ def endpoint(host: str, port: int, flag: str = "--host") -> Endpoint:
         infos = socket.getaddrinfo(h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
         raise ConfigError(f"{flag} {host}: no address to listen on ({err.strerror})") from None
+    addresses = sorted({info[4][0] for info in infos})
+    if len(addresses) > 1:  # gRPC would bind them all and the other ports one: say which, once
+        raise ConfigError(
+            f"{flag} {host} names {len(addresses)} addresses ({', '.join(addresses)}): give one, or [::] for all"
+        )
     family, _, _, _, address = infos[0]
     return Endpoint(family, address, False)
 
@@ -93,10 +96,8 @@ def _has_ipv6() -> bool:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             probe.bind(("::", 0))
-    except OSError as err:
-        if err.errno in NO_IPV6:
-            return False
-        raise
+    except OSError:  # no IPv6 here (EAFNOSUPPORT ...), or a sandbox that forbids it: IPv4 alone
+        return False
     return True
 
 

@@ -7,11 +7,11 @@ process and each scrape shows only its own server.
 from __future__ import annotations
 
 import threading
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from service.listen import Endpoint
 
@@ -115,10 +115,8 @@ class _Quiet(WSGIRequestHandler):
         """Scrapes are not logged, as prometheus-client's own server does not."""
 
 
-class MetricsServer(ThreadingMixIn, WSGIServer):
-    """A threaded WSGI server on an `Endpoint`: a slow scraper does not hold up the next."""
-
-    daemon_threads = True
+class MetricsServer(ThreadingWSGIServer):
+    """prometheus-client's threaded WSGI server, bound to an `Endpoint`."""
 
     def __init__(self, where: Endpoint, app: Any) -> None:
         self.where = where

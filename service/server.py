@@ -27,7 +27,7 @@ from service.api.inference import grpc_service_pb2 as oip
 from service.api.vae.v1 import vae_pb2
 from service.dataplane import DataPlane
 from service.grpc_calls import add_to_server
-from service.listen import binding, endpoint, grpc_address
+from service.listen import Endpoint, binding, endpoint, grpc_address
 from service.metrics import Metrics
 from service.models import Models
 from service.registry import READY
@@ -114,6 +114,7 @@ class Server:
         self.http_port = 0
         self.health_port = 0
         self.metrics_port = 0
+        self.bound: dict[str, tuple[Endpoint, int]] = {}  # each open port: where it listens, its number
         self._metrics_http: Any = None
         self._watcher: asyncio.Task | None = None
         self._stopping: asyncio.Task | None = None
@@ -164,12 +165,13 @@ class Server:
         enable_reflection(self.grpc, (SERVICE, OIP_SERVICE, health.SERVICE_NAME))
         for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = grpc_address(c.host, c.port)
-        with binding("gRPC", endpoint(c.host, c.port)):
+        address, grpc_at = grpc_address(c.host, c.port), endpoint(c.host, c.port)
+        with binding("gRPC", grpc_at):
             if c.tls_cert and c.tls_key:
                 self.port = self.grpc.add_secure_port(address, server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca))
             else:
                 self.port = self.grpc.add_insecure_port(address)
+        self.bound["gRPC"] = (grpc_at, self.port)
         log.info(
             "transport: %s; auth: %s",
             "mutual TLS" if c.tls_client_ca else "TLS" if c.tls_cert else "plaintext",
@@ -188,20 +190,24 @@ class Server:
         if c.health_port is not None:
             self.probes = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probes)
-            with binding("health", endpoint(c.host, c.health_port)):
+            health_at = endpoint(c.host, c.health_port)
+            with binding("health", health_at):
                 self.health_port = self.probes.add_insecure_port(grpc_address(c.host, c.health_port))
+            self.bound["health"] = (health_at, self.health_port)
             await self.probes.start()
             log.info("health alone, in plaintext, on port %d", self.health_port)
         metrics_at = endpoint(c.metrics_addr, c.metrics_port, "--metrics-addr")
         with binding("metrics", metrics_at):
             self._metrics_http = self.metrics.serve(metrics_at)
         self.metrics_port = self._metrics_http.server_port
+        self.bound["metrics"] = (metrics_at, self.metrics_port)
         if app is not None:
             http_at = endpoint(c.host, c.http_port)
             with binding("HTTP", http_at):
                 sock = http_at.bind()
             self.http = HttpServer(app, sock, c.tls_cert, c.tls_key, c.tls_client_ca)
             self.http_port = await self.http.start()
+            self.bound["HTTP"] = (http_at, self.http_port)
         await self.grpc.start()
         for name in ("", SERVICE, OIP_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -215,10 +221,7 @@ class Server:
 
     def listening(self) -> str:
         """Each open port and what it binds: 'gRPC [::]:50051 (IPv4 and IPv6), metrics ...'."""
-        c = self.config
-        ports = [("gRPC", c.host, self.port), ("HTTP", c.host, self.http_port), ("health", c.host, self.health_port),
-                 ("metrics", c.metrics_addr, self.metrics_port)]  # fmt: skip
-        return ", ".join(f"{what} {endpoint(host, port).describe(port)}" for what, host, port in ports if port)
+        return ", ".join(f"{what} {where.describe(port)}" for what, (where, port) in self.bound.items())
 
     async def reload(self) -> None:
         """Bring what is served in line with the repository (SIGHUP, the watcher)."""

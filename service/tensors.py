@@ -44,7 +44,9 @@ def tensor_size(shape: Sequence[int], field: str) -> int:
 
 def from_values(values: Any, dtype: np.dtype, shape: list[int], field: str, what: str = "data") -> np.ndarray:
     """An array of `shape` from numbers, flat or nested in row-major order (JSON `data`, gRPC's typed
-    contents); BadRequest for values that are no numbers of `dtype` or too few or too many."""
+    contents); BadRequest for a shape no limit lets through, values that are no numbers of `dtype`,
+    or too few or too many."""
+    tensor_size(shape, field)
     try:
         array = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as err:
@@ -72,7 +74,6 @@ def oip_tensor(name: str, datatype: str, shape: list[int], raw: bytes | memoryvi
         raise BadRequest(f"{field}: datatype {datatype!r} is not one this server takes ({', '.join(DATATYPES)})")
     if raw is not None:
         return from_bytes(raw, DATATYPES[datatype], shape, field)
-    tensor_size(shape, field)
     return from_values(values, DATATYPES[datatype], shape, field, what)
 
 

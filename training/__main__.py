@@ -87,10 +87,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
 def main(argv: list[str] | None = None) -> None:
     """Train; a mistake of the user's raises a UserError (one line from the command, see run)."""
     cfg, out, resume = parse_args(argv)
-    check_data(cfg.dataset, cfg.data_dir, cfg.download)
-    writable_folder(out, "--out")
-    # Under torchrun only rank 0 logs; the others say nothing short of an error.
+    # Under torchrun only rank 0 logs and writes; the others say nothing short of an error.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    if rank == 0:
+        writable_folder(out, "--out")
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     level = logging.INFO if rank == 0 else logging.ERROR
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(message)s")

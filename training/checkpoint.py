@@ -102,19 +102,24 @@ def load(path: Path | str) -> dict[str, Any]:
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig, dict[str, Any]]:
     """The VAE on `device` in eval mode, its training config, and the whole checkpoint dict (on the CPU)."""
     state = load(path)
+    model, cfg = model_from_state(state, device, source=path)
+    return model, cfg, state
+
+
+def model_from_state(
+    state: dict[str, Any], device: torch.device | str = "cpu", source: Path | str = "the checkpoint"
+) -> tuple[VAE, TrainConfig]:
+    """The VAE a loaded checkpoint dict holds, on `device` in eval mode, and its training config.
+    CheckpointError, naming `source`, where its config or weights are not this version's layout."""
     try:
-        model, cfg = model_from_state(state)
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:  # a config or weights this version has no layout for
-        raise CheckpointError(
-            f"{path} comes from a version of this project whose model this one cannot rebuild ({type(err).__name__}: "
-            f"{first_line(err)}): use that version, or train again"
-        ) from err
-    return model.to(device), cfg, state
-
-
-def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig]:
-    """The VAE a loaded checkpoint dict holds, on `device` in eval mode, and its training config."""
-    cfg = from_dict(TrainConfig, state["config"])
+        cfg = from_dict(TrainConfig, state["config"])
+    except (TypeError, ValueError) as err:  # a config of settings this version does not accept
+        raise CheckpointError(f"{source} comes from a version of this project whose config this one cannot read "
+                              f"({first_line(err)}): use that version, or train again") from err  # fmt: skip
     model = VAE(cfg.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # the weights' names or shapes are another layout's
+        raise CheckpointError(f"{source} comes from a version of this project whose model this one cannot rebuild "
+                              f"({first_line(err)}): use that version, or train again") from err  # fmt: skip
     return model.to(device).eval(), cfg

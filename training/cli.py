@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from service.commands import UsageError
+from service.commands import UsageError, existing_folder
 from service.imaging import parse_size
 from training.config import FITS, TrainConfig
 from training.data import DATASETS, MIRRORS, MissingData, check_idx, idx_folder
@@ -54,9 +54,7 @@ def check_data(dataset: str, data_dir: str | None, download: bool) -> None:
     """After parsing, before any work: a folder that is not there, or a bundled set's files missing
     where nothing may be downloaded, is a UsageError saying so."""
     if dataset == "folder" and data_dir:
-        folder = Path(data_dir)
-        if not folder.is_dir():
-            raise UsageError(f"--data-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+        existing_folder(Path(data_dir), "--data-dir")
     if dataset in MIRRORS and not download:
         try:
             check_idx(dataset, idx_folder(dataset, data_dir))

@@ -223,9 +223,10 @@ def evaluate_checkpoint(
     model, cfg, _ = load_model(path)
     cfg.data_dir = data_dir or cfg.data_dir
     check_data(cfg.dataset, cfg.data_dir, cfg.download)
-    classifier = classifier or cfg.classifier
-    if classifier:
-        check_classifier(classifier, "--classifier", cfg.model.image_shape)
+    if classifier or cfg.classifier:
+        flag = "--classifier" if classifier else "the run's own --classifier (pass --classifier to use another)"
+        classifier = classifier or cfg.classifier
+        check_classifier(classifier, flag, cfg.model.image_shape)
     data = load_data(cfg)
     x = prepare_eval_images(data.test.unit(), cfg.model.likelihood, images)
     result = evaluate(model, x, k)

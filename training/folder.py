@@ -52,6 +52,10 @@ class FolderError(UserError, ValueError):
     """A folder that cannot be a data set: no image in it, or too few for every split."""
 
 
+class BadFile(UserError, ImageError):
+    """--strict: the first file that is no readable image, named; one line, as any mistake of the user's."""
+
+
 @dataclass(frozen=True)
 class _File:
     path: str  # relative to the root, posix
@@ -153,7 +157,7 @@ def _cache_folder(root: Path, prep: Preprocessing, cache_dir: str | os.PathLike 
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = base.resolve() / hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     if folder.is_relative_to(root):
-        raise ValueError(f"the cache ({folder}) must not lie inside the data folder {root}: pass another cache_dir")
+        raise FolderError(f"the cache ({folder}) must not lie inside the data folder {root}: pass another --cache-dir")
     return folder
 
 
@@ -214,7 +218,7 @@ def _unchanged(entry: dict[str, Any] | None, f: _File) -> bool:
 def _raise_first_bad(root: Path, bad: list[tuple[str, str]]) -> None:
     if bad:
         path, reason = bad[0]
-        raise ImageError(f"{root / path}: {reason}")
+        raise BadFile(f"{root / path}: {reason}")
 
 
 def _decode(
@@ -305,6 +309,8 @@ def _decode_file(path: str, prep: Preprocessing) -> np.ndarray | str:
         return str(e)
     except OSError as e:  # vanished, unreadable, a broken link
         return f"unreadable: {e.strerror or e}"
+    except MemoryError:
+        raise
     except Exception as e:
         raise PreprocessingBug(
             f"{path}: preprocessing failed with {type(e).__name__}: {e}. This is a bug in the project, not in the "

@@ -44,7 +44,8 @@ class HttpServer:
         self.task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
         while not self.server.started:
             if self.task.done():
-                self.task.result()  # raises what stopped it (a port in use, a bad certificate)
+                self.sock.close()  # uvicorn closes it only once started (a bad certificate stops it before)
+                self.task.result()  # raises what stopped it
                 raise RuntimeError("the HTTP server stopped during its start")
             await asyncio.sleep(0.01)
         return self.server.servers[0].sockets[0].getsockname()[1]

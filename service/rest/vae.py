@@ -34,9 +34,8 @@ from service.dataplane import DataPlane, EndPoint, deadline_in, within
 from service.engine import Engine
 from service.errors import BadRequest
 from service.imaging import check_png, grid_png, png_bytes, to_uint8
-from service.registry import Status
 from service.rest.responses import json_response
-from service.tensors import from_bytes, from_values, tensor_size
+from service.tensors import from_bytes, from_values
 
 PREFIX = "http."
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
@@ -110,7 +109,6 @@ def array(t: Tensor, field: str, allow_uint8: bool = True) -> np.ndarray:
         return from_bytes(unbase64(t.b64, field), dtype, t.shape, field)
     if t.data is None:
         raise BadRequest(f"{field}: give 'data' or 'b64'")
-    tensor_size(t.shape, field)
     return from_values(t.data, dtype, t.shape, field)
 
 
@@ -162,8 +160,8 @@ def router(plane: DataPlane) -> APIRouter:
         async with plane.call(PREFIX + rpc, name, version, deadline) as engine, within(deadline):
             yield engine, deadline
 
-    def listing(statuses: list[Status] | None = None) -> Response:
-        answer = plane.listing(statuses)
+    def listing() -> Response:
+        answer = plane.listing()
         models = [{"name": s.name, "version": s.version, "state": s.state, "reason": s.reason} for s in answer.statuses]
         return json_response({"models": models, "default_model": answer.default_model})
 
@@ -175,12 +173,14 @@ def router(plane: DataPlane) -> APIRouter:
     @api.post("/models/{name}/load", name=PREFIX + "LoadModel", summary="Load a model, or one version (admin token)")
     async def load(name: str, version: Version = 0) -> Response:
         async with plane.uncapped(PREFIX + "LoadModel"):
-            return listing(await plane.load(name, version))
+            await plane.load(name, version)
+            return listing()
 
     @api.post("/models/{name}/unload", name=PREFIX + "UnloadModel", summary="Unload a model, or one version (admin token)")
     async def unload(name: str, version: Version = 0) -> Response:
         async with plane.uncapped(PREFIX + "UnloadModel"):
-            return listing(await plane.unload(name, version))
+            await plane.unload(name, version)
+            return listing()
 
     @api.get("/models/{name}", name=PREFIX + "GetModelInfo", summary="What a client needs to know to call a model")
     async def model_info(name: str, version: Version = 0) -> Response:
