@@ -51,6 +51,9 @@ def files(tmp_path_factory, trained) -> dict[str, Path]:
     for i in range(2):
         Image.fromarray(np.full((9, 9, 3), 40 * i, np.uint8)).save(tmp / "two" / f"{i}.png")
     (tmp / "empty").mkdir()
+    (tmp / "one-bad").mkdir()
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp / "one-bad" / "good.png")
+    (tmp / "one-bad" / "bad.png").write_bytes(b"")
     (tmp / "a-file").write_text("x")
     shutil.copytree(trained, tmp / "run")  # resumed below: the session's run stays as it is
     return {p.stem: p for p in tmp.iterdir()} | {"under-a-file": tmp / "a-file" / "out"}
@@ -67,6 +70,12 @@ CASES = {
     "training: no images at all": (
         ["training", "--dataset", "folder", "--data-dir", "{empty}", "--image-size", "8", "--cache-dir", "{tmp}/c",
          "--out", "{tmp}/r"], 1, ["no files, so no image to read"]),
+    "training: --strict on a folder with a bad file": (
+        ["training", "--dataset", "folder", "--data-dir", "{one-bad}", "--image-size", "8", "--strict",
+         "--cache-dir", "{tmp}/c", "--out", "{tmp}/r"], 1, ["one-bad/bad.png: empty file"]),
+    "training: a cache inside the data folder": (
+        ["training", "--dataset", "folder", "--data-dir", "{two}", "--image-size", "8", "--cache-dir", "{two}/cache",
+         "--out", "{tmp}/r"], 1, ["must not lie inside the data folder"]),
     "training: mnist not there, no download": (
         ["training", "--dataset", "mnist", "--data-dir", "{empty}", "--no-download", "--out", "{tmp}/r"],
         2, ["mnist: train-images-idx3-ubyte(.gz) not found", "Put the four IDX files there"]),
