@@ -93,9 +93,7 @@ def _has_ipv6() -> bool:
     if not socket.has_ipv6:
         return False
     try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind(("::", 0))
+        Endpoint(socket.AF_INET6, ("::", 0), True).bind().close()
     except OSError:  # no IPv6 here (EAFNOSUPPORT ...), or a sandbox that forbids it: IPv4 alone
         return False
     return True

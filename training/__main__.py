@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from service import commands
-from service.commands import Parser, UsageError, writable_folder
+from service.commands import Parser, writable_folder
 from training.cli import add_data_arguments, check_data, data_options
 from training.config import LIKELIHOODS, ModelConfig, TrainConfig
 
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     try:
         model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
         cfg = TrainConfig(model=model_cfg, **data_options(args), **args)
-    except (ValueError, UsageError) as err:
+    except ValueError as err:
         p.error(str(err))
     return cfg, out, resume
 
