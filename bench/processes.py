@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -40,15 +41,20 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 class Process:
-    def __init__(self, args: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         """This Python running `args` in `cwd`, with `env` added to the environment (bench.ab runs
-        another commit's code this way: its worktree as cwd and PYTHONPATH)."""
+        another commit's code this way: its worktree as cwd and PYTHONPATH); `preexec` runs in the
+        child before it starts (bench.memory moves it into a memory cgroup)."""
         self.log = log
         self.started = time.perf_counter()
         environment = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment, cwd=cwd
-        )
+            [sys.executable, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment, cwd=cwd,
+            preexec_fn=preexec,
+        )  # fmt: skip
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -78,13 +84,14 @@ class ServiceProcess(Process):
     def __init__(
         self, model_repo: Path, log: Path, *extra: str, cwd: Path | None = None, env: dict[str, str] | None = None,
         launcher: tuple[str, ...] = ("-m", "service"), own: tuple[str, ...] = NO_HTTP,
+        preexec: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         super().__init__(
             [*launcher, "--model-repo", str(model_repo), "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--metrics-addr", "127.0.0.1", *own, *extra],
-            log, cwd, env,
+            log, cwd, env, preexec,
         )  # fmt: skip
         try:
             self.cold_start_s = self._wait_serving()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from service.commands import Parser
 from service.manifest import DECODER_PRECISIONS
+from service.memory import parse_size
 from service.repository import VersionPolicy
 
 
@@ -29,7 +30,7 @@ class ServerConfig:
     device: str = "auto"
     intra_op_threads: int = 0
     split_rows: int = 128
-    cpu_arena: str = "on"
+    cpu_arena: str = "off"
     decoder_precision: str = "fp32"
     inter_op_threads: int = 1
     inference_workers: int = 0
@@ -39,7 +40,7 @@ class ServerConfig:
     max_request_rows: int = 1024
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
-    max_request_share: float = 0.5
+    memory_budget: str = "auto"
     batching: str = "on"
     batch_delay: str = "adaptive"
     tls_cert: Path | None = None
@@ -65,7 +66,9 @@ HELP = {
     "version_policy": "versions served per model: latest:N, all, or specific:V1,V2 (a model's serving.json may override)",
     "model_name": "shorthand for --models NAME --default-model NAME",
     "model_version": "shorthand for --version-policy specific:VERSION",
-    "max_request_share": "share of a graph's queue one request may fill (Score's images x importance_samples)",
+    "memory_budget": "bytes that loaded models and running requests may hold (e.g. 800M, 2G): a request that does not "
+    "fit waits, one that never can is refused with RESOURCE_EXHAUSTED; auto: the container's memory limit (else half "
+    "the machine's memory) less the process's footprint before any model and a margin; off: not by bytes",
     "admin_token_file": "bearer tokens for LoadModel/UnloadModel, one per line (VAE_ADMIN_TOKENS adds comma-separated "
     "ones); with --auth-token-file and without this, model control is refused",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU), cpu or cuda",
@@ -80,7 +83,8 @@ HELP = {
     "max_request_rows": "images or latents in one request",
     "decoder_precision": "fp32; fp16 serves decoder_fp16.onnx (export --fp16-decoder, for GPUs), int8 decoder_int8.onnx "
     "(export --int8-decoder, for CPUs)",
-    "cpu_arena": "on (onnxruntime keeps its peak buffers: faster) or off (memory goes back after each batch)",
+    "cpu_arena": "off (memory goes back after each batch, and requests are costed by it) or on (onnxruntime keeps its "
+    "peak buffers for good, which the memory budget cannot see)",
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",
@@ -140,8 +144,11 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         VersionPolicy.parse(config.version_policy)
     except ValueError as err:
         parser.error(f"--version-policy: {err}")
-    if not 0 < config.max_request_share <= 1:
-        parser.error(f"--max-request-share must be in (0, 1], got {config.max_request_share}")
+    if config.memory_budget not in ("auto", "off"):
+        try:
+            parse_size(config.memory_budget)
+        except ValueError as err:
+            parser.error(f"--memory-budget: {err}, or auto, or off")
     if config.batching not in ("on", "off"):
         parser.error(f"--batching must be on or off, got {config.batching!r}")
     if not 1 <= config.max_batch_rows <= config.max_request_rows <= config.max_queue_rows:

@@ -273,7 +273,8 @@ async def sample(
     """`n` images from the prior and the seed that drew them; `names` are the inputs' names on the wire."""
     n = count(n, names[0], engine.limits.max_request_rows)
     t, s = temperature(temperature_value, names[2]), seed(seed_value, names[1])
-    return await engine.sample(n, s, t, deadline), s
+    async with engine.admit("sample", engine.costs.sample(n), f"Sample of {n} images", deadline):
+        return await engine.sample(n, s, t, deadline), s
 
 
 @dataclass(frozen=True)
@@ -295,36 +296,52 @@ def sample_stream(
     t, s = temperature(temperature_value), seed(seed_value)
     limit = engine.limits.max_request_rows
     chunk = count(chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
-    eps = engine.latents(n, s, t)
+    cost = n * engine.costs.latent + engine.costs.sample(chunk)
 
     async def chunks() -> AsyncIterator[tuple[int, np.ndarray]]:
-        for offset in range(0, n, chunk):
-            yield offset, await engine.generate(eps[offset : offset + chunk], deadline)
+        async with engine.admit("sample", cost, f"SampleStream of {n} images in chunks of {chunk}", deadline):
+            eps = engine.latents(n, s, t)
+            for offset in range(0, n, chunk):
+                yield offset, await engine.generate(eps[offset : offset + chunk], deadline)
 
     return SampleStream(s, chunks())
 
 
 async def decode(engine: Engine, z: np.ndarray, deadline: float | None, field: str = "latents") -> np.ndarray:
     """Images [N, C, H, W] in [0, 1] of latents [N, D]."""
-    return await engine.decode(latents(engine, z, field), deadline)
+    z = latents(engine, z, field)
+    async with engine.admit("decode", engine.costs.decode(len(z)), f"Decode of {len(z)} latents", deadline):
+        return await engine.decode(z, deadline)
 
 
 async def reconstruct(
     engine: Engine, x: np.ndarray | None, files: Sequence[bytes], deadline: float | None, files_field: str = "image_files"
 ) -> np.ndarray:  # fmt: skip
     """Decoded images of the images' (or files') encodings, their posterior means."""
-    return await engine.reconstruct(await request_images(engine, x, files, files_field=files_field), deadline)
+    n = request_rows(engine, x, files)
+    async with engine.admit("reconstruct", engine.costs.reconstruct(n), f"Reconstruct of {n} images", deadline):
+        return await engine.reconstruct(await request_images(engine, x, files, files_field=files_field), deadline)
+
+
+def request_rows(engine: Engine, x: np.ndarray | None, files: Sequence[bytes]) -> int:
+    """The images a request holds, to cost it before any file is decoded; past the request limit,
+    the limit (the checks that come next refuse it with their own message)."""
+    n = len(files) if files else (len(x) if x is not None and x.ndim else 0)
+    return min(n, engine.limits.max_request_rows)
 
 
 async def encoder_graph(engine: Engine, x: np.ndarray, field: str, deadline: float | None) -> tuple[np.ndarray, np.ndarray]:
     """The encoder graph as exported, on any float32 [N, C, H, W] the caller sends: mu and logvar."""
     rows(x, field, engine.spec.image_shape, engine.limits.max_request_rows)
-    return await engine.encode(x.astype(np.float32, copy=False), deadline)
+    async with engine.admit("encode", engine.costs.encode(len(x)), f"the encoder on {len(x)} images", deadline):
+        return await engine.encode(x.astype(np.float32, copy=False), deadline)
 
 
 async def decoder_graph(engine: Engine, z: np.ndarray, field: str, deadline: float | None) -> np.ndarray:
     """The decoder graph as exported: the likelihood's parameters of latents [N, D]."""
-    return await engine.decoder_params(latents(engine, z, field), deadline)
+    z = latents(engine, z, field)
+    async with engine.admit("decode", engine.costs.decoder_graph(len(z)), f"the decoder on {len(z)} latents", deadline):
+        return await engine.decoder_params(z, deadline)
 
 
 @dataclass(frozen=True)
@@ -335,9 +352,14 @@ class Encoded:
     seed: int = 0
 
 
-async def encode(engine: Engine, x: np.ndarray, draw: bool, seed_value: int | None, deadline: float | None) -> Encoded:
-    """mu and sigma (not the log-variance) per image; with `draw`, z from q(z|x) under a seed."""
-    mu, logvar = await engine.encode(x, deadline)
+async def encode(
+    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], draw: bool, seed_value: int | None,
+    deadline: float | None,
+) -> Encoded:  # fmt: skip
+    """mu and sigma (not the log-variance) per image (or file); with `draw`, z from q(z|x) under a seed."""
+    n = request_rows(engine, x, files)
+    async with engine.admit("encode", engine.costs.encode(n), f"Encode of {n} images", deadline):
+        mu, logvar = await engine.encode(await request_images(engine, x, files), deadline)
     sigma = np.exp(0.5 * logvar)
     if not draw:
         return Encoded(mu, sigma)
@@ -379,9 +401,10 @@ async def interpolate(
         raise BadRequest(f"steps: {steps}; must be between 2 and {most}")
     if method not in INTERPOLATIONS:
         raise BadRequest(f"method: {method!r}; must be linear or spherical")
-    a = await _end_latent(engine, start, deadline)
-    b = await _end_latent(engine, end, deadline)
-    return await engine.interpolate(a, b, steps, method == "spherical", deadline)
+    async with engine.admit("interpolate", engine.costs.interpolate(steps), f"Interpolate of {steps} steps", deadline):
+        a = await _end_latent(engine, start, deadline)
+        b = await _end_latent(engine, end, deadline)
+        return await engine.interpolate(a, b, steps, method == "spherical", deadline)
 
 
 @dataclass(frozen=True)
@@ -408,15 +431,11 @@ async def score(
     engine: Engine, x: np.ndarray | None, files: Sequence[bytes], k: int, seed_value: int | None, deadline: float | None
 ) -> Scores:  # fmt: skip
     k = count(k, "importance_samples", engine.limits.max_importance_samples)
-    n = len(files) if files else (len(x) if x is not None and x.ndim else 0)
-    if n * k > engine.max_request_cost:  # before any file is decoded
-        raise BadRequest(
-            f"images x importance_samples = {n * k} decoder rows; at most {engine.max_request_cost} per "
-            "request (--max-request-share of the queue): send fewer images or a smaller k"
-        )
-    x = await request_images(engine, x, files)
-    s = seed(seed_value)
-    terms = await engine.score(x, k, s, deadline)
+    n = request_rows(engine, x, files)
+    async with engine.admit("score", engine.costs.score(n, k), f"Score of {n} images", deadline):
+        x = await request_images(engine, x, files)
+        s = seed(seed_value)
+        terms = await engine.score(x, k, s, deadline)
     bits = bits_per_dim(-terms["log_likelihood"], math.prod(engine.spec.image_shape), engine.spec.likelihood)
     return Scores(terms["elbo"], terms["reconstruction"], terms["kl"], terms["log_likelihood"], bits, k, s)
 

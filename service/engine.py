@@ -27,17 +27,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
+from service.costs import Costs
 from service.imaging import ImageError, load_image
 from service.likelihood import mean_function
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
+from service.memory import Hold, MemoryBudget, resident
 from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
 from service.scoring import IN_FLIGHT, ScoreSums, chunk_rows
 from service.errors import BadRequest
+from service.warmup import BATCH_SHARE, warm_up
 
 # An image file sent to the server may hold at most this many pixels (Pillow's own limit is 89M): a
 # small compressed file can claim a huge image, and decoding one takes several copies of it in memory.
 MAX_FILE_PIXELS = 40_000_000
+SESSION_BYTES = 32 << 20  # what onnxruntime holds per version beyond its graphs' weights, at most
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,6 @@ class RequestLimits:
     max_request_rows: int = 1024  # images or latents in one request
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
-    max_request_share: float = 0.5  # of a graph's queue that one request (Score's images x k) may fill
 
 
 def new_seed(seed: int | None) -> int:
@@ -120,12 +123,16 @@ class Engine:
 
     def __init__(
         self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, batch: BatchSettings, limits: RequestLimits,
-        executor: Executor | None = None,
+        costs: Costs, memory: MemoryBudget, executor: Executor | None = None,
     ) -> None:  # fmt: skip
+        """`batch` as warm-up capped it; `costs` what each operation holds, admitted by `memory`."""
         self.spec = spec
         self.runtime = runtime
         self.batch = batch
         self.limits = limits
+        self.costs = costs
+        self.memory = memory
+        self.footprint = 0  # bytes of the budget the loaded version holds, set by its loader
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
@@ -146,10 +153,10 @@ class Engine:
             role: Batcher(role, graph.run, **common) for role, graph in runtime.priors.items()  # type: ignore[arg-type]
         }
 
-    @property
-    def max_request_cost(self) -> int:
-        """Rows one request may queue on a graph: a share of the queue, so no one request fills it."""
-        return max(self.limits.max_request_rows, int(self.limits.max_request_share * self.batch.max_queue_rows))
+    def admit(self, operation: str, cost: int, what: str, deadline: float | None) -> Hold:
+        """`async with engine.admit(...)`: hold the request's bytes of the server's memory budget
+        while it runs (`service.memory`)."""
+        return self.memory.hold(cost, operation, what, deadline, self.spec.name)
 
     @property
     def batchers(self) -> list[Batcher]:
@@ -163,25 +170,6 @@ class Engine:
         for batcher in self.batchers:
             await batcher.close()
 
-    def warm_up(self) -> None:
-        """Run each graph at the warm-up sizes (default 1, 2 and the batch limit), so the first call
-        pays no set-up, and check every output's shape against model.json: a graph that disagrees is
-        refused here. The batch limit comes last and largest, so the shared arena holds its peak."""
-        c, h, w = self.spec.image_shape
-        d = self.spec.latent_dim
-        sizes = self.batch.warmup_batch_sizes or (1, 2)
-        for n in sorted({*sizes, self.batch.max_batch_rows}):
-            got = {
-                "encoder": [o.shape for o in self.runtime.encoder.run(np.zeros((n, c, h, w), np.float32))],
-                "decoder": [o.shape for o in self.runtime.decoder.run(np.zeros((n, d), np.float32))],
-            }
-            want = {"encoder": [(n, d), (n, d)], "decoder": [(n, self.spec.decoder_channels, h, w)]}
-            for role, graph in self.runtime.priors.items():  # a flow's: eps -> z and z -> (eps, log p(z))
-                got[role] = [o.shape for o in graph.run(np.zeros((n, d), np.float32))]
-                want[role] = {"prior_sample": [(n, d)], "prior_density": [(n, d), (n,)]}[role]
-            if got != want:
-                raise ModelLoadError(f"{self.spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
-
     def _decode_batch(self, z: np.ndarray) -> list[np.ndarray]:
         """The decoder graph on one batch, on the inference thread: its parameters and, where cheap,
         their images, once per batch rather than once per request on the event loop."""
@@ -194,6 +182,20 @@ class Engine:
         return params
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Images of latents [N, D]. More latents than a batch go a batch at a time, each queued once
+        the one before it is images, so a request never holds more than one batch's decoder outputs
+        beside its images (a logistic mixture's are 12 times its images' size), and is refused
+        (a full queue) at most once."""
+        rows = self.batch.max_batch_rows
+        if len(z) <= rows:
+            return await self._images(z, deadline)
+        images = np.empty((len(z), *self.spec.image_shape), np.float32)
+        for start in range(0, len(z), rows):
+            part = await self._images(z[start : start + rows], deadline)
+            images[start : start + len(part)] = part
+        return images
+
+    async def _images(self, z: np.ndarray, deadline: float | None) -> np.ndarray:
         params, *images = await self.decoder.submit(z, deadline)
         if images:
             return images[0]
@@ -306,11 +308,11 @@ class Engine:
             return asyncio.ensure_future(self._decode_draws(start, eps, z, deadline))
 
         starts = iter(range(0, total, step))
-        pending = collections.deque(launch(start) for start in itertools.islice(starts, IN_FLIGHT))
+        pending = collections.deque([launch(next(starts))])  # alone at first: a full queue refuses the call once
         try:
             while pending:
                 chunk = await pending.popleft()
-                pending.extend(launch(start) for start in itertools.islice(starts, 1))
+                pending.extend(launch(start) for start in itertools.islice(starts, IN_FLIGHT - len(pending)))
                 await asyncio.to_thread(sums.add, *chunk)
         finally:
             for future in pending:  # an error or a cancelled call: its queued chunks leave the batchers
@@ -331,20 +333,40 @@ class Engine:
 
 def load_engine(
     spec: ModelSpec, options: RuntimeOptions, batch: BatchSettings, limits: RequestLimits, metrics: Metrics,
-    executor: Executor | None = None,
+    memory: MemoryBudget, executor: Executor | None = None,
 ) -> Engine:
-    """Sessions for every graph (four with a flow prior), warmed up and checked; ModelLoadError (or
-    RepositoryError, for a missing file) says what is wrong with them."""
+    """Sessions for every graph (four with a flow prior), warmed up, checked and measured
+    (`service.warmup`); ModelLoadError (or RepositoryError, for a missing file) says what is wrong
+    with them. The engine's footprint is what the process grew by while loading it (`footprint`)."""
+    before = resident()
     try:
-        engine = Engine(spec, load_runtime(spec, options), metrics, batch, limits, executor)
+        runtime = load_runtime(spec, options)
     except RepositoryError:
         raise
     except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
         raise ModelLoadError(f"{spec.folder}: cannot load the graphs: {err}") from err
     try:
-        engine.warm_up()
+        costs, batch = warm_up(spec, runtime, batch, memory.total)
     except ModelLoadError:
         raise
     except Exception as err:
         raise ModelLoadError(f"{spec.folder}: warm-up failed: {err}") from err
+    engine = Engine(spec, runtime, metrics, batch, limits, costs, memory, executor)
+    # Requests served meanwhile move the process's memory too: the figure is kept within what the
+    # graphs hold at least and what the load was estimated at.
+    engine.footprint = min(max(graph_bytes(spec), resident() - before), load_estimate(spec, batch, memory.total))
     return engine
+
+
+def graph_bytes(spec: ModelSpec) -> int:
+    """The bytes of a version's graph files: what its sessions hold at least."""
+    return sum(spec.graph(role).stat().st_size for role in ("encoder", "decoder", *spec.prior_graphs))
+
+
+def load_estimate(spec: ModelSpec, batch: BatchSettings, budget: float) -> int:
+    """What loading a version may take before it is measured: its sessions (twice the graph files,
+    and onnxruntime's own), and its warm-up's largest batch, which warm-up keeps within a share of
+    the budget."""
+    c, h, w = spec.image_shape
+    rows = batch.max_batch_rows * 4 * (spec.decoder_channels + c) * h * w * 3
+    return 2 * graph_bytes(spec) + SESSION_BYTES + int(min(rows, BATCH_SHARE * budget))

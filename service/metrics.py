@@ -16,6 +16,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from service.listen import Endpoint
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BYTE_BUCKETS = tuple(float(1 << shift) for shift in range(16, 34, 2))  # 64 KiB .. 4 GiB, by fours
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -60,6 +61,21 @@ class Metrics:
         self.model_state = Gauge(
             "vae_model_state", "1 for each model version's current state (READY, LOADING, UNLOADING, UNAVAILABLE)",
             ["model", "version", "state"], registry=r,
+        )  # fmt: skip
+        self.memory_budget = Gauge(
+            "vae_memory_budget_bytes", "Bytes that loaded versions and requests may hold (--memory-budget; 0: off)",
+            registry=r,
+        )  # fmt: skip
+        self.memory_held = Gauge(
+            "vae_memory_held_bytes", "Bytes of the memory budget held, by loaded versions or by requests running",
+            ["holder"], registry=r,
+        )  # fmt: skip
+        self.memory_waiting = Gauge(
+            "vae_memory_waiting_bytes", "Bytes that requests waiting for the memory budget ask for", registry=r
+        )
+        self.request_cost = Histogram(
+            "vae_request_cost_bytes", "The memory one request was costed at, by operation", ["operation"],
+            buckets=BYTE_BUCKETS, registry=r,
         )  # fmt: skip
         self._answered: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._states: dict[tuple[str, str], str] = {}

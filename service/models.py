@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from service.config import ConfigError
 from service.engine import BatchSettings, Engine, RequestLimits
 from service.errors import FailedPrecondition
 from service.manifest import ModelSpec, RepositoryError
+from service.memory import MemoryBudget
 from service.metrics import Metrics
 from service.registry import READY, UNAVAILABLE, UNLOADING, ModelNotFound, ModelUnavailable, Registry, Status, Version
 from service.repository import ServingConfig, VersionPolicy, read_serving_config, scan, version_state
@@ -50,12 +52,15 @@ class Models:
     check: Callable[[ModelSpec], None] = lambda spec: None  # raises ConfigError for a version the server cannot serve
     unloaded: set[tuple[str, int]] = field(default_factory=set)  # by UnloadModel: (name, 0) is the whole model
     pinned: set[tuple[str, int]] = field(default_factory=set)  # versions LoadModel named, served beside the policy
+    memory: MemoryBudget | None = None  # the budget loads and requests hold bytes of; None: unbounded
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.metrics, self.default_name)
+        if self.memory is None:
+            self.memory = MemoryBudget(math.inf, self.metrics)
         self.versions = Versions(
             self.registry, self.repo, self.options, self.limits, self.metrics, self.executor, self.check,
-            served=lambda name: self.only is None or name in self.only,
+            served=lambda name: self.only is None or name in self.only, memory=self.memory,
         )  # fmt: skip
         self._lock = asyncio.Lock()
         self._serving_errors: dict[str, str] = {}  # model -> the serving.json error last reported

@@ -22,9 +22,9 @@ import numpy as np
 
 from service.likelihood import LOG_2PI, log_px_z
 
-SCORE_CHUNK_VALUES = 1 << 21  # float64 values per slice of the likelihood's arithmetic (16 MiB)
+SCORE_CHUNK_VALUES = 1 << 20  # float64 values per slice of the likelihood's arithmetic (8 MiB)
 CHUNK_BYTES = 16 << 20  # decoder outputs (float32) per chunk of rows submitted at once
-IN_FLIGHT = 4  # chunks queued at once: the next ones decode, batched together, while one is summed
+IN_FLIGHT = 2  # chunks queued at once: the next decodes while one is summed
 
 
 def chunk_rows(values_per_row: int, total: int) -> int:

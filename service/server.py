@@ -28,6 +28,7 @@ from service.api.vae.v1 import vae_pb2
 from service.dataplane import DataPlane
 from service.grpc_calls import add_to_server
 from service.listen import Endpoint, binding, endpoint, grpc_address
+from service.memory import MemoryBudget, budget_from, resident
 from service.metrics import Metrics
 from service.models import Models
 from service.registry import READY
@@ -60,7 +61,6 @@ def request_limits(config: ServerConfig) -> RequestLimits:
         max_request_rows=config.max_request_rows,
         max_importance_samples=config.max_importance_samples,
         max_interpolation_steps=config.max_interpolation_steps,
-        max_request_share=config.max_request_share,
     )
 
 
@@ -98,12 +98,17 @@ class Server:
         # compute side by side no more than on one model, and the event loop keeps its core.
         workers = config.inference_workers or max(1, available_cores() - 1)
         self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+        total, how = budget_from(config.memory_budget, resident())
+        if total <= 0:
+            raise ConfigError(f"--memory-budget auto leaves no memory for models: {how}; give --memory-budget")
+        log.info("memory budget: %s", how)
+        self.memory = MemoryBudget(total, self.metrics)
         self.models = Models(
             config.model_repo, options, batch_settings(config), request_limits(config), self.metrics, executor=self.workers,
             policy=VersionPolicy.parse(config.version_policy),
             only={name for name in config.models.split(",") if name} or None,
             default_name=config.default_model,
-            check=lambda spec: check_message_size(config, spec.image_shape, spec.latent_dim),
+            check=lambda spec: check_message_size(config, spec.image_shape, spec.latent_dim), memory=self.memory,
         )  # fmt: skip
         self.plane = DataPlane(self.models, self.metrics, config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()

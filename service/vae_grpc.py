@@ -122,8 +122,7 @@ class VaeServicer:
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, deadline: float | None) -> pb.EncodeResponse:
-        x = await dataplane.request_images(engine, _images(request), request.image_files)
-        encoded = await dataplane.encode(engine, x, request.sample, _seed(request), deadline)
+        encoded = await dataplane.encode(engine, _images(request), request.image_files, request.sample, _seed(request), deadline)
         response = pb.EncodeResponse()
         from_array(encoded.mu, into=response.mu)
         from_array(encoded.sigma, into=response.sigma)

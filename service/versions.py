@@ -16,8 +16,9 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from service.config import ConfigError
-from service.engine import BatchSettings, Engine, RequestLimits, load_engine
+from service.engine import BatchSettings, Engine, RequestLimits, load_engine, load_estimate
 from service.manifest import ModelSpec, RepositoryError, read_manifest
+from service.memory import MemoryBudget, MemoryExhausted, show
 from service.metrics import Metrics
 from service.registry import LOADING, READY, UNAVAILABLE, UNLOADING, Registry, Version
 from service.repository import ServingConfig, version_state
@@ -36,10 +37,12 @@ class Versions:
     def __init__(
         self, registry: Registry, repo: Path, options: RuntimeOptions, limits: RequestLimits, metrics: Metrics,
         executor: Executor | None, check: Callable[[ModelSpec], None], served: Callable[[str], bool],
+        memory: MemoryBudget,
     ) -> None:  # fmt: skip
         """`check` raises ConfigError for a version the server cannot serve; `served(name)` says
-        whether a model is still to be served (a retired version of one that is stays listed)."""
-        self.registry, self.repo, self.options, self.limits = registry, repo, options, limits
+        whether a model is still to be served (a retired version of one that is stays listed);
+        loaded versions hold their footprints of `memory`."""
+        self.registry, self.repo, self.options, self.limits, self.memory = registry, repo, options, limits, memory
         self.metrics, self.executor, self.check, self.served = metrics, executor, check, served
         self.refusals: list[str] = []
         self.closed = False
@@ -62,10 +65,9 @@ class Versions:
             if reference is not None:
                 check_interface(spec, reference, serving)
             self.check(spec)
-            engine = await loop.run_in_executor(
-                None, load_engine, spec, self.options, settings, self.limits, self.metrics, self.executor
-            )
-        except (RepositoryError, ModelLoadError, ConfigError, TypeError, ValueError, KeyError, AttributeError) as err:
+            engine = await self._load_within_budget(spec, settings)
+        except (RepositoryError, ModelLoadError, ConfigError, MemoryExhausted, TypeError, ValueError, KeyError,
+                AttributeError) as err:  # fmt: skip
             self.refusals.append(f"{name} v{number}: {err}")
             self.metrics.reloads.labels(result="refused", model=name).inc()
             if reload:
@@ -96,6 +98,27 @@ class Versions:
             self.metrics.reloads.labels(result="loaded", model=name).inc()
             log.info("model loaded: %s v%d (loaded and warmed in %.2fs)", name, number, seconds)
         return True
+
+    async def _load_within_budget(self, spec: ModelSpec, settings: BatchSettings) -> Engine:
+        """Load a version holding its estimated bytes of the memory budget (waiting for requests to
+        release them), then its measured footprint for as long as it is loaded. One that cannot fit
+        beside the versions already loaded is refused: a swap holds both versions until the old
+        one retires, so a budget that holds one version of a model refuses the swap, and the old
+        version keeps serving."""
+        loop = asyncio.get_running_loop()
+        estimate = load_estimate(spec, settings, self.memory.total)
+        await self.memory.acquire(estimate, f"loading {spec.name} v{spec.version}", None, spec.name, load=True)
+        try:
+            engine = await loop.run_in_executor(
+                None, load_engine, spec, self.options, settings, self.limits, self.metrics, self.memory, self.executor
+            )
+        except BaseException:
+            self.memory.release(estimate, load=True)
+            raise
+        self.memory.resize(estimate, engine.footprint)
+        log.info("%s v%d holds %s of memory; batches of at most %d rows", spec.name, spec.version, show(engine.footprint),
+                 engine.batch.max_batch_rows)  # fmt: skip
+        return engine
 
     def _interface_reference(self, entry: Version, replaced: Version | None) -> ModelSpec | None:
         """What a new version must keep: the version it replaces (the newest serving), or when none
@@ -136,6 +159,7 @@ class Versions:
                     await asyncio.sleep(0.05)
             finally:
                 await engine.close()
+                self.memory.release(engine.footprint, load=True)
             log.info("retired v%d of %s", entry.version, entry.name)
             current = self.registry.table.get(entry.name, {}).get(entry.version) is entry
             if reason is None or not current or entry.engine is not None or entry.state != UNLOADING:

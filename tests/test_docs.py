@@ -550,8 +550,8 @@ def registered() -> dict[str, frozenset[str]]:
 
     m = Metrics()
     for metric in vars(m).values():
-        if isinstance(metric, MetricWrapperBase):
-            metric.labels(*["x"] * len(metric._labelnames))  # prometheus-client keeps the names here
+        if isinstance(metric, MetricWrapperBase) and metric._labelnames:  # prometheus-client keeps the names here
+            metric.labels(*["x"] * len(metric._labelnames))
     names: dict[str, frozenset[str]] = {}
     for family in m.registry.collect():
         assert family.samples, f"{family.name} showed no sample"

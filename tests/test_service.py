@@ -200,7 +200,6 @@ BAD_REQUESTS = [
         start_latent=from_array(np.zeros(8, np.float32)), end_latent=from_array(np.full(8, 1e30, np.float32)), steps=3
     ), "end_latent: a latent of magnitude"),  # fmt: skip
     ("Score", pb.ScoreRequest(images=from_array(np.zeros((1, 1, 8, 8), np.float32)), importance_samples=10**6), "importance"),
-    ("Score", pb.ScoreRequest(images=from_array(np.zeros((1000, 1, 8, 8), np.float32)), importance_samples=1000), "fewer"),
 ]
 
 

@@ -210,8 +210,7 @@ def router(plane: DataPlane) -> APIRouter:
     @api.post("/models/{name}/encode", name=PREFIX + "Encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")
     async def encode(name: str, body: EncodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Encode", name, version, timeout) as (engine, deadline):
-            x = await dataplane.request_images(engine, *_images_in(body))
-            e = await dataplane.encode(engine, x, body.sample, body.seed, deadline)
+            e = await dataplane.encode(engine, *_images_in(body), body.sample, body.seed, deadline)
             answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding)}
             if e.z is not None:
                 answer |= {"z": tensor(e.z, body.encoding), "seed": e.seed}

@@ -1,0 +1,125 @@
+"""What one request of each operation costs in bytes, before it runs: the arrays it holds (inputs,
+outputs, the answer being encoded) from the model's shapes, plus the working memory of the graph
+runs it has going at once, measured per graph at warm-up (`measure`).
+
+A graph runs at most `batch_rows` rows of a request at a time; a request shares its batches with
+others, and each is charged its own rows of them. Score streams its draws (`service.scoring`), so
+its cost does not grow with k. `service.memory` admits a request by this cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from service import memory
+
+F32 = 4
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Work:
+    """The peak bytes one run takes on `rows` rows, above what the process held before it:
+    fixed + per_row x rows (outputs included)."""
+
+    fixed: int = 0
+    per_row: int = 0
+
+    def at(self, rows: int) -> int:
+        return self.fixed + self.per_row * rows
+
+    @staticmethod
+    def fit(runs: list[tuple[int, int | None]], floor_per_row: int) -> Work:
+        """The line through measured (rows, bytes) runs, the smallest and the largest; where peaks
+        cannot be measured, or the runs say less than the outputs alone take, `floor_per_row` (the
+        outputs' bytes) per row from twice that: one copy made by the graph, one handed back."""
+        known = sorted((rows, peak) for rows, peak in runs if peak is not None)
+        fallback = Work(0, 2 * floor_per_row)
+        if len(known) < 2 or known[-1][0] == known[0][0]:
+            return fallback
+        (r0, p0), (r1, p1) = known[0], known[-1]
+        per_row = max(floor_per_row, (p1 - p0) // (r1 - r0))
+        return Work(max(0, p0 - per_row * r0), per_row)
+
+
+def measure(run: Callable[[], T]) -> tuple[T, int | None]:
+    """`run()` and the process's peak resident memory during it above what it held before; None
+    where peaks cannot be measured. Measured in the loading thread while the server may serve other
+    models: their memory moves the figure too, so warm-up runs go where the most memory is at stake."""
+    if not memory.peak_from_now():
+        return run(), None
+    before = memory.resident()
+    result = run()
+    return result, max(0, memory.peak() - before)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """One model version's cost per operation, in bytes."""
+
+    image: int  # one image, float32
+    latent: int
+    params: int  # one row of the decoder's output
+    batch_rows: int
+    encoder: Work
+    decoder: Work  # the decoder graph and, where cheap, its images (one batch's run)
+    mean: Work | None  # images from parameters outside the batch (the logistic mixture's mean)
+    prior: Work | None  # a flow's graphs
+    score_rows: int  # Score's chunk of draws, and how many chunks are in flight at once
+    score_in_flight: int
+    likelihood: Work  # Score's arithmetic on a slice of a chunk, of at most likelihood_rows rows
+    likelihood_rows: int
+
+    def _generation(self, n: int) -> int:
+        """The decoder (and a flow) running on n latents, a batch at a time: one batch computing, or
+        its outputs becoming images."""
+        rows = min(n, self.batch_rows)
+        return (
+            self.decoder.at(rows)
+            + (self.mean.at(rows) if self.mean else 0)
+            + (self.prior.at(rows) if self.prior else 0)
+        )
+
+    def decode(self, n: int) -> int:
+        """n latents in, n images out and again as the answer's bytes."""
+        return n * (self.latent + 2 * self.image) + self._generation(n)
+
+    def decoder_graph(self, n: int) -> int:
+        """n latents in, the decoder's parameters out as exported (the batches' parts, then joined)."""
+        rows = min(n, self.batch_rows)
+        return n * (self.latent + 2 * self.params) + self.decoder.at(rows) + (self.prior.at(rows) if self.prior else 0)
+
+    def sample(self, n: int) -> int:
+        return self.decode(n)
+
+    def encode(self, n: int) -> int:
+        """n images in, mu, sigma and a draw out."""
+        return n * (self.image + 6 * self.latent) + self.encoder.at(min(n, self.batch_rows))
+
+    def reconstruct(self, n: int) -> int:
+        """n images in; the encoder, then the decoder."""
+        return n * self.image + max(self.encoder.at(min(n, self.batch_rows)), self.decode(n))
+
+    def interpolate(self, steps: int) -> int:
+        return self.decode(steps) + 2 * self.encoder.at(1)
+
+    def score(self, n: int, k: int) -> int:
+        """n images in (and as float64 in the running sums), the encoder, and the chunks of the n x k
+        draws in flight: their noise and latents (float64) and decoder outputs held, one batch of
+        them computing, one slice's arithmetic. A larger k only makes it take longer."""
+        chunk = max(1, min(self.score_rows, n * k))
+        in_flight = min(self.score_in_flight, -(-n * k // chunk)) * chunk * (self.params + 5 * self.latent)
+        rows = min(chunk, self.batch_rows)
+        arithmetic = self.likelihood.at(min(chunk, self.likelihood_rows))
+        draws = in_flight + self.decoder.at(rows) + (self.prior.at(rows) if self.prior else 0) + arithmetic
+        return n * 3 * self.image + max(self.encoder.at(min(n, self.batch_rows)), draws)
+
+    def batch_limit(self, share: float) -> int:
+        """The most rows a decoder batch may hold within `share` bytes (at least one)."""
+        per_row = self.decoder.per_row + (self.mean.per_row if self.mean else 0)
+        if not math.isfinite(share):
+            return self.batch_rows
+        return max(1, int((share - self.decoder.fixed) // max(1, per_row)))

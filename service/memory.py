@@ -1,0 +1,337 @@
+"""The process's memory, by bytes: one budget that every loaded version and every request draws on.
+
+Rows are not bytes: a row of a 64x64 colour model's decoder holds 160 times what an MNIST row does,
+so limits in rows either starve the small models or let the large ones run the process out of its
+container. Here a loaded version holds its footprint for as long as it is loaded, and a request its
+computed cost (`service.costs`) while it runs. A request that fits what is left runs at once; one
+that does not waits, first come first served, until earlier holders release (or its deadline
+passes); one that could never fit is refused at once with RESOURCE_EXHAUSTED naming both figures.
+First come first served, so that a large request is not passed over for ever by a stream of small
+ones; Triton's rate limiter admits by declared resources in the same way.
+
+The default budget is the container's memory limit (cgroup v2 `memory.max` or v1
+`memory.limit_in_bytes`, the smallest on the way up the hierarchy) or, on a host without one, half
+the machine's memory; less the process's footprint before any model is loaded, and a margin for
+what no cost counts (gRPC's and the HTTP server's buffers, Python objects, the allocator's slack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import math
+import os
+import re
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.errors import DeadlineExceeded, ResourceExhausted
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+
+MiB = 1 << 20
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+MACHINE_SHARE = 0.5  # of the machine's memory, where no cgroup limits the process
+MARGIN_SHARE, MIN_MARGIN = 0.1, 64 * MiB  # of the limit, kept back from the budget for what no cost counts
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+class MemoryExhausted(ResourceExhausted):
+    """A request (or a load) that can never fit the memory budget."""
+
+
+def parse_size(text: str) -> int:
+    """'800M', '1.5G', '1GiB', '1073741824' as bytes (binary multiples: 1M = 2^20)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is no size; write bytes or a number with K, M, G or T (1G = 2^30 bytes)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * (1 << (10 * " kmgt".index(unit or " "))))
+
+
+def show(size: float) -> str:
+    """Bytes for a person: '790 MiB', '1.5 GiB'."""
+    if size >= 10 * (1 << 30):
+        return f"{size / (1 << 30):.0f} GiB"
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f} GiB"
+    return f"{size / MiB:.0f} MiB" if size >= 10 * MiB else f"{size / MiB:.1f} MiB"
+
+
+def cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of this process's cgroup: the smallest of its own and its ancestors' (a
+    container's limit may sit on a parent), v2 or v1; None where none is set or none can be read."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[int] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and (root / "cgroup.controllers").exists():  # v2, unified at the root
+            limits += _limits(root, path, "memory.max")
+        elif controllers == "":  # v2 beside v1 (hybrid): the unified tree is mounted below
+            limits += _limits(root / "unified", path, "memory.max")
+        elif "memory" in controllers.split(","):
+            limits += _limits(root / "memory", path, "memory.limit_in_bytes")
+    found = [limit for limit in limits if limit < UNLIMITED]
+    return min(found) if found else None
+
+
+def _limits(mount: Path, path: str, name: str) -> list[int]:
+    """The limit files from the process's cgroup up to the mount's root. Inside a container the
+    cgroup namespace makes the process's own cgroup the root, so the root's file counts too."""
+    found = []
+    folder = mount / path.lstrip("/")
+    while True:
+        try:
+            text = (folder / name).read_text().strip()
+            found.append(UNLIMITED if text == "max" else int(text))
+        except (OSError, ValueError):
+            pass
+        if folder == mount or mount not in folder.parents:
+            return found
+        folder = folder.parent
+
+
+def machine_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """MemTotal in bytes; os.sysconf where /proc is not there."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _status(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def resident() -> int:
+    """The process's resident memory now, in bytes."""
+    return _status("VmRSS:")
+
+
+def peak_from_now() -> bool:
+    """Reset the process's peak resident memory to what it holds now (Linux 4.0+); False where the
+    kernel does not allow it, and peaks cannot be measured."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak() -> int:
+    """The process's peak resident memory since `peak_from_now`, in bytes."""
+    return _status("VmHWM:")
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
+SERVING_MMAP_THRESHOLD = 32 * MiB  # blocks this large are mapped apart, and unmapped when freed
+MEASURING_MMAP_THRESHOLD = 128 << 10  # glibc's own default: every large block mapped fresh
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def tune_allocator(arenas: int = 2) -> None:
+    """glibc's malloc, set for a server that allocates and frees batch-sized blocks all the time.
+    Two arenas rather than one per allocating thread, which each keep what they held. Blocks under
+    SERVING_MMAP_THRESHOLD come from the heap and are reused, batch after batch, as onnxruntime's
+    arena would reuse them (mapping each afresh cost a fifth to a quarter of the rows/s in page
+    faults); larger ones are mapped and go back when freed, and a free heap top over twice that
+    goes back too. Reused blocks stay resident between batches, within what admission let run at
+    once. An environment that sets MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ keeps its own choice;
+    a libc other than glibc is left alone."""
+    libc = _libc()
+    if libc is None:
+        return
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(M_ARENA_MAX, arenas)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * SERVING_MMAP_THRESHOLD)
+
+
+@contextlib.contextmanager
+def fresh_blocks() -> Iterator[None]:
+    """While measuring peaks: every large block mapped fresh, so a run's peak is its own working
+    memory rather than whatever earlier runs left in the heap for it to reuse. Process-wide, so a
+    load measured while other models serve slows their allocations for that long."""
+    libc = _libc()
+    tuned = libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    if tuned:
+        libc.mallopt(M_MMAP_THRESHOLD, MEASURING_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        if tuned:
+            libc.mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
+
+
+@dataclass(frozen=True)
+class BudgetSource:
+    """Where the budget came from, for the start-up log and the docs."""
+
+    limit: int  # the memory the process may use
+    origin: str  # "--memory-budget", "cgroup" or "machine"
+
+
+def default_limit() -> BudgetSource:
+    limit = cgroup_limit()
+    if limit is not None:
+        return BudgetSource(limit, "cgroup")
+    return BudgetSource(int(machine_memory() * MACHINE_SHARE), "machine")
+
+
+def budget_from(setting: str, base: int) -> tuple[float, str]:
+    """The budget in bytes for `--memory-budget` (auto, off, or a size) and how it was reached,
+    given the process's footprint `base` before any model."""
+    if setting == "off":
+        return math.inf, "off: requests are not admitted by bytes"
+    if setting != "auto":
+        return parse_size(setting), f"{show(parse_size(setting))} (--memory-budget)"
+    source = default_limit()
+    margin = max(MIN_MARGIN, int(MARGIN_SHARE * source.limit))
+    budget = source.limit - base - margin
+    where = "the cgroup's memory limit" if source.origin == "cgroup" else f"{MACHINE_SHARE:.0%} of the machine's memory"
+    return budget, (f"{show(budget)}: {where} {show(source.limit)}, less the process's {show(base)} before any model "
+                    f"and a margin of {show(margin)}")  # fmt: skip
+
+
+class _Waiter:
+    __slots__ = ("cost", "future")
+
+    def __init__(self, cost: int, future: asyncio.Future) -> None:
+        self.cost, self.future = cost, future
+
+
+class MemoryBudget:
+    """Bytes held by loaded versions and by requests, against one total."""
+
+    def __init__(self, total: float, metrics: Metrics) -> None:
+        self.total = total
+        self.models = 0  # held by loaded versions (and loads under way)
+        self.requests = 0  # held by requests running
+        self.waiting: deque[_Waiter] = deque()
+        self.metrics = metrics
+        metrics.memory_budget.set(total if math.isfinite(total) else 0)
+        metrics.memory_held.labels(holder="models").set_function(lambda: self.models)
+        metrics.memory_held.labels(holder="requests").set_function(lambda: self.requests)
+        metrics.memory_waiting.set_function(lambda: sum(w.cost for w in self.waiting))
+
+    @property
+    def free(self) -> float:
+        return self.total - self.models - self.requests
+
+    def hold(self, cost: int, operation: str, what: str, deadline: float | None = None, model: str = "") -> Hold:
+        """`async with budget.hold(cost, "score", "Score of 16 images", deadline):` holds `cost`
+        bytes for the block: waits for them, or refuses a cost that can never fit."""
+        return Hold(self, cost, operation, what, deadline, model)
+
+    async def acquire(self, cost: int, what: str, deadline: float | None, model: str = "", load: bool = False) -> None:
+        """Take `cost` bytes for a request (or, with `load`, for a version being loaded); see `hold`."""
+        room = self.total - self.models
+        if cost > room:
+            self.metrics.rejections.labels(reason="memory", model=model).inc()
+            held = f", of which loaded models hold {show(self.models)}" if self.models else ""
+            raise MemoryExhausted(
+                f"{what} needs {show(cost)} of memory; the server's memory budget is {show(self.total)}{held}, "
+                + ("so it cannot be loaded" if load else "so it can never run: ask for less in one call")
+            )
+        if not self.waiting and cost <= self.free:
+            self._take(cost, load)
+            return
+        waiter = _Waiter(cost, asyncio.get_running_loop().create_future())
+        self.waiting.append(waiter)
+        try:
+            if deadline is None:
+                await waiter.future
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await waiter.future
+        except BaseException as err:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._give(cost, False)  # granted (as a request) just as it was cancelled: hand the bytes on
+            else:
+                waiter.future.cancel()
+                self.waiting.remove(waiter)
+                self._grant()  # it may have held up smaller ones behind it
+            if isinstance(err, TimeoutError):
+                self.metrics.rejections.labels(reason="deadline", model=model).inc()
+                raise DeadlineExceeded(f"deadline passed while {what} waited for memory") from None
+            raise
+        if load:  # granted as a request: a load's bytes are the models'
+            self.requests -= cost
+            self.models += cost
+
+    def release(self, cost: int, load: bool = False) -> None:
+        self._give(cost, load)
+
+    def resize(self, estimate: int, footprint: int) -> None:
+        """A loaded version holds its measured footprint in place of its load's estimate."""
+        self.models += footprint - estimate
+        self._grant()
+
+    def _take(self, cost: int, load: bool) -> None:
+        if load:
+            self.models += cost
+        else:
+            self.requests += cost
+
+    def _give(self, cost: int, load: bool) -> None:
+        if load:
+            self.models -= cost
+        else:
+            self.requests -= cost
+        self._grant()
+
+    def _grant(self) -> None:
+        """Admit waiters from the front while they fit."""
+        while self.waiting and self.waiting[0].cost <= self.free:
+            waiter = self.waiting.popleft()
+            self.requests += waiter.cost
+            waiter.future.set_result(None)
+
+
+class Hold:
+    """A request's bytes for the length of an `async with`."""
+
+    __slots__ = ("budget", "cost", "operation", "what", "deadline", "model")
+
+    def __init__(self, budget: MemoryBudget, cost: int, operation: str, what: str, deadline: float | None,
+                 model: str) -> None:  # fmt: skip
+        self.budget, self.cost, self.operation, self.what = budget, cost, operation, what
+        self.deadline, self.model = deadline, model
+
+    async def __aenter__(self) -> None:
+        self.budget.metrics.request_cost.labels(operation=self.operation).observe(self.cost)
+        await self.budget.acquire(self.cost, self.what, self.deadline, self.model)
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        self.budget.release(self.cost)
+        return False
