@@ -30,7 +30,7 @@ class ServerConfig:
     device: str = "auto"
     intra_op_threads: int = 0
     split_rows: int = 128
-    cpu_arena: str = "off"
+    cpu_arena: str = "on"
     decoder_precision: str = "fp32"
     inter_op_threads: int = 1
     inference_workers: int = 0
@@ -83,8 +83,8 @@ HELP = {
     "max_request_rows": "images or latents in one request",
     "decoder_precision": "fp32; fp16 serves decoder_fp16.onnx (export --fp16-decoder, for GPUs), int8 decoder_int8.onnx "
     "(export --int8-decoder, for CPUs)",
-    "cpu_arena": "off (memory goes back after each batch, and requests are costed by it) or on (onnxruntime keeps its "
-    "peak buffers for good, which the memory budget cannot see)",
+    "cpu_arena": "on (onnxruntime keeps a batch's working memory between batches: faster; each model holds it of the "
+    "memory budget) or off (it goes back after each batch)",
     "batching": "on, or off to compute every request alone (a baseline for benchmarks)",
     "batch_delay": "adaptive (wait for company only once requests arrive together) or always",
     "grace_seconds": "how long calls in flight may take to finish on SIGTERM",

@@ -58,7 +58,9 @@ def measure(run: Callable[[], T]) -> tuple[T, int | None]:
 
 @dataclass(frozen=True)
 class Costs:
-    """One model version's cost per operation, in bytes."""
+    """One model version's bytes: what a batch of its graphs takes, and what a request of each
+    operation holds while it runs (its arrays, not its batches' working memory, which the version
+    holds: onnxruntime's arena keeps it between batches, and queued rows take none)."""
 
     image: int  # one image, float32
     latent: int
@@ -66,60 +68,60 @@ class Costs:
     batch_rows: int
     encoder: Work
     decoder: Work  # the decoder graph and, where cheap, its images (one batch's run)
-    mean: Work | None  # images from parameters outside the batch (the logistic mixture's mean)
+    mean: Work | None  # images from parameters outside the batch (the logistic mixture's mean), per request
     prior: Work | None  # a flow's graphs
     score_rows: int  # Score's chunk of draws, and how many chunks are in flight at once
     score_in_flight: int
     likelihood: Work  # Score's arithmetic on a slice of a chunk, of at most likelihood_rows rows
     likelihood_rows: int
 
-    def _generation(self, n: int) -> int:
-        """The decoder (and a flow) running on n latents, a batch at a time: one batch computing, or
-        its outputs becoming images."""
+    def batches(self, rows: int | None = None) -> int:
+        """One batch of `rows` (default: the batch limit) of each graph computing at once, and a
+        decoder batch's outputs still being read by its requests while the next computes."""
+        rows = self.batch_rows if rows is None else rows
+        prior = self.prior.at(rows) if self.prior else 0
+        return self.encoder.at(rows) + self.decoder.at(rows) + prior + rows * (self.params + self.image)
+
+    def _images(self, n: int) -> int:
+        """Images of a batch of a request's rows at a time (a logistic mixture's mean is taken per
+        request, with its temporaries; the others' come with the batch)."""
         rows = min(n, self.batch_rows)
-        return (
-            self.decoder.at(rows)
-            + (self.mean.at(rows) if self.mean else 0)
-            + (self.prior.at(rows) if self.prior else 0)
-        )
+        return self.mean.at(rows) if self.mean else rows * self.image
 
     def decode(self, n: int) -> int:
-        """n latents in, n images out and again as the answer's bytes."""
-        return n * (self.latent + 2 * self.image) + self._generation(n)
+        """n latents in; n images out, and again as the answer's bytes."""
+        return n * (self.latent + 2 * self.image) + self._images(n)
 
     def decoder_graph(self, n: int) -> int:
         """n latents in, the decoder's parameters out as exported (the batches' parts, then joined)."""
-        rows = min(n, self.batch_rows)
-        return n * (self.latent + 2 * self.params) + self.decoder.at(rows) + (self.prior.at(rows) if self.prior else 0)
+        return n * (self.latent + 2 * self.params)
 
     def sample(self, n: int) -> int:
         return self.decode(n)
 
     def encode(self, n: int) -> int:
-        """n images in, mu, sigma and a draw out."""
-        return n * (self.image + 6 * self.latent) + self.encoder.at(min(n, self.batch_rows))
+        """n images in (the message's bytes, the array, its float32 copy), mu, sigma and a draw out."""
+        return n * (3 * self.image + 6 * self.latent)
 
     def reconstruct(self, n: int) -> int:
         """n images in; the encoder, then the decoder."""
-        return n * self.image + max(self.encoder.at(min(n, self.batch_rows)), self.decode(n))
+        return 3 * n * self.image + self.decode(n)
 
     def interpolate(self, steps: int) -> int:
-        return self.decode(steps) + 2 * self.encoder.at(1)
+        return self.decode(steps)
 
     def score(self, n: int, k: int) -> int:
-        """n images in (and as float64 in the running sums), the encoder, and the chunks of the n x k
-        draws in flight: their noise and latents (float64) and decoder outputs held, one batch of
-        them computing, one slice's arithmetic. A larger k only makes it take longer."""
+        """n images in (and as float64 in the running sums); the chunks of the n x k draws in flight,
+        and one more just out of the graph: their noise and latents (float64) and decoder outputs;
+        and one slice's arithmetic. A larger k only makes it take longer."""
         chunk = max(1, min(self.score_rows, n * k))
-        in_flight = min(self.score_in_flight, -(-n * k // chunk)) * chunk * (self.params + 5 * self.latent)
-        rows = min(chunk, self.batch_rows)
-        arithmetic = self.likelihood.at(min(chunk, self.likelihood_rows))
-        draws = in_flight + self.decoder.at(rows) + (self.prior.at(rows) if self.prior else 0) + arithmetic
-        return n * 3 * self.image + max(self.encoder.at(min(n, self.batch_rows)), draws)
+        chunks = min(self.score_in_flight, -(-n * k // chunk)) + 1
+        return n * 3 * self.image + chunks * chunk * (self.params + 5 * self.latent) + self.likelihood.at(
+            min(chunk, self.likelihood_rows)
+        )
 
     def batch_limit(self, share: float) -> int:
-        """The most rows a decoder batch may hold within `share` bytes (at least one)."""
-        per_row = self.decoder.per_row + (self.mean.per_row if self.mean else 0)
+        """The most rows a batch may hold for `batches()` to stay within `share` bytes (at least one)."""
         if not math.isfinite(share):
             return self.batch_rows
-        return max(1, int((share - self.decoder.fixed) // max(1, per_row)))
+        return max(1, int((share - self.batches(0)) // max(1, self.batches(1) - self.batches(0))))

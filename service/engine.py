@@ -132,7 +132,7 @@ class Engine:
         self.limits = limits
         self.costs = costs
         self.memory = memory
-        self.footprint = 0  # bytes of the budget the loaded version holds, set by its loader
+        self.footprint = 0  # bytes of the budget the loaded version holds (sessions and batches), set by its loader
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
@@ -155,7 +155,7 @@ class Engine:
 
     def admit(self, operation: str, cost: int, what: str, deadline: float | None) -> Hold:
         """`async with engine.admit(...)`: hold the request's bytes of the server's memory budget
-        while it runs (`service.memory`)."""
+        while it runs (`service.memory`); its batches' working memory is the version's."""
         return self.memory.hold(cost, operation, what, deadline, self.spec.name)
 
     @property
@@ -337,7 +337,8 @@ def load_engine(
 ) -> Engine:
     """Sessions for every graph (four with a flow prior), warmed up, checked and measured
     (`service.warmup`); ModelLoadError (or RepositoryError, for a missing file) says what is wrong
-    with them. The engine's footprint is what the process grew by while loading it (`footprint`)."""
+    with them. The engine's footprint is what the process grew by while loading it, its batches'
+    working memory included (`Costs.batches`)."""
     before = resident()
     try:
         runtime = load_runtime(spec, options)
@@ -346,7 +347,7 @@ def load_engine(
     except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
         raise ModelLoadError(f"{spec.folder}: cannot load the graphs: {err}") from err
     try:
-        costs, batch = warm_up(spec, runtime, batch, memory.total)
+        costs, batch = warm_up(spec, runtime, batch, memory.total, options.cpu_arena)
     except ModelLoadError:
         raise
     except Exception as err:
@@ -354,7 +355,10 @@ def load_engine(
     engine = Engine(spec, runtime, metrics, batch, limits, costs, memory, executor)
     # Requests served meanwhile move the process's memory too: the figure is kept within what the
     # graphs hold at least and what the load was estimated at.
-    engine.footprint = min(max(graph_bytes(spec), resident() - before), load_estimate(spec, batch, memory.total))
+    grown = min(max(graph_bytes(spec), resident() - before), load_estimate(spec, batch, memory.total))
+    # With the arena, the process grew by its batches' working memory too, which the arena keeps;
+    # without it, their runs give it back, and the version holds it for them here.
+    engine.footprint = grown if options.cpu_arena else grown + costs.batches()
     return engine
 
 

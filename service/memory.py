@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 MACHINE_SHARE = 0.5  # of the machine's memory, where no cgroup limits the process
-MARGIN_SHARE, MIN_MARGIN = 0.1, 64 * MiB  # of the limit, kept back from the budget for what no cost counts
+MARGIN_SHARE, MIN_MARGIN = 0.15, 64 * MiB  # of the limit, kept back from the budget for what no cost counts
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -123,9 +123,26 @@ def _status(field: str) -> int:
     return 0
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_statm: list[int] = []  # an open /proc/self/statm, read again with pread: admission reads it per call
+
+
 def resident() -> int:
-    """The process's resident memory now, in bytes."""
-    return _status("VmRSS:")
+    """The process's resident memory now, in bytes (0 where /proc is not there)."""
+    try:
+        if not _statm:
+            _statm.append(os.open("/proc/self/statm", os.O_RDONLY))
+        return int(os.pread(_statm[0], 128, 0).split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+def trim() -> None:
+    """Hand the heap's free memory back to the system (glibc's malloc_trim): what earlier requests
+    freed but the heap kept for reuse, so that resident memory shows what is in use."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_from_now() -> bool:
@@ -144,7 +161,8 @@ def peak() -> int:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
-SERVING_MMAP_THRESHOLD = 32 * MiB  # blocks this large are mapped apart, and unmapped when freed
+SERVING_MMAP_THRESHOLD = 8 * MiB  # blocks this large are mapped apart, and unmapped when freed
+SERVING_TRIM_THRESHOLD = 64 * MiB  # a free heap top this large goes back
 MEASURING_MMAP_THRESHOLD = 128 << 10  # glibc's own default: every large block mapped fresh
 
 
@@ -158,14 +176,15 @@ def _libc() -> Any:
 
 
 def tune_allocator(arenas: int = 2) -> None:
-    """glibc's malloc, set for a server that allocates and frees batch-sized blocks all the time.
-    Two arenas rather than one per allocating thread, which each keep what they held. Blocks under
-    SERVING_MMAP_THRESHOLD come from the heap and are reused, batch after batch, as onnxruntime's
-    arena would reuse them (mapping each afresh cost a fifth to a quarter of the rows/s in page
-    faults); larger ones are mapped and go back when freed, and a free heap top over twice that
-    goes back too. Reused blocks stay resident between batches, within what admission let run at
-    once. An environment that sets MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ keeps its own choice;
-    a libc other than glibc is left alone."""
+    """glibc's malloc, set so that resident memory follows what requests hold. onnxruntime's
+    tensors live in its own arena; what glibc serves is the arrays around them (batch outputs,
+    answers, Score's arithmetic). Two arenas rather than one per allocating thread (one alone made
+    threads queue for it). Blocks of SERVING_MMAP_THRESHOLD or more are mapped apart and unmapped
+    when freed: by default glibc serves ever larger blocks from its heap once one is freed, where
+    they stay resident after a storm of large requests (a 64x64 model's process grew 200 MiB past
+    what its requests held). Smaller blocks are reused from the heap. An environment that sets
+    MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ keeps its own choice; a libc other than glibc is
+    left alone."""
     libc = _libc()
     if libc is None:
         return
@@ -173,7 +192,7 @@ def tune_allocator(arenas: int = 2) -> None:
         libc.mallopt(M_ARENA_MAX, arenas)
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, 2 * SERVING_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD)
 
 
 @contextlib.contextmanager
@@ -231,13 +250,25 @@ class _Waiter:
 
 
 class MemoryBudget:
-    """Bytes held by loaded versions and by requests, against one total."""
+    """Bytes held by loaded versions and by requests, against one total; and, as a second check,
+    the process's resident memory against `ceiling`.
 
-    def __init__(self, total: float, metrics: Metrics) -> None:
+    Costs count what requests hold, not what the allocator keeps: freed blocks stay in the heap for
+    reuse (the speed of a warm allocator), and a storm of large requests leaves more there than
+    any cost shows. So a request is admitted only while resident memory leaves room for it too;
+    when that is what holds it back, the heap's free memory is handed back (`trim`, off the event
+    loop) and it is checked again. With no request running, only the accounting applies, so a
+    process whose memory will not go back does not stop serving."""
+
+    def __init__(self, total: float, metrics: Metrics, ceiling: float = math.inf) -> None:
+        """`ceiling`: the resident memory the process must stay within (its footprint before any
+        model plus `total`); inf: no such check."""
         self.total = total
+        self.ceiling = ceiling
         self.models = 0  # held by loaded versions (and loads under way)
         self.requests = 0  # held by requests running
         self.waiting: deque[_Waiter] = deque()
+        self.trimming = False
         self.metrics = metrics
         metrics.memory_budget.set(total if math.isfinite(total) else 0)
         metrics.memory_held.labels(holder="models").set_function(lambda: self.models)
@@ -263,11 +294,12 @@ class MemoryBudget:
                 f"{what} needs {show(cost)} of memory; the server's memory budget is {show(self.total)}{held}, "
                 + ("so it cannot be loaded" if load else "so it can never run: ask for less in one call")
             )
-        if not self.waiting and cost <= self.free:
+        if not self.waiting and self._fits(cost):
             self._take(cost, load)
             return
         waiter = _Waiter(cost, asyncio.get_running_loop().create_future())
         self.waiting.append(waiter)
+        self._grant()  # perhaps resident memory alone holds it: trim, then look again
         try:
             if deadline is None:
                 await waiter.future
@@ -308,23 +340,37 @@ class MemoryBudget:
             self.models -= cost
         else:
             self.requests -= cost
-        self._grant()
+        if self.waiting:
+            self._grant()
+
+    def _fits(self, cost: int) -> bool:
+        if cost > self.free:
+            return False
+        return self.requests == 0 or math.isinf(self.ceiling) or resident() + cost <= self.ceiling
 
     def _grant(self) -> None:
-        """Admit waiters from the front while they fit."""
-        while self.waiting and self.waiting[0].cost <= self.free:
+        """Admit waiters from the front while they fit; when the budget has room for the first but
+        resident memory has not, trim the heap and look again."""
+        while self.waiting and self._fits(self.waiting[0].cost):
             waiter = self.waiting.popleft()
             self.requests += waiter.cost
             waiter.future.set_result(None)
+        if self.waiting and self.waiting[0].cost <= self.free and not self.trimming:
+            self.trimming = True
+            asyncio.get_running_loop().run_in_executor(None, trim).add_done_callback(self._trimmed)
+
+    def _trimmed(self, _: Any) -> None:
+        self.trimming = False
+        if self.waiting:
+            self._grant()
 
 
 class Hold:
     """A request's bytes for the length of an `async with`."""
 
-    __slots__ = ("budget", "cost", "operation", "what", "deadline", "model")
+    __slots__ = ("budget", "cost", "deadline", "model", "operation", "what")
 
-    def __init__(self, budget: MemoryBudget, cost: int, operation: str, what: str, deadline: float | None,
-                 model: str) -> None:  # fmt: skip
+    def __init__(self, budget: MemoryBudget, cost: int, operation: str, what: str, deadline: float | None, model: str) -> None:
         self.budget, self.cost, self.operation, self.what = budget, cost, operation, what
         self.deadline, self.model = deadline, model
 
@@ -332,6 +378,6 @@ class Hold:
         self.budget.metrics.request_cost.labels(operation=self.operation).observe(self.cost)
         await self.budget.acquire(self.cost, self.what, self.deadline, self.model)
 
-    async def __aexit__(self, *exc: Any) -> bool:
+    async def __aexit__(self, *exc: object) -> bool:
         self.budget.release(self.cost)
         return False

@@ -74,7 +74,8 @@ class Metrics:
             "vae_memory_waiting_bytes", "Bytes that requests waiting for the memory budget ask for", registry=r
         )
         self.request_cost = Histogram(
-            "vae_request_cost_bytes", "The memory one request was costed at, by operation", ["operation"],
+            "vae_request_cost_bytes", "The memory one request holds while it runs (its batches' working memory "
+            "is its model's), by operation", ["operation"],
             buckets=BYTE_BUCKETS, registry=r,
         )  # fmt: skip
         self._answered: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}

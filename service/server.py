@@ -98,11 +98,12 @@ class Server:
         # compute side by side no more than on one model, and the event loop keeps its core.
         workers = config.inference_workers or max(1, available_cores() - 1)
         self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
-        total, how = budget_from(config.memory_budget, resident())
+        base = resident()
+        total, how = budget_from(config.memory_budget, base)
         if total <= 0:
             raise ConfigError(f"--memory-budget auto leaves no memory for models: {how}; give --memory-budget")
         log.info("memory budget: %s", how)
-        self.memory = MemoryBudget(total, self.metrics)
+        self.memory = MemoryBudget(total, self.metrics, ceiling=base + total)
         self.models = Models(
             config.model_repo, options, batch_settings(config), request_limits(config), self.metrics, executor=self.workers,
             policy=VersionPolicy.parse(config.version_policy),

@@ -10,6 +10,7 @@ what a 1 GiB container has.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,18 +27,24 @@ if TYPE_CHECKING:
     from service.engine import BatchSettings
 
 PROBE_ROWS = 32  # the batch that shows a graph's bytes per row, before the largest runs
-BATCH_SHARE = 0.25  # of the memory budget, the most one decoder batch may take
+BATCH_SHARE = 0.25  # of the memory budget, the most one batch of each graph may take
+# With onnxruntime's arena, the most one batch of each graph may take: the arena keeps it for good,
+# so it is the idle footprint (a 64x64 colour model's 256-row batch kept 660 MiB; 96 MiB is 44 rows).
+BATCH_BYTES = 96 << 20
 
 
-def warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, budget: float) -> tuple[Costs, BatchSettings]:
-    """Run each graph at the warm-up sizes (default 1, 2 and the batch limit), check its shapes, and
-    measure it: the version's costs, and its batch settings with the decoder's batch capped at
-    BATCH_SHARE of `budget` bytes. ModelLoadError for a graph whose shapes disagree with model.json."""
+def warm_up(
+    spec: ModelSpec, runtime: Runtime, batch: BatchSettings, budget: float, arena: bool = True
+) -> tuple[Costs, BatchSettings]:
+    """Run each graph at the warm-up sizes (default 1, 2 and the batch limit) and check its shapes;
+    measure its bytes per row on a probe batch, and cap its batch so that one batch of each graph
+    takes at most BATCH_BYTES (with onnxruntime's `arena`, which keeps it for good) and
+    BATCH_SHARE of `budget`. ModelLoadError for a graph whose shapes disagree with model.json."""
     with fresh_blocks():
-        return _warm_up(spec, runtime, batch, budget)
+        return _warm_up(spec, runtime, batch, min(BATCH_SHARE * budget, BATCH_BYTES if arena else math.inf))
 
 
-def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, budget: float) -> tuple[Costs, BatchSettings]:
+def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: float) -> tuple[Costs, BatchSettings]:
     c, h, w = spec.image_shape
     d = spec.latent_dim
     mean = mean_function(spec.likelihood, c)
@@ -78,13 +85,12 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, budget: fl
         runs[role].clear()
     probe = min(PROBE_ROWS, largest)
     for n in sorted({1, probe}):
-        run(n)
-    costs = _costs(spec, runs, largest, (Work(), 1))
-    largest = min(largest, costs.batch_limit(BATCH_SHARE * budget))
+        run(n)  # what the probe grows by over one row, per row: each graph's bytes per row
+    costs = _costs(spec, runs, largest, _score_arithmetic(spec))
+    largest = min(largest, costs.batch_limit(share))
     for n in sorted({*(min(n, largest) for n in batch.warmup_batch_sizes or (2,)), largest} - {1, probe}):
-        run(n)
-    settings = dataclasses.replace(batch, max_batch_rows=largest)
-    return _costs(spec, runs, largest, _score_arithmetic(spec)), settings
+        run(n)  # the largest last: an arena then holds its peak from the start
+    return dataclasses.replace(costs, batch_rows=largest), dataclasses.replace(batch, max_batch_rows=largest)
 
 
 def _costs(
