@@ -116,8 +116,10 @@ class Costs:
         and one slice's arithmetic. A larger k only makes it take longer."""
         chunk = max(1, min(self.score_rows, n * k))
         chunks = min(self.score_in_flight, -(-n * k // chunk)) + 1
-        return n * 3 * self.image + chunks * chunk * (self.params + 5 * self.latent) + self.likelihood.at(
-            min(chunk, self.likelihood_rows)
+        return (
+            n * 3 * self.image
+            + chunks * chunk * (self.params + 5 * self.latent)
+            + self.likelihood.at(min(chunk, self.likelihood_rows))
         )
 
     def batch_limit(self, share: float) -> int:

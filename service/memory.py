@@ -26,7 +26,6 @@ import re
 import sys
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,21 +211,6 @@ def fresh_blocks() -> Iterator[None]:
             libc.mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
 
 
-@dataclass(frozen=True)
-class BudgetSource:
-    """Where the budget came from, for the start-up log and the docs."""
-
-    limit: int  # the memory the process may use
-    origin: str  # "--memory-budget", "cgroup" or "machine"
-
-
-def default_limit() -> BudgetSource:
-    limit = cgroup_limit()
-    if limit is not None:
-        return BudgetSource(limit, "cgroup")
-    return BudgetSource(int(machine_memory() * MACHINE_SHARE), "machine")
-
-
 def budget_from(setting: str, base: int) -> tuple[float, str]:
     """The budget in bytes for `--memory-budget` (auto, off, or a size) and how it was reached,
     given the process's footprint `base` before any model."""
@@ -234,11 +218,12 @@ def budget_from(setting: str, base: int) -> tuple[float, str]:
         return math.inf, "off: requests are not admitted by bytes"
     if setting != "auto":
         return parse_size(setting), f"{show(parse_size(setting))} (--memory-budget)"
-    source = default_limit()
-    margin = max(MIN_MARGIN, int(MARGIN_SHARE * source.limit))
-    budget = source.limit - base - margin
-    where = "the cgroup's memory limit" if source.origin == "cgroup" else f"{MACHINE_SHARE:.0%} of the machine's memory"
-    return budget, (f"{show(budget)}: {where} {show(source.limit)}, less the process's {show(base)} before any model "
+    limit, where = cgroup_limit(), "the cgroup's memory limit"
+    if limit is None:
+        limit, where = int(machine_memory() * MACHINE_SHARE), f"{MACHINE_SHARE:.0%} of the machine's memory"
+    margin = max(MIN_MARGIN, int(MARGIN_SHARE * limit))
+    budget = limit - base - margin
+    return budget, (f"{show(budget)}: {where} {show(limit)}, less the process's {show(base)} before any model "
                     f"and a margin of {show(margin)}")  # fmt: skip
 
 
@@ -370,7 +355,9 @@ class Hold:
 
     __slots__ = ("budget", "cost", "deadline", "model", "operation", "what")
 
-    def __init__(self, budget: MemoryBudget, cost: int, operation: str, what: str, deadline: float | None, model: str) -> None:
+    def __init__(
+        self, budget: MemoryBudget, cost: int, operation: str, what: str, deadline: float | None, model: str
+    ) -> None:
         self.budget, self.cost, self.operation, self.what = budget, cost, operation, what
         self.deadline, self.model = deadline, model
 

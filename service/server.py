@@ -101,7 +101,7 @@ class Server:
         base = resident()
         total, how = budget_from(config.memory_budget, base)
         if total <= 0:
-            raise ConfigError(f"--memory-budget auto leaves no memory for models: {how}; give --memory-budget")
+            raise ConfigError(f"--memory-budget {config.memory_budget} leaves no memory for models ({how}); give a size")
         log.info("memory budget: %s", how)
         self.memory = MemoryBudget(total, self.metrics, ceiling=base + total)
         self.models = Models(

@@ -171,6 +171,23 @@ def test_a_cancelled_waiter_takes_nothing_with_it():
     asyncio.run(main())
 
 
+def test_resident_memory_past_the_ceiling_holds_a_request_until_the_running_ones_finish():
+    """The budget has room, but the process's resident memory does not: the request waits (the heap
+    is trimmed meanwhile), and runs once no other request does."""
+
+    async def main():
+        budget = MemoryBudget(1 << 40, Metrics(), ceiling=1)  # any resident memory is past it
+        await budget.acquire(10, "first", None)  # none running: the accounting alone decides
+        second = asyncio.ensure_future(budget.acquire(10, "second", None))
+        await asyncio.sleep(0)
+        assert not second.done() and budget.trimming
+        budget.release(10)
+        await second
+        assert budget.requests == 10 and not budget.waiting
+
+    asyncio.run(main())
+
+
 def test_loads_hold_their_bytes_as_the_models_and_resize_to_what_they_measured():
     async def main():
         budget = _budget(100)
