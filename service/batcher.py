@@ -51,6 +51,7 @@ from service.metrics import Metrics
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs on the event loop itself
+BACKGROUND_SHARE = 0.25  # of a full batch, what background requests get at least while they wait
 UNLABELLED: Mapping[str, str] = MappingProxyType({"model": "", "version": ""})
 
 
@@ -81,6 +82,7 @@ class Queued(Protocol):
     taken: int  # rows already taken into batches; the next batch takes from row `taken` on
     deadline: float | None  # event-loop time; None: none
     enqueued: float  # event-loop time
+    background: bool  # bulk work (Score's draws): it takes what the others leave, and at least a floor
 
     @property
     def abandoned(self) -> bool:
@@ -144,6 +146,10 @@ class BatchPolicy:
     adaptive delay also assumes. This is the one case where a batch leaves short while rows wait,
     by design; large requests among themselves, or one alone, get full batches.
     `max_share_rows >= max_rows` leaves plain max-min fairness.
+
+    Background requests (Score's chunks of draws: bulk work that takes seconds whatever its share)
+    share what the others leave of a full batch, and at least BACKGROUND_SHARE of it while they
+    wait, so neither interactive calls nor Score starve; each class is shared max-min within.
 
     merge=False turns batching off: one request per graph call (up to `max_rows` of its rows), oldest
     first, never waiting to fill. adaptive_delay=False makes every batch wait out `max_delay` to
@@ -228,23 +234,40 @@ class BatchPolicy:
             live.append(entry)
         wanted = [entry.n - entry.taken for entry in live]
         total = sum(wanted)
-        shares = wanted if total <= max_rows else self.shares(wanted, queue.last_shared)  # expired ones may make room
+        shares = wanted if total <= max_rows else self._split(live, wanted, queue.last_shared)  # expired ones may make room
         rows = sum(shares)
         left = rows < total or scanned < len(queue.entries)  # rows left waiting, or perhaps beyond the scan
         lone = len(live) == 1
         inline = lone and not left and rows * queue.seconds_per_row < self.inline_seconds
         return Take(scanned, list(zip(live, shares)), rows, expired or _NONE, left or not lone, inline)
 
+    def _split(self, live: list, wanted: list[int], company: bool) -> list[int]:
+        """Shares of a full batch: background requests (Score's draws, thousands of rows of bulk
+        work) share what the others leave, but never less than BACKGROUND_SHARE of the batch while
+        they wait, so that neither side starves; each class is shared max-min fairly within, and
+        every request takes at least a row."""
+        back = [i for i, entry in enumerate(live) if entry.background]
+        if not back or len(back) == len(live):
+            return self.shares(wanted, company)
+        front = [i for i, entry in enumerate(live) if not entry.background]
+        floor = max(len(back), min(sum(wanted[i] for i in back), int(BACKGROUND_SHARE * self.max_rows)))
+        front_shares = self.shares([wanted[i] for i in front], company, max(len(front), self.max_rows - floor))
+        back_shares = self.shares([wanted[i] for i in back], company, self.max_rows - sum(front_shares))
+        shares = [0] * len(live)
+        for i, k in (*zip(front, front_shares), *zip(back, back_shares)):
+            shares[i] = k
+        return shares
+
     @property
     def share_cap(self) -> int:
         return self.max_share_rows or max(1, self.max_rows // 8)
 
-    def shares(self, wanted: Sequence[int], company: bool = False) -> list[int]:
-        """Max-min fair shares of one batch among requests wanting these rows, oldest first; none
-        above `share_cap` while small requests are about (one here wants no more than the cap, beside
-        others, or `company`: the last batch served one). With no more requests than `max_rows`,
-        every share is at least one row (the fair level never drops below one)."""
-        max_rows = self.max_rows
+    def shares(self, wanted: Sequence[int], company: bool = False, rows: int | None = None) -> list[int]:
+        """Max-min fair shares of one batch (or of `rows` of it) among requests wanting these rows,
+        oldest first; none above `share_cap` while small requests are about (one here wants no more
+        than the cap, beside others, or `company`: the last batch served one). With no more
+        requests than rows, every share is at least one row (the fair level never drops below one)."""
+        max_rows = self.max_rows if rows is None else rows
         if len(wanted) > max_rows:
             return [1] * max_rows + [0] * (len(wanted) - max_rows)
         cap = self.share_cap
@@ -309,6 +332,7 @@ class _Entry:
     deadline: float | None  # event-loop time
     enqueued: float
     taken: int = 0  # rows taken into batches so far
+    background: bool = False
     queued: bool = True  # some of its rows count in the queue: not yet taken, and not expired or withdrawn
     parts: list | None = None  # the outputs of its slices computed so far, when it spans several batches
 
@@ -377,9 +401,10 @@ class Batcher:
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
-    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
+    async def submit(self, rows: np.ndarray, deadline: float | None = None, background: bool = False) -> list[np.ndarray]:
         """Queue `rows` as one request (served across several batches if larger than one) and wait
-        for the graph's outputs for them."""
+        for the graph's outputs for them; `background` ones take what the others leave of a batch
+        (`BatchPolicy`)."""
         n = len(rows)
         if self._task is None or self._task.done():
             raise Closed("the server is shutting down")
@@ -393,7 +418,7 @@ class Batcher:
         if n == 0:
             return []  # nothing to compute (as before: no outputs)
         loop = asyncio.get_running_loop()
-        entry = _Entry(rows, n, loop.create_future(), deadline, loop.time())
+        entry = _Entry(rows, n, loop.create_future(), deadline, loop.time(), background=background)
         was_empty = queue.rows == 0
         queue.entries.append(entry)
         queue.rows += n

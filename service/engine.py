@@ -176,9 +176,9 @@ class Engine:
         (params,) = self.runtime.decoder.run(z)
         return [params, self.mean_image(params)] if self._mean_in_batch else [params]
 
-    async def decoder_params(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def decoder_params(self, z: np.ndarray, deadline: float | None = None, background: bool = False) -> np.ndarray:
         """The decoder graph's output as exported: the likelihood's parameters, not images."""
-        params, *_ = await self.decoder.submit(z, deadline)
+        params, *_ = await self.decoder.submit(z, deadline, background)
         return params
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
@@ -243,10 +243,12 @@ class Engine:
         (z,) = await self.priors["prior_sample"].submit(eps, deadline)
         return z
 
-    async def prior_density(self, z: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    async def prior_density(
+        self, z: np.ndarray, deadline: float | None = None, background: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """eps = f^-1(z) [n, D] and log p(z) [n] (float64, nats) from a flow's prior_density graph.
         A flow model's only: under N(0, I), eps is z and Score uses the closed forms."""
-        eps, log_prob = await self.priors["prior_density"].submit(z, deadline)
+        eps, log_prob = await self.priors["prior_density"].submit(z, deadline, background)
         return eps, log_prob.astype(np.float64)
 
     async def generate(self, eps: np.ndarray, deadline: float | None = None) -> np.ndarray:
@@ -324,10 +326,12 @@ class Engine:
     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """One chunk of Score's draws through the decoder (and a flow's prior_density): the
         arguments of `ScoreSums.add`."""
-        rows = z.astype(np.float32)
+        rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
         if not self.priors:
-            return start, await self.decoder_params(rows, deadline), eps, z, None
-        params, (_, log_pz) = await asyncio.gather(self.decoder_params(rows, deadline), self.prior_density(rows, deadline))
+            return start, await self.decoder_params(rows, deadline, background=True), eps, z, None
+        params, (_, log_pz) = await asyncio.gather(
+            self.decoder_params(rows, deadline, background=True), self.prior_density(rows, deadline, background=True)
+        )
         return start, params, eps, z, log_pz
 
 

@@ -49,6 +49,7 @@ class Entry:
     deadline: float | None = None
     abandoned: bool = False
     taken: int = 0
+    background: bool = False
 
     @property
     def wanted(self) -> int:
@@ -956,3 +957,42 @@ def test_closing_with_calls_queued_leaves_the_count_at_zero():
         return batcher.queue.rows, [type(r).__name__ for r in results]
 
     assert asyncio.run(scenario()) == (0, ["Closed", "Closed", "Closed"])
+
+
+def test_background_requests_take_what_the_others_leave_and_never_less_than_their_floor():
+    """Score's chunks are background: four Sample batches and two chunks of draws waiting share a
+    64-row batch 48 to 16, not 43 to 21 as six equal requests would; alone, background requests
+    take the whole batch, and beside small interactive calls they take what those leave."""
+    policy = BatchPolicy(max_rows=64, max_share_rows=64)
+    samples = [Entry(64, enqueued=0.1 * i) for i in range(4)]
+    draws = [Entry(29, enqueued=0.05 + 0.1 * i, background=True) for i in range(2)]
+    taken = dict((id(e), k) for e, k in policy.take(queue_of(sorted([*samples, *draws], key=lambda e: e.enqueued)), 1.0).slices)
+    assert [taken[id(e)] for e in samples] == [12, 12, 12, 12] and [taken[id(e)] for e in draws] == [8, 8]
+    alone = policy.take(queue_of([Entry(50, background=True), Entry(50, enqueued=0.1, background=True)]), 1.0)
+    assert [k for _, k in alone.slices] == [32, 32]
+    small = [Entry(4, enqueued=0.1 * i) for i in range(3)]
+    beside = policy.take(queue_of([*small, Entry(100, enqueued=0.5, background=True)]), 1.0)
+    assert [k for _, k in beside.slices] == [4, 4, 4, 52]
+
+
+@property_settings
+@given(scenarios(), st.data())
+def test_with_background_requests_every_request_takes_a_row_and_the_batch_holds_max_rows(scenario, data):
+    policy, queue, now = scenario
+    for entry in queue.entries:
+        entry.background = data.draw(st.booleans())
+    decision = policy.decide(queue, now)
+    if isinstance(decision, Wait):
+        return
+    assert decision.rows == sum(shares(decision)) <= policy.max_rows
+    assert all(1 <= k <= e.wanted for e, k in decision.slices)
+    if policy.merge:
+        assert batch(decision) == [e for e in list(queue.entries)[: decision.scanned] if e in waiting(queue, now)]
+    live = waiting(queue, now)
+    back = [e for e in live if e.background]
+    wanted = sum(e.wanted for e in live)
+    plain = policy.max_share_rows is not None and policy.max_share_rows >= policy.max_rows  # no share cap
+    if policy.merge and plain and back and len(back) < len(live) <= policy.max_rows and wanted > policy.max_rows:
+        got = dict((id(e), k) for e, k in decision.slices)
+        floor = max(len(back), min(sum(e.wanted for e in back), int(0.25 * policy.max_rows)))
+        assert sum(got.get(id(e), 0) for e in back) >= min(floor, policy.max_rows - (len(live) - len(back)))
