@@ -191,6 +191,7 @@ class Graph:
         # call to call they pile up in the arena, for no speed.
         so.enable_mem_pattern = False
         self.session = ort.InferenceSession(path, so, providers=providers)
+        self.arena = options.cpu_arena
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]
@@ -214,7 +215,13 @@ class Graph:
         return [np.concatenate(pair) for pair in zip(first, second.result())]
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: batch})
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        if self.arena:
+            # Outputs come back as views of the arena's blocks: a caller that keeps them (Score's
+            # chunks, a batch's images being read) keeps those blocks, and the arena grows past
+            # them for good. Copied out, the blocks are free for the next batch at once.
+            return [np.array(output) for output in outputs]
+        return outputs
 
 
 @dataclass
