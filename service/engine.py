@@ -356,6 +356,9 @@ def load_engine(
         raise
     except Exception as err:
         raise ModelLoadError(f"{spec.folder}: warm-up failed: {err}") from err
+    for graph in (runtime.encoder, runtime.decoder, *runtime.priors.values()):
+        if graph.split_rows:  # a batch capped below --split-rows still takes both halves' cores when full
+            graph.split_rows = max(2, min(graph.split_rows, batch.max_batch_rows))
     engine = Engine(spec, runtime, metrics, batch, limits, costs, memory, executor)
     # Requests served meanwhile move the process's memory too: the figure is kept within what the
     # graphs hold at least and what the load was estimated at.
