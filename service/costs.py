@@ -82,19 +82,20 @@ class Costs:
         prior = self.prior.at(rows) if self.prior else 0
         return self.encoder.at(rows) + self.decoder.at(rows) + prior + rows * (self.params + self.image)
 
-    def _images(self, n: int) -> int:
-        """Images of a batch of a request's rows at a time (a logistic mixture's mean is taken per
-        request, with its temporaries; the others' come with the batch)."""
+    def _batch(self, n: int) -> int:
+        """A request's rows of the decoder batch it is in, copied out of the graph (parameters and
+        images) and kept until it has read them, and a logistic mixture's mean of them, taken per
+        request with its temporaries."""
         rows = min(n, self.batch_rows)
-        return self.mean.at(rows) if self.mean else rows * self.image
+        return rows * (self.params + self.image) + (self.mean.at(rows) if self.mean else 0)
 
     def decode(self, n: int) -> int:
-        """n latents in; n images out, and again as the answer's bytes."""
-        return n * (self.latent + 2 * self.image) + self._images(n)
+        """n latents in; n images out, and again as the answer's bytes; a batch of them at a time."""
+        return n * (self.latent + 2 * self.image) + self._batch(n)
 
     def decoder_graph(self, n: int) -> int:
         """n latents in, the decoder's parameters out as exported (the batches' parts, then joined)."""
-        return n * (self.latent + 2 * self.params)
+        return n * (self.latent + 2 * self.params) + min(n, self.batch_rows) * self.params
 
     def sample(self, n: int) -> int:
         return self.decode(n)
