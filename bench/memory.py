@@ -35,17 +35,11 @@ from bench.scenarios import Scenario, caller, make_request
 from service import commands
 from service.client import VaeClient
 from service.commands import Parser, UserError, writable_folder
-from service.memory import parse_size
+from service.memory import parse_size, peak_from_now
 from service.repository import ModelSpec
 
 IMAGES = 16
 STEADY = (Scenario("Sample", 256, 4), Scenario("Encode", 64, 8))  # the calls whose rows/s the storm must keep
-
-
-def peak_from_now(pid: int) -> None:
-    """Reset the process's peak resident memory (VmHWM) to its resident memory now, so the next
-    peak is that of what runs next alone (Linux: /proc/PID/clear_refs, 5)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def build_parser() -> Parser:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.memory import MiB, status_bytes
 from service.repository import ModelSpec, RepositoryError, load_spec
 
 
@@ -33,11 +34,9 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory of a process (VmRSS), or its peak (VmHWM), from /proc (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process (VmRSS), or its peak (VmHWM), in MiB, from /proc (Linux)."""
+    size = status_bytes(f"{field}:", pid)
+    return size / MiB if size else float("nan")
 
 
 class Process:

@@ -1,10 +1,9 @@
-"""What one request of each operation costs in bytes, before it runs: the arrays it holds (inputs,
-outputs, the answer being encoded) from the model's shapes, plus the working memory of the graph
-runs it has going at once, measured per graph at warm-up (`measure`).
-
-A graph runs at most `batch_rows` rows of a request at a time; a request shares its batches with
-others, and each is charged its own rows of them. Score streams its draws (`service.scoring`), so
-its cost does not grow with k. `service.memory` admits a request by this cost.
+"""What one request of each operation holds in bytes while it runs, before it runs: its arrays
+(inputs, its rows of a batch's outputs, the answer being encoded) from the model's shapes, and the
+per-request arithmetic measured at warm-up (`measure`). What a batch of each graph takes is the
+version's to hold (`Costs.batches`): onnxruntime's arena keeps it between batches, and queued rows
+take none. Score streams its draws (`service.scoring`), so its cost does not grow with k.
+`service.memory` admits a request by this cost.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batcher import INLINE_SECONDS, Batcher
-from service.costs import Costs
+from service.costs import F32, Costs
 from service.imaging import ImageError, load_image
-from service.likelihood import mean_function
+from service.likelihood import mean_function, mean_per_batch
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.memory import Hold, MemoryBudget, resident
@@ -123,23 +123,22 @@ class Engine:
 
     def __init__(
         self, spec: ModelSpec, runtime: Runtime, metrics: Metrics, batch: BatchSettings, limits: RequestLimits,
-        costs: Costs, memory: MemoryBudget, executor: Executor | None = None,
+        costs: Costs, memory: MemoryBudget, footprint: int = 0, executor: Executor | None = None,
     ) -> None:  # fmt: skip
-        """`batch` as warm-up capped it; `costs` what each operation holds, admitted by `memory`."""
+        """`batch` as warm-up capped it; `costs` what each operation holds, admitted by `memory`, of
+        which the loaded version holds `footprint` (sessions and batches)."""
         self.spec = spec
         self.runtime = runtime
         self.batch = batch
         self.limits = limits
         self.costs = costs
         self.memory = memory
-        self.footprint = 0  # bytes of the budget the loaded version holds (sessions and batches), set by its loader
+        self.footprint = footprint
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
         self.mean_image = mean_function(spec.likelihood, spec.image_shape[0])
-        # Cheap means are computed per batch, on the inference thread; a mixture's (a softmax and a sum
-        # over K: milliseconds at batch 256) only for the requests that show images (not Score's), off the loop.
-        self._mean_in_batch = spec.likelihood != "logistic-mixture"
+        self._mean_in_batch = mean_per_batch(spec.likelihood)
         common = dict(
             metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
@@ -356,17 +355,13 @@ def load_engine(
         raise
     except Exception as err:
         raise ModelLoadError(f"{spec.folder}: warm-up failed: {err}") from err
-    for graph in (runtime.encoder, runtime.decoder, *runtime.priors.values()):
-        if graph.split_rows:  # a batch capped below --split-rows still takes both halves' cores when full
-            graph.split_rows = max(2, min(graph.split_rows, batch.max_batch_rows))
-    engine = Engine(spec, runtime, metrics, batch, limits, costs, memory, executor)
     # Requests served meanwhile move the process's memory too: the figure is kept within what the
     # graphs hold at least and what the load was estimated at.
     grown = min(max(graph_bytes(spec), resident() - before), load_estimate(spec, batch, memory.total))
     # With the arena, the process grew by its batches' working memory too, which the arena keeps;
     # without it, their runs give it back, and the version holds it for them here.
-    engine.footprint = grown if options.cpu_arena else grown + costs.batches()
-    return engine
+    footprint = grown if options.cpu_arena else grown + costs.batches()
+    return Engine(spec, runtime, metrics, batch, limits, costs, memory, footprint, executor)
 
 
 def graph_bytes(spec: ModelSpec) -> int:
@@ -379,5 +374,5 @@ def load_estimate(spec: ModelSpec, batch: BatchSettings, budget: float) -> int:
     and onnxruntime's own), and its warm-up's largest batch, which warm-up keeps within a share of
     the budget."""
     c, h, w = spec.image_shape
-    rows = batch.max_batch_rows * 4 * (spec.decoder_channels + c) * h * w * 3
-    return 2 * graph_bytes(spec) + SESSION_BYTES + int(min(rows, BATCH_SHARE * budget))
+    largest_batch = 3 * batch.max_batch_rows * F32 * (spec.decoder_channels + c) * h * w  # outputs, twice that working
+    return 2 * graph_bytes(spec) + SESSION_BYTES + int(min(largest_batch, BATCH_SHARE * budget))

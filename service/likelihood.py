@@ -197,6 +197,13 @@ def mean_function(likelihood: str, channels: int) -> Callable[[np.ndarray], np.n
     return functools.partial(mixture_mean, channels=channels)
 
 
+def mean_per_batch(likelihood: str) -> bool:
+    """Whether the server takes a batch's images with its decoding, on the inference thread: cheap
+    means are; a mixture's (a softmax and a sum over K: milliseconds at batch 256) is taken only for
+    the requests that show images (not Score's), off the event loop."""
+    return likelihood != "logistic-mixture"
+
+
 def bits_per_dim(nll_nats: float | np.ndarray, dims: int, likelihood: str) -> float | np.ndarray:
     """-log2 p(x) per dimension, the unit the image-modelling literature compares.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import re
@@ -110,10 +111,10 @@ def machine_memory(meminfo: Path = Path("/proc/meminfo")) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _status(field: str) -> int:
-    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where there is none."""
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A size field of a process's /proc status (VmRSS, VmHWM, RssFile) in bytes; 0 where there is none."""
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith(field):
                     return int(line.split()[1]) * 1024
@@ -144,11 +145,12 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
-def peak_from_now() -> bool:
-    """Reset the process's peak resident memory to what it holds now (Linux 4.0+); False where the
-    kernel does not allow it, and peaks cannot be measured."""
+def peak_from_now(pid: int | str = "self") -> bool:
+    """Reset a process's peak resident memory (VmHWM) to what it holds now, so the next peak is
+    that of what runs next (Linux 4.0+); False where the kernel does not allow it, and peaks cannot
+    be measured."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError:
         return False
     return True
@@ -156,7 +158,7 @@ def peak_from_now() -> bool:
 
 def peak() -> int:
     """The process's peak resident memory since `peak_from_now`, in bytes."""
-    return _status("VmHWM:")
+    return status_bytes("VmHWM:")
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
@@ -165,7 +167,9 @@ SERVING_TRIM_THRESHOLD = 64 * MiB  # a free heap top this large goes back
 MEASURING_MMAP_THRESHOLD = 128 << 10  # glibc's own default: every large block mapped fresh
 
 
+@functools.cache
 def _libc() -> Any:
+    """glibc, loaded once (the heap is trimmed from it while requests wait); None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -219,7 +223,8 @@ def budget_from(setting: str, base: int) -> tuple[float, str]:
     if setting == "off":
         return math.inf, "off: requests are not admitted by bytes"
     if setting != "auto":
-        return parse_size(setting), f"{show(parse_size(setting))} (--memory-budget)"
+        size = parse_size(setting)
+        return size, f"{show(size)} (--memory-budget)"
     limit, where = cgroup_limit(), "the cgroup's memory limit"
     if limit is None:
         limit, where = int(machine_memory() * MACHINE_SHARE), f"{MACHINE_SHARE:.0%} of the machine's memory"
@@ -335,21 +340,22 @@ class MemoryBudget:
             return False
         return self.requests == 0 or math.isinf(self.ceiling) or resident() + cost <= self.ceiling
 
-    def _grant(self) -> None:
+    def _grant(self, trim_heap: bool = True) -> None:
         """Admit waiters from the front while they fit; when the budget has room for the first but
-        resident memory has not, trim the heap and look again."""
+        resident memory has not, trim the heap and look again, once: a trim that frees too little
+        waits for the next release rather than trimming again at once."""
         while self.waiting and self._fits(self.waiting[0].cost):
             waiter = self.waiting.popleft()
             self.requests += waiter.cost
             waiter.future.set_result(None)
-        if self.waiting and self.waiting[0].cost <= self.free and not self.trimming:
+        if trim_heap and self.waiting and self.waiting[0].cost <= self.free and not self.trimming:
             self.trimming = True
             asyncio.get_running_loop().run_in_executor(None, trim).add_done_callback(self._trimmed)
 
     def _trimmed(self, _: Any) -> None:
         self.trimming = False
         if self.waiting:
-            self._grant()
+            self._grant(trim_heap=False)
 
 
 class Hold:

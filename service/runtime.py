@@ -234,6 +234,13 @@ class Runtime:
     def provider(self) -> str:
         return self.decoder.provider
 
+    def cap_batches(self, rows: int) -> None:
+        """Batches are capped at `rows`: where that is below the split size, a full batch splits,
+        so a capped batch still takes the core the intra-op pool leaves free."""
+        for graph in (self.encoder, self.decoder, *self.priors.values()):
+            if graph.split_rows:
+                graph.split_rows = max(2, min(graph.split_rows, rows))
+
 
 def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
     providers = choose_providers(options, ort.get_available_providers())

@@ -1,10 +1,9 @@
 """A version's warm-up: every graph run before traffic (so the first call pays no set-up), its outputs'
-shapes checked against model.json, and its working memory measured, from which its requests are
-costed (`service.costs`) and its decoder batches capped by bytes.
+shapes checked against model.json, and its bytes per row measured, from which its requests are
+costed (`service.costs`) and its batches capped by bytes.
 
-The runs go small first: a probe batch shows the bytes per row, which cap the batch within the
-budget's share before the largest batch runs, so a 64x64 model's warm-up does not itself take
-what a 1 GiB container has.
+The runs go small first: a probe batch shows the bytes per row, which cap the batch before the
+largest batch runs, so a 64x64 model's warm-up does not itself take what a 1 GiB container has.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import numpy as np
 
 from service.costs import F32, Costs, Work, measure
 from service.memory import fresh_blocks
-from service.likelihood import log_px_z, mean_function
+from service.likelihood import log_px_z, mean_function, mean_per_batch
 from service.manifest import ModelSpec
 from service.runtime import ModelLoadError, Runtime
 from service.scoring import CHUNK_BYTES, IN_FLIGHT, SCORE_CHUNK_VALUES, chunk_rows
@@ -48,9 +47,9 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
     c, h, w = spec.image_shape
     d = spec.latent_dim
     mean = mean_function(spec.likelihood, c)
-    in_batch = spec.likelihood != "logistic-mixture"  # as Engine computes it
+    in_batch = mean_per_batch(spec.likelihood)
 
-    def decode(z: np.ndarray) -> list[np.ndarray]:
+    def decode(z: np.ndarray) -> list[np.ndarray]:  # as Engine._decode_batch runs a batch
         (params,) = runtime.decoder.run(z)
         return [params, mean(params)] if in_batch else [params]
 
@@ -88,6 +87,7 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
         run(n)  # what the probe grows by over one row, per row: each graph's bytes per row
     costs = _costs(spec, runs, largest, _score_arithmetic(spec))
     largest = min(largest, costs.batch_limit(share))
+    runtime.cap_batches(largest)  # before the largest runs: the arena then holds what split halves take
     for n in sorted({*(min(n, largest) for n in batch.warmup_batch_sizes or (2,)), largest} - {1, probe}):
         run(n)  # the largest last: an arena then holds its peak from the start
     return dataclasses.replace(costs, batch_rows=largest), dataclasses.replace(batch, max_batch_rows=largest)
@@ -98,7 +98,7 @@ def _costs(
 ) -> Costs:  # fmt: skip
     c, h, w = spec.image_shape
     image, latent, params = F32 * c * h * w, F32 * spec.latent_dim, F32 * spec.decoder_channels * h * w
-    in_batch = spec.likelihood != "logistic-mixture"
+    in_batch = mean_per_batch(spec.likelihood)
     return Costs(
         image=image, latent=latent, params=params, batch_rows=batch_rows,
         encoder=Work.fit(runs["encoder"], 2 * latent),

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from bench.cgroup import MemoryCgroup
 from service.costs import Work
 from service.errors import DeadlineExceeded
-from service.memory import MemoryBudget, MemoryExhausted, MiB, cgroup_limit, parse_size
+from service.memory import MemoryBudget, MemoryExhausted, MiB, cgroup_limit, parse_size, peak_from_now, status_bytes
 from service.metrics import Metrics
 from tests.conftest import ServerProcess
 from tests.helpers import metric, scrape
@@ -235,13 +235,6 @@ def emoji_repo(tmp_path_factory):
     return colour_repo(tmp_path_factory.mktemp("emoji-models"))
 
 
-def _status(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
 def test_a_requests_cost_is_within_half_again_of_the_peak_it_takes(emoji_repo, tmp_path):
     """Each operation alone on the 64x64 model: the server's cost for it (vae_request_cost_bytes)
     against the peak resident memory it added (VmHWM reset before it). Large blocks are mapped
@@ -276,10 +269,10 @@ def test_a_requests_cost_is_within_half_again_of_the_peak_it_takes(emoji_repo, t
             client.sample(2, seed=0)
             for operation, call in calls.items():
                 before_cost = metric(scrape(server), "vae_request_cost_bytes_sum", operation=operation)
-                idle = _status(server.proc.pid, "VmRSS:")
-                Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")
+                idle = status_bytes("VmRSS:", server.proc.pid)
+                assert peak_from_now(server.proc.pid)
                 call(client)
-                peak = _status(server.proc.pid, "VmHWM:") - idle
+                peak = status_bytes("VmHWM:", server.proc.pid) - idle
                 cost = metric(scrape(server), "vae_request_cost_bytes_sum", operation=operation) - before_cost
                 ratios[operation] = (cost / MiB, peak / MiB, cost / max(peak, 1))
     finally:
@@ -433,6 +426,6 @@ def test_the_storm_in_a_1gib_cgroup_is_answered_and_the_server_lives(emoji_repo,
         assert cgroup.oom_kills() == 0
         # The peak of what the process itself holds: its resident peak less the shared libraries'
         # pages, which the page cache holds for every process that maps them.
-        assert _status(server.proc.pid, "VmHWM:") - _status(server.proc.pid, "RssFile:") < GiB
+        assert status_bytes("VmHWM:", server.proc.pid) - status_bytes("RssFile:", server.proc.pid) < GiB
     finally:
         server.terminate()
