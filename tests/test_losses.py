@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence as torch_kl
 
-from training.losses import free_bits_kl, iwae_bound, kl_divergence, kl_per_dim, reconstruction_nll
+from training.losses import iwae_bound, kl_divergence, kl_per_dim, reconstruction_nll
 from training.model import VAE
 
 
@@ -56,13 +56,6 @@ def test_gaussian_reconstruction_is_the_normal_log_density():
     mean, x = torch.tensor([[0.2, 0.5]]), torch.tensor([[0.1, 0.9]])
     expected = -Normal(mean, 0.1).log_prob(x).sum()
     assert reconstruction_nll(mean, x, "gaussian", 0.1).item() == pytest.approx(expected.item(), abs=1e-4)
-
-
-def test_free_bits_floor_each_dimension():
-    mu = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
-    logvar = torch.zeros(2, 2)  # KL per dim: 2.0 and 0.0
-    assert free_bits_kl(mu, logvar, 0.5).item() == pytest.approx(2.0 + 0.5)
-    assert free_bits_kl(mu, logvar, 3.0).item() == pytest.approx(6.0)
 
 
 def linear_gaussian_nll(z, x):

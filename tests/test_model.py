@@ -15,9 +15,9 @@ from training.model import VAE
 def test_shapes_follow_the_image(shape, widths, blocks):
     model = VAE(ModelConfig(image_shape=shape, latent_dim=5, widths=widths, blocks=blocks, hidden=32))
     x = torch.rand(3, *shape)
-    params, mu, logvar = model(x)
+    params, mu, kl = model(x)
     assert params.shape == x.shape
-    assert mu.shape == logvar.shape == (3, 5)
+    assert mu.shape == kl.shape == (3, 5)
     assert model.decode(torch.zeros(2, 5)).shape == (2, *shape)
 
 

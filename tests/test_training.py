@@ -154,8 +154,13 @@ def test_beta_and_free_bits_each_change_the_objective(digits, tmp_path):
         per_dim = kl_per_dim(*model.encode(x)).mean(dim=0)  # the encoder is deterministic: the same KL
     low, high = per_dim.min().item() / 2, per_dim.max().item() + 1.0
     assert objective_with(model, x, small_config(free_bits=low))[0].item() == pytest.approx(plain.item(), rel=1e-6)
-    floored = objective_with(model, x, small_config(free_bits=high))[0].item()
-    assert floored == pytest.approx(recon + 8 * high, rel=1e-6) and floored > plain.item() + 1.0
+    loss, floored = objective_with(model, x, small_config(free_bits=high))
+    assert floored["loss"] == pytest.approx(recon + 8 * high, rel=1e-6) and floored["loss"] > plain.item() + 1.0
+    # Every dimension under its floor: the KL gives no gradient, only the reconstruction does.
+    recon_only = objective_with(model, x, small_config(beta=0.0))[0]
+    floored_grads = torch.autograd.grad(loss, list(model.parameters()))
+    for got, want in zip(floored_grads, torch.autograd.grad(recon_only, list(model.parameters()))):
+        torch.testing.assert_close(got, want)
     # ...and in training: a run that changes only one of them is not the plain run.
     runs = {}
     for name, overrides in {"plain": {}, "beta": {"beta": 4.0}, "free_bits": {"free_bits": 0.5}}.items():

@@ -28,7 +28,7 @@ from training.cli import check_data
 from training.data import Dataset, fixed_binarization, load_data, to_unit
 from training.distributed import Dist, gather_rows
 from training.features import check_classifier, load_feature_net
-from training.losses import iwae_bound, kl_divergence, monte_carlo_kl, reconstruction_nll, skip_iwae_noise
+from training.losses import iwae_bound, reconstruction_nll, skip_iwae_noise
 from training.model import VAE
 from training.quality import sample_quality
 
@@ -71,15 +71,11 @@ def elbo_terms(
     cfg = model.cfg
     recon, kl, mus = [], [], []
     for i, xb in enumerate(x.split(batch_size)):
-        mu, logvar = model.encode(xb)
-        noise = None if eps is None else eps[i * batch_size : i * batch_size + len(xb)]
-        z = model.reparameterize(mu, logvar, noise) if logvar is not None else mu
-        params = model.decode(z)
-        recon.append(reconstruction_nll(params, xb, cfg.likelihood, cfg.gaussian_std))
-        if logvar is not None:
-            flow = cfg.prior == "flow"
-            kl.append(monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z)) if flow else kl_divergence(mu, logvar))
-        mus.append(mu)
+        terms = model(xb, None if eps is None else eps[i * batch_size : i * batch_size + len(xb)])
+        recon.append(reconstruction_nll(terms.params, xb, cfg.likelihood, cfg.gaussian_std))
+        if terms.kl is not None:
+            kl.append(terms.kl.sum(dim=1))
+        mus.append(terms.mu)
     r = torch.cat(recon)
     if not kl:
         return {"recon": r, "mu": torch.cat(mus)}

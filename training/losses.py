@@ -30,27 +30,10 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl_per_dim(mu, logvar).sum(dim=-1)
 
 
-def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """KL with each dimension's batch-average held at least `free_bits` nats (Kingma et al., 2016).
-
-    Dimensions already above the floor are penalised as usual; those below get no gradient pushing
-    them further into collapse. Returns the batch mean, a scalar.
-    """
-    per_dim = kl_per_dim(mu, logvar).mean(dim=0)
-    return torch.clamp(per_dim, min=free_bits).sum()
-
-
 def monte_carlo_kl(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """log q(z|x) - log p(z) at the reparameterized z: a one-sample, unbiased estimate of KL(q || p)
     per example [N], for a prior with no closed-form KL (the flow). `log_prior` is log p(z) [N]."""
     return gaussian_log_prob(z, mu, logvar) - log_prior
-
-
-def free_bits_total(kl: torch.Tensor, free_bits: float, latent_dim: int) -> torch.Tensor:
-    """Free bits for a KL that does not split by dimension: the batch mean of the per-example KL [N],
-    held at least `free_bits * latent_dim` nats (the same total floor as `free_bits_kl`, as one group).
-    Returns a scalar. Below the floor the KL term gets no gradient at all."""
-    return torch.clamp(kl.mean(), min=free_bits * latent_dim)
 
 
 def reconstruction_nll(params: torch.Tensor, x: torch.Tensor, likelihood: str, gaussian_std: float = 0.1) -> torch.Tensor:

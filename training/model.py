@@ -12,13 +12,15 @@ A standard-prior VAE has neither, so its state dict is what it always was.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from training.config import ModelConfig
 from service.likelihood import decoder_channels
 from training.flow import FlowPrior
-from training.losses import mixture_mean, standard_normal_log_prob
+from training.losses import kl_per_dim, mixture_mean, monte_carlo_kl, standard_normal_log_prob
 
 
 class ResBlock(nn.Module):
@@ -98,6 +100,16 @@ class Decoder(nn.Module):
         return self.body(self.project(z).view(-1, *self.start_shape))
 
 
+class Pass(NamedTuple):
+    """One pass of a model over a batch, per row."""
+
+    params: torch.Tensor  # the likelihood's parameters [N, P, H, W]
+    mu: torch.Tensor  # the posterior means (an autoencoder's code) [N, D]
+    # KL(q(z|x) || p(z)) [N, U] in units that free bits floor one by one: per latent dimension under
+    # N(0, I) (closed form), one unit under a flow (the one-sample log q - log p); None for an autoencoder
+    kl: torch.Tensor | None
+
+
 class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -164,11 +176,24 @@ class VAE(nn.Module):
         mean = self.likelihood_mean(params)
         return mean if self.cfg.likelihood == "bernoulli" else mean.clamp(0.0, 1.0)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Decoder output, mu, logvar: z = mu + eps * sigma for a VAE, z = mu for an autoencoder."""
+    @property
+    def kl_unit_dims(self) -> int:
+        """Latent dimensions per column of `Pass.kl`: what one free-bits floor covers."""
+        return self.cfg.latent_dim if self.cfg.prior == "flow" else 1
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Pass:
+        """One pass over x with z = mu + eps * sigma (eps drawn when None; z = mu for an
+        autoencoder): the terms training's loss and evaluation's ELBO are made of, one module call
+        so that DDP can wrap the model and sync its gradients."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar) if logvar is not None else mu
-        return self.decode(z), mu, logvar
+        if logvar is None:
+            return Pass(self.decode(mu), mu, None)
+        z = self.reparameterize(mu, logvar, eps)
+        if self.cfg.prior == "flow":
+            kl = monte_carlo_kl(z, mu, logvar, self.prior_log_prob(z)).unsqueeze(1)
+        else:
+            kl = kl_per_dim(mu, logvar)
+        return Pass(self.decode(z), mu, kl)
 
     @torch.no_grad()
     def sample_z(

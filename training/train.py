@@ -37,8 +37,8 @@ from training.distributed import Dist, all_sum, any_rank, from_main, global_mean
 from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
-from training.losses import free_bits_kl, free_bits_total, kl_divergence, kl_per_dim, monte_carlo_kl, reconstruction_nll
-from training.model import VAE
+from training.losses import reconstruction_nll
+from training.model import VAE, Pass
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +57,13 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
 
 
-class TrainingPass(nn.Module):
-    """The model's training forward (encode, z = mu + eps * sigma, decode) as one module call, for
-    DDP to wrap: DDP syncs gradients in the backward of a pass that went through its forward, and
-    the VAE's own forward does not hand back z."""
-
-    def __init__(self, model: VAE) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, x: torch.Tensor, eps: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        mu, logvar = self.model.encode(x)
-        z = self.model.reparameterize(mu, logvar, eps) if logvar is not None else mu
-        return self.model.decode(z), mu, logvar, z
-
-
 @dataclass
 class Shard:
-    """One rank's rows of a global batch of `total` images under DDP (`net`: the DDP-wrapped
-    `TrainingPass`). DDP averages the ranks' gradients, so each batch mean is this rank's sum times
-    world_size / total: the average is then the gradient of the mean over the whole batch, whatever
-    each rank's share (the last batch of an epoch splits unevenly)."""
+    """The rows of a global batch of `total` images that this process computes: all of them in one
+    process, its share under DDP (`net`: the model, or the DDP-wrapped model). DDP averages the
+    ranks' gradients, so each batch mean is this rank's sum times world_size / total: the average is
+    then the gradient of the mean over the whole batch, whatever each rank's share (the last batch of
+    an epoch splits unevenly); in one process it is the batch mean."""
 
     net: nn.Module
     total: int
@@ -98,76 +82,40 @@ def objective(
     model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
     eps: torch.Tensor | None = None, shard: Shard | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """The loss to minimise and the true (unweighted) per-example terms for logging.
+    """The loss to minimise for this process's rows x of a batch, and the true (unweighted) terms
+    for logging: reconstruction (pixels, the feature loss, or both) plus beta times the KL, whose
+    units (`Pass.kl`: per latent dimension under N(0, I), one under a flow) are each held at least
+    free_bits x their dimensions nats on the batch mean. An autoencoder's loss is the
+    reconstruction alone.
 
-    The KL term: closed form against N(0, I) with free bits per dimension; under the flow prior the
-    one-sample Monte Carlo estimate log q(z|x) - log p(z) at the reparameterized z, with free bits as
-    one floor of free_bits * latent_dim nats on its batch mean (a flow's KL has no per-dimension
-    split). An autoencoder has no KL term: its loss is the reconstruction alone.
-
-    `eps` is the reparameterization noise (drawn here when None). With `shard` (a rank's rows under
-    DDP) the loss is the rank's part of the whole batch's loss (`Shard.mean`), free bits' floors are
-    judged on the whole batch's KL (an all-reduce), and the statistics are this rank's row means."""
-    if shard is not None:
-        return _shard_objective(model, x, cfg, beta, feature_net, eps, shard)
-    mcfg = model.cfg
-    mu, logvar = model.encode(x)
-    z = model.reparameterize(mu, logvar, eps) if logvar is not None else mu
-    params = model.decode(z)
-    pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
-    recon_term = torch.zeros((), device=x.device)
-    if cfg.reconstruction in ("pixel", "both"):
-        recon_term = recon_term + pixel.mean()
-    if feature_net is not None:
-        # The unclipped mean: clipping a Gaussian mean to [0, 1] here would stop this term's gradient
-        # for every pixel outside the range, and with features alone nothing would pull it back.
-        x_hat = model.likelihood_mean(params)
-        recon_term = recon_term + cfg.feature_weight * feature_distance(feature_net, x, x_hat).mean()
-    if logvar is None:
-        return recon_term, {"loss": recon_term.item(), "recon": pixel.mean().item()}
-    if mcfg.prior == "flow":
-        kl = monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z))
-        kl_term = free_bits_total(kl, cfg.free_bits, mcfg.latent_dim) if cfg.free_bits > 0 else kl.mean()
-    else:
-        kl = kl_divergence(mu, logvar)
-        kl_term = free_bits_kl(mu, logvar, cfg.free_bits) if cfg.free_bits > 0 else kl.mean()
-    loss = recon_term + beta * kl_term
-    stats = {"loss": loss.item(), "recon": pixel.mean().item(), "kl": kl.mean().item()}
-    return loss, stats
-
-
-def _shard_objective(
-    model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
-    eps: torch.Tensor | None, shard: Shard,
-) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """`objective` for one rank's rows. Free bits clamp a batch mean, which is not a sum over rows;
-    but clamp(m, floor) has the gradient of m where m >= floor and none below, so the floor is
-    decided on the whole batch's mean (`global_mean`) and the term is this rank's share of m for the
-    dimensions above it: DDP's average is then the one-process gradient. Its value for logging is the
-    whole batch's clamped mean."""
-    mcfg = model.cfg
-    params, mu, logvar, z = shard.net(x, eps)
-    pixel = reconstruction_nll(params, x, mcfg.likelihood, mcfg.gaussian_std)
+    One path for one process and for DDP (`shard`; one process: the whole batch). Free bits clamp a
+    batch mean, which is not a sum over rows; but clamp(m, floor) has the gradient of m where
+    m >= floor and none below, so the floor is decided on the whole batch's mean (`global_mean`, an
+    all-reduce under DDP) and the term is this rank's share of m for the units above it: DDP's
+    average is then the one-process gradient. The logged loss is the whole batch's clamped value;
+    the other statistics are this rank's row means. `eps` is the reparameterization noise (drawn
+    when None)."""
+    shard = shard or Shard(model, len(x), Dist())
+    terms: Pass = shard.net(x, eps)
+    pixel = reconstruction_nll(terms.params, x, model.cfg.likelihood, model.cfg.gaussian_std)
     pixel_mean = _rows_mean(pixel)  # one .item() (a device sync on CUDA) per statistic and step
     recon_term, recon_value = torch.zeros((), device=x.device), 0.0
     if cfg.reconstruction in ("pixel", "both"):
         recon_term, recon_value = recon_term + shard.mean(pixel), pixel_mean
     if feature_net is not None:
-        distance = feature_distance(feature_net, x, model.likelihood_mean(params))
+        # The unclipped mean: clipping a Gaussian mean to [0, 1] here would stop this term's gradient
+        # for every pixel outside the range, and with features alone nothing would pull it back.
+        distance = feature_distance(feature_net, x, model.likelihood_mean(terms.params))
         recon_term = recon_term + cfg.feature_weight * shard.mean(distance)
         recon_value += cfg.feature_weight * _rows_mean(distance)
-    if logvar is None:
+    if terms.kl is None:
         return recon_term, {"loss": recon_value, "recon": pixel_mean}
-    if mcfg.prior == "flow":
-        kl = monte_carlo_kl(z, mu, logvar, model.prior_log_prob(z))
-        per_dim, floor = kl, cfg.free_bits * mcfg.latent_dim
-    else:
-        kl = kl_divergence(mu, logvar)
-        per_dim, floor = kl_per_dim(mu, logvar), cfg.free_bits
+    kl = terms.kl.sum(dim=1)
     kl_mean = _rows_mean(kl)
     if cfg.free_bits > 0:
-        whole = global_mean(shard.dist, per_dim, shard.total)  # [D], or a scalar under the flow
-        kl_term = (shard.mean(per_dim) * (whole >= floor)).sum()
+        floor = cfg.free_bits * model.kl_unit_dims
+        whole = global_mean(shard.dist, terms.kl, shard.total)  # [U]
+        kl_term = (shard.mean(terms.kl) * (whole >= floor)).sum()
         kl_value = whole.clamp(min=floor).sum().item()
     else:
         kl_term, kl_value = shard.mean(kl), kl_mean
@@ -210,14 +158,14 @@ class Trainer:
         cfg.model.image_shape = self.data.image_shape
         cfg.model.widths = cfg.model.stage_widths  # the checkpoint records the stages, whatever the default becomes
         self.model = VAE(cfg.model).to(self.device)
-        # Under torchrun: the training pass wrapped by DDP (which starts every rank from rank 0's weights).
+        # Under torchrun: the model wrapped by DDP (which starts every rank from rank 0's weights).
         # Buffers (the flow's masks, an autoencoder's code Gaussian) do not change in training: not broadcast.
-        self.net = None
+        self.net: nn.Module = self.model
         if d.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters  # torch >= 2.13
             quiet = "forward_sync_buffers" if newer else "broadcast_buffers"
-            self.net = DistributedDataParallel(TrainingPass(self.model), device_ids=ids, **{quiet: False})
+            self.net = DistributedDataParallel(self.model, device_ids=ids, **{quiet: False})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -292,14 +240,10 @@ class Trainer:
             if cfg.model.likelihood == "bernoulli" and cfg.dynamic_binarization:
                 x = binarize(x, self.data_gen)
             beta = kl_weight(cfg, epoch + i / len(batches))
-            if d.active:  # this rank's rows, and their noise from the same draw one process makes
-                rows = d.share(len(idx))
-                eps = torch.randn(len(idx), cfg.model.latent_dim, device=self.device)[rows] if model.variational else None
-                x = x[rows].to(self.device)
-                loss, stats = objective(model, x, cfg, beta, self.feature_net, eps, Shard(self.net, len(idx), d))
-            else:
-                x = x.to(self.device)
-                loss, stats = objective(model, x, cfg, beta, self.feature_net)
+            rows = d.share(len(idx))  # this rank's rows, and their noise from the draw one process makes
+            eps = torch.randn(len(idx), cfg.model.latent_dim, device=self.device)[rows] if model.variational else None
+            x = x[rows].to(self.device)
+            loss, stats = objective(model, x, cfg, beta, self.feature_net, eps, Shard(self.net, len(idx), d))
             images += len(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
