@@ -16,15 +16,11 @@ import onnx
 import torch
 from torch import nn
 
-from service.likelihood import decoder_channels
+from training.likelihoods import for_model
 from training.model import VAE
 
 OPSET = 18
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter warns about every absent torchvision op
-
-
-def decoder_output_name(likelihood: str) -> str:
-    return {"bernoulli": "logits", "gaussian": "mean"}.get(likelihood, "params")
 
 
 class EncoderGraph(nn.Module):
@@ -103,13 +99,13 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
     model = model.eval().cpu()
     c, h, w = cfg.image_shape
     d = cfg.latent_dim
-    p = decoder_channels(cfg.likelihood, c, cfg.mixtures)  # C, or a mixture's K (1 + 2C)
-    out_name = decoder_output_name(cfg.likelihood)
+    spec = for_model(cfg).spec
+    p, out_name = spec.param_channels, spec.output  # C, or a mixture's K (1 + 2C)
     metadata = {
         "latent_dim": str(d),
         "image_shape": json.dumps(list(cfg.image_shape)),
         "likelihood": cfg.likelihood,
-        **({"mixtures": str(cfg.mixtures)} if cfg.likelihood == "logistic-mixture" else {}),
+        **({"mixtures": str(spec.mixtures)} if spec.components else {}),
     }
     with torch.no_grad():
         _export(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])

@@ -62,7 +62,7 @@ def publish(
             write_manifest(
                 staging, name=name, version=version, latent_dim=m.latent_dim, image_shape=m.image_shape,
                 likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset, prior=m.prior,
-                mixtures=m.mixtures if m.likelihood == "logistic-mixture" else 0,
+                mixtures=model.likelihood.spec.mixtures,
                 preprocessing=preprocessing(cfg).to_json(), classes=classes or [],
                 graphs={role: signatures["decoder" if role in reduced_roles else role] for role in roles},
                 max_batch_size=max_batch_size, metrics=metrics or {}, opset=OPSET,

@@ -22,7 +22,6 @@ import numpy as np
 
 from service.engine import Engine, new_seed
 from service.errors import BadRequest, DeadlineExceeded, Internal, TooManyCalls, Unavailable, code_of
-from service.likelihood import bits_per_dim
 from service.metrics import Metrics
 from service.models import Models
 from service.registry import Status
@@ -436,7 +435,7 @@ async def score(
         x = await request_images(engine, x, files)
         s = seed(seed_value)
         terms = await engine.score(x, k, s, deadline)
-    bits = bits_per_dim(-terms["log_likelihood"], math.prod(engine.spec.image_shape), engine.spec.likelihood)
+    bits = engine.spec.distribution.bits_per_dim(-terms["log_likelihood"], math.prod(engine.spec.image_shape))
     return Scores(terms["elbo"], terms["reconstruction"], terms["kl"], terms["log_likelihood"], bits, k, s)
 
 

@@ -29,7 +29,6 @@ import numpy as np
 from service.batcher import INLINE_SECONDS, Batcher
 from service.costs import F32, Costs
 from service.imaging import ImageError, load_image
-from service.likelihood import mean_function, mean_per_batch
 from service.metrics import Metrics
 from service.manifest import ModelSpec, RepositoryError
 from service.memory import Hold, MemoryBudget, resident
@@ -137,8 +136,8 @@ class Engine:
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
-        self.mean_image = mean_function(spec.likelihood, spec.image_shape[0])
-        self._mean_in_batch = mean_per_batch(spec.likelihood)
+        self.mean_image = spec.distribution.image
+        self._mean_in_batch = spec.distribution.image_per_batch
         common = dict(
             metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
@@ -297,7 +296,7 @@ class Engine:
         n, d = len(x), self.spec.latent_dim
         mu, logvar = await self.encode(x, deadline)
         mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
-        sums = ScoreSums(x.astype(np.float64), mu, logvar, k, self.spec.likelihood, self.spec.gaussian_std, bool(self.priors))
+        sums = ScoreSums(x.astype(np.float64), mu, logvar, k, self.spec.distribution, bool(self.priors))
         noise, sigma, total = noise_stream(seed), np.exp(0.5 * logvar), n * k
         step = chunk_rows(self.spec.decoder_channels * math.prod(self.spec.image_shape[1:]), total)
 

@@ -1,7 +1,11 @@
-"""p(x|z) for the three likelihoods, in numpy float64: what Score and Sample compute on the server.
+"""p(x|z) for the server: one class per distribution (`Bernoulli`, `Gaussian`, `LogisticMixture`),
+each with its log-probability in numpy float64 (what Score computes), the image it shows (what
+Sample and Reconstruct return) and what its bits/dim mean. `likelihood()` makes the one a model
+names.
 
-This module never imports torch (the server has none); `training.losses` computes the same
-quantities in torch for training, and the tests hold the two to agree within 1e-9 in float64.
+This module never imports torch (the server has none); `training.likelihoods` holds the torch class
+of each distribution for training, and tests/test_likelihood.py holds each pair equal (within 1e-9
+in float64), so a new likelihood is one class here and one there.
 
 "logistic-mixture" is the discretized mixture of logistics for 8-bit images (PixelCNN++; NVAE's
 `DiscMixLogistic`, VDVAE's `discretized_mix_logistic_loss`). The decoder's P = K (1 + 2C) output
@@ -18,14 +22,11 @@ the correlation between channels), so the layout and the math stay the same for 
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-LIKELIHOODS = ("bernoulli", "gaussian", "logistic-mixture")
 LOG_2PI = math.log(2 * math.pi)
 LOG_SCALE_MIN = -7.0  # as PixelCNN++ and NVAE: below it a bin's mass is already ~1 or ~0
 BIN_HALF_WIDTH = 1.0 / 255  # half of one 8-bit step once [0, 1] is mapped to [-1, 1]
@@ -33,11 +34,6 @@ BIN_HALF_WIDTH = 1.0 / 255  # half of one 8-bit step once [0, 1] is mapped to [-
 # d^2/24 = 4e-12): exact where it matters, and finite for any log-scale, where expm1 would underflow
 # to log(0) (log-scales past ~100 in float32, which a diverging step can produce).
 SMALL_BIN = 1e-5
-
-
-def check_likelihood(likelihood: str) -> None:
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
 
 
 def mixture_components(params_channels: int, channels: int) -> int:
@@ -49,16 +45,6 @@ def mixture_components(params_channels: int, channels: int) -> int:
             f"parameter channels (K logits, K*C means, K*C log-scales); got {params_channels}"
         )
     return params_channels // per_component
-
-
-def decoder_channels(likelihood: str, channels: int, mixtures: int) -> int:
-    """How many channels the decoder outputs per pixel: C (logits or means), or K (1 + 2C)."""
-    check_likelihood(likelihood)
-    if likelihood != "logistic-mixture":
-        return channels
-    if mixtures < 1:
-        raise ValueError(f"a logistic mixture needs at least one component; got {mixtures}")
-    return mixtures * (1 + 2 * channels)
 
 
 def split_mixture(params: Any, channels: int) -> tuple[Any, Any, Any]:
@@ -136,30 +122,6 @@ def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
     return a - np.expand_dims(logsumexp(a, axis), axis)
 
 
-def log_px_z(likelihood: str, x: np.ndarray, params: np.ndarray, gaussian_std: float = 0.1) -> np.ndarray:
-    """log p(x|z) in nats, float64, summed over the last three dims (C, H, W).
-
-    x [..., C, H, W] in [0, 1] and params [..., P, H, W] broadcast over the leading dims (Score's
-    streamed sums pass each draw's image beside its parameters, a slice of rows at a time). Bernoulli: x l - log(1 + e^l); Gaussian with fixed std: the normal
-    log-density; logistic-mixture: the 8-bit bin's log-probability (see `_log_logistic_mixture`).
-    """
-    check_likelihood(likelihood)
-    x = np.asarray(x, dtype=np.float64)
-    if likelihood == "logistic-mixture":
-        return _log_logistic_mixture(x, params)
-    if likelihood == "bernoulli":
-        log_p = np.multiply(x, params, dtype=np.float64)
-        log_p -= np.logaddexp(0.0, params, dtype=np.float64)
-    else:
-        var = gaussian_std**2
-        log_p = np.subtract(x, params, dtype=np.float64)
-        log_p **= 2
-        log_p /= var
-        log_p += math.log(var) + LOG_2PI
-        log_p *= -0.5
-    return log_p.sum(axis=(-3, -2, -1))
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """float32 logistic via tanh (no overflow for large |x|), in place on one temporary."""
     y = np.tanh(np.multiply(x, 0.5, dtype=np.float32))
@@ -185,35 +147,105 @@ def mixture_mean(params: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(mean, 0.0, 1.0, out=mean)
 
 
-def mean_function(likelihood: str, channels: int) -> Callable[[np.ndarray], np.ndarray]:
-    """What Sample and Reconstruct show for one likelihood, chosen once (the server runs it on every
-    decoded batch): params -> float32 [N, C, H, W] in [0, 1], sigmoid of the Bernoulli logits, the
-    Gaussian mean clipped to [0, 1], or the logistic mixture's mean."""
-    check_likelihood(likelihood)
-    if likelihood == "bernoulli":
-        return sigmoid
-    if likelihood == "gaussian":
-        return lambda params: np.clip(params, 0.0, 1.0).astype(np.float32, copy=False)
-    return functools.partial(mixture_mean, channels=channels)
+class Likelihood:
+    """p(x|z) for images of `channels` channels, from the decoder's parameters [..., P, H, W]."""
+
+    name: ClassVar[str]
+    output: ClassVar[str]  # what the decoder graph calls its output
+    # Whether its nll is already -log P of the values scored (8-bit levels, or binarized pixels), so
+    # bits/dim is nll / (dims ln 2); a density on [0, 1] first gets the 8-bit bins' width.
+    discrete: ClassVar[bool] = True
+    # Whether the server takes a batch's images with its decoding, on the inference thread: cheap
+    # images are; a mixture's (a softmax and a sum over K) only for the requests that show images.
+    image_per_batch: ClassVar[bool] = True
+    bits_note: ClassVar[str]  # what its bits/dim mean, for reports
+    components: ClassVar[bool] = False  # whether it is a mixture, of `mixtures` components
+
+    def __init__(self, channels: int, mixtures: int = 0, gaussian_std: float = 0.1) -> None:
+        if (mixtures > 0) != self.components:
+            raise ValueError(f"mixtures {mixtures} for a {self.name} model: a logistic mixture needs K >= 1, the others none")
+        self.channels, self.mixtures, self.gaussian_std = channels, mixtures, gaussian_std
+
+    @property
+    def param_channels(self) -> int:
+        """Channels of the decoder's output per pixel."""
+        return self.channels
+
+    def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """log p(x|z) in nats, float64, summed over the last three dims (C, H, W): x [..., C, H, W]
+        in [0, 1] and params [..., P, H, W] broadcast over the leading dims (Score's streamed sums
+        pass each draw's image beside its parameters, a slice of rows at a time)."""
+        raise NotImplementedError
+
+    def image(self, params: np.ndarray) -> np.ndarray:
+        """What Sample and Reconstruct show: float32 [..., C, H, W] in [0, 1], a fixed function of
+        the parameters, so a seeded image does not depend on its batch."""
+        raise NotImplementedError
+
+    def bits_per_dim(self, nll_nats: float | np.ndarray, dims: int) -> float | np.ndarray:
+        """-log2 P(x) per dimension, the unit the image-modelling literature compares."""
+        if not self.discrete:  # the 8-bit bin around x has width 1/255: P is about p(x) / 255 per dimension
+            nll_nats = nll_nats + dims * math.log(255.0)
+        return nll_nats / (dims * math.log(2.0))
 
 
-def mean_per_batch(likelihood: str) -> bool:
-    """Whether the server takes a batch's images with its decoding, on the inference thread: cheap
-    means are; a mixture's (a softmax and a sum over K: milliseconds at batch 256) is taken only for
-    the requests that show images (not Score's), off the event loop."""
-    return likelihood != "logistic-mixture"
+class Bernoulli(Likelihood):
+    """Independent Bernoulli pixels from logits: for binarized images (MNIST's)."""
+
+    name, output = "bernoulli", "logits"
+    bits_note = "of the binarized test images, not of their 8-bit grey levels"
+
+    def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        log_p = np.multiply(np.asarray(x, dtype=np.float64), params, dtype=np.float64)
+        log_p -= np.logaddexp(0.0, params, dtype=np.float64)
+        return log_p.sum(axis=(-3, -2, -1))
+
+    def image(self, params: np.ndarray) -> np.ndarray:
+        return sigmoid(params)
 
 
-def bits_per_dim(nll_nats: float | np.ndarray, dims: int, likelihood: str) -> float | np.ndarray:
-    """-log2 p(x) per dimension, the unit the image-modelling literature compares.
+class Gaussian(Likelihood):
+    """A Gaussian of fixed standard deviation around the decoder's mean: a density on [0, 1]."""
 
-    The logistic mixture and the Bernoulli are discrete likelihoods (the Bernoulli's of the
-    binarized images), so their nll is already -log P: divide by dims ln 2. The Gaussian is a
-    density on [0, 1]; the 8-bit bin around x has width 1/255, so its probability is about
-    p(x) / 255 per dimension and -log P = nll + dims ln 255, which makes it comparable with the
-    discrete ones.
-    """
-    check_likelihood(likelihood)
-    if likelihood == "gaussian":
-        nll_nats = nll_nats + dims * math.log(255.0)
-    return nll_nats / (dims * math.log(2.0))
+    name, output, discrete = "gaussian", "mean", False
+    bits_note = "a density on [0, 1] turned into 8-bit bins of width 1/255 (nll + dims ln 255)"
+
+    def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        var = self.gaussian_std**2
+        log_p = np.subtract(np.asarray(x, dtype=np.float64), params, dtype=np.float64)
+        log_p **= 2
+        log_p /= var
+        log_p += math.log(var) + LOG_2PI
+        log_p *= -0.5
+        return log_p.sum(axis=(-3, -2, -1))
+
+    def image(self, params: np.ndarray) -> np.ndarray:
+        return np.clip(params, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+class LogisticMixture(Likelihood):
+    """The discretized mixture of K logistics of 8-bit images (the layout in this module's docstring)."""
+
+    name, output, image_per_batch, components = "logistic-mixture", "params", False, True
+    bits_note = "exact: a discrete likelihood of the 8-bit pixels"
+
+    @property
+    def param_channels(self) -> int:
+        return self.mixtures * (1 + 2 * self.channels)
+
+    def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        return _log_logistic_mixture(np.asarray(x, dtype=np.float64), params)
+
+    def image(self, params: np.ndarray) -> np.ndarray:
+        return mixture_mean(params, self.channels)
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in (Bernoulli, Gaussian, LogisticMixture)}
+
+
+def likelihood(name: str, channels: int, mixtures: int = 0, gaussian_std: float = 0.1) -> Likelihood:
+    """The likelihood a model names, for its images' channels (ValueError for an unknown name, or
+    components a distribution does not have)."""
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}: expected one of {', '.join(LIKELIHOODS)}")
+    return LIKELIHOODS[name](channels, mixtures, gaussian_std)

@@ -11,6 +11,7 @@ disagree. It lives on the serving side because the serving image carries `servic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 from service.errors import FailedPrecondition
 from service.imaging import Preprocessing, on_black
-from service.likelihood import LIKELIHOODS, decoder_channels
+from service.likelihood import Likelihood, likelihood as make_likelihood
 
 FORMAT = 1  # model.json's layout; a version of another format is refused
 ROLES = ("encoder", "decoder")  # the graphs every version has
@@ -56,10 +57,15 @@ class ModelSpec:
     preprocessing: Preprocessing | None = None  # what an image file sent to this model goes through
     classes: tuple[str, ...] = ()  # the training data's class names, when it had classes
 
+    @functools.cached_property
+    def distribution(self) -> Likelihood:
+        """p(x|z) as the type that computes it (ValueError for a likelihood this server lacks)."""
+        return make_likelihood(self.likelihood, self.image_shape[0], self.mixtures, self.gaussian_std)
+
     @property
     def decoder_channels(self) -> int:
         """Channels of the decoder's output: C, or a logistic mixture's K (1 + 2C)."""
-        return decoder_channels(self.likelihood, self.image_shape[0], self.mixtures)
+        return self.distribution.param_channels
 
     def graph(self, role: str) -> Path:
         return self.folder / f"{role}.onnx"
@@ -118,8 +124,7 @@ def write_manifest(
     mismatch = preprocessing is not None and _preprocessing_mismatch(Preprocessing.from_json(preprocessing), image_shape)
     if mismatch:
         raise ValueError(mismatch)
-    if (likelihood == "logistic-mixture") != (mixtures > 0):
-        raise ValueError(f"mixtures {mixtures} for a {likelihood} model: a logistic mixture needs K >= 1, the others none")
+    make_likelihood(likelihood, image_shape[0], mixtures, gaussian_std)  # ValueError: no such likelihood, or bad mixtures
     typed = {
         **({"preprocessing": preprocessing} if preprocessing is not None else {}),
         **({"mixtures": mixtures} if mixtures else {}), **({"classes": list(classes)} if classes is not None else {}),
@@ -206,13 +211,15 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
-    if len(spec.image_shape) != 3 or spec.latent_dim < 1 or spec.likelihood not in LIKELIHOODS:
-        raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape, latent_dim or likelihood")
+    if len(spec.image_shape) != 3 or spec.latent_dim < 1:
+        raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape or latent_dim")
+    try:
+        spec.distribution
+    except ValueError as err:
+        raise RepositoryError(f"{folder}/{MANIFEST}: {err}") from None
     mismatch = spec.preprocessing is not None and _preprocessing_mismatch(spec.preprocessing, spec.image_shape)
     if mismatch:
         raise RepositoryError(f"{folder}/{MANIFEST}: {mismatch}")
-    if spec.likelihood == "logistic-mixture" and spec.mixtures < 1:
-        raise RepositoryError(f"{folder}/{MANIFEST}: a logistic-mixture model needs mixtures >= 1")
     if spec.prior not in PRIOR_ROLES:
         served = " and ".join(PRIOR_ROLES)
         raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r}; this server serves the priors {served}")

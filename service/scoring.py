@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from service.likelihood import LOG_2PI, log_px_z
+from service.likelihood import LOG_2PI, Likelihood
 
 SCORE_CHUNK_VALUES = 1 << 20  # float64 values per slice of the likelihood's arithmetic (8 MiB)
 CHUNK_BYTES = 16 << 20  # decoder outputs (float32) per chunk of rows submitted at once
@@ -35,11 +35,11 @@ def chunk_rows(values_per_row: int, total: int) -> int:
 class ScoreSums:
     """The running per-image sums of one Score request."""
 
-    def __init__(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, k: int, likelihood: str,
-                 gaussian_std: float, flow: bool) -> None:  # fmt: skip
+    def __init__(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, k: int, likelihood: Likelihood,
+                 flow: bool) -> None:  # fmt: skip
         n = len(x)
         self.x, self.mu, self.logvar, self.k = x, mu, logvar, k
-        self.likelihood, self.gaussian_std, self.flow = likelihood, gaussian_std, flow
+        self.likelihood, self.flow = likelihood, flow
         self.log_px = np.zeros(n)  # sum over draws of log p(x|z)
         self.log_q_minus_p = np.zeros(n)  # sum over draws of log q(z|x) - log p(z), a flow's KL
         self.w_max = np.full(n, -np.inf)  # logsumexp of log w, as max + log(sum(exp(log w - max)))
@@ -70,7 +70,7 @@ class ScoreSums:
         SCORE_CHUNK_VALUES whatever the chunk."""
         step = max(1, SCORE_CHUNK_VALUES // max(1, math.prod(params.shape[1:])))
         return np.concatenate([
-            log_px_z(self.likelihood, self.x[image[j : j + step]], params[j : j + step], self.gaussian_std)
+            self.likelihood.log_prob(self.x[image[j : j + step]], params[j : j + step])
             for j in range(0, len(params), step)
         ])  # fmt: skip
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from service.costs import F32, Costs, Work, measure
 from service.memory import fresh_blocks
-from service.likelihood import log_px_z, mean_function, mean_per_batch
 from service.manifest import ModelSpec
 from service.runtime import ModelLoadError, Runtime
 from service.scoring import CHUNK_BYTES, IN_FLIGHT, SCORE_CHUNK_VALUES, chunk_rows
@@ -46,8 +45,8 @@ def warm_up(
 def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: float) -> tuple[Costs, BatchSettings]:
     c, h, w = spec.image_shape
     d = spec.latent_dim
-    mean = mean_function(spec.likelihood, c)
-    in_batch = mean_per_batch(spec.likelihood)
+    mean = spec.distribution.image
+    in_batch = spec.distribution.image_per_batch
 
     def decode(z: np.ndarray) -> list[np.ndarray]:  # as Engine._decode_batch runs a batch
         (params,) = runtime.decoder.run(z)
@@ -98,7 +97,7 @@ def _costs(
 ) -> Costs:  # fmt: skip
     c, h, w = spec.image_shape
     image, latent, params = F32 * c * h * w, F32 * spec.latent_dim, F32 * spec.decoder_channels * h * w
-    in_batch = mean_per_batch(spec.likelihood)
+    in_batch = spec.distribution.image_per_batch
     return Costs(
         image=image, latent=latent, params=params, batch_rows=batch_rows,
         encoder=Work.fit(runs["encoder"], 2 * latent),
@@ -119,6 +118,6 @@ def _score_arithmetic(spec: ModelSpec) -> tuple[Work, int]:
     rows = max(1, min(SCORE_CHUNK_VALUES // values, CHUNK_BYTES // (F32 * values)))
     x = np.zeros((rows, c, h, w))
     params = np.zeros((rows, spec.decoder_channels, h, w), np.float32)
-    _, peak = measure(lambda: log_px_z(spec.likelihood, x, params, spec.gaussian_std))
+    _, peak = measure(lambda: spec.distribution.log_prob(x, params))
     per_row = peak // rows if peak is not None else 3 * 8 * values  # else three float64 temporaries of its size
     return Work(0, per_row), rows

@@ -245,7 +245,7 @@ def test_torchrun_run_resumes_on_four_ranks_then_exports_and_serves(two_ranks, o
     assert metrics["world_size"] == 4 and [h["world_size"] for h in metrics["history"]] == [2, 4]
     # The test figures, split over 4 ranks (IWAE noise skipped to each rank's images), are one process's.
     model, cfg, _ = load_model(run / "best.pt")
-    x = prepare_eval_images(load_dataset("digits").test.unit(), cfg.model.likelihood, cfg.eval_images)
+    x = prepare_eval_images(load_dataset("digits").test.unit(), model.likelihood, cfg.eval_images)
     alone = evaluate(model, x, cfg.iwae_k)
     for key in ("nll", "elbo", "kl", "psnr_db", "active_units"):
         assert metrics["test"][key] == pytest.approx(alone[key], rel=1e-5), key

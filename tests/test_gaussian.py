@@ -100,7 +100,7 @@ def test_images_are_clipped_the_same_way_in_training_and_serving(client, model):
 
 
 def test_score_agrees_with_training_evaluate(client, model, digits):
-    x = prepare_eval_images(digits.test.images, "gaussian", 200)
+    x = prepare_eval_images(digits.test.images, model.likelihood, 200)
     scores = client.score(x.numpy(), k=64, seed=0)
     expected = evaluate(model, x, k=64)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The likelihoods against first principles: the discretized logistic mixture against bin
-probabilities taken straight from the logistic CDF, normalised over all 8-bit values, and the
-server's numpy (service.likelihood) against training's torch (training.losses) in float64."""
+probabilities taken straight from the logistic CDF, normalised over all 8-bit values; and each
+distribution's pair, the server's numpy class (service.likelihood) and training's torch class
+(training.likelihoods), held equal in float64."""
 
 import itertools
 import math
@@ -13,8 +14,11 @@ import pytest
 import torch
 from scipy.special import expit
 
-from service.likelihood import bits_per_dim, decoder_channels, log_px_z, mean_function, mixture_components
-from training.losses import discretized_mix_logistic_nll, mixture_mean, reconstruction_nll
+from service import likelihood as numpy_likelihood
+from service.likelihood import likelihood, mixture_components
+from training import likelihoods as torch_likelihoods
+
+MIXTURE = "logistic-mixture"
 
 H = 1.0 / 255  # half an 8-bit step in [-1, 1]
 
@@ -64,8 +68,27 @@ def direct_log_p(params: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.log((weights * bins.prod(axis=2)).sum(axis=1)).sum(axis=(1, 2))
 
 
+def mixture(params: np.ndarray, c: int) -> numpy_likelihood.Likelihood:
+    """The numpy mixture whose decoder gives `params` for images of c channels."""
+    return likelihood(MIXTURE, c, mixture_components(params.shape[-3], c))
+
+
+def log_px_z(params: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return mixture(params, x.shape[-3]).log_prob(x, params)
+
+
 def torch_log_p(params: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return -discretized_mix_logistic_nll(torch.from_numpy(params), torch.from_numpy(x)).numpy()
+    twin = torch_likelihoods.of(mixture(params, x.shape[1]))
+    return twin.log_prob(torch.from_numpy(x), torch.from_numpy(params)).numpy()
+
+
+def mixture_nll(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return -torch_likelihoods.of(mixture(params, x.shape[1])).log_prob(x, params)
+
+
+def pair(name: str, c: int, std: float = 0.2, k: int = 3) -> tuple[numpy_likelihood.Likelihood, torch_likelihoods.Likelihood]:
+    spec = likelihood(name, c, k if numpy_likelihood.LIKELIHOODS[name].components else 0, std)
+    return spec, torch_likelihoods.of(spec)
 
 
 @pytest.mark.parametrize("k, c", [(1, 1), (4, 3), (5, 2)])
@@ -79,7 +102,7 @@ def test_off_grid_images_count_as_their_nearest_8_bit_value():
     x = np.random.default_rng(2).integers(0, 17, size=(2, 1, 4, 4)) / 16.0  # sklearn digits' grid
     on_grid = np.round(x * 255) / 255
     assert np.array_equal(torch_log_p(params, x), torch_log_p(params, on_grid))
-    assert np.array_equal(log_px_z("logistic-mixture", x, params), log_px_z("logistic-mixture", on_grid, params))
+    assert np.array_equal(log_px_z(params, x), log_px_z(params, on_grid))
 
 
 def all_values(channels: int) -> np.ndarray:
@@ -96,28 +119,28 @@ def test_the_probabilities_of_all_8_bit_values_sum_to_one(k: int, c: int):
     )[None, :, None, None]
     x = all_values(c)
     by_torch = np.exp(torch_log_p(np.broadcast_to(params, (len(x), *params.shape[1:])).copy(), x)).sum()
-    by_numpy = np.exp(log_px_z("logistic-mixture", x, params)).sum()  # params broadcast over the values
+    by_numpy = np.exp(likelihood(MIXTURE, c, k).log_prob(x, params)).sum()  # params broadcast over the values
     assert by_torch == pytest.approx(1.0, abs=1e-9)
     assert by_numpy == pytest.approx(1.0, abs=1e-9)
 
 
 def test_numpy_and_torch_agree_and_stay_finite_at_extremes():
     params, x = extreme_case(np.random.default_rng(3))
-    by_numpy = log_px_z("logistic-mixture", x, params)
+    by_numpy = log_px_z(params, x)
     by_torch = torch_log_p(params, x)
     assert np.isfinite(by_numpy).all() and np.isfinite(by_torch).all()
     np.testing.assert_allclose(by_numpy, by_torch, rtol=1e-12, atol=1e-9)
     # the server's float32 decoder output is widened before any arithmetic
     as_float32 = params.astype(np.float32)
     widened = as_float32.astype(np.float64)
-    assert np.array_equal(log_px_z("logistic-mixture", x, as_float32), log_px_z("logistic-mixture", x, widened))
+    assert np.array_equal(log_px_z(as_float32, x), log_px_z(widened, x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_gradients_are_finite_at_extremes(dtype: torch.dtype):
     params, x = extreme_case(np.random.default_rng(4))
     p = torch.tensor(params, dtype=dtype, requires_grad=True)
-    nll = discretized_mix_logistic_nll(p, torch.tensor(x, dtype=dtype))
+    nll = mixture_nll(p, torch.tensor(x, dtype=dtype))
     nll.sum().backward()
     assert torch.isfinite(nll).all() and torch.isfinite(p.grad).all()
 
@@ -129,7 +152,7 @@ def test_numpy_broadcasts_images_over_posterior_samples_as_score_does():
     params, x = random_case(np.random.default_rng(5), n=n * s, k=k, c=c)
     x = x[:n]
     stacked = params.reshape(n, s, *params.shape[1:])
-    by_numpy = log_px_z("logistic-mixture", x[:, None], stacked)
+    by_numpy = likelihood(MIXTURE, c, k).log_prob(x[:, None], stacked)
     by_torch = torch_log_p(params, np.repeat(x, s, axis=0)).reshape(n, s)
     assert by_numpy.shape == (n, s)
     np.testing.assert_allclose(by_numpy, by_torch, rtol=1e-12, atol=1e-9)
@@ -138,57 +161,73 @@ def test_numpy_broadcasts_images_over_posterior_samples_as_score_does():
 def test_mixture_mean_image_is_in_range_and_the_same_in_numpy_and_torch():
     k, c = 3, 3
     params, _ = extreme_case(np.random.default_rng(6), n=5, k=k, c=c)
-    image = mean_function("logistic-mixture", c)(params.astype(np.float32))
-    reference = mixture_mean(torch.from_numpy(params), c).numpy()
+    spec, twin = pair(MIXTURE, c, k=k)
+    image = spec.image(params.astype(np.float32))
+    reference = twin.image(torch.from_numpy(params)).numpy()
     assert image.shape == (5, c, 4, 4) and image.dtype == np.float32
     assert image.min() >= 0.0 and image.max() <= 1.0
     np.testing.assert_allclose(image, reference, rtol=0, atol=1e-6)
     # one component with mean m in [-1, 1] shows (m + 1) / 2
     single = np.array([0.0, 0.5, -0.3])[None, :, None, None]
-    assert mean_function("logistic-mixture", 1)(single)[0, 0, 0, 0] == pytest.approx(0.75)
+    assert likelihood(MIXTURE, 1, 1).image(single)[0, 0, 0, 0] == pytest.approx(0.75)
 
 
 def test_bernoulli_and_gaussian_mean_images():
     params = np.array([-50.0, 0.0, 0.25, 2.0], dtype=np.float32).reshape(1, 1, 2, 2)
     expected = torch.sigmoid(torch.from_numpy(params)).numpy()
-    np.testing.assert_allclose(mean_function("bernoulli", 1)(params), expected, atol=1e-7)
-    np.testing.assert_array_equal(mean_function("gaussian", 1)(params), np.clip(params, 0, 1))
+    np.testing.assert_allclose(likelihood("bernoulli", 1).image(params), expected, atol=1e-7)
+    np.testing.assert_array_equal(likelihood("gaussian", 1).image(params), np.clip(params, 0, 1))
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_bernoulli_and_gaussian_match_training(likelihood: str):
+def test_every_likelihood_has_its_torch_twin():
+    assert set(torch_likelihoods.LIKELIHOODS) == set(numpy_likelihood.LIKELIHOODS)
+
+
+@pytest.mark.parametrize("name", list(numpy_likelihood.LIKELIHOODS))
+def test_each_pair_agrees_on_log_probability_and_image(name: str):
+    """The server's numpy class and training's torch class of one distribution: the same
+    log-probability in float64, the same image, the same decoder channels; and the numpy one
+    broadcasts images over posterior draws as Score passes them."""
+    c, k = 3, 3
+    spec, twin = pair(name, c, k=k)
     rng = np.random.default_rng(7)
-    params = rng.normal(size=(4, 3, 5, 5))
-    x = rng.random((4, 3, 5, 5))
-    expected = -reconstruction_nll(torch.from_numpy(params), torch.from_numpy(x), likelihood, 0.2).numpy()
-    np.testing.assert_allclose(log_px_z(likelihood, x, params, 0.2), expected, rtol=1e-12, atol=1e-9)
-    stacked = log_px_z(likelihood, x[:2, None], params.reshape(2, 2, 3, 5, 5), 0.2)
-    np.testing.assert_allclose(stacked, log_px_z(likelihood, np.repeat(x[:2], 2, axis=0), params, 0.2).reshape(2, 2))
+    if spec.components:
+        params, x = extreme_case(rng, n=4, k=k, c=c, size=5)
+    else:
+        params, x = rng.normal(size=(4, c, 5, 5)) * 3, rng.random((4, c, 5, 5))
+    assert params.shape[1] == spec.param_channels
+    expected = twin.log_prob(torch.from_numpy(x), torch.from_numpy(params)).numpy()
+    np.testing.assert_allclose(spec.log_prob(x, params), expected, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(spec.image(params.astype(np.float32)), twin.image(torch.from_numpy(params)).numpy(), rtol=0, atol=1e-6)
+    stacked = spec.log_prob(x[:2, None], params.reshape(2, 2, *params.shape[1:]))
+    np.testing.assert_allclose(stacked, spec.log_prob(np.repeat(x[:2], 2, axis=0), params).reshape(2, 2))
 
 
 def test_bits_per_dim_by_hand():
     dims = 784
-    assert bits_per_dim(dims * math.log(2), dims, "logistic-mixture") == pytest.approx(1.0)
-    assert bits_per_dim(3 * dims * math.log(2), dims, "bernoulli") == pytest.approx(3.0)
+    assert likelihood(MIXTURE, 1, 5).bits_per_dim(dims * math.log(2), dims) == pytest.approx(1.0)
+    assert likelihood("bernoulli", 1).bits_per_dim(3 * dims * math.log(2), dims) == pytest.approx(3.0)
     # a Gaussian density of 1 on [0, 1] puts 1/255 on each 8-bit bin: log2(255) bits
-    assert bits_per_dim(0.0, dims, "gaussian") == pytest.approx(math.log2(255))
-    np.testing.assert_allclose(bits_per_dim(np.array([0.0, 2 * math.log(2)]), 2, "logistic-mixture"), [0.0, 1.0])
+    assert likelihood("gaussian", 1).bits_per_dim(0.0, dims) == pytest.approx(math.log2(255))
+    np.testing.assert_allclose(likelihood(MIXTURE, 1, 5).bits_per_dim(np.array([0.0, 2 * math.log(2)]), 2), [0.0, 1.0])
 
 
 def test_components_are_inferred_from_the_channel_count():
-    assert decoder_channels("logistic-mixture", 3, 10) == 70
-    assert decoder_channels("bernoulli", 3, 10) == 3 and decoder_channels("gaussian", 1, 10) == 1
+    assert likelihood(MIXTURE, 3, 10).param_channels == 70
+    assert likelihood("bernoulli", 3).param_channels == 3 and likelihood("gaussian", 1).param_channels == 1
     assert mixture_components(70, 3) == 10 and mixture_components(3, 1) == 1
     with pytest.raises(ValueError, match="multiple of 7"):
         mixture_components(71, 3)
     with pytest.raises(ValueError, match="multiple of 3"):
-        discretized_mix_logistic_nll(torch.zeros(1, 4, 2, 2), torch.zeros(1, 1, 2, 2))
+        torch_likelihoods.of(likelihood(MIXTURE, 1, 1)).log_prob(torch.zeros(1, 1, 2, 2), torch.zeros(1, 4, 2, 2))
     with pytest.raises(ValueError):
-        log_px_z("logistic-mixture", np.zeros((1, 1, 2, 2)), np.zeros((1, 4, 2, 2)))
-    with pytest.raises(ValueError):
-        decoder_channels("logistic-mixture", 3, 0)
+        likelihood(MIXTURE, 1, 1).log_prob(np.zeros((1, 1, 2, 2)), np.zeros((1, 4, 2, 2)))
+    with pytest.raises(ValueError, match="needs K >= 1"):
+        likelihood(MIXTURE, 3, 0)
+    with pytest.raises(ValueError, match="the others none"):
+        likelihood("bernoulli", 3, 5)
     with pytest.raises(ValueError, match="unknown likelihood"):
-        log_px_z("poisson", np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
+        likelihood("poisson", 1)
 
 
 def test_the_server_module_never_imports_torch():
@@ -206,8 +245,8 @@ def test_huge_log_scales_give_finite_values_and_gradients_in_both_implementation
     params[:, k + k * c :] = torch.tensor([150.0, 1e3, 8.0, -3.0, 40.0, 99.0]).view(1, -1, 1, 1)
     params.requires_grad_(True)
     x = torch.tensor([0.0, 1.0, 0.5]).view(1, 3, 1, 1).expand(2, 3, 3, 3).contiguous()
-    nll = discretized_mix_logistic_nll(params, x)
+    nll = mixture_nll(params, x)
     nll.sum().backward()
     assert torch.isfinite(nll).all() and torch.isfinite(params.grad).all()
-    service = -log_px_z("logistic-mixture", x.double().numpy(), params.detach().double().numpy())
+    service = -log_px_z(params.detach().double().numpy(), x.double().numpy())
     np.testing.assert_allclose(service, nll.detach().double().numpy(), rtol=1e-5)

@@ -29,21 +29,19 @@ def test_sample_is_an_image_in_unit_range_and_seeded():
     assert 0.0 <= a.min() and a.max() <= 1.0
 
 
-def service_mean_image(likelihood: str, params: torch.Tensor, channels: int = 1) -> torch.Tensor:
-    """What the service shows for these decoder outputs (`service.likelihood.mean_function`, which
-    `Engine.mean_image` is), on numpy."""
-    from service.likelihood import mean_function
-
-    return torch.from_numpy(mean_function(likelihood, channels)(params.numpy()))
+def service_mean_image(model: VAE, params: torch.Tensor) -> torch.Tensor:
+    """What the service shows for these decoder outputs (the model's `service.likelihood` class's
+    image, which `Engine.mean_image` is), on numpy."""
+    return torch.from_numpy(model.likelihood.spec.image(params.numpy()))
 
 
 def test_gaussian_mean_image_is_clipped_as_the_service_clips_it():
     model = VAE(ModelConfig(image_shape=(1, 8, 8), latent_dim=4, likelihood="gaussian"))
     params = torch.randn(2, 1, 8, 8) * 3
-    assert torch.equal(model.likelihood_mean(params), params)  # the likelihood's mean is unbounded
+    assert torch.equal(model.likelihood.mean(params), params)  # the likelihood's mean is unbounded
     image = model.mean_image(params)
     assert torch.equal(image, params.clamp(0, 1)) and ((params < 0) | (params > 1)).any()
-    assert torch.equal(image, service_mean_image("gaussian", params))
+    assert torch.equal(image, service_mean_image(model, params))
     drawn = model.sample(64, temperature=5.0)
     assert 0.0 <= drawn.min() and drawn.max() <= 1.0
 
@@ -51,7 +49,7 @@ def test_gaussian_mean_image_is_clipped_as_the_service_clips_it():
 def test_bernoulli_mean_image_matches_the_service():
     model = VAE(ModelConfig(image_shape=(1, 8, 8), latent_dim=4))
     logits = torch.randn(2, 1, 8, 8) * 5
-    torch.testing.assert_close(model.mean_image(logits), service_mean_image("bernoulli", logits), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.mean_image(logits), service_mean_image(model, logits), rtol=0, atol=1e-6)
 
 
 def test_logistic_mixture_model_outputs_its_parameters_and_shows_the_services_image():
@@ -62,7 +60,7 @@ def test_logistic_mixture_model_outputs_its_parameters_and_shows_the_services_im
     assert params.shape == (2, 4 * (1 + 2 * 3), 16, 16)
     image = model.mean_image(params * 20)  # far outside [-1, 1]: the mean is clipped
     assert image.shape == (2, 3, 16, 16) and 0.0 <= image.min() and image.max() <= 1.0
-    torch.testing.assert_close(image, service_mean_image("logistic-mixture", params * 20, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(image, service_mean_image(model, params * 20), rtol=0, atol=1e-6)
 
 
 def test_bad_config_is_refused():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.engine import noise_stream, normal
-from service.likelihood import LOG_2PI, log_px_z
+from service.likelihood import LOG_2PI, likelihood as make_likelihood
 from service.scoring import ScoreSums, chunk_rows
 
 SHAPE = (1, 3, 4)  # [C, H, W] of the test images
@@ -20,7 +20,7 @@ SHAPE = (1, 3, 4)  # [C, H, W] of the test images
 def whole(x, params, mu, logvar, eps, z, log_pz, likelihood):
     """The textbook bound on whole [n, k, ...] arrays: what Score computed before it streamed."""
     n, k = params.shape[:2]
-    log_px = log_px_z(likelihood, x[:, None], params, 0.2)
+    log_px = likelihood.log_prob(x[:, None], params)
     log_qz = -0.5 * (LOG_2PI + logvar[:, None, :] + eps**2).sum(-1)
     if log_pz is None:
         log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
@@ -45,9 +45,10 @@ def test_any_chunking_gives_the_whole_arrays_figures(n, k, d, flow, likelihood, 
     z = mu[:, None] + eps * np.exp(0.5 * logvar)[:, None]
     params = rng.normal(0, 2, (n, k, *SHAPE))
     log_pz = rng.normal(-5, 1, (n, k)) if flow else None
+    likelihood = make_likelihood(likelihood, SHAPE[0], gaussian_std=0.2)
     expected = whole(x, params, mu, logvar, eps, z, log_pz, likelihood)
 
-    sums = ScoreSums(x, mu, logvar, k, likelihood, 0.2, flow)
+    sums = ScoreSums(x, mu, logvar, k, likelihood, flow)
     cuts = sorted(data.draw(st.sets(st.integers(1, n * k - 1), max_size=8)) if n * k > 1 else set())
     flat = lambda a: a.reshape(n * k, *a.shape[2:])  # noqa: E731 - image-major rows
     for start, end in zip([0, *cuts], [*cuts, n * k]):

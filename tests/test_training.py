@@ -186,7 +186,7 @@ def test_feature_map_reconstruction(digits, tmp_path):
     pixel, _ = objective_with(model, x, small_config())
     torch.manual_seed(1)
     with torch.no_grad():
-        distance = feature_distance(net, x, model.likelihood_mean(model(x)[0])).mean().item()
+        distance = feature_distance(net, x, model.likelihood.mean(model(x)[0])).mean().item()
     assert distance > 1.0
     for weight in (1.0, 2.5):
         cfg = small_config(reconstruction="both", feature_weight=weight, feature_checkpoint=features)
@@ -236,7 +236,7 @@ def test_run_writes_metrics_and_figures(digits, tmp_path):
 def test_evaluation_is_repeatable(digits, tmp_path):
     Trainer(small_config(epochs=1), tmp_path, digits).fit()
     model, cfg, _ = checkpoint.load_model(tmp_path / "best.pt")
-    x = prepare_eval_images(digits.test.images[:20], "bernoulli")
+    x = prepare_eval_images(digits.test.images[:20], model.likelihood)
     a, b = evaluate(model, x, k=10), evaluate(model, x, k=10)
     assert a["nll"] == b["nll"] and a["elbo"] == b["elbo"]
 
@@ -271,7 +271,7 @@ def test_cli_rejects_bad_flags(tmp_path):
 def test_standard_prior_objective_is_the_closed_form_elbo(digits):
     # The standard prior's loss is what it always was: reconstruction + closed-form KL at the same noise,
     # and its checkpoint holds the encoder and decoder alone.
-    from training.losses import kl_divergence, reconstruction_nll
+    from training.losses import kl_divergence
 
     model, x = digits_model(digits), digits.train.images[:64]
     cfg = small_config()
@@ -280,7 +280,7 @@ def test_standard_prior_objective_is_the_closed_form_elbo(digits):
     torch.manual_seed(1)
     mu, logvar = model.encode(x)
     params = model.decode(mu + torch.randn_like(mu) * torch.exp(0.5 * logvar))
-    recon = reconstruction_nll(params, x, "bernoulli").mean()
+    recon = -model.likelihood.log_prob(x, params).mean()
     kl = kl_divergence(mu, logvar).mean()
     assert stats["kl"] == kl.item() and stats["recon"] == recon.item()
     assert loss.item() == pytest.approx((recon + kl).item(), rel=1e-7)
@@ -314,7 +314,7 @@ def test_autoencoder_trains_and_is_evaluated(digits, tmp_path):
     x = digits.test.images[:10]
     assert torch.equal(model(x)[0], model(x)[0]) and model(x)[2] is None
     # The fitted Gaussian is the mean and covariance of the training codes.
-    codes = model.encode(prepare_eval_images(digits.train.images, "bernoulli", seed=1))[0]
+    codes = model.encode(prepare_eval_images(digits.train.images, model.likelihood, seed=1))[0]
     assert torch.allclose(model.code_mean, codes.mean(0), atol=1e-5)
     cov = model.code_scale_tril @ model.code_scale_tril.T
     assert torch.allclose(cov, torch.cov(codes.T), rtol=1e-2, atol=1e-3)
@@ -322,7 +322,7 @@ def test_autoencoder_trains_and_is_evaluated(digits, tmp_path):
     assert torch.allclose(fitted.mean(0), codes.mean(0), atol=0.1 * codes.std(0).max().item())
     prior = model.sample_z(5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(prior, torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))
-    assert evaluate(model, prepare_eval_images(x, "bernoulli"), k=5)["nll"] is None
+    assert evaluate(model, prepare_eval_images(x, model.likelihood), k=5)["nll"] is None
     with pytest.raises(ValueError, match="no density"):
         iwae_nll(model, x, 5)
 

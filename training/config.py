@@ -48,7 +48,7 @@ class ModelConfig:
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
         if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+            raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         if self.mixtures < 1:
             raise ValueError(f"mixtures must be >= 1, got {self.mixtures}")
         if self.latent_dim < 1 or self.widths == ():

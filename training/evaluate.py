@@ -22,28 +22,22 @@ import torch
 from service import commands
 from service.commands import Parser, writable_folder
 from service.imaging import encoded, to_uint8
-from service.likelihood import bits_per_dim
 from training.checkpoint import load_model
 from training.cli import check_data
-from training.data import Dataset, fixed_binarization, load_data, to_unit
+from training.data import Dataset, load_data, to_unit
 from training.distributed import Dist, gather_rows
 from training.features import check_classifier, load_feature_net
-from training.losses import iwae_bound, reconstruction_nll, skip_iwae_noise
+from training.likelihoods import Likelihood
+from training.losses import iwae_bound, skip_iwae_noise
 from training.model import VAE
 from training.quality import sample_quality
 
-# What bits/dim means per likelihood (service.likelihood.bits_per_dim).
-BITS_NOTES = {
-    "logistic-mixture": "exact: a discrete likelihood of the 8-bit pixels",
-    "bernoulli": "of the binarized test images, not of their 8-bit grey levels",
-    "gaussian": "a density on [0, 1] turned into 8-bit bins of width 1/255 (nll + dims ln 255)",
-}
 AE_NOTE = "a deterministic autoencoder defines no density: no ELBO, KL or NLL, only its reconstruction loss"
 
 log = logging.getLogger(__name__)
 
 
-def prepare_eval_images(x: torch.Tensor, likelihood: str, n: int | None = None, seed: int = 0) -> torch.Tensor:
+def prepare_eval_images(x: torch.Tensor, likelihood: Likelihood, n: int | None = None, seed: int = 0) -> torch.Tensor:
     """What the model is scored on: `n` test images drawn with a fixed seed (all when n is None or
     larger), binarized once with a fixed seed for Bernoulli models.
 
@@ -53,7 +47,7 @@ def prepare_eval_images(x: torch.Tensor, likelihood: str, n: int | None = None, 
     if n is not None and n < len(x):
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
     x = to_unit(x)
-    return fixed_binarization(x, seed) if likelihood == "bernoulli" else x
+    return likelihood.scored_data(x, seed)
 
 
 @torch.no_grad()
@@ -68,11 +62,10 @@ def elbo_terms(
     x with its rows of the noise one process would draw, and every rank gets every row."""
     if dist.active:
         return _shared_elbo_terms(model, x, batch_size, dist)
-    cfg = model.cfg
     recon, kl, mus = [], [], []
     for i, xb in enumerate(x.split(batch_size)):
         terms = model(xb, None if eps is None else eps[i * batch_size : i * batch_size + len(xb)])
-        recon.append(reconstruction_nll(terms.params, xb, cfg.likelihood, cfg.gaussian_std))
+        recon.append(-model.likelihood.log_prob(xb, terms.params))
         if terms.kl is not None:
             kl.append(terms.kl.sum(dim=1))
         mus.append(terms.mu)
@@ -142,7 +135,7 @@ def iwae_nll(
     gen = torch.Generator(device=x.device).manual_seed(seed)
 
     def decode_nll(z: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        return reconstruction_nll(model.decode(z), xs, cfg.likelihood, cfg.gaussian_std)
+        return -model.likelihood.log_prob(xs, model.decode(z))
 
     batches = x.split(batch_size)
     mine = dist.share(len(batches))
@@ -178,7 +171,7 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Di
             "seconds": round(time.perf_counter() - started, 2),
         }
     nll = iwae_nll(model, x, k, seed, dist=dist)
-    dims, likelihood = c * h * w, model.cfg.likelihood
+    dims, spec = c * h * w, model.likelihood.spec
     return {
         "images": len(x),
         "iwae_k": k,
@@ -186,9 +179,9 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Di
         "reconstruction": terms["recon"].mean().item(),
         "kl": terms["kl"].mean().item(),
         "nll": nll.mean().item(),
-        "nll_bits_per_dim": float(bits_per_dim(nll.mean().item(), dims, likelihood)),
-        "elbo_bits_per_dim": float(bits_per_dim(-terms["elbo"].mean().item(), dims, likelihood)),
-        "bits_per_dim_note": BITS_NOTES[likelihood],
+        "nll_bits_per_dim": float(spec.bits_per_dim(nll.mean().item(), dims)),
+        "elbo_bits_per_dim": float(spec.bits_per_dim(-terms["elbo"].mean().item(), dims)),
+        "bits_per_dim_note": spec.bits_note,
         "psnr_db": reconstruction_psnr(model, x, dist=dist),
         "active_units": active_units(terms["mu"]),
         "seconds": round(time.perf_counter() - started, 2),
@@ -205,7 +198,7 @@ def evaluate_quality(
     device = next(model.parameters()).device
     net = load_feature_net(classifier, device)
     test = data.test.unit()
-    inputs = prepare_eval_images(test, model.cfg.likelihood)
+    inputs = prepare_eval_images(test, model.likelihood)
     labels, train = data.test.labels, data.train.images
     result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed)
     return {"classifier": str(classifier), **result, "seconds": round(time.perf_counter() - started, 2)}
@@ -224,7 +217,7 @@ def evaluate_checkpoint(
         classifier = classifier or cfg.classifier
         check_classifier(classifier, flag, cfg.model.image_shape)
     data = load_data(cfg)
-    x = prepare_eval_images(data.test.unit(), cfg.model.likelihood, images)
+    x = prepare_eval_images(data.test.unit(), model.likelihood, images)
     result = evaluate(model, x, k)
     if cfg.dataset == "folder":
         result["codecs"] = codec_bits_per_dim(x)

@@ -11,13 +11,8 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-# The layout and constants are the server's (`service.likelihood`): one definition of the parameterisation;
-# its split_mixture slices and reshapes torch tensors as it does numpy arrays.
-from service.likelihood import BIN_HALF_WIDTH, LOG_SCALE_MIN, SMALL_BIN, check_likelihood, split_mixture
-
-LOG_2PI = math.log(2 * math.pi)
+from service.likelihood import LOG_2PI
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -34,65 +29,6 @@ def monte_carlo_kl(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_
     """log q(z|x) - log p(z) at the reparameterized z: a one-sample, unbiased estimate of KL(q || p)
     per example [N], for a prior with no closed-form KL (the flow). `log_prior` is log p(z) [N]."""
     return gaussian_log_prob(z, mu, logvar) - log_prior
-
-
-def reconstruction_nll(params: torch.Tensor, x: torch.Tensor, likelihood: str, gaussian_std: float = 0.1) -> torch.Tensor:
-    """-log p(x|z) per example: Bernoulli from logits (BCE), Gaussian with fixed std (scaled MSE),
-    or the discretized logistic mixture of 8-bit values."""
-    check_likelihood(likelihood)
-    if likelihood == "logistic-mixture":
-        return discretized_mix_logistic_nll(params, x)
-    if likelihood == "bernoulli":
-        nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")
-    else:
-        var = gaussian_std**2
-        nll = 0.5 * ((x - params).pow(2) / var + math.log(var) + LOG_2PI)
-    return nll.flatten(1).sum(dim=1)
-
-
-def discretized_mix_logistic_nll(params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) per example [N] in nats under a mixture of K logistics discretized to 8 bits
-    (PixelCNN++; NVAE's `DiscMixLogistic`): x [N, C, H, W] in [0, 1], params [N, K(1 + 2C), H, W].
-
-    The mixture weights are shared by a pixel's channels and each component has its channels
-    independent (no PixelCNN++ channel coupling). x is rounded to the 8-bit grid and mapped to
-    [-1, 1]; its bin [x - 1/255, x + 1/255] has probability sigmoid(a) - sigmoid(b), or all the mass
-    below (value 0) or above (value 255). The interior is computed as
-    log sigmoid(a) + log sigmoid(-b) + log(1 - e^(b - a)), an exact identity that neither cancels
-    in the tails nor needs PixelCNN++'s density fallback, so values and gradients stay finite.
-    """
-    logits, means, log_scales = split_mixture(params, x.shape[1])
-    level = torch.round(x.to(params.dtype) * 255).clamp(0, 255).unsqueeze(1)  # [N, 1, C, H, W]
-    centred = level / 255 * 2 - 1
-    inv_scale = torch.exp(-log_scales.clamp(min=LOG_SCALE_MIN))
-    a = (centred - means + BIN_HALF_WIDTH) * inv_scale
-    b = (centred - means - BIN_HALF_WIDTH) * inv_scale
-    log_below_upper = -F.softplus(-a)  # log sigmoid(a): the mass below the bin's upper edge
-    log_above_lower = -F.softplus(b)  # log sigmoid(-b): the mass above its lower edge
-    log_width = log_bin_width(log_scales.clamp(min=LOG_SCALE_MIN))  # log(1 - e^(b - a))
-    interior = log_below_upper + log_above_lower + log_width
-    log_p = torch.where(level == 0, log_below_upper, torch.where(level == 255, log_above_lower, interior))
-    log_p = log_p.sum(dim=2) + F.log_softmax(logits, dim=1)  # [N, K, H, W]
-    return -torch.logsumexp(log_p, dim=1).flatten(1).sum(dim=1)
-
-
-def log_bin_width(log_scales: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^(-d)), d = 2/255 e^(-log_s), as `service.likelihood.log_bin_width`: the series
-    log d - d/2 where d < SMALL_BIN, so neither the value nor its gradient is log(0) or 0/0 for a
-    huge log-scale (torch.where differentiates both branches, hence the clamped d in the other)."""
-    log_d = math.log(2.0 * BIN_HALF_WIDTH) - log_scales
-    d = torch.exp(log_d)
-    exact = torch.log(-torch.expm1(-d.clamp(min=SMALL_BIN)))
-    return torch.where(d < SMALL_BIN, log_d - d / 2, exact)
-
-
-def mixture_mean(params: torch.Tensor, channels: int) -> torch.Tensor:
-    """E[x|z] of the logistic mixture, sum_k softmax(logits)_k mu_kc, mapped to [0, 1] and clipped:
-    [N, C, H, W]. A fixed function of the parameters, as the service shows it (its
-    `service.likelihood.mixture_mean`), so a seeded sample does not depend on its batch."""
-    logits, means, _ = split_mixture(params, channels)
-    mean = (F.softmax(logits, dim=1).unsqueeze(2) * means).sum(dim=1)
-    return ((mean + 1) / 2).clamp(0.0, 1.0)
 
 
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

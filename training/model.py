@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
-from service.likelihood import decoder_channels
 from training.flow import FlowPrior
-from training.losses import kl_per_dim, mixture_mean, monte_carlo_kl, standard_normal_log_prob
+from training.likelihoods import for_model
+from training.losses import kl_per_dim, monte_carlo_kl, standard_normal_log_prob
 
 
 class ResBlock(nn.Module):
@@ -93,7 +93,7 @@ class Decoder(nn.Module):
             # (s - 1) * 2 - 2 + 3 + output_padding == target: output_padding picks the exact size.
             pad = (th - (2 * sh - 1), tw - (2 * sw - 1))
             layers += [nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=pad), nn.SiLU()]
-        layers.append(nn.Conv2d(widths[0], decoder_channels(cfg.likelihood, c, cfg.mixtures), 3, padding=1))
+        layers.append(nn.Conv2d(widths[0], for_model(cfg).spec.param_channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -114,6 +114,7 @@ class VAE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.likelihood = for_model(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if cfg.prior == "flow":
@@ -160,21 +161,10 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def likelihood_mean(self, params: torch.Tensor) -> torch.Tensor:
-        """E[x|z] under p(x|z): sigmoid of the Bernoulli logits, the Gaussian mean as it is (unbounded),
-        or the mixture's weighted mean (clipped to [0, 1])."""
-        if self.cfg.likelihood == "bernoulli":
-            return torch.sigmoid(params)
-        if self.cfg.likelihood == "logistic-mixture":
-            return mixture_mean(params, self.cfg.image_shape[0])
-        return params
-
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
-        """The decoder's output as an image in [0, 1], exactly as the service shows it
-        (`service.likelihood.mean_image`): a fixed function of z, so seeded samples never depend on
-        what else was batched with them."""
-        mean = self.likelihood_mean(params)
-        return mean if self.cfg.likelihood == "bernoulli" else mean.clamp(0.0, 1.0)
+        """The decoder's output as an image in [0, 1], exactly as the service shows it: a fixed
+        function of z, so seeded samples never depend on what else was batched with them."""
+        return self.likelihood.image(params)
 
     @property
     def kl_unit_dims(self) -> int:

@@ -32,12 +32,11 @@ from tqdm import tqdm
 
 from training import checkpoint, distributed
 from training.config import TrainConfig, to_dict
-from training.data import Dataset, binarize, load_data
+from training.data import Dataset, load_data
 from training.distributed import Dist, all_sum, any_rank, from_main, global_mean
 from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
-from training.losses import reconstruction_nll
 from training.model import VAE, Pass
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def objective(
     when None)."""
     shard = shard or Shard(model, len(x), Dist())
     terms: Pass = shard.net(x, eps)
-    pixel = reconstruction_nll(terms.params, x, model.cfg.likelihood, model.cfg.gaussian_std)
+    pixel = -model.likelihood.log_prob(x, terms.params)
     pixel_mean = _rows_mean(pixel)  # one .item() (a device sync on CUDA) per statistic and step
     recon_term, recon_value = torch.zeros((), device=x.device), 0.0
     if cfg.reconstruction in ("pixel", "both"):
@@ -105,7 +104,7 @@ def objective(
     if feature_net is not None:
         # The unclipped mean: clipping a Gaussian mean to [0, 1] here would stop this term's gradient
         # for every pixel outside the range, and with features alone nothing would pull it back.
-        distance = feature_distance(feature_net, x, model.likelihood_mean(terms.params))
+        distance = feature_distance(feature_net, x, model.likelihood.mean(terms.params))
         recon_term = recon_term + cfg.feature_weight * shard.mean(distance)
         recon_value += cfg.feature_weight * _rows_mean(distance)
     if terms.kl is None:
@@ -169,7 +168,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.val_x = prepare_eval_images(self.data.val.unit(), cfg.model.likelihood, seed=cfg.seed).to(self.device)
+        self.val_x = prepare_eval_images(self.data.val.unit(), self.model.likelihood, seed=cfg.seed).to(self.device)
         self.history: list[dict[str, Any]] = []
         self.best_val = -math.inf
         self.start_epoch = 0
@@ -237,8 +236,8 @@ class Trainer:
             x = self.data.train.batch(idx)
             if cfg.hflip:
                 x = mirror_half(x, self.data_gen)
-            if cfg.model.likelihood == "bernoulli" and cfg.dynamic_binarization:
-                x = binarize(x, self.data_gen)
+            if cfg.dynamic_binarization:
+                x = model.likelihood.training_data(x, self.data_gen)
             beta = kl_weight(cfg, epoch + i / len(batches))
             rows = d.share(len(idx))  # this rank's rows, and their noise from the draw one process makes
             eps = torch.randn(len(idx), cfg.model.latent_dim, device=self.device)[rows] if model.variational else None
@@ -392,7 +391,7 @@ def fit_autoencoder_codes(model: VAE, data: Dataset, batch_size: int = 1000) -> 
     codes = []
     for rows in torch.arange(len(data.train)).split(batch_size):
         xb = data.train.batch(rows)
-        xb = binarize(xb, gen) if model.cfg.likelihood == "bernoulli" else xb
+        xb = model.likelihood.training_data(xb, gen)
         codes.append(model.encode(xb.to(device))[0])
     model.fit_code_gaussian(torch.cat(codes))
 
@@ -438,7 +437,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     if not model.variational and d.main:  # its figures need the fitted codes; its scores do not
         fit_autoencoder_codes(model, trainer.data)
         checkpoint.save(out / "best.pt", model, cfg, epoch=best["epoch"])
-    test_x = prepare_eval_images(trainer.data.test.unit(), cfg.model.likelihood, cfg.eval_images).to(trainer.device)
+    test_x = prepare_eval_images(trainer.data.test.unit(), model.likelihood, cfg.eval_images).to(trainer.device)
     if d.main:
         log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
     test = evaluate(model, test_x, cfg.iwae_k, dist=d)
