@@ -39,8 +39,10 @@ def publish(
     """Export, verify and atomically publish the next version; return its folder. `precisions`
     adds reduced-precision decoders beside decoder.onnx: "fp16" (GPUs), "int8" (CPUs); `classes`
     names the training data's classes, for clients to show."""
-    if cfg.model.kind != "vae":
+    if cfg.model.kind == "ae":
         raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
+    if cfg.model.kind != "vae":
+        raise ValueError(f"a {cfg.model.kind} model is not exported yet: evaluate it with python -m training.evaluate")
     unknown = sorted(set(precisions) - set(DECODER_PRECISIONS))
     if unknown:
         raise ValueError(f"no decoder precision {', '.join(unknown)}; there are {', '.join(DECODER_PRECISIONS)}")

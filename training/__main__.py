@@ -13,7 +13,7 @@ from pathlib import Path
 from service import commands
 from service.commands import Parser, writable_folder
 from training.cli import add_data_arguments, check_data, data_options
-from training.config import LIKELIHOODS, ModelConfig, TrainConfig
+from training.config import KINDS, LIKELIHOODS, ModelConfig, TrainConfig
 
 
 def build_parser() -> Parser:
@@ -37,8 +37,13 @@ def build_parser() -> Parser:
                        help="p(x|z): bernoulli, gaussian, or logistic-mixture (8-bit pixels, honest bits/dim)")  # fmt: skip
     model.add_argument("--gaussian-std", type=float, default=m.gaussian_std)
     model.add_argument("--mixtures", type=int, default=m.mixtures, help="logistic-mixture: components per pixel")
-    model.add_argument("--model", dest="kind", choices=("vae", "ae"), default=m.kind,
-                       help="vae, or ae: the deterministic autoencoder baseline (reconstruction alone)")  # fmt: skip
+    model.add_argument("--model", dest="kind", choices=KINDS, default=m.kind,
+                       help="vae; ae: the deterministic autoencoder baseline (reconstruction alone); hvae: the "
+                            "hierarchical VAE, groups of latents from coarse to fine")  # fmt: skip
+    model.add_argument("--groups", default=m.groups,
+                       help="hvae: latent groups as factor:count, coarse to fine (8:2 = two groups at 1/8 of the size)")
+    model.add_argument("--z-channels", type=int, default=m.z_channels, help="hvae: latent channels per group")
+    model.add_argument("--width", type=int, default=m.width, help="hvae: channels of the encoder and the top-down path")
     model.add_argument("--prior", choices=("standard", "flow"), default=m.prior,
                        help="p(z): N(0, I), or a learned RealNVP flow of N(0, I)")  # fmt: skip
     model.add_argument("--flow-layers", type=int, default=m.flow_layers, help="coupling layers of the flow prior")
@@ -75,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
     model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "mixtures", "kind", "prior",
-                  "flow_layers", "flow_hidden"}  # fmt: skip
+                  "flow_layers", "flow_hidden", "groups", "z_channels", "width"}  # fmt: skip
     try:
         model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
         cfg = TrainConfig(model=model_cfg, **data_options(args), **args)

@@ -15,12 +15,12 @@ import torch
 
 from service.commands import UsageError
 from training.config import TrainConfig, from_dict, to_dict
-from training.model import VAE
+from training.families import Model, build
 
 FORMAT = 1
 
 
-def save(path: Path, model: VAE, cfg: TrainConfig, **extra: Any) -> None:
+def save(path: Path, model: Model, cfg: TrainConfig, **extra: Any) -> None:
     """Write atomically and durably: a temp file, flushed to disk, renamed over `path`, and the
     rename itself flushed, so neither a crash nor a power cut leaves a torn or missing checkpoint."""
     state = {"format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(), **extra}
@@ -99,8 +99,8 @@ def load(path: Path | str) -> dict[str, Any]:
     return state
 
 
-def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[VAE, TrainConfig, dict[str, Any]]:
-    """The VAE on `device` in eval mode, its training config, and the whole checkpoint dict (on the CPU)."""
+def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[Model, TrainConfig, dict[str, Any]]:
+    """The model on `device` in eval mode, its training config, and the whole checkpoint dict (on the CPU)."""
     state = load(path)
     model, cfg = model_from_state(state, device, source=path)
     return model, cfg, state
@@ -108,15 +108,15 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[VA
 
 def model_from_state(
     state: dict[str, Any], device: torch.device | str = "cpu", source: Path | str = "the checkpoint"
-) -> tuple[VAE, TrainConfig]:
-    """The VAE a loaded checkpoint dict holds, on `device` in eval mode, and its training config.
+) -> tuple[Model, TrainConfig]:
+    """The Model a loaded checkpoint dict holds, on `device` in eval mode, and its training config.
     CheckpointError, naming `source`, where its config or weights are not this version's layout."""
     try:
         cfg = from_dict(TrainConfig, state["config"])
     except (TypeError, ValueError) as err:  # a config of settings this version does not accept
         raise CheckpointError(f"{source} comes from a version of this project whose config this one cannot read "
                               f"({first_line(err)}): use that version, or train again") from err  # fmt: skip
-    model = VAE(cfg.model)
+    model = build(cfg.model)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:  # the weights' names or shapes are another layout's

@@ -9,7 +9,7 @@ from service.imaging import FITS, parse_color
 from service.likelihood import LIKELIHOODS
 
 RECONSTRUCTIONS = ("pixel", "features", "both")
-KINDS = ("vae", "ae")
+KINDS = ("vae", "ae", "hvae")
 PRIORS = ("standard", "flow")
 
 
@@ -31,6 +31,16 @@ class ModelConfig:
     prior: str = "standard"  # p(z): standard N(0, I), or flow: a learned invertible map of N(0, I)
     flow_layers: int = 4  # affine coupling layers of the flow prior
     flow_hidden: int = 64  # hidden units of each coupling's network
+    # hvae: latent groups as factor:count, coarse to fine (8:2 = two groups at 1/8 of the image's size)
+    groups: str = "8:2,4:2,2:1"
+    z_channels: int = 8  # hvae: latent channels per group
+    width: int = 64  # hvae: channels of the encoder's and the top-down path's state
+
+    @property
+    def group_factors(self) -> list[tuple[int, int]]:
+        """`groups` parsed, coarse to fine: [(factor, count)]."""
+        pairs = [tuple(int(v) for v in part.split(":")) for part in self.groups.split(",")]
+        return sorted(pairs, key=lambda p: -p[0])  # type: ignore[return-value]
 
     @property
     def stage_widths(self) -> tuple[int, ...]:
@@ -57,6 +67,15 @@ class ModelConfig:
             raise ValueError(f"model must be one of {KINDS}, got {self.kind!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.kind == "hvae":
+            try:
+                factors = self.group_factors
+            except ValueError:
+                raise ValueError(f"--groups {self.groups!r}: expected factor:count pairs, e.g. 8:2,4:2,2:1") from None
+            if not factors or any(f < 1 or n < 1 for f, n in factors) or len({f for f, _ in factors}) != len(factors):
+                raise ValueError(f"--groups {self.groups!r}: each factor once, factors and counts >= 1")
+            if self.z_channels < 1 or self.width < 8 or self.prior != "standard":
+                raise ValueError("a hierarchical VAE needs --z-channels >= 1, --width >= 8 and its own prior (no --prior flow)")
         if self.kind == "ae" and self.prior != "standard":
             raise ValueError("an autoencoder has no prior to learn: --prior flow needs --model vae")
         if self.prior == "flow" and (self.latent_dim < 2 or self.flow_layers < 1 or self.flow_hidden < 1):

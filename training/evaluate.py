@@ -29,7 +29,7 @@ from training.distributed import Dist, gather_rows
 from training.features import check_classifier, load_feature_net
 from training.likelihoods import Likelihood
 from training.losses import iwae_bound, skip_iwae_noise
-from training.model import VAE
+from training.families import Model
 from training.quality import sample_quality
 
 AE_NOTE = "a deterministic autoencoder defines no density: no ELBO, KL or NLL, only its reconstruction loss"
@@ -52,7 +52,7 @@ def prepare_eval_images(x: torch.Tensor, likelihood: Likelihood, n: int | None =
 
 @torch.no_grad()
 def elbo_terms(
-    model: VAE, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist = Dist()
+    model: Model, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist = Dist()
 ) -> dict[str, torch.Tensor]:
     """Per-example reconstruction NLL, KL and ELBO (one z sample each), plus the posterior means.
 
@@ -67,19 +67,20 @@ def elbo_terms(
         terms = model(xb, None if eps is None else eps[i * batch_size : i * batch_size + len(xb)])
         recon.append(-model.likelihood.log_prob(xb, terms.params))
         if terms.kl is not None:
-            kl.append(terms.kl.sum(dim=1))
+            kl.append(model.group_kl(terms.kl))
         mus.append(terms.mu)
     r = torch.cat(recon)
     if not kl:
         return {"recon": r, "mu": torch.cat(mus)}
-    k = torch.cat(kl)
-    return {"recon": r, "kl": k, "elbo": -(r + k), "mu": torch.cat(mus)}
+    groups = torch.cat(kl)  # [N, G]
+    k = groups.sum(dim=1)
+    return {"recon": r, "kl": k, "elbo": -(r + k), "mu": torch.cat(mus), "kl_groups": groups}
 
 
-def _shared_elbo_terms(model: VAE, x: torch.Tensor, batch_size: int, dist: Dist) -> dict[str, torch.Tensor]:
+def _shared_elbo_terms(model: Model, x: torch.Tensor, batch_size: int, dist: Dist) -> dict[str, torch.Tensor]:
     eps = None
     if model.variational:  # the draws one process makes, batch by batch, in its order
-        eps = torch.cat([torch.randn(len(xb), model.cfg.latent_dim, device=x.device) for xb in x.split(batch_size)])
+        eps = torch.cat([torch.randn(len(xb), model.noise_size, device=x.device) for xb in x.split(batch_size)])
     rows = dist.share(len(x))
     local = elbo_terms(model, x[rows], batch_size, None if eps is None else eps[rows])
     return {key: gather_rows(dist, value, rows, len(x)) for key, value in local.items()}
@@ -100,7 +101,7 @@ def codec_bits_per_dim(x: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: VAE, x: torch.Tensor, batch_size: int = 500, dist: Dist = Dist()) -> float:
+def reconstruction_psnr(model: Model, x: torch.Tensor, batch_size: int = 500, dist: Dist = Dist()) -> float:
     """PSNR in dB of the reconstructions (the mean image decoded from mu) against x in [0, 1]: a
     figure for any likelihood, and the one to read when there are no classes to judge samples by."""
     rows = dist.share(len(x))
@@ -119,9 +120,19 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
     return int((mu.var(dim=0) > threshold).sum())
 
 
+def group_figures(model: Model, terms: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per latent group (one for the flat VAE): its dimensions, mean KL in nats and active units; a
+    group with no active unit is collapsed, its images decoded alike whatever its posterior."""
+    mus = terms["mu"].split(model.group_dims, dim=1)
+    return [
+        {"group": name, "dims": dims, "kl": kl.item(), "active_units": active_units(mu), "collapsed": active_units(mu) == 0}
+        for name, dims, kl, mu in zip(model.group_names(), model.group_dims, terms["kl_groups"].mean(dim=0), mus)
+    ]  # fmt: skip
+
+
 @torch.no_grad()
 def iwae_nll(
-    model: VAE, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist = Dist()
+    model: Model, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist = Dist()
 ) -> torch.Tensor:
     """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL),
     with the model's own prior density (N(0, I) or the flow).
@@ -129,28 +140,22 @@ def iwae_nll(
     Under torchrun (`dist`) each rank scores a contiguous share of the batches, first drawing and
     dropping the noise of the batches before its own (`skip_iwae_noise`), so every image gets the
     samples one process would give it; every rank gets every image's figure."""
-    cfg = model.cfg
     if not model.variational:
         raise ValueError(AE_NOTE)
     gen = torch.Generator(device=x.device).manual_seed(seed)
-
-    def decode_nll(z: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        return -model.likelihood.log_prob(xs, model.decode(z))
-
     batches = x.split(batch_size)
     mine = dist.share(len(batches))
     out = []
     for i, xb in enumerate(batches[: mine.stop]):
         if i < mine.start:
-            skip_iwae_noise(len(xb), cfg.latent_dim, k, generator=gen, device=x.device)
+            skip_iwae_noise(len(xb), model.noise_size, k, generator=gen, device=x.device)
             continue
-        mu, logvar = model.encode(xb)
-        out.append(-iwae_bound(decode_nll, xb, mu, logvar, k, generator=gen, prior_log_prob=model.prior_log_prob))
+        out.append(-iwae_bound(model.log_weights(xb), len(xb), model.noise_size, k, generator=gen, device=x.device))
     nll = torch.cat(out) if out else x.new_zeros(0)
     return gather_rows(dist, nll, slice(mine.start * batch_size, min(mine.stop * batch_size, len(x))), len(x))
 
 
-def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Dist()) -> dict[str, Any]:
+def evaluate(model: Model, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Dist()) -> dict[str, Any]:
     """Means over the images x (already prepared with `prepare_eval_images`), in nats; under
     torchrun (`dist`) the images split over the ranks, every rank getting the same figures."""
     torch.manual_seed(seed)
@@ -182,6 +187,7 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Di
         "nll_bits_per_dim": float(spec.bits_per_dim(nll.mean().item(), dims)),
         "elbo_bits_per_dim": float(spec.bits_per_dim(-terms["elbo"].mean().item(), dims)),
         "bits_per_dim_note": spec.bits_note,
+        "groups": group_figures(model, terms),
         "psnr_db": reconstruction_psnr(model, x, dist=dist),
         "active_units": active_units(terms["mu"]),
         "seconds": round(time.perf_counter() - started, 2),
@@ -189,7 +195,7 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Di
 
 
 def evaluate_quality(
-    model: VAE, data: Dataset, classifier: str | Path, n: int = 10_000, seed: int = 0
+    model: Model, data: Dataset, classifier: str | Path, n: int = 10_000, seed: int = 0
 ) -> dict[str, Any]:
     """Sample quality (`training.quality.sample_quality`) on the whole test set, with the classifier
     read from `classifier` (a features.pt); `seed` draws the samples. The model encodes the test

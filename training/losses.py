@@ -45,29 +45,16 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 
 def iwae_bound(
-    decode_nll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    k: int,
-    chunk: int = IWAE_CHUNK,
-    generator: torch.Generator | None = None,
-    prior_log_prob: Callable[[torch.Tensor], torch.Tensor] = standard_normal_log_prob,
-) -> torch.Tensor:
-    """log p(x) >= log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x) (Burda et al.): [N].
+    log_weights: Callable[[torch.Tensor], torch.Tensor], n: int, d: int, k: int, chunk: int = IWAE_CHUNK,
+    generator: torch.Generator | None = None, device: torch.device | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x) (Burda et al.), for n images: [n].
 
-    `decode_nll(z, x)` gives -log p(x|z) for z [M, D] and x [M, ...]; `prior_log_prob(z)` gives
-    log p(z) over the last dimension (N(0, I) unless a learned prior is passed). Samples are drawn in
+    `log_weights(eps)` gives log p(x, z) - log q(z|x) [n, m] for the standard normal noise eps
+    [n, m, d] that draws each image's m latents (a model's `log_weights`). Samples are drawn in
     chunks of `chunk` per image to bound memory; the log-weights are combined with one logsumexp.
     """
-    n, d = mu.shape
-    log_w = []
-    for eps in _iwae_noise(n, d, k, chunk, generator, mu.device):
-        m = eps.shape[1]
-        z = mu.unsqueeze(1) + eps * torch.exp(0.5 * logvar).unsqueeze(1)
-        xs = x.unsqueeze(1).expand(n, m, *x.shape[1:]).reshape(n * m, *x.shape[1:])
-        log_px_z = -decode_nll(z.reshape(n * m, d), xs).view(n, m)
-        log_w.append(log_px_z + prior_log_prob(z) - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1)))
+    log_w = [log_weights(eps) for eps in _iwae_noise(n, d, k, chunk, generator, device)]
     return torch.logsumexp(torch.cat(log_w, dim=1), dim=1) - math.log(k)
 
 

@@ -12,6 +12,7 @@ A standard-prior VAE has neither, so its state dict is what it always was.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from training.config import ModelConfig
 from training.flow import FlowPrior
 from training.likelihoods import for_model
-from training.losses import kl_per_dim, monte_carlo_kl, standard_normal_log_prob
+from training.losses import gaussian_log_prob, kl_per_dim, monte_carlo_kl, standard_normal_log_prob
 
 
 class ResBlock(nn.Module):
@@ -167,9 +168,47 @@ class VAE(nn.Module):
         return self.likelihood.image(params)
 
     @property
-    def kl_unit_dims(self) -> int:
-        """Latent dimensions per column of `Pass.kl`: what one free-bits floor covers."""
-        return self.cfg.latent_dim if self.cfg.prior == "flow" else 1
+    def noise_size(self) -> int:
+        """Standard normal values per image that draw its latents (`forward`'s eps)."""
+        return self.cfg.latent_dim
+
+    @property
+    def kl_unit_dims(self) -> torch.Tensor:
+        """Latent dimensions per column of `Pass.kl` [U]: what each free-bits floor covers."""
+        if self.cfg.prior == "flow":
+            return torch.tensor([float(self.cfg.latent_dim)])
+        return torch.ones(self.cfg.latent_dim)
+
+    @property
+    def group_dims(self) -> list[int]:
+        """The latent's dimensions per group: one group, the whole latent."""
+        return [self.cfg.latent_dim]
+
+    @staticmethod
+    def group_kl(kl: torch.Tensor) -> torch.Tensor:
+        """`Pass.kl` per group [N, 1]."""
+        return kl.sum(dim=1, keepdim=True)
+
+    def group_names(self) -> list[str]:
+        return [f"the latent ({self.cfg.latent_dim} dims)"]
+
+    def log_weights(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For images x [n, ...]: the function from noise eps [n, m, D] to the importance log-weights
+        log p(x|z) + log p(z) - log q(z|x) [n, m] at z = mu + eps * sigma (the IWAE bound's). The
+        encoder runs once, here."""
+        mu, logvar = self.encode(x)
+        if logvar is None:
+            raise ValueError("an autoencoder defines no density: no importance weights")
+        sigma = torch.exp(0.5 * logvar).unsqueeze(1)
+
+        def weights(eps: torch.Tensor) -> torch.Tensor:
+            n, m, d = eps.shape
+            z = mu.unsqueeze(1) + eps * sigma
+            xs = x.unsqueeze(1).expand(n, m, *x.shape[1:]).reshape(n * m, *x.shape[1:])
+            log_px = self.likelihood.log_prob(xs, self.decode(z.reshape(n * m, d))).view(n, m)
+            return log_px + self.prior_log_prob(z) - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1))
+
+        return weights
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Pass:
         """One pass over x with z = mu + eps * sigma (eps drawn when None; z = mu for an

@@ -37,7 +37,8 @@ from training.distributed import Dist, all_sum, any_rank, from_main, global_mean
 from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.figures import write_figures
-from training.model import VAE, Pass
+from training.families import Model, build
+from training.model import Pass
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _rows_mean(rows: torch.Tensor) -> float:
 
 
 def objective(
-    model: VAE, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
+    model: Model, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
     eps: torch.Tensor | None = None, shard: Shard | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """The loss to minimise for this process's rows x of a batch, and the true (unweighted) terms
@@ -112,7 +113,7 @@ def objective(
     kl = terms.kl.sum(dim=1)
     kl_mean = _rows_mean(kl)
     if cfg.free_bits > 0:
-        floor = cfg.free_bits * model.kl_unit_dims
+        floor = cfg.free_bits * model.kl_unit_dims.to(terms.kl.device)
         whole = global_mean(shard.dist, terms.kl, shard.total)  # [U]
         kl_term = (shard.mean(terms.kl) * (whole >= floor)).sum()
         kl_value = whole.clamp(min=floor).sum().item()
@@ -156,7 +157,7 @@ class Trainer:
         self.data = data
         cfg.model.image_shape = self.data.image_shape
         cfg.model.widths = cfg.model.stage_widths  # the checkpoint records the stages, whatever the default becomes
-        self.model = VAE(cfg.model).to(self.device)
+        self.model = build(cfg.model).to(self.device)
         # Under torchrun: the model wrapped by DDP (which starts every rank from rank 0's weights).
         # Buffers (the flow's masks, an autoencoder's code Gaussian) do not change in training: not broadcast.
         self.net: nn.Module = self.model
@@ -240,7 +241,7 @@ class Trainer:
                 x = model.likelihood.training_data(x, self.data_gen)
             beta = kl_weight(cfg, epoch + i / len(batches))
             rows = d.share(len(idx))  # this rank's rows, and their noise from the draw one process makes
-            eps = torch.randn(len(idx), cfg.model.latent_dim, device=self.device)[rows] if model.variational else None
+            eps = torch.randn(len(idx), model.noise_size, device=self.device)[rows] if model.variational else None
             x = x[rows].to(self.device)
             loss, stats = objective(model, x, cfg, beta, self.feature_net, eps, Shard(self.net, len(idx), d))
             images += len(idx)
@@ -317,7 +318,10 @@ class Trainer:
         if "kl" not in terms:  # an autoencoder: reconstruction only
             return {"recon": recon, "active_units": active_units(terms["mu"])}
         kl = terms["kl"].mean().item()
-        return {"neg_elbo": recon + kl, "recon": recon, "kl": kl, "active_units": active_units(terms["mu"])}
+        record = {"neg_elbo": recon + kl, "recon": recon, "kl": kl, "active_units": active_units(terms["mu"])}
+        if len(self.model.group_dims) > 1:
+            record["kl_groups"] = [round(v, 3) for v in terms["kl_groups"].mean(dim=0).tolist()]
+        return record
 
     @contextmanager
     def stop_on_sigterm(self) -> Iterator[None]:
@@ -372,6 +376,8 @@ class Trainer:
                 epoch + 1, self.cfg.epochs, train["neg_elbo"], train["recon"], train["kl"],
                 val["neg_elbo"], val["recon"], val["kl"], val["active_units"], record["seconds"],
             )  # fmt: skip
+            if "kl_groups" in val:
+                log.info("  val KL per group, coarse to fine: %s", " ".join(f"{v:.2f}" for v in val["kl_groups"]))
         else:
             log.info(
                 "epoch %d/%d  train recon %.2f  val recon %.2f  active units %d  %.1fs",
@@ -383,7 +389,7 @@ class Trainer:
 
 
 @torch.no_grad()
-def fit_autoencoder_codes(model: VAE, data: Dataset, batch_size: int = 1000) -> None:
+def fit_autoencoder_codes(model: Model, data: Dataset, batch_size: int = 1000) -> None:
     """An autoencoder's ex-post Gaussian: mean and covariance of its codes for the training images
     (prepared as for scoring: binarized once for Bernoulli models)."""
     device = next(model.parameters()).device
@@ -404,6 +410,18 @@ def data_summary(data: Dataset) -> dict[str, Any]:
         "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "preprocessing": data.preprocessing.to_json(), **data.info,
     }  # fmt: skip
+
+
+def group_warnings(test: dict[str, Any]) -> list[str]:
+    """One message per collapsed latent group of a hierarchical model (a group whose posterior is
+    its prior for every image: it carries nothing, and its compute is spent for nothing)."""
+    groups = test.get("groups") or []
+    if len(groups) < 2:
+        return []
+    return [
+        f"collapsed: {g['group']}, KL {g['kl']:.3f} nats, 0 of {g['dims']} units active; fewer groups (--groups), "
+        f"or --free-bits (now per dimension), keep it in use" for g in groups if g["collapsed"]
+    ]  # fmt: skip
 
 
 def collapse_warning(test: dict[str, Any], cfg: TrainConfig) -> str | None:
@@ -473,8 +491,9 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         "figures": [p.name for p in figures],
     }
     collapse = collapse_warning(test, cfg)
-    if collapse:
-        metrics["warnings"] = [collapse]
+    warnings = [collapse] if collapse else group_warnings(test)
+    if warnings:
+        metrics["warnings"] = warnings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if model.variational:
         log.info(
@@ -482,8 +501,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
             -test["elbo"], cfg.iwae_k, test["nll"], test["nll_bits_per_dim"], test["kl"], test["active_units"],
             test["psnr_db"],
         )  # fmt: skip
-        if collapse:
-            log.warning("%s", collapse)
+        for warning in warnings:
+            log.warning("%s", warning)
     else:
         log.info("test: reconstruction %.2f nats (an autoencoder: no NLL)", test["reconstruction"])
     return metrics

@@ -1,0 +1,158 @@
+"""The hierarchical VAE (training.hvae): its latent, its KL and importance weights against their
+definitions, seeded batch-independent samples, and real training runs on digits (8x8): in one
+process, resumed, and data-parallel under torchrun."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.test_distributed import FLAGS as FLAT_FLAGS
+from tests.test_distributed import TOL, distance, torchrun, weights
+from training import checkpoint
+from training.config import ModelConfig, TrainConfig
+from training.families import build
+from training.hvae import HVAE, group_sizes
+from training.train import Trainer, objective
+
+# 8x8 digits: groups at 2x2 (two of them) and 4x4, 4 latent channels each: 4 * (4 + 4 + 16) = 96 dims.
+HVAE_MODEL = dict(kind="hvae", groups="4:2,2:1", z_channels=4, width=16)
+
+
+def small_hvae(shape=(1, 8, 8), **overrides) -> HVAE:
+    torch.manual_seed(0)
+    return build(ModelConfig(image_shape=shape, **(HVAE_MODEL | overrides)))
+
+
+def hvae_config(**overrides) -> TrainConfig:
+    model = ModelConfig(**HVAE_MODEL)
+    settings = dict(epochs=3, batch_size=32, iwae_k=10, eval_images=40, lr=3e-3, lr_schedule="constant") | overrides
+    return TrainConfig(model=model, **settings)
+
+
+def test_groups_go_coarse_to_fine_at_the_sizes_asked():
+    cfg = ModelConfig(image_shape=(3, 28, 20), **(HVAE_MODEL | {"groups": "2:1,8:2,4:1"}))
+    assert group_sizes(cfg) == [(4, 3), (4, 3), (7, 5), (14, 10)]
+    model = build(cfg)
+    assert model.noise_size == 4 * (12 + 12 + 35 + 140) and model.group_dims == [48, 48, 140, 560]
+    with pytest.raises(ValueError, match="factor:count"):
+        ModelConfig(**(HVAE_MODEL | {"groups": "8x2"}))
+    with pytest.raises(ValueError, match="each factor once"):
+        ModelConfig(**(HVAE_MODEL | {"groups": "4:1,4:2"}))
+
+
+def test_decoding_the_encoded_latent_reconstructs_at_the_posterior_means():
+    """u = encode(x) read back through the prior's means and scales retraces the posterior-mean
+    path: decode(u) is the model's reconstruction, for a trained-looking (non-zero) network."""
+    model = small_hvae(shape=(3, 12, 12), likelihood="logistic-mixture", mixtures=2)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)  # away from the zero-initialised start, where p = N(0, I)
+    x = torch.rand(5, 3, 12, 12)
+    with torch.no_grad():
+        u, logvar = model.encode(x)
+        along_means, _ = model._top_down(5, model._bottom_up(x), None, "mean")
+        assert u.shape == logvar.shape == (5, model.noise_size) and u.abs().max() > 0.01
+        torch.testing.assert_close(model.decode(u), along_means, rtol=1e-4, atol=1e-4)
+
+
+def test_the_closed_form_kl_is_the_mean_of_the_sampled_log_ratio():
+    """Per group, KL(q || p) in closed form against E_q[log q - log p] by Monte Carlo, through the
+    same top-down passes (so also conditional on the groups above)."""
+    model = small_hvae()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(1, 1, 8, 8).expand(4000, 1, 8, 8)
+    with torch.no_grad():
+        _, steps = model._top_down(len(x), model._bottom_up(x), torch.randn(len(x), model.noise_size), "posterior")
+    for step in steps:
+        closed, sampled = step.kl().mean().item(), -step.log_ratio().mean().item()
+        assert sampled == pytest.approx(closed, rel=0.05, abs=0.05)
+
+
+def test_importance_weights_bound_the_elbo_and_tighten_with_k():
+    model = small_hvae()
+    x = (torch.rand(6, 1, 8, 8) > 0.5).float()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        weights = model.log_weights(x)(torch.randn(6, 400, model.noise_size))
+        elbo = weights.mean(dim=1)
+        iwae = torch.logsumexp(weights, dim=1) - math.log(400)
+        terms = model(x)
+        single = model.likelihood.log_prob(x, terms.params) - terms.kl.sum(dim=1)
+    assert (iwae >= elbo).all()
+    assert elbo.mean().item() == pytest.approx(single.mean().item(), abs=3.0)  # one draw of the same expectation
+
+
+def test_samples_are_seeded_and_each_latent_decodes_alike_in_any_batch():
+    model = small_hvae(shape=(3, 12, 12), likelihood="logistic-mixture", mixtures=2)
+    a = model.sample(7, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, model.sample(7, temperature=0.8, generator=torch.Generator().manual_seed(4)))
+    assert a.shape == (7, 3, 12, 12) and 0.0 <= a.min() and a.max() <= 1.0
+    u = model.sample_z(7, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(u)[2:5], model.decode(u[2:5]), rtol=0, atol=1e-5)
+
+
+def test_free_bits_floor_each_group(digits):
+    """Free bits per group: floors far above every group's KL leave the reconstruction's gradient alone."""
+    model = small_hvae()
+    x = digits.train.images[:32]
+    eps = torch.randn(32, model.noise_size)
+    plain, stats = objective(model, x, hvae_config(free_bits=0.0), 1.0, None, eps)
+    floored, floored_stats = objective(model, x, hvae_config(free_bits=10.0), 1.0, None, eps)
+    assert floored_stats["loss"] == pytest.approx(stats["recon"] + 10.0 * model.noise_size, rel=1e-5)
+    recon_only, _ = objective(model, x, hvae_config(free_bits=0.0), 0.0, None, eps)
+    for got, want in zip(torch.autograd.grad(floored, list(model.parameters())),
+                         torch.autograd.grad(recon_only, list(model.parameters()))):  # fmt: skip
+        torch.testing.assert_close(got, want)
+
+
+def test_a_hierarchical_run_trains_evaluates_and_resumes_exactly(digits, tmp_path):
+    straight = Trainer(hvae_config(epochs=4), tmp_path / "straight", digits)
+    history = straight.fit()
+    assert history[-1]["train"]["neg_elbo"] < history[0]["train"]["neg_elbo"] - 3
+    assert len(history[-1]["val"]["kl_groups"]) == 3
+    first = Trainer(hvae_config(epochs=2), tmp_path / "resumed", digits)
+    first.fit()
+    resumed = Trainer(hvae_config(epochs=4), tmp_path / "resumed", digits)
+    resumed.resume()
+    resumed.fit()
+    assert [h["val"] for h in resumed.history] == [h["val"] for h in straight.history]
+    model, cfg, _ = checkpoint.load_model(tmp_path / "straight" / "best.pt")
+    assert isinstance(model, HVAE) and cfg.model.kind == "hvae"
+
+
+def test_the_command_reports_bits_and_each_groups_kl(tmp_path):
+    from training.__main__ import main
+
+    main(["--dataset", "digits", "--model", "hvae", "--groups", "4:2,2:1", "--z-channels", "4", "--width", "16",
+          "--epochs", "2", "--iwae-k", "10", "--eval-images", "40", "--out", str(tmp_path)])  # fmt: skip
+    test = json.loads((tmp_path / "metrics.json").read_text())["test"]
+    assert test["nll"] < -test["elbo"] + 1e-6 and test["nll_bits_per_dim"] > 0
+    assert [g["dims"] for g in test["groups"]] == [16, 16, 64]
+    assert all(g["kl"] >= 0 and g["collapsed"] == (g["active_units"] == 0) for g in test["groups"])
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "interpolation_slerp.png").exists()
+
+
+def test_a_collapsed_group_is_named():
+    from training.train import group_warnings
+
+    groups = [{"group": "group 0 (4x2x2)", "dims": 16, "kl": 0.0, "active_units": 0, "collapsed": True},
+              {"group": "group 1 (4x4x4)", "dims": 64, "kl": 3.1, "active_units": 9, "collapsed": False}]  # fmt: skip
+    (warning,) = group_warnings({"groups": groups})
+    assert "group 0 (4x2x2)" in warning and "0 of 16 units" in warning
+
+
+HVAE_FLAGS = [*FLAT_FLAGS, "--model", "hvae", "--groups", "4:2,2:1", "--z-channels", "4", "--width", "16"]
+
+
+def test_two_ranks_train_a_hierarchical_model_as_one_process_does(tmp_path):
+    from training.__main__ import parse_args
+
+    cfg, _, _ = parse_args([*HVAE_FLAGS, "--epochs", "1", "--out", str(tmp_path / "one")])
+    Trainer(cfg, tmp_path / "one").fit()
+    done = torchrun(2, [*HVAE_FLAGS, "--epochs", "1", "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    synced = distance(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"))
+    assert synced < TOL, f"two ranks end {synced:.2e} from one process"

@@ -1,0 +1,239 @@
+"""The hierarchical VAE (`--model hvae`): a bottom-up residual encoder and a top-down decoder with
+groups of latents from coarse to fine (LVAE, NVAE, VDVAE). Each group's prior p(z_l | z_<l) and
+posterior q(z_l | x, z_<l) are diagonal Gaussians computed from the top-down state, the posterior
+also from the encoder's activations at the group's resolution.
+
+Its latent, for everything outside training, is the standardized noise u of all groups: under the
+prior z_l = p_mu_l + p_sigma_l u_l, so u ~ N(0, I) and `decode(u)` runs the top-down path on the
+prior's means and scales. `encode(x)` gives u at the posterior means (z_l = q_mu_l along the path,
+u_l = (q_mu_l - p_mu_l) / p_sigma_l) and its log-variance 2 (log q_sigma_l - log p_sigma_l), so
+decode(encode(x)[0]) reconstructs, and straight or spherical paths in u mean what they mean under
+N(0, I). A draw from q is not mu + eps sigma after the fact (lower groups depend on upper ones):
+`forward(x, eps)` and `log_weights` take the noise of every group and run the path.
+
+Built for a CPU: bottleneck blocks (a quarter of the width inside), residual branches whose last
+convolution starts at zero, so the untrained network is the identity on its state and the prior
+starts as N(0, I).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import ModelConfig
+from training.likelihoods import for_model
+from training.model import Pass
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class Block(nn.Module):
+    """A bottleneck branch: 1x1 in, two 3x3 at a quarter of the width (at least 8), 1x1 out; the
+    last convolution starts at zero where `zero_last`."""
+
+    def __init__(self, c_in: int, c_out: int, width: int, zero_last: bool = True) -> None:
+        super().__init__()
+        mid = max(8, width // 4)
+        last = nn.Conv2d(mid, c_out, 1)
+        if zero_last:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(
+            nn.GELU(), nn.Conv2d(c_in, mid, 1), nn.GELU(), nn.Conv2d(mid, mid, 3, padding=1),
+            nn.GELU(), nn.Conv2d(mid, mid, 3, padding=1), nn.GELU(), last,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def group_sizes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The spatial size of each latent group, coarse to fine: the image's size over each factor of
+    `cfg.groups`, once per group there."""
+    _, h, w = cfg.image_shape
+    return [(-(-h // f), -(-w // f)) for f, count in cfg.group_factors for _ in range(count)]
+
+
+class Group(nn.Module):
+    """One latent group of the top-down path."""
+
+    def __init__(self, width: int, z_channels: int, groups: int) -> None:
+        super().__init__()
+        self.z_channels = z_channels
+        self.prior = Block(width, 2 * z_channels + width, width)  # p_mu, log p_sigma, and a state update
+        self.posterior = Block(2 * width, 2 * z_channels, width, zero_last=False)
+        self.z_in = nn.Conv2d(z_channels, width, 1)
+        self.z_in.weight.data *= math.sqrt(1 / groups)  # scaled, as VDVAE's: the sum over groups stays O(1)
+        self.res = Block(width, width, width)
+
+    def forward(self, h: torch.Tensor, act: torch.Tensor | None, noise: torch.Tensor, mode: str) -> tuple[torch.Tensor, Step]:
+        """The state after this group, and what the group drew. `mode`: "posterior" draws
+        z = q_mu + q_sigma noise; "mean" takes z = q_mu; "prior" z = p_mu + p_sigma noise."""
+        zc = self.z_channels
+        p_mu, p_log_sigma, update = self.prior(h).split([zc, zc, h.shape[1]], dim=1)
+        if mode == "prior":
+            q_mu = q_log_sigma = None
+            z = p_mu + torch.exp(p_log_sigma) * noise
+        else:
+            q_mu, q_log_sigma = self.posterior(torch.cat([h, act], dim=1)).chunk(2, dim=1)
+            z = q_mu if mode == "mean" else q_mu + torch.exp(q_log_sigma) * noise
+        h = h + update + self.z_in(z)
+        return h + self.res(h), Step(z, p_mu, p_log_sigma, q_mu, q_log_sigma)
+
+
+class Step(NamedTuple):
+    """One group's draw on the top-down path, [N, Z, h, w] each (the posterior's None under the prior)."""
+
+    z: torch.Tensor
+    p_mu: torch.Tensor
+    p_log_sigma: torch.Tensor
+    q_mu: torch.Tensor | None
+    q_log_sigma: torch.Tensor | None
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || p) of the group in closed form, summed over its dimensions: [N]."""
+        ratio = torch.exp(2 * (self.q_log_sigma - self.p_log_sigma))
+        diff = (self.q_mu - self.p_mu) * torch.exp(-self.p_log_sigma)
+        return (0.5 * (ratio + diff.pow(2) - 1) - (self.q_log_sigma - self.p_log_sigma)).flatten(1).sum(dim=1)
+
+    def u_mean(self) -> torch.Tensor:
+        """The posterior mean in the prior's standardized coordinates, (q_mu - p_mu) / p_sigma: 0
+        wherever q is p, so a collapsed group's is 0 for every image."""
+        return (self.q_mu - self.p_mu) * torch.exp(-self.p_log_sigma)
+
+    def log_ratio(self) -> torch.Tensor:
+        """log p(z|z_above) - log q(z|x, z_above) at the drawn z, summed over its dimensions: [N]."""
+        return (_log_normal(self.z, self.p_mu, self.p_log_sigma) - _log_normal(self.z, self.q_mu, self.q_log_sigma)).flatten(1).sum(1)
+
+
+def _log_normal(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (LOG_2PI + ((z - mu) * torch.exp(-log_sigma)).pow(2)) - log_sigma
+
+
+class HVAE(nn.Module):
+    """The hierarchical VAE, with the flat VAE's interface (`training.model.VAE`): `forward` for the
+    loss, `log_weights` for the IWAE bound, and encode, decode, sample on the standardized latent u."""
+
+    variational = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.likelihood = for_model(cfg)
+        c, h, w = cfg.image_shape
+        width, zc = cfg.width, cfg.z_channels
+        self.sizes = group_sizes(cfg)
+        self.resolutions = sorted(set(self.sizes), key=lambda s: -s[0] * s[1])  # fine to coarse
+        self.stem = nn.Conv2d(c, width, 3, padding=1)
+        self.up = nn.ModuleList(
+            nn.ModuleList(Block(width, width, width) for _ in range(cfg.blocks + 1)) for _ in self.resolutions
+        )  # fmt: skip
+        self.start = nn.Parameter(torch.zeros(1, width, *self.sizes[0]))
+        self.groups = nn.ModuleList(Group(width, zc, len(self.sizes)) for _ in self.sizes)
+        self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, self.likelihood.spec.param_channels, 3, padding=1))
+        self.group_dims = [zc * gh * gw for gh, gw in self.sizes]
+
+    @property
+    def noise_size(self) -> int:
+        """Standard normal values per image: every group's, coarse to fine (also the size of u)."""
+        return sum(self.group_dims)
+
+    @property
+    def kl_unit_dims(self) -> torch.Tensor:
+        """Latent dimensions per group: free bits hold each group's KL at free_bits per dimension."""
+        return torch.tensor(self.group_dims, dtype=torch.float32)
+
+    @staticmethod
+    def group_kl(kl: torch.Tensor) -> torch.Tensor:
+        """`Pass.kl` per group [N, G]: its units are the groups."""
+        return kl
+
+    def group_names(self) -> list[str]:
+        """Each group's place: its index, coarse to fine, and its size."""
+        z = self.cfg.z_channels
+        return [f"group {i} ({z}x{h}x{w})" for i, (h, w) in enumerate(self.sizes)]
+
+    def _bottom_up(self, x: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        h = self.stem(x * 2 - 1)
+        acts = {}
+        for size, blocks in zip(self.resolutions, self.up):
+            h = F.adaptive_avg_pool2d(h, size)
+            for block in blocks:
+                h = h + block(h)
+            acts[size] = h
+        return acts
+
+    def _top_down(
+        self, n: int, acts: dict[tuple[int, int], torch.Tensor] | None, noise: torch.Tensor | None, mode: str
+    ) -> tuple[torch.Tensor, list[Step]]:
+        """The likelihood's parameters and each group's step. `noise` [n, noise_size] is split over
+        the groups coarse to fine (None in mode "mean")."""
+        h = self.start.expand(n, -1, -1, -1)
+        parts = noise.split(self.group_dims, dim=1) if noise is not None else [None] * len(self.groups)
+        steps = []
+        for group, size, part in zip(self.groups, self.sizes, parts):
+            if h.shape[-2:] != size:
+                h = F.interpolate(h, size=size, mode="nearest")
+            eps = part.view(n, self.cfg.z_channels, *size) if part is not None else None
+            h, step = group(h, acts[size] if acts is not None else None, eps, mode)
+            steps.append(step)
+        h = F.interpolate(h, size=self.cfg.image_shape[1:], mode="nearest")
+        return self.head(h), steps
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Pass:
+        """One pass with z drawn from q for the noise eps [N, noise_size] (drawn when None)."""
+        if eps is None:
+            eps = torch.randn(len(x), self.noise_size, device=x.device)
+        params, steps = self._top_down(len(x), self._bottom_up(x), eps, "posterior")
+        return Pass(params, torch.cat([s.u_mean().flatten(1) for s in steps], dim=1), torch.stack([s.kl() for s in steps], dim=1))
+
+    def log_weights(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For images x [n, ...]: noise [n, m, noise_size] -> log p(x|z) + log p(z) - log q(z|x)
+        [n, m], each of the m draws a full top-down pass. The encoder runs once, here."""
+        acts = self._bottom_up(x)
+
+        def weights(eps: torch.Tensor) -> torch.Tensor:
+            n, m, d = eps.shape
+            rows = {size: a.repeat_interleave(m, dim=0) for size, a in acts.items()}
+            params, steps = self._top_down(n * m, rows, eps.reshape(n * m, d), "posterior")
+            xs = x.repeat_interleave(m, dim=0)
+            log_w = self.likelihood.log_prob(xs, params) + sum(s.log_ratio() for s in steps)
+            return log_w.view(n, m)
+
+        return weights
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u at the posterior means [N, noise_size] and its log-variance given the groups above."""
+        _, steps = self._top_down(len(x), self._bottom_up(x), None, "mean")
+        mu = torch.cat([s.u_mean().flatten(1) for s in steps], dim=1)
+        logvar = torch.cat([(2 * (s.q_log_sigma - s.p_log_sigma)).flatten(1) for s in steps], dim=1)
+        return mu, logvar
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        """The likelihood's parameters for the standardized latents u [N, noise_size]."""
+        return self._top_down(len(u), None, u, "prior")[0]
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.image(params)
+
+    @torch.no_grad()
+    def sample_z(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
+    ) -> torch.Tensor:
+        """u ~ N(0, temperature^2 I), drawn on the CPU (the same u on any device)."""
+        if source != "prior":
+            raise ValueError(f"a hierarchical VAE samples from its prior alone, not {source!r}")
+        u = torch.randn(n, self.noise_size, generator=generator) * temperature
+        return u.to(self.start.device)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
+    ) -> torch.Tensor:
+        return self.mean_image(self.decode(self.sample_z(n, temperature, generator, source)))
