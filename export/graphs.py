@@ -1,6 +1,8 @@
 """The ONNX graphs: encoder x -> (mu, logvar) and decoder z -> the likelihood's parameters, and
 for a flow prior its two directions: prior_sample eps -> z = f(eps) and prior_density
-z -> (eps = f^-1(z), log p(z)).
+z -> (eps = f^-1(z), log p(z)). A hierarchical VAE's latent is its standardized noise u
+(`training.hvae`), so its encoder and decoder have the flat signatures, and its family adds
+graphs of its own (`export.hvae`: the posterior draw), by FAMILY_GRAPHS.
 
 Each graph is exported with a dynamic batch axis N and carries a description of itself in its
 ONNX metadata, so a graph file found alone still says what it is.
@@ -9,22 +11,21 @@ ONNX metadata, so a graph file found alone still says what it is.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
+from export.onnx_files import describe, write_graph
+from export.hvae import export_posterior_graph
 from training.likelihoods import for_model
-from training.model import VAE
+from training.families import Model
 
-OPSET = 18
-logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter warns about every absent torchvision op
 
 
 class EncoderGraph(nn.Module):
-    def __init__(self, model: VAE) -> None:
+    def __init__(self, model: Model) -> None:
         super().__init__()
         self.model = model
 
@@ -33,7 +34,7 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    def __init__(self, model: VAE) -> None:
+    def __init__(self, model: Model) -> None:
         super().__init__()
         self.model = model
 
@@ -44,7 +45,7 @@ class DecoderGraph(nn.Module):
 class PriorSampleGraph(nn.Module):
     """z = f(eps): what Sample (and a spherical Interpolate's path) maps the Gaussian noise through."""
 
-    def __init__(self, model: VAE) -> None:
+    def __init__(self, model: Model) -> None:
         super().__init__()
         self.flow = model.flow
 
@@ -55,7 +56,7 @@ class PriorSampleGraph(nn.Module):
 class PriorDensityGraph(nn.Module):
     """eps = f^-1(z) and log p(z): Score's log p(z), and the base point a spherical path starts from."""
 
-    def __init__(self, model: VAE) -> None:
+    def __init__(self, model: Model) -> None:
         super().__init__()
         self.flow = model.flow
 
@@ -63,42 +64,13 @@ class PriorDensityGraph(nn.Module):
         return self.flow.inverse(z)
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: list[str], outputs: list[str]) -> None:
-    batch = torch.export.Dim("N", min=1, max=65536)
-    torch.onnx.export(
-        module,
-        (example,),
-        str(path),
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_shapes=({0: batch},),
-        opset_version=OPSET,
-        dynamo=True,
-        verbose=False,
-    )
-
-
-def _describe(path: Path, role: str, description: str, metadata: dict[str, str]) -> None:
-    """Write the graph again with a doc string and metadata (and all weights inside the one file)."""
-    graph = onnx.load(str(path))
-    graph.doc_string = description
-    graph.producer_name = "vae-serve export"
-    del graph.metadata_props[:]
-    for key, value in {"role": role, **metadata}.items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.save_model(graph, str(path), save_as_external_data=False)
-    for extra in path.parent.glob(f"{path.name}.data"):
-        extra.unlink()
-    onnx.checker.check_model(str(path), full_check=True)  # full_check runs shape inference too
-
-
-def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
+def export_graphs(model: Model, folder: Path) -> dict[str, dict[str, object]]:
     """Write encoder.onnx and decoder.onnx into `folder`, and for a flow prior prior_sample.onnx and
     prior_density.onnx too; return every graph's input/output signature by role."""
     cfg = model.cfg
     model = model.eval().cpu()
     c, h, w = cfg.image_shape
-    d = cfg.latent_dim
+    d = model.noise_size
     spec = for_model(cfg).spec
     p, out_name = spec.param_channels, spec.output  # C, or a mixture's K (1 + 2C)
     metadata = {
@@ -106,17 +78,18 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
         "image_shape": json.dumps(list(cfg.image_shape)),
         "likelihood": cfg.likelihood,
         **({"mixtures": str(spec.mixtures)} if spec.components else {}),
+        "family": model.family,
     }
     with torch.no_grad():
-        _export(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])
-        _export(DecoderGraph(model).eval(), torch.randn(2, d), folder / "decoder.onnx", ["z"], [out_name])
-    _describe(
+        write_graph(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])
+        write_graph(DecoderGraph(model).eval(), torch.randn(2, d), folder / "decoder.onnx", ["z"], [out_name])
+    describe(
         folder / "encoder.onnx",
         "encoder",
         f"VAE encoder q(z|x): x [N,{c},{h},{w}] float32 in [0,1] -> mu, logvar [N,{d}]",
         metadata,
     )
-    _describe(
+    describe(
         folder / "decoder.onnx",
         "decoder",
         f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{p},{h},{w}] ({cfg.likelihood})",
@@ -128,10 +101,16 @@ def export_graphs(model: VAE, folder: Path) -> dict[str, dict[str, object]]:
     }
     if cfg.prior == "flow":
         signatures |= export_prior_graphs(model, folder, metadata)
+    if model.family in FAMILY_GRAPHS:
+        signatures |= FAMILY_GRAPHS[model.family](model, folder, metadata)  # type: ignore[arg-type]
     return signatures
 
 
-def export_prior_graphs(model: VAE, folder: Path, metadata: dict[str, str]) -> dict[str, dict[str, object]]:
+# The graphs a model family adds to the encoder and decoder (service.manifest.FAMILY_ROLES), by family.
+FAMILY_GRAPHS = {"hvae": export_posterior_graph}
+
+
+def export_prior_graphs(model: Model, folder: Path, metadata: dict[str, str]) -> dict[str, dict[str, object]]:
     """prior_sample.onnx (eps [N, D] -> z [N, D]) and prior_density.onnx (z [N, D] -> eps [N, D],
     log_prob [N]): the flow's two directions as separate graphs, so the service batches each on its
     own and never needs torch. Their signatures by role."""
@@ -139,16 +118,16 @@ def export_prior_graphs(model: VAE, folder: Path, metadata: dict[str, str]) -> d
     layers = f"{len(model.flow.layers)} affine couplings"
     with torch.no_grad():
         example = torch.randn(2, d)
-        _export(PriorSampleGraph(model).eval(), example, folder / "prior_sample.onnx", ["eps"], ["z"])
-        _export(PriorDensityGraph(model).eval(), example, folder / "prior_density.onnx", ["z"], ["eps", "log_prob"])
+        write_graph(PriorSampleGraph(model).eval(), example, folder / "prior_sample.onnx", ["eps"], ["z"])
+        write_graph(PriorDensityGraph(model).eval(), example, folder / "prior_density.onnx", ["z"], ["eps", "log_prob"])
     prior = {**metadata, "prior": "flow"}
-    _describe(
+    describe(
         folder / "prior_sample.onnx",
         "prior_sample",
         f"VAE flow prior, sampling: eps [N,{d}] float32 ~ N(0, T^2 I) -> z = f(eps) [N,{d}] ({layers})",
         prior,
     )
-    _describe(
+    describe(
         folder / "prior_density.onnx",
         "prior_density",
         f"VAE flow prior, density: z [N,{d}] float32 -> eps = f^-1(z) [N,{d}], log_prob = log p(z) [N], nats "

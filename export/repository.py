@@ -14,11 +14,12 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
-from export.graphs import OPSET, export_fp16_decoder, export_graphs, export_int8_decoder
+from export.graphs import export_fp16_decoder, export_graphs, export_int8_decoder
+from export.onnx_files import OPSET
 from export.triton import triton_config
 from export.verify import verify_parity
 # The reader's own roles and writer: export and service cannot disagree on model.json.
-from service.manifest import DECODER_PRECISIONS, PRIOR_ROLES, ROLES, version_numbers, write_manifest
+from service.manifest import DECODER_PRECISIONS, FAMILY_ROLES, PRIOR_ROLES, ROLES, version_numbers, write_manifest
 from training.config import TrainConfig
 from training.data import preprocessing
 from training.model import VAE
@@ -41,8 +42,6 @@ def publish(
     names the training data's classes, for clients to show."""
     if cfg.model.kind == "ae":
         raise ValueError("an autoencoder is not exported: it is no generative model (docs/training.md)")
-    if cfg.model.kind != "vae":
-        raise ValueError(f"a {cfg.model.kind} model is not exported yet: evaluate it with python -m training.evaluate")
     unknown = sorted(set(precisions) - set(DECODER_PRECISIONS))
     if unknown:
         raise ValueError(f"no decoder precision {', '.join(unknown)}; there are {', '.join(DECODER_PRECISIONS)}")
@@ -56,14 +55,15 @@ def publish(
             REDUCED_EXPORTERS[precision](staging)
         parity = verify_parity(model, staging)
         m = cfg.model
-        served = (*ROLES, *PRIOR_ROLES[m.prior])  # the graphs the service runs, each with a Triton config
+        served = (*ROLES, *PRIOR_ROLES[m.prior], *FAMILY_ROLES[model.family])  # what the service runs, each with a Triton config
         reduced_roles = DECODER_PRECISIONS.values()  # the decoder's signature, other arithmetic
         roles = [role for role in (*served, *reduced_roles) if (staging / f"{role}.onnx").exists()]
         while True:
             version = next_version(model_dir)
             write_manifest(
-                staging, name=name, version=version, latent_dim=m.latent_dim, image_shape=m.image_shape,
-                likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset, prior=m.prior,
+                staging, name=name, version=version, latent_dim=model.noise_size, image_shape=m.image_shape,
+                likelihood=m.likelihood, gaussian_std=m.gaussian_std, dataset=cfg.dataset, prior=m.prior, family=model.family,
+                latent_groups=model.latent_groups,
                 mixtures=model.likelihood.spec.mixtures,
                 preprocessing=preprocessing(cfg).to_json(), classes=classes or [],
                 graphs={role: signatures["decoder" if role in reduced_roles else role] for role in roles},

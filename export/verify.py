@@ -9,7 +9,8 @@ import onnxruntime as ort
 import torch
 
 from service.manifest import DECODER_PRECISIONS
-from training.model import VAE
+from training.families import Model
+from export.hvae import posterior_reference
 
 BATCH_SIZES = (1, 7, 64)
 TOLERANCE = 1e-4
@@ -28,11 +29,16 @@ class ParityError(RuntimeError):
     """The exported graphs disagree with the PyTorch model by more than the tolerance."""
 
 
-GRAPHS = ("encoder", "decoder", *DECODER_PRECISIONS.values(), "prior_sample", "prior_density")  # checked when present
+GRAPHS = ("encoder", "decoder", *DECODER_PRECISIONS.values(), "prior_sample", "prior_density", "posterior")  # checked when present
+# Outputs that sum over every latent dimension (thousands in a hierarchical model) are held to a
+# tolerance relative to their size: float32 sums of that many terms differ in their last digits.
+RELATIVE = {"posterior.log_ratio"}
+# A family's own graph and its PyTorch reference (images x, noise z -> the graph's feed, the outputs), by family.
+FAMILY_REFERENCES = {"hvae": ("posterior", posterior_reference)}
 Feeds = dict[str, dict[str, np.ndarray]]  # role -> input name -> array
 
 
-def max_differences(model: VAE, folder: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES, seed: int = 0) -> dict[str, float]:
+def max_differences(model: Model, folder: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES, seed: int = 0) -> dict[str, float]:
     """Largest absolute difference per graph output over every batch size: {'encoder.mu': 3e-7, ...}.
 
     Every graph in the folder is checked: encoder, decoder, the reduced-precision decoders when they
@@ -47,19 +53,21 @@ def max_differences(model: VAE, folder: Path, batch_sizes: tuple[int, ...] = BAT
     model = model.eval().cpu()
     for n in batch_sizes:
         x = rng.random((n, *cfg.image_shape), dtype=np.float32)
-        z = rng.standard_normal((n, cfg.latent_dim), dtype=np.float32)
+        z = rng.standard_normal((n, model.noise_size), dtype=np.float32)
         feeds, expected = _references(model, x, z)
         for role, session in sessions.items():
             graph = "decoder" if role in DECODER_PRECISIONS.values() else role  # held to the decoder's answers
             for meta, want, have in zip(session.get_outputs(), expected[graph], session.run(None, feeds[graph])):
                 key = f"{role}.{meta.name}"
                 diff = float(np.max(np.abs(want - have))) if want.shape == have.shape else float("inf")
+                if key in RELATIVE:
+                    diff /= max(1.0, float(np.max(np.abs(want))))
                 worst[key] = max(worst.get(key, 0.0), diff)
     return worst
 
 
 @torch.no_grad()
-def _references(model: VAE, x: np.ndarray, z: np.ndarray) -> tuple[Feeds, dict[str, list[np.ndarray]]]:
+def _references(model: Model, x: np.ndarray, z: np.ndarray) -> tuple[Feeds, dict[str, list[np.ndarray]]]:
     """Each graph's input feed and PyTorch's outputs for it, by role. The prior graphs get the same
     standard normal rows: as eps for prior_sample and as z for prior_density."""
     feeds = {"encoder": {"x": x}, "decoder": {"z": z}}
@@ -67,6 +75,9 @@ def _references(model: VAE, x: np.ndarray, z: np.ndarray) -> tuple[Feeds, dict[s
         "encoder": [t.numpy() for t in model.encode(torch.from_numpy(x))],
         "decoder": [model.decode(torch.from_numpy(z)).numpy()],
     }
+    if model.family in FAMILY_REFERENCES:
+        role, reference = FAMILY_REFERENCES[model.family]
+        feeds[role], expected[role] = reference(model, x, z)  # type: ignore[arg-type]
     if model.cfg.prior == "flow":
         feeds |= {"prior_sample": {"eps": z}, "prior_density": {"z": z}}
         expected["prior_sample"] = [model.flow(torch.from_numpy(z)).numpy()]
@@ -80,7 +91,7 @@ def tolerance(key: str) -> float:
     return REDUCED_TOLERANCE.get(role, {}).get(output, TOLERANCE)
 
 
-def verify_parity(model: VAE, folder: Path) -> dict[str, float]:
+def verify_parity(model: Model, folder: Path) -> dict[str, float]:
     """The differences, or ParityError naming every output over its tolerance (looser for the
     reduced-precision decoders)."""
     worst = max_differences(model, folder)

@@ -69,6 +69,7 @@ class Costs:
     decoder: Work  # the decoder graph and, where cheap, its images (one batch's run)
     mean: Work | None  # images from parameters outside the batch (the logistic mixture's mean), per request
     prior: Work | None  # a flow's graphs
+    posterior: Work | None  # a hierarchical model's posterior graph (Score's draws and Encode's)
     score_rows: int  # Score's chunk of draws, and how many chunks are in flight at once
     score_in_flight: int
     likelihood: Work  # Score's arithmetic on a slice of a chunk, of at most likelihood_rows rows
@@ -79,7 +80,8 @@ class Costs:
         decoder batch's outputs still being read by its requests while the next computes."""
         rows = self.batch_rows if rows is None else rows
         prior = self.prior.at(rows) if self.prior else 0
-        return self.encoder.at(rows) + self.decoder.at(rows) + prior + rows * (self.params + self.image)
+        posterior = self.posterior.at(rows) if self.posterior else 0
+        return self.encoder.at(rows) + self.decoder.at(rows) + prior + posterior + rows * (self.params + self.image)
 
     def _batch(self, n: int) -> int:
         """A request's rows of the decoder batch it is in, copied out of the graph (parameters and
@@ -100,8 +102,10 @@ class Costs:
         return self.decode(n)
 
     def encode(self, n: int) -> int:
-        """n images in (the message's bytes, the array, its float32 copy), mu, sigma and a draw out."""
-        return n * (3 * self.image + 6 * self.latent)
+        """n images in (the message's bytes, the array, its float32 copy), mu, sigma and a draw out
+        (a hierarchical model's draw: its images and noise in, the posterior graph's outputs)."""
+        drawn = n * (2 * self.image + self.params + 2 * self.latent) if self.posterior else 0
+        return n * (3 * self.image + 6 * self.latent) + drawn
 
     def reconstruct(self, n: int) -> int:
         """n images in; the encoder, then the decoder."""
@@ -116,9 +120,10 @@ class Costs:
         and one slice's arithmetic. A larger k only makes it take longer."""
         chunk = max(1, min(self.score_rows, n * k))
         chunks = min(self.score_in_flight, -(-n * k // chunk)) + 1
+        drawn = self.image if self.posterior else 0  # a hierarchical model's draws carry their images
         return (
             n * 3 * self.image
-            + chunks * chunk * (self.params + 5 * self.latent)
+            + chunks * chunk * (self.params + 5 * self.latent + drawn)
             + self.likelihood.at(min(chunk, self.likelihood_rows))
         )
 

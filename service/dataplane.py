@@ -10,6 +10,7 @@ meanwhile never answers half a call.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -357,13 +358,14 @@ async def encode(
 ) -> Encoded:  # fmt: skip
     """mu and sigma (not the log-variance) per image (or file); with `draw`, z from q(z|x) under a seed."""
     n = request_rows(engine, x, files)
+    s = seed(seed_value) if draw else 0
     async with engine.admit("encode", engine.costs.encode(n), f"Encode of {n} images", deadline):
-        mu, logvar = await engine.encode(await request_images(engine, x, files), deadline)
-    sigma = np.exp(0.5 * logvar)
-    if not draw:
-        return Encoded(mu, sigma)
-    s = seed(seed_value)
-    return Encoded(mu, sigma, engine.posterior_sample(mu, sigma, s), s)
+        images = await request_images(engine, x, files)
+        mu, logvar = await engine.encode(images, deadline)
+        sigma = np.exp(0.5 * logvar)
+        if not draw:
+            return Encoded(mu, sigma)
+        return Encoded(mu, sigma, await engine.posterior_sample(images, mu, sigma, s, deadline), s)
 
 
 @dataclass(frozen=True)
@@ -439,6 +441,12 @@ async def score(
     return Scores(terms["elbo"], terms["reconstruction"], terms["kl"], terms["log_likelihood"], bits, k, s)
 
 
+def latent_layout(groups: tuple[tuple[int, ...], ...]) -> list[dict[str, Any]]:
+    """Each latent group's shape and where its values start in the latent."""
+    offsets = itertools.accumulate((math.prod(g) for g in groups), initial=0)
+    return [{"shape": list(g), "offset": offset} for g, offset in zip(groups, offsets)]
+
+
 def model_info(engine: Engine) -> dict[str, Any]:
     """What a client needs to know to call a model, as vae.v1's ModelInfo fields."""
     s, batch = engine.spec, engine.batch
@@ -448,5 +456,6 @@ def model_info(engine: Engine) -> dict[str, Any]:
         "max_batch_rows": batch.max_batch_rows, "max_batch_delay_ms": batch.max_batch_delay_ms,
         "max_request_rows": engine.limits.max_request_rows, "max_queue_rows": batch.max_queue_rows,
         "dataset": s.dataset, "metrics": dict(s.metrics), "mixtures": s.mixtures, "classes": list(s.classes),
+        "family": s.family, "latent_groups": latent_layout(s.latent_groups),
         "preprocessing": None if s.preprocessing is None else s.preprocessing.to_json(),
     }  # fmt: skip

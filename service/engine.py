@@ -21,6 +21,7 @@ import itertools
 import math
 import secrets
 import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -30,12 +31,12 @@ from service.batcher import INLINE_SECONDS, Batcher
 from service.costs import F32, Costs
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics
-from service.manifest import ModelSpec, RepositoryError
-from service.memory import Hold, MemoryBudget, resident
-from service.runtime import CPU, ModelLoadError, Runtime, RuntimeOptions, load_runtime
-from service.scoring import IN_FLIGHT, ScoreSums, chunk_rows
+from service.manifest import ModelSpec
+from service.memory import Hold, MemoryBudget
+from service.runtime import CPU, Runtime
+from service.scoring import IN_FLIGHT, ScoreSums, chunk_rows, gaussian_log_ratio
 from service.errors import BadRequest
-from service.warmup import BATCH_SHARE, warm_up
+from service.warmup import BATCH_SHARE
 
 # An image file sent to the server may hold at most this many pixels (Pillow's own limit is 89M): a
 # small compressed file can claim a huge image, and decoding one takes several copies of it in memory.
@@ -150,6 +151,10 @@ class Engine:
         self.priors = {
             role: Batcher(role, graph.run, **common) for role, graph in runtime.priors.items()  # type: ignore[arg-type]
         }
+        # The graphs of the model's family beyond these (a hierarchical model's posterior), by role.
+        self.family = {
+            role: Batcher(role, graph.run, **common) for role, graph in runtime.family.items()  # type: ignore[arg-type]
+        }
 
     def admit(self, operation: str, cost: int, what: str, deadline: float | None) -> Hold:
         """`async with engine.admit(...)`: hold the request's bytes of the server's memory budget
@@ -158,7 +163,7 @@ class Engine:
 
     @property
     def batchers(self) -> list[Batcher]:
-        return [self.encoder, self.decoder, *self.priors.values()]
+        return [self.encoder, self.decoder, *self.priors.values(), *self.family.values()]
 
     def start(self) -> None:
         for batcher in self.batchers:
@@ -223,9 +228,11 @@ class Engine:
         mu, logvar = await self.encoder.submit(x, deadline)
         return mu, logvar
 
-    @staticmethod
-    def posterior_sample(mu: np.ndarray, sigma: np.ndarray, seed: int) -> np.ndarray:
-        """z = mu + eps * sigma, eps ~ N(0, I): one draw from q(z|x) per image, a function of the seed."""
+    async def posterior_sample(
+        self, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray, seed: int, deadline: float | None = None
+    ) -> np.ndarray:
+        """One draw from q(z|x) per image x (encoded as mu, sigma), a function of the seed: here
+        z = mu + eps * sigma, eps ~ N(0, I)."""
         return mu + normal(seed, mu.shape) * sigma
 
     def latents(self, n: int, seed: int, temperature: float) -> np.ndarray:
@@ -289,23 +296,21 @@ class Engine:
 
     async def score(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound
-        (`service.scoring`). The n x k draws are decoded a chunk of rows at a time, IN_FLIGHT chunks
-        queued at once, and each chunk is folded into running sums on a worker thread, off the event
-        loop: the request never holds more than those chunks' decoder outputs. Under a flow, log p(z)
-        comes from the prior_density graph, computed beside the decoder (two batchers, at once)."""
-        n, d = len(x), self.spec.latent_dim
-        mu, logvar = await self.encode(x, deadline)
-        mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
-        sums = ScoreSums(x.astype(np.float64), mu, logvar, k, self.spec.distribution, bool(self.priors))
-        noise, sigma, total = noise_stream(seed), np.exp(0.5 * logvar), n * k
+        (`service.scoring`). The n x k draws (image-major, their noise drawn in that order from the
+        seed) are decoded a chunk of rows at a time, IN_FLIGHT chunks queued at once, and each chunk
+        is folded into running sums on a worker thread, off the event loop: the request never holds
+        more than those chunks' decoder outputs. How a chunk's draws are decoded is the family's
+        (`_score_draws`)."""
+        total = len(x) * k
+        sums, draws = await self._score_draws(x, k, deadline)
+        noise = noise_stream(seed)
         step = chunk_rows(self.spec.decoder_channels * math.prod(self.spec.image_shape[1:]), total)
 
         def launch(start: int) -> asyncio.Future:
             """Draw the chunk's noise (here, in row order: the stream's order) and queue its decoding."""
             image = (start + np.arange(min(step, total - start))) // k
-            eps = noise.standard_normal((len(image), d))
-            z = mu[image] + eps * sigma[image]
-            return asyncio.ensure_future(self._decode_draws(start, eps, z, deadline))
+            eps = noise.standard_normal((len(image), self.spec.latent_dim))
+            return asyncio.ensure_future(draws(start, image, eps))
 
         starts = iter(range(0, total, step))
         pending = collections.deque([launch(next(starts))])  # alone at first: a full queue refuses the call once
@@ -319,53 +324,36 @@ class Engine:
                 future.cancel()
         return sums.figures()
 
-    async def _decode_draws(
-        self, start: int, eps: np.ndarray, z: np.ndarray, deadline: float | None
-    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-        """One chunk of Score's draws through the decoder (and a flow's prior_density): the
-        arguments of `ScoreSums.add`."""
-        rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
-        if not self.priors:
-            return start, await self.decoder_params(rows, deadline, background=True), eps, z, None
-        params, (_, log_pz) = await asyncio.gather(
-            self.decoder_params(rows, deadline, background=True), self.prior_density(rows, deadline, background=True)
-        )
-        return start, params, eps, z, log_pz
+    async def _score_draws(self, x: np.ndarray, k: int, deadline: float | None) -> tuple[ScoreSums, Draws]:
+        """Score's sums for x, and the function that decodes a chunk of its draws: start, the rows'
+        images and their noise eps -> (start, params, log p(z) - log q(z|x)). A flat VAE encodes
+        once and draws z = mu + eps sigma; under N(0, I) its KL is the closed form, under a flow
+        log p(z) comes from the prior_density graph, computed beside the decoder (two batchers)."""
+        mu, logvar = await self.encode(x, deadline)
+        mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
+        kl = None if self.priors else -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
+        sigma = np.exp(0.5 * logvar)
+
+        async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+            z = mu[image] + eps * sigma[image]
+            rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
+            if not self.priors:
+                params, log_pz = await self.decoder_params(rows, deadline, background=True), None
+            else:
+                params, (_, log_pz) = await asyncio.gather(
+                    self.decoder_params(rows, deadline, background=True), self.prior_density(rows, deadline, background=True)
+                )
+            return start, params, gaussian_log_ratio(eps, z, logvar[image], log_pz)
+
+        return ScoreSums(x.astype(np.float64), k, self.spec.distribution, kl), draws
 
 
-def load_engine(
-    spec: ModelSpec, options: RuntimeOptions, batch: BatchSettings, limits: RequestLimits, metrics: Metrics,
-    memory: MemoryBudget, executor: Executor | None = None,
-) -> Engine:
-    """Sessions for every graph (four with a flow prior), warmed up, checked and measured
-    (`service.warmup`); ModelLoadError (or RepositoryError, for a missing file) says what is wrong
-    with them. The engine's footprint is what the process grew by while loading it, its batches'
-    working memory included (`Costs.batches`)."""
-    before = resident()
-    try:
-        runtime = load_runtime(spec, options)
-    except RepositoryError:
-        raise
-    except Exception as err:  # onnxruntime raises its own types for unreadable or invalid graphs
-        raise ModelLoadError(f"{spec.folder}: cannot load the graphs: {err}") from err
-    try:
-        costs, batch = warm_up(spec, runtime, batch, memory.total, options.cpu_arena)
-    except ModelLoadError:
-        raise
-    except Exception as err:
-        raise ModelLoadError(f"{spec.folder}: warm-up failed: {err}") from err
-    # Requests served meanwhile move the process's memory too: the figure is kept within what the
-    # graphs hold at least and what the load was estimated at.
-    grown = min(max(graph_bytes(spec), resident() - before), load_estimate(spec, batch, memory.total))
-    # With the arena, the process grew by its batches' working memory too, which the arena keeps;
-    # without it, their runs give it back, and the version holds it for them here.
-    footprint = grown if options.cpu_arena else grown + costs.batches()
-    return Engine(spec, runtime, metrics, batch, limits, costs, memory, footprint, executor)
+Draws = Callable[[int, np.ndarray, np.ndarray], Awaitable[tuple[int, np.ndarray, np.ndarray]]]
 
 
 def graph_bytes(spec: ModelSpec) -> int:
     """The bytes of a version's graph files: what its sessions hold at least."""
-    return sum(spec.graph(role).stat().st_size for role in ("encoder", "decoder", *spec.prior_graphs))
+    return sum(spec.graph(role).stat().st_size for role in ("encoder", "decoder", *spec.prior_graphs, *spec.family_graphs))
 
 
 def load_estimate(spec: ModelSpec, batch: BatchSettings, budget: float) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ DECODER_PRECISIONS = {"fp16": "decoder_fp16", "int8": "decoder_int8"}
 # The graphs each prior adds: N(0, I) needs none; a flow needs f (eps -> z, for Sample and
 # Interpolate) and f^-1 with its log-density (z -> eps, log p(z), for Score and Interpolate).
 PRIOR_ROLES: dict[str, tuple[str, ...]] = {"standard": (), "flow": ("prior_sample", "prior_density")}
+# The graphs each model family adds: the flat VAE none; the hierarchical VAE (whose latent is its
+# groups' standardized noise, so its encoder and decoder are the flat ones) its posterior draw for
+# given noise (Score, and Encode's draw). A version without "family" in model.json is a flat VAE.
+FAMILY_ROLES: dict[str, tuple[str, ...]] = {"vae": (), "hvae": ("posterior",)}
 MANIFEST = "model.json"
 
 
@@ -53,9 +58,16 @@ class ModelSpec:
     metrics: dict[str, float] = field(default_factory=dict)
     precisions: tuple[str, ...] = ()  # the reduced-precision decoders it has (DECODER_PRECISIONS keys)
     prior_graphs: tuple[str, ...] = ()  # the prior's own graphs (PRIOR_ROLES[prior]): none for N(0, I)
+    family: str = "vae"  # the model family (FAMILY_ROLES): its graphs and how the engine runs them
+    latent_groups: tuple[tuple[int, ...], ...] = ()  # the latent's groups' shapes, in order (a flat VAE: one)
     mixtures: int = 0  # a logistic mixture's components K (0 for the other likelihoods)
     preprocessing: Preprocessing | None = None  # what an image file sent to this model goes through
     classes: tuple[str, ...] = ()  # the training data's class names, when it had classes
+
+    @property
+    def family_graphs(self) -> tuple[str, ...]:
+        """The graphs this version's family adds to the encoder and decoder."""
+        return FAMILY_ROLES.get(self.family, ())
 
     @functools.cached_property
     def distribution(self) -> Likelihood:
@@ -89,7 +101,9 @@ class ModelSpec:
         """What a client depends on: a new version that changes any of it is another model."""
         return {
             "image_shape": self.image_shape, "latent_dim": self.latent_dim, "likelihood": self.likelihood,
-            "mixtures": self.mixtures, "prior": self.prior,
+            "mixtures": self.mixtures, "prior": self.prior, "family": self.family,
+            # a flat VAE's one group is its latent_dim: only a layout that says more is an entry of its own
+            "latent_groups": None if self.latent_groups == ((self.latent_dim,),) else self.latent_groups,
             "preprocessing": self.preprocessing.to_json() if self.preprocessing else None,
         }  # fmt: skip
 
@@ -114,7 +128,8 @@ def version_numbers(model_dir: Path) -> list[int]:
 
 def write_manifest(
     folder: Path, *, name: str, version: int, latent_dim: int, image_shape: tuple[int, ...], likelihood: str,
-    gaussian_std: float, dataset: str, graphs: dict[str, dict[str, Any]], prior: str = "standard",
+    gaussian_std: float, dataset: str, graphs: dict[str, dict[str, Any]], prior: str = "standard", family: str = "vae",
+    latent_groups: list[list[int]] | None = None,
     preprocessing: dict[str, Any] | None = None, mixtures: int = 0, classes: list[str] | None = None, **extra: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """Write folder/model.json for the graphs already in `folder`: `graphs` maps each role to its
@@ -132,7 +147,7 @@ def write_manifest(
     info = {
         "format": FORMAT, "name": name, "version": version, "latent_dim": latent_dim,
         "image_shape": list(image_shape), "likelihood": likelihood, "gaussian_std": gaussian_std,
-        "dataset": dataset, "prior": prior,
+        "dataset": dataset, "prior": prior, "family": family, "latent_groups": latent_groups or [[latent_dim]],
         "graphs": {
             role: {"file": f"{role}.onnx", "sha256": sha256(folder / f"{role}.onnx"), **signature}
             for role, signature in graphs.items()
@@ -205,6 +220,8 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
             metrics={k: float(v) for k, v in info.get("metrics", {}).items() if isinstance(v, int | float)},
             precisions=tuple(p for p, role in DECODER_PRECISIONS.items() if role in info["graphs"]),
             prior_graphs=PRIOR_ROLES.get(str(info.get("prior", "standard")), ()),
+            family=str(info.get("family", "vae")),
+            latent_groups=tuple(tuple(int(s) for s in g) for g in info.get("latent_groups", [[info["latent_dim"]]])),
             mixtures=int(info.get("mixtures", 0)),
             preprocessing=_preprocessing(info),
             classes=tuple(str(c) for c in info.get("classes", [])),
@@ -213,6 +230,8 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
         raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
     if len(spec.image_shape) != 3 or spec.latent_dim < 1:
         raise RepositoryError(f"{folder}/{MANIFEST}: bad image_shape or latent_dim")
+    if sum(math.prod(g) for g in spec.latent_groups) != spec.latent_dim or any(min(g, default=0) < 1 for g in spec.latent_groups):
+        raise RepositoryError(f"{folder}/{MANIFEST}: latent_groups {spec.latent_groups} do not make latent_dim {spec.latent_dim}")
     try:
         spec.distribution
     except ValueError as err:
@@ -227,9 +246,15 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
     if unlisted:  # served without them, a flow model would be sampled and scored under N(0, I)
         needs, missing = " and ".join(spec.prior_graphs), ", ".join(unlisted)
         raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r} needs {needs}; it does not list {missing}")
+    if spec.family not in FAMILY_ROLES:
+        served = " and ".join(FAMILY_ROLES)
+        raise RepositoryError(f"{folder}/{MANIFEST}: family {spec.family!r}; this server serves the families {served}")
+    unlisted = [role for role in spec.family_graphs if role not in info["graphs"]]
+    if unlisted:
+        raise RepositoryError(f"{folder}/{MANIFEST}: a {spec.family} model needs {', '.join(unlisted)}; it does not list it")
     if folder.name.isdigit() and spec.version != int(folder.name):
         raise RepositoryError(f"{folder}/{MANIFEST} says version {spec.version}, its folder says {folder.name}")
-    for role in (*ROLES, *spec.prior_graphs, *(DECODER_PRECISIONS[p] for p in spec.precisions)):
+    for role in (*ROLES, *spec.prior_graphs, *spec.family_graphs, *(DECODER_PRECISIONS[p] for p in spec.precisions)):
         path = spec.graph(role)
         try:
             expected = info["graphs"][role].get("sha256")

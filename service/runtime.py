@@ -229,6 +229,7 @@ class Runtime:
     encoder: Graph
     decoder: Graph
     priors: dict[str, Graph] = field(default_factory=dict)  # by role: a flow's two graphs; none for N(0, I)
+    family: dict[str, Graph] = field(default_factory=dict)  # by role: the family's own (a hierarchical model's posterior)
 
     @property
     def provider(self) -> str:
@@ -237,7 +238,7 @@ class Runtime:
     def cap_batches(self, rows: int) -> None:
         """Batches are capped at `rows`: where that is below the split size, a full batch splits,
         so a capped batch still takes the core the intra-op pool leaves free."""
-        for graph in (self.encoder, self.decoder, *self.priors.values()):
+        for graph in (self.encoder, self.decoder, *self.priors.values(), *self.family.values()):
             if graph.split_rows:
                 graph.split_rows = max(2, min(graph.split_rows, rows))
 
@@ -248,6 +249,7 @@ def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:
         encoder=Graph(str(spec.graph("encoder")), options, providers),
         decoder=Graph(str(spec.decoder(options.decoder_precision)), options, providers),
         priors={role: Graph(str(spec.graph(role)), options, providers) for role in spec.prior_graphs},
+        family={role: Graph(str(spec.graph(role)), options, providers) for role in spec.family_graphs},
     )
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if runtime.provider != wanted:

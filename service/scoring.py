@@ -9,7 +9,7 @@ float rounding.
 
 Per image, in nats, with log w_j = log p(x|z_j) + log p(z_j) - log q(z_j|x):
   reconstruction = -mean_j log p(x|z_j)
-  KL             = the closed form under N(0, I); mean_j (log q - log p) under a flow
+  KL             = the closed form for a flat VAE under N(0, I); else mean_j (log q - log p)
   ELBO           = -(reconstruction + KL)
   log-likelihood = logsumexp_j log w_j - log k (the IWAE bound), as a running max and sum of exps.
 """
@@ -35,31 +35,27 @@ def chunk_rows(values_per_row: int, total: int) -> int:
 class ScoreSums:
     """The running per-image sums of one Score request."""
 
-    def __init__(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, k: int, likelihood: Likelihood,
-                 flow: bool) -> None:  # fmt: skip
+    def __init__(self, x: np.ndarray, k: int, likelihood: Likelihood, kl: np.ndarray | None = None) -> None:
+        """`x` the images (float64), `kl` their closed-form KL where the model has one (a flat VAE
+        under N(0, I)); without it the KL is the draws' mean of log q(z|x) - log p(z)."""
         n = len(x)
-        self.x, self.mu, self.logvar, self.k = x, mu, logvar, k
-        self.likelihood, self.flow = likelihood, flow
+        self.x, self.k, self.likelihood, self.kl = x, k, likelihood, kl
         self.log_px = np.zeros(n)  # sum over draws of log p(x|z)
-        self.log_q_minus_p = np.zeros(n)  # sum over draws of log q(z|x) - log p(z), a flow's KL
+        self.log_q_minus_p = np.zeros(n)  # sum over draws of log q(z|x) - log p(z)
         self.w_max = np.full(n, -np.inf)  # logsumexp of log w, as max + log(sum(exp(log w - max)))
         self.w_sum = np.zeros(n)
 
-    def add(self, start: int, params: np.ndarray, eps: np.ndarray, z: np.ndarray, log_pz: np.ndarray | None) -> None:
-        """Fold in rows start.. of the request: the decoder's `params` [r, P, H, W], the draws' noise
-        `eps` and latents `z` [r, D] (float64), and under a flow log p(z) [r]."""
+    def add(self, start: int, params: np.ndarray, log_ratio: np.ndarray) -> None:
+        """Fold in rows start.. of the request: the decoder's `params` [r, P, H, W] and each draw's
+        log p(z) - log q(z|x) [r] (float64)."""
         image = (start + np.arange(len(params))) // self.k
         log_px = self._log_px(image, params)
-        log_qz = -0.5 * (LOG_2PI + self.logvar[image] + eps**2).sum(-1)
-        if log_pz is None:
-            log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
-        log_w = log_px + log_pz - log_qz
+        log_w = log_px + log_ratio
         # Rows are image-major, so each image's rows in the chunk are one run: sums per run.
         starts = np.r_[0, np.flatnonzero(np.diff(image)) + 1]
         ids = image[starts]
         self.log_px[ids] += np.add.reduceat(log_px, starts)
-        if self.flow:
-            self.log_q_minus_p[ids] += np.add.reduceat(log_qz - log_pz, starts)
+        self.log_q_minus_p[ids] -= np.add.reduceat(log_ratio, starts)
         top = np.maximum(self.w_max[ids], np.maximum.reduceat(log_w, starts))
         exps = np.exp(log_w - np.repeat(top, np.diff(np.r_[starts, len(log_w)])))
         self.w_sum[ids] = self.w_sum[ids] * np.exp(self.w_max[ids] - top) + np.add.reduceat(exps, starts)
@@ -76,13 +72,19 @@ class ScoreSums:
 
     def figures(self) -> dict[str, np.ndarray]:
         reconstruction = -self.log_px / self.k
-        if self.flow:
-            kl = self.log_q_minus_p / self.k
-        else:
-            kl = -0.5 * (1 + self.logvar - self.mu**2 - np.exp(self.logvar)).sum(-1)
+        kl = self.log_q_minus_p / self.k if self.kl is None else self.kl
         return {
             "elbo": -(reconstruction + kl),
             "reconstruction": reconstruction,
             "kl": kl,
             "log_likelihood": self.w_max + np.log(self.w_sum) - math.log(self.k),
         }
+
+
+def gaussian_log_ratio(eps: np.ndarray, z: np.ndarray, logvar: np.ndarray, log_pz: np.ndarray | None) -> np.ndarray:
+    """log p(z) - log q(z|x) for z = mu + eps sigma drawn from a diagonal Gaussian q of log-variance
+    `logvar` (rows as eps's), with log p(z) given (a flow's) or N(0, I)'s."""
+    log_qz = -0.5 * (LOG_2PI + logvar + eps**2).sum(-1)
+    if log_pz is None:
+        log_pz = -0.5 * (LOG_2PI + z**2).sum(-1)
+    return log_pz - log_qz

@@ -94,8 +94,9 @@ class VaeServicer:
     @rpc
     async def GetModelInfo(self, engine: Engine, request: pb.GetModelInfoRequest, deadline: float | None) -> pb.ModelInfo:
         info = dataplane.model_info(engine)
-        prep = info.pop("preprocessing")
-        return pb.ModelInfo(**info, preprocessing=None if prep is None else pb.Preprocessing(**prep))
+        prep, groups = info.pop("preprocessing"), info.pop("latent_groups")
+        return pb.ModelInfo(**info, preprocessing=None if prep is None else pb.Preprocessing(**prep),
+                            latent_groups=[pb.LatentGroup(**g) for g in groups])  # fmt: skip
 
     @rpc
     async def Sample(self, engine: Engine, request: pb.SampleRequest, deadline: float | None) -> pb.SampleResponse:

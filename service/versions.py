@@ -16,7 +16,8 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from service.config import ConfigError
-from service.engine import BatchSettings, Engine, RequestLimits, load_engine, load_estimate
+from service.engine import BatchSettings, Engine, RequestLimits, load_estimate
+from service.families import load_engine
 from service.manifest import ModelSpec, RepositoryError, read_manifest
 from service.memory import MemoryBudget, MemoryExhausted, show
 from service.metrics import Metrics
@@ -164,7 +165,7 @@ class Versions:
             current = self.registry.table.get(entry.name, {}).get(entry.version) is entry
             if reason is None or not current or entry.engine is not None or entry.state != UNLOADING:
                 return  # replaced by a reload of itself, loaded again meanwhile, or no longer in the table
-            for graph in ("encoder", "decoder", *engine.priors):
+            for graph in ("encoder", "decoder", *engine.priors, *engine.family):
                 self.metrics.forget_graph(entry.name, entry.version, graph)
             if (self.repo / entry.name / str(entry.version)).is_dir() and self.served(entry.name):
                 self.registry.set_state(entry, UNAVAILABLE, reason)

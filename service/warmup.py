@@ -56,6 +56,7 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
         "encoder": (runtime.encoder.run, (c, h, w)),
         "decoder": (decode, (d,)),
         **{role: (graph.run, (d,)) for role, graph in runtime.priors.items()},
+        **{role: (graph.run, (c * h * w + d,)) for role, graph in runtime.family.items()},  # the posterior's x_eps
     }
     runs: dict[str, list[tuple[int, int | None]]] = {role: [] for role in (*graphs, "mean")}
 
@@ -74,6 +75,8 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
         )
         for role in runtime.priors:  # a flow's: eps -> z and z -> (eps, log p(z))
             want[role] = {"prior_sample": [(n, d)], "prior_density": [(n, d), (n,)]}[role]
+        for role in runtime.family:  # a hierarchical model's posterior: x_eps -> (params, log_ratio, u)
+            want[role] = [(n, spec.decoder_channels, h, w), (n,), (n, d)]
         if got != want:
             raise ModelLoadError(f"{spec.folder}: graphs give shapes {got} at batch {n}, model.json says {want}")
 
@@ -105,6 +108,7 @@ def _costs(
         mean=None if in_batch else Work.fit(runs["mean"], image),
         prior=Work.fit([r for role in ("prior_sample", "prior_density") for r in runs.get(role, [])], 2 * latent)
         if "prior_sample" in runs else None,
+        posterior=Work.fit(runs["posterior"], params + 2 * latent) if "posterior" in runs else None,
         score_rows=chunk_rows(spec.decoder_channels * h * w, 1 << 62), score_in_flight=IN_FLIGHT,
         likelihood=likelihood[0], likelihood_rows=likelihood[1],
     )  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
-from export.graphs import OPSET
+from export.onnx_files import OPSET
 from export.repository import publish
 from service.manifest import version_numbers
 from export.triton import layout

@@ -156,3 +156,28 @@ def test_two_ranks_train_a_hierarchical_model_as_one_process_does(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     synced = distance(weights(tmp_path / "two" / "last.pt"), weights(tmp_path / "one" / "last.pt"))
     assert synced < TOL, f"two ranks end {synced:.2e} from one process"
+
+
+def test_the_moving_average_is_what_is_validated_kept_and_resumed(digits, tmp_path):
+    trainer = Trainer(hvae_config(epochs=2), tmp_path, digits)
+    trainer.fit()
+    last = checkpoint.load(tmp_path / "last.pt")
+    best = checkpoint.load(tmp_path / "best.pt")
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert best["epoch"] == 2 and averaged.keys() == best["model"].keys()
+    assert all(torch.equal(averaged[k], best["model"][k]) for k in averaged)  # best.pt holds the average...
+    assert distance(best["model"], last["model"]) > 1e-4  # ...not the last step's weights
+    assert [h["skipped_steps"] for h in trainer.history] == [0, 0]
+
+
+def test_exploding_steps_are_skipped_and_a_lasting_rise_is_not_skipped_for_ever(digits, tmp_path):
+    """The rule on a run of norms: 1.0 for 100 steps, then one spike, then norms that grow 30-fold
+    for good. The spike is skipped, the first steps of the rise too, and then the rise is typical."""
+    trainer = Trainer(hvae_config(epochs=1), tmp_path, digits)
+    assert [trainer._exploding(1.0) for _ in range(100)] == [False] * 100
+    assert trainer._exploding(50.0)
+    decisions = [trainer._exploding(30.0) for _ in range(400)]
+    assert decisions[0] and not decisions[-1]
+    assert sum(decisions) < 200 and not any(decisions[sum(decisions):])  # one burst, then every step taken
+    flat = Trainer(TrainConfig(model=ModelConfig(latent_dim=4, widths=(8,), hidden=16), epochs=1), tmp_path / "flat", digits)
+    assert not any(flat._exploding(v) for v in [1.0] * 60 + [1e6])  # off for a flat VAE by default

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from service.engine import noise_stream, normal
 from service.likelihood import LOG_2PI, likelihood as make_likelihood
-from service.scoring import ScoreSums, chunk_rows
+from service.scoring import ScoreSums, chunk_rows, gaussian_log_ratio
 
 SHAPE = (1, 3, 4)  # [C, H, W] of the test images
 
@@ -48,12 +48,15 @@ def test_any_chunking_gives_the_whole_arrays_figures(n, k, d, flow, likelihood, 
     likelihood = make_likelihood(likelihood, SHAPE[0], gaussian_std=0.2)
     expected = whole(x, params, mu, logvar, eps, z, log_pz, likelihood)
 
-    sums = ScoreSums(x, mu, logvar, k, likelihood, flow)
+    closed_kl = None if flow else -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
+    sums = ScoreSums(x, k, likelihood, closed_kl)
     cuts = sorted(data.draw(st.sets(st.integers(1, n * k - 1), max_size=8)) if n * k > 1 else set())
     flat = lambda a: a.reshape(n * k, *a.shape[2:])  # noqa: E731 - image-major rows
+    logvars = np.repeat(logvar, k, axis=0)
     for start, end in zip([0, *cuts], [*cuts, n * k]):
         rows = slice(start, end)
-        sums.add(start, flat(params)[rows], flat(eps)[rows], flat(z)[rows], None if log_pz is None else flat(log_pz)[rows])
+        log_ratio = gaussian_log_ratio(flat(eps)[rows], flat(z)[rows], logvars[rows], None if log_pz is None else flat(log_pz)[rows])
+        sums.add(start, flat(params)[rows], log_ratio)
     got = sums.figures()
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-10, atol=1e-9, err_msg=key)

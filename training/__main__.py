@@ -55,6 +55,12 @@ def build_parser() -> Parser:
     opt.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule)
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    opt.add_argument("--ema", type=float, default=d.ema,
+                     help="decay of the weights' moving average that is evaluated and exported (default: 0.999 "
+                          "for --model hvae, 0: none, otherwise)")  # fmt: skip
+    opt.add_argument("--skip-factor", type=float, default=d.skip_factor,
+                     help="skip a step whose gradient norm is this many times the run's typical one (default: 10 "
+                          "for --model hvae, 0: never, otherwise)")  # fmt: skip
     opt.add_argument("--seed", type=int, default=d.seed)
     opt.add_argument("--device", default=d.device,
                      help="auto, cpu, cuda or cuda:N (under torchrun: cuda is LOCAL_RANK's GPU)")  # fmt: skip

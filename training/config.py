@@ -118,13 +118,32 @@ class TrainConfig:
     iwae_k: int = 1000
     eval_images: int = 1000
     grad_clip: float = 0.0
+    # The weights' exponential moving average, used for validation, the best checkpoint, evaluation
+    # and export: its decay per step; None: 0.999 for a hierarchical VAE, off (0) otherwise.
+    ema: float | None = None
+    # A step whose gradient norm is over this many times the run's typical norm (a moving average of
+    # log norms, which every step updates, skipped or not) is skipped; None: 10 for a hierarchical
+    # VAE, off (0) otherwise.
+    skip_factor: float | None = None
     classifier: str | None = None  # features.pt of training.features: sample-quality metrics at the end of a run
     quality_samples: int = 10_000  # samples scored for the Frechet distance and the class statistics
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    @property
+    def ema_decay(self) -> float:
+        return self.ema if self.ema is not None else (0.999 if self.model.kind == "hvae" else 0.0)
+
+    @property
+    def skip_above(self) -> float:
+        return self.skip_factor if self.skip_factor is not None else (10.0 if self.model.kind == "hvae" else 0.0)
+
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"--ema {self.ema}: a decay in [0, 1) (0: no moving average)")
+        if self.skip_factor is not None and self.skip_factor != 0 and self.skip_factor <= 1:
+            raise ValueError(f"--skip-factor {self.skip_factor}: above 1 (0: no skipping)")
         if self.image_size is not None:
             self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         if self.dataset == "folder" and (not self.data_dir or self.image_size is None):

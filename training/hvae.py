@@ -120,6 +120,7 @@ class HVAE(nn.Module):
     """The hierarchical VAE, with the flat VAE's interface (`training.model.VAE`): `forward` for the
     loss, `log_weights` for the IWAE bound, and encode, decode, sample on the standardized latent u."""
 
+    family = "hvae"  # what model.json says: it decides the graphs and how the service runs them
     variational = True
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -138,6 +139,11 @@ class HVAE(nn.Module):
         self.groups = nn.ModuleList(Group(width, zc, len(self.sizes)) for _ in self.sizes)
         self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, self.likelihood.spec.param_channels, 3, padding=1))
         self.group_dims = [zc * gh * gw for gh, gw in self.sizes]
+
+    @property
+    def latent_groups(self) -> list[list[int]]:
+        """The latent's groups as [channels, H, W], coarse to fine (model.json's layout)."""
+        return [[self.cfg.z_channels, h, w] for h, w in self.sizes]
 
     @property
     def noise_size(self) -> int:
@@ -173,7 +179,8 @@ class HVAE(nn.Module):
         self, n: int, acts: dict[tuple[int, int], torch.Tensor] | None, noise: torch.Tensor | None, mode: str
     ) -> tuple[torch.Tensor, list[Step]]:
         """The likelihood's parameters and each group's step. `noise` [n, noise_size] is split over
-        the groups coarse to fine (None in mode "mean")."""
+        the groups coarse to fine (None in mode "mean"). `n` is a shape's size, not len(): under
+        torch.export len() is a constant and would fix the graphs' batch size."""
         h = self.start.expand(n, -1, -1, -1)
         parts = noise.split(self.group_dims, dim=1) if noise is not None else [None] * len(self.groups)
         steps = []
@@ -190,7 +197,7 @@ class HVAE(nn.Module):
         """One pass with z drawn from q for the noise eps [N, noise_size] (drawn when None)."""
         if eps is None:
             eps = torch.randn(len(x), self.noise_size, device=x.device)
-        params, steps = self._top_down(len(x), self._bottom_up(x), eps, "posterior")
+        params, steps = self._top_down(x.shape[0], self._bottom_up(x), eps, "posterior")
         return Pass(params, torch.cat([s.u_mean().flatten(1) for s in steps], dim=1), torch.stack([s.kl() for s in steps], dim=1))
 
     def log_weights(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -201,23 +208,34 @@ class HVAE(nn.Module):
         def weights(eps: torch.Tensor) -> torch.Tensor:
             n, m, d = eps.shape
             rows = {size: a.repeat_interleave(m, dim=0) for size, a in acts.items()}
-            params, steps = self._top_down(n * m, rows, eps.reshape(n * m, d), "posterior")
-            xs = x.repeat_interleave(m, dim=0)
-            log_w = self.likelihood.log_prob(xs, params) + sum(s.log_ratio() for s in steps)
-            return log_w.view(n, m)
+            params, log_ratio, _ = self._posterior(rows, eps.reshape(n * m, d))
+            return (self.likelihood.log_prob(x.repeat_interleave(m, dim=0), params) + log_ratio).view(n, m)
 
         return weights
 
+    def posterior_draw(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One draw from q(z|x) for the noise eps [N, noise_size]: the likelihood's parameters,
+        log p(z) - log q(z|x) [N] and the draw as the latent u [N, noise_size] (what Score and a
+        drawn Encode need; the posterior graph)."""
+        return self._posterior(self._bottom_up(x), eps)
+
+    def _posterior(
+        self, acts: dict[tuple[int, int], torch.Tensor], eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        params, steps = self._top_down(eps.shape[0], acts, eps, "posterior")
+        u = torch.cat([((s.z - s.p_mu) * torch.exp(-s.p_log_sigma)).flatten(1) for s in steps], dim=1)
+        return params, sum(s.log_ratio() for s in steps), u
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u at the posterior means [N, noise_size] and its log-variance given the groups above."""
-        _, steps = self._top_down(len(x), self._bottom_up(x), None, "mean")
+        _, steps = self._top_down(x.shape[0], self._bottom_up(x), None, "mean")
         mu = torch.cat([s.u_mean().flatten(1) for s in steps], dim=1)
         logvar = torch.cat([(2 * (s.q_log_sigma - s.p_log_sigma)).flatten(1) for s in steps], dim=1)
         return mu, logvar
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
         """The likelihood's parameters for the standardized latents u [N, noise_size]."""
-        return self._top_down(len(u), None, u, "prior")[0]
+        return self._top_down(u.shape[0], None, u, "prior")[0]
 
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
         return self.likelihood.image(params)

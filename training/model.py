@@ -112,6 +112,8 @@ class Pass(NamedTuple):
 
 
 class VAE(nn.Module):
+    family = "vae"  # what model.json says: it decides the graphs and how the service runs them
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -178,6 +180,11 @@ class VAE(nn.Module):
         if self.cfg.prior == "flow":
             return torch.tensor([float(self.cfg.latent_dim)])
         return torch.ones(self.cfg.latent_dim)
+
+    @property
+    def latent_groups(self) -> list[list[int]]:
+        """The latent's groups (model.json's layout): one, the whole latent."""
+        return [[self.cfg.latent_dim]]
 
     @property
     def group_dims(self) -> list[int]:

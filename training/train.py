@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from training import checkpoint, distributed
@@ -41,6 +42,25 @@ from training.families import Model, build
 from training.model import Pass
 
 log = logging.getLogger(__name__)
+
+
+SKIP_WARMUP_STEPS = 50  # steps whose norms make the typical norm before any step is judged exploding
+NORM_DECAY = 0.99  # of the moving average of log gradient norms
+
+
+def warm_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """The moving average's update for torch's AveragedModel: avg <- r avg + (1 - r) weights, with
+    r = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's ExponentialMovingAverage warm-up),
+    so a run of a few thousand steps is not evaluated on an average still near its initial weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        rate = min(decay, (1 + n) / (10 + n))
+        for avg, weights in zip(averaged, current):
+            avg.lerp_(weights, 1 - rate)
+
+    return update
 
 
 def kl_weight(cfg: TrainConfig, progress: float) -> float:
@@ -167,6 +187,12 @@ class Trainer:
             quiet = "forward_sync_buffers" if newer else "broadcast_buffers"
             self.net = DistributedDataParallel(self.model, device_ids=ids, **{quiet: False})
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # The weights' moving average (torch's AveragedModel): what is validated, kept as best.pt and exported.
+        decay = cfg.ema_decay
+        self.ema = AveragedModel(self.model, multi_avg_fn=warm_ema(decay), use_buffers=True) if decay else None
+        self.norm_log: float | None = None  # moving average of the steps' log gradient norms (`_exploding`)
+        self.norm_steps = 0
+        self.skipped_steps = 0  # of the last epoch: gradients not finite, or exploding
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.val_x = prepare_eval_images(self.data.val.unit(), self.model.likelihood, seed=cfg.seed).to(self.device)
@@ -203,6 +229,12 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.data_gen.set_state(state["data_rng"])
+        self.norm_log, self.norm_steps = state.get("norm_log"), state.get("norm_steps", 0)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise checkpoint.CheckpointError(f"--resume: {self.out / 'last.pt'} has no moving average of the weights; "
+                                                 "resume with --ema 0, as it was trained")  # fmt: skip
+            self.ema.load_state_dict(state["ema"])
         self.partial = state.get("partial")
         self.resumed = True
         if self.dist.main:
@@ -248,20 +280,25 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not torch.isfinite(norm):  # one bad batch must not turn every weight into NaN (the same on every rank)
+            # One bad batch must not turn every weight into NaN, nor one exploding step undo the run
+            # (the norm is the all-reduced gradient's: every rank decides the same).
+            if not torch.isfinite(norm) or self._exploding(norm.item()):
                 skipped += 1
                 continue
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(model)
             for key in totals:
                 totals[key] += stats[key] * len(x)
             seen += len(x)
             if seen:
                 bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
         self.images_per_second = images / max(time.perf_counter() - started, 1e-9)
+        self.skipped_steps = skipped
         if d.active:
             totals, seen = self._summed(totals, seen)
         if skipped and d.main:
-            log.warning("epoch %d: %d of %d steps skipped, their gradients not finite (try a lower --lr or --grad-clip)",
+            log.warning("epoch %d: %d of %d steps skipped, their gradients not finite or exploding (try a lower --lr or --grad-clip)",
                         epoch + 1, skipped, len(batches))  # fmt: skip
         if seen == 0:
             raise RuntimeError(f"training diverged in epoch {epoch + 1}: no step had a finite gradient; lower --lr or set --grad-clip")
@@ -270,6 +307,24 @@ class Trainer:
             avg["neg_elbo"] = avg["recon"] + avg["kl"]
             avg["beta"] = beta
         return avg
+
+    @property
+    def evaluated(self) -> Model:
+        """The weights validated, kept as best.pt and exported: the moving average, where there is one."""
+        return self.ema.module if self.ema is not None else self.model  # type: ignore[return-value]
+
+    def _exploding(self, norm: float) -> bool:
+        """Whether a step's gradient norm is over `skip_above` times the run's typical norm, a moving
+        average of log norms. Every step moves the average, skipped or not, so gradients that grow
+        for good soon count as typical: a run can skip a burst of steps, never every step from some
+        point on (openai/vdvae#25, where a fixed threshold did)."""
+        factor = self.cfg.skip_above
+        if factor <= 0:
+            return False
+        log_norm, typical = math.log(max(norm, 1e-30)), self.norm_log
+        self.norm_log = log_norm if typical is None else NORM_DECAY * typical + (1 - NORM_DECAY) * log_norm
+        self.norm_steps += 1
+        return typical is not None and self.norm_steps > SKIP_WARMUP_STEPS and log_norm > typical + math.log(factor)
 
     def _summed(self, totals: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
         """The epoch's sums over every rank's rows."""
@@ -303,17 +358,20 @@ class Trainer:
             best_val=self.best_val,
             torch_rng=torch.get_rng_state(),
             data_rng=self.data_gen.get_state(),
+            norm_log=self.norm_log,
+            norm_steps=self.norm_steps,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             **({"partial": partial} if partial else {}),
         )
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
+        self.evaluated.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the same noise every epoch; the training stream untouched
             torch.manual_seed(self.cfg.seed)
-            terms = elbo_terms(self.model, self.val_x, dist=self.dist)
+            terms = elbo_terms(self.evaluated, self.val_x, dist=self.dist)
         recon = terms["recon"].mean().item()
         if "kl" not in terms:  # an autoencoder: reconstruction only
             return {"recon": recon, "active_units": active_units(terms["mu"])}
@@ -359,7 +417,8 @@ class Trainer:
         val = self.validate()
         seconds = round(time.perf_counter() - started + self.carried_seconds, 2)
         record = {"epoch": epoch + 1, "train": train, "val": val, "seconds": seconds,
-                  "images_per_second": round(self.images_per_second, 1), "world_size": d.world_size}  # fmt: skip
+                  "images_per_second": round(self.images_per_second, 1), "world_size": d.world_size,
+                  "skipped_steps": self.skipped_steps}  # fmt: skip
         self.history.append(record)
         # The best checkpoint: highest validation ELBO (an autoencoder: lowest reconstruction loss).
         # Every rank holds the same validation figures, so every rank takes the same decision.
@@ -384,7 +443,7 @@ class Trainer:
                 epoch + 1, self.cfg.epochs, train["recon"], val["recon"], val["active_units"], record["seconds"],
             )  # fmt: skip
         if best:
-            checkpoint.save(self.out / "best.pt", self.model, self.cfg, epoch=epoch + 1)
+            checkpoint.save(self.out / "best.pt", self.evaluated, self.cfg, epoch=epoch + 1)
         self.save_last(epoch + 1)
 
 

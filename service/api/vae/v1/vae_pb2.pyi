@@ -78,7 +78,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "latent_dim", "image_shape", "likelihood", "execution_provider", "max_batch_rows", "max_batch_delay_ms", "max_request_rows", "max_queue_rows", "dataset", "metrics", "mixtures", "preprocessing", "classes")
+    __slots__ = ("name", "version", "latent_dim", "image_shape", "likelihood", "execution_provider", "max_batch_rows", "max_batch_delay_ms", "max_request_rows", "max_queue_rows", "dataset", "metrics", "mixtures", "preprocessing", "classes", "family", "latent_groups")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class ModelInfo(_message.Message):
     MIXTURES_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    LATENT_GROUPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     latent_dim: int
@@ -116,7 +118,17 @@ class ModelInfo(_message.Message):
     mixtures: int
     preprocessing: Preprocessing
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latent_dim: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., likelihood: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_request_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mixtures: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    family: str
+    latent_groups: _containers.RepeatedCompositeFieldContainer[LatentGroup]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latent_dim: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., likelihood: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_batch_rows: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., max_request_rows: _Optional[int] = ..., max_queue_rows: _Optional[int] = ..., dataset: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mixtures: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., classes: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., latent_groups: _Optional[_Iterable[_Union[LatentGroup, _Mapping]]] = ...) -> None: ...
+
+class LatentGroup(_message.Message):
+    __slots__ = ("shape", "offset")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("channels", "size", "fit", "background")

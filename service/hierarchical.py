@@ -1,0 +1,40 @@
+"""A hierarchical VAE's operations (`training.hvae`). Its latent is its groups' standardized noise u,
+N(0, I) under the prior, and its encoder and decoder graphs have the flat signatures (x -> the
+posterior-mean u and its log-variance; u -> the likelihood's parameters), so Sample, Decode,
+Reconstruct and Interpolate run as a flat model's. A draw from q(z|x) is not u = mu + eps sigma
+(each group depends on the ones above it): Encode's draw and Score's draws run the posterior graph,
+on an image and its noise in one row, which gives the likelihood's parameters, log p(z) - log q(z|x)
+and the draw as u.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.engine import Draws, Engine, normal
+from service.scoring import ScoreSums
+
+
+class HierarchicalEngine(Engine):
+    async def posterior_sample(
+        self, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray, seed: int, deadline: float | None = None
+    ) -> np.ndarray:
+        """One draw from q(z|x) per image, as u, for the seed's noise: the posterior graph's."""
+        eps = normal(seed, mu.shape)
+        _, _, u = await self.family["posterior"].submit(self._rows(x, eps), deadline)
+        return u
+
+    async def _score_draws(self, x: np.ndarray, k: int, deadline: float | None) -> tuple[ScoreSums, Draws]:
+        """Each chunk of draws through the posterior graph: no closed-form KL (the draws' mean of
+        log q - log p is the KL's estimate), and no encoder call of its own."""
+
+        async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+            params, log_ratio, _ = await self.family["posterior"].submit(self._rows(x[image], eps), deadline, background=True)
+            return start, params, log_ratio.astype(np.float64)
+
+        return ScoreSums(x.astype(np.float64), k, self.spec.distribution), draws
+
+    @staticmethod
+    def _rows(x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """The posterior graph's input: each image flattened, then its noise, float32 [N, C*H*W + D]."""
+        return np.concatenate([x.reshape(len(x), -1), eps], axis=1, dtype=np.float32)
