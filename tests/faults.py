@@ -74,7 +74,7 @@ def unsynced() -> None:
 
 
 def record_writes(record_dir: str) -> None:
-    """Each rank lists the files it writes (checkpoints, figures), in order, in
+    """Each rank lists the files it writes (checkpoints, figures, event files), in order, in
     record_dir/writes-rank{RANK}.json when it exits."""
     writes: list[str] = []
 
@@ -93,8 +93,17 @@ def record_writes(record_dir: str) -> None:
 
         return recording_figures
 
+    def wrap_board(board: type) -> type:
+        class RecordingBoard(board):  # type: ignore[valid-type, misc] - TensorBoard's event files, once written
+            def close(self) -> None:
+                super().close()
+                writes.extend(p.name for p in Path(self.writer.log_dir).glob("events.out.tfevents.*"))
+
+        return RecordingBoard
+
     patch(checkpoint, "save", wrap_save)
     patch(train, "write_figures", wrap_figures)
+    patch(train, "Board", wrap_board)
     rank = this_rank()
     atexit.register(lambda: (Path(record_dir) / f"writes-rank{rank}.json").write_text(json.dumps(writes)))
 

@@ -389,3 +389,29 @@ def test_hflip_mirrors_a_seeded_random_half_of_the_batch():
     kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
     assert bool((flipped ^ kept).all()) and 60 < int(flipped.sum()) < 140
     assert torch.equal(out, mirror_half(x, torch.Generator().manual_seed(0)))
+
+
+def test_tensorboard_gets_each_epochs_curves_and_pictures_and_a_resumed_run_continues_them(digits, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def board(run):
+        events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        return events
+
+    Trainer(small_config(epochs=2, lr_schedule="constant"), tmp_path / "run", digits).fit()
+    resumed = Trainer(small_config(epochs=3, lr_schedule="constant"), tmp_path / "run", digits)
+    resumed.resume()
+    resumed.fit()
+    events = board(tmp_path / "run")
+    tags = events.Tags()
+    assert {"train/neg_elbo", "val/neg_elbo", "val/kl", "val/elbo_bits_per_dim", "optimisation/learning_rate",
+            "optimisation/gradient_norm", "optimisation/skipped_steps", "optimisation/images_per_second"} <= set(tags["scalars"])  # fmt: skip
+    assert {"samples", "reconstructions"} <= set(tags["images"])
+    val = [(e.step, e.value) for e in events.Scalars("val/neg_elbo")]
+    assert [s for s, _ in val] == [1, 2, 3]  # one point per epoch, the resumed ones after the first run's
+    assert [v for _, v in val] == pytest.approx([h["val"]["neg_elbo"] for h in resumed.history])
+    assert all(e.value > 0 for e in events.Scalars("optimisation/gradient_norm"))
+    assert [e.step for e in events.Images("samples")] == [1, 2, 3]
+    Trainer(small_config(epochs=1, tensorboard=False), tmp_path / "quiet", digits).fit()
+    assert not list((tmp_path / "quiet").glob("events.out.tfevents.*"))

@@ -55,6 +55,8 @@ def build_parser() -> Parser:
     opt.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule)
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    opt.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                     help="write no TensorBoard event files into --out")
     opt.add_argument("--ema", type=float, default=d.ema,
                      help="decay of the weights' moving average that is evaluated and exported (default: 0.999 "
                           "for --model hvae, 0: none, otherwise)")  # fmt: skip

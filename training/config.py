@@ -125,6 +125,7 @@ class TrainConfig:
     # log norms, which every step updates, skipped or not) is skipped; None: 10 for a hierarchical
     # VAE, off (0) otherwise.
     skip_factor: float | None = None
+    tensorboard: bool = True  # TensorBoard event files in --out (training.board)
     classifier: str | None = None  # features.pt of training.features: sample-quality metrics at the end of a run
     quality_samples: int = 10_000  # samples scored for the Frechet distance and the class statistics
     model: ModelConfig = field(default_factory=ModelConfig)

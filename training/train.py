@@ -37,6 +37,7 @@ from training.data import Dataset, load_data
 from training.distributed import Dist, all_sum, any_rank, from_main, global_mean
 from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
 from training.features import FeatureNet, feature_distance, load_feature_net
+from training.board import Board
 from training.figures import write_figures
 from training.families import Model, build
 from training.model import Pass
@@ -193,6 +194,8 @@ class Trainer:
         self.norm_log: float | None = None  # moving average of the steps' log gradient norms (`_exploding`)
         self.norm_steps = 0
         self.skipped_steps = 0  # of the last epoch: gradients not finite, or exploding
+        self.grad_norm = 0.0  # the last epoch's mean gradient norm over its finite steps
+        self.board: Board | None = None  # TensorBoard's event files, rank 0's (`fit`)
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.val_x = prepare_eval_images(self.data.val.unit(), self.model.likelihood, seed=cfg.seed).to(self.device)
@@ -259,6 +262,7 @@ class Trainer:
         self.carried_seconds = elapsed
         batches = order.split(cfg.batch_size)
         started, images = time.perf_counter(), 0
+        norms, counted = 0.0, 0
         bar = tqdm(batches[start:], desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if d.main else True,
                    initial=start, total=len(batches))  # fmt: skip
         for i, idx in enumerate(bar, start):
@@ -282,7 +286,11 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             # One bad batch must not turn every weight into NaN, nor one exploding step undo the run
             # (the norm is the all-reduced gradient's: every rank decides the same).
-            if not torch.isfinite(norm) or self._exploding(norm.item()):
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                norms += norm.item()
+                counted += 1
+            if not finite or self._exploding(norm.item()):
                 skipped += 1
                 continue
             self.optimizer.step()
@@ -295,6 +303,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{totals['loss'] / seen:.2f}")
         self.images_per_second = images / max(time.perf_counter() - started, 1e-9)
         self.skipped_steps = skipped
+        self.grad_norm = norms / max(counted, 1)
         if d.active:
             totals, seen = self._summed(totals, seen)
         if skipped and d.main:
@@ -405,9 +414,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if not self.resumed:
             torch.manual_seed(self.cfg.seed)  # the reparameterization noise; a resumed run restores its own
-        with self.stop_on_sigterm():
-            for epoch in range(self.start_epoch, self.cfg.epochs):
-                self.fit_epoch(epoch)
+        if d.main and self.cfg.tensorboard:
+            self.board = Board(self.out, self.start_epoch)
+        try:
+            with self.stop_on_sigterm():
+                for epoch in range(self.start_epoch, self.cfg.epochs):
+                    self.fit_epoch(epoch)
+        finally:
+            if self.board is not None:
+                self.board.close()
         return self.history
 
     def fit_epoch(self, epoch: int) -> None:
@@ -442,6 +457,9 @@ class Trainer:
                 "epoch %d/%d  train recon %.2f  val recon %.2f  active units %d  %.1fs",
                 epoch + 1, self.cfg.epochs, train["recon"], val["recon"], val["active_units"], record["seconds"],
             )  # fmt: skip
+        if self.board is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.board.epoch(record, self.evaluated, lr, self.grad_norm, self.val_x[:16])
         if best:
             checkpoint.save(self.out / "best.pt", self.evaluated, self.cfg, epoch=epoch + 1)
         self.save_last(epoch + 1)
