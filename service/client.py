@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -105,9 +106,11 @@ class VaeClient:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(**self._target()), **self.call)
 
     def sample(
-        self, n: int, seed: int | None = None, temperature: float | None = None, format: str = "float32"
+        self, n: int, seed: int | None = None, temperature: float | None = None, format: str = "float32",
+        temperatures: Sequence[float] = (),
     ) -> np.ndarray | list[bytes]:
-        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format], **self._target())
+        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format],
+                                   temperatures=temperatures, **self._target())  # fmt: skip
         return _images(self._answered(self.stub.Sample(request, **self.call)).images)
 
     def sample_stream(self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None) -> np.ndarray:
@@ -221,6 +224,8 @@ def build_parser() -> Parser:
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--seed", type=int)
     p.add_argument("--temperature", type=float)
+    p.add_argument("--temperatures", type=lambda s: [float(v) for v in s.split(",")], default=[],
+                   help="one per latent group (see info's latent_groups), comma-separated, instead of --temperature")
     p.add_argument("--out", type=Path, help=".png (a grid) or .npy")
     for name in ("encode", "reconstruct", "score"):
         p = sub.add_parser(name)
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     default = " (default)" if m.name == listing.default_model else ""
                     print(f"{m.name}{default}\tv{m.version}\t{state}\t{m.reason}".rstrip())
             elif args.command == "sample":
-                _save(client.sample(args.n, args.seed, args.temperature), args.out)
+                _save(client.sample(args.n, args.seed, args.temperature, temperatures=args.temperatures), args.out)
             elif args.command == "encode":
                 mu, sigma, _ = client.encode(load_inputs(args.input))
                 if args.out:

@@ -219,6 +219,22 @@ def temperature(value: float | None, field: str = "temperature") -> float:
     return t
 
 
+def temperatures(
+    engine: Engine, one: float | None, per_group: Sequence[float] = (), names: tuple[str, str] = ("temperature", "temperatures")
+) -> float | np.ndarray:  # fmt: skip
+    """The scale of the prior noise: one temperature for every latent (default 1.0), or one per
+    latent group (`ModelSpec.latent_groups`, coarse to fine) as each latent value's, [D] float32."""
+    if not len(per_group):
+        return temperature(one, names[0])
+    if one is not None:
+        raise BadRequest(f"{names[0]} and {names[1]}: give one temperature or one per latent group, not both")
+    groups = engine.spec.latent_groups
+    if len(per_group) != len(groups):
+        raise BadRequest(f"{names[1]}: {len(per_group)} values; this model has {len(groups)} latent groups (ModelInfo.latent_groups)")
+    values = [temperature(v, f"{names[1]}[{i}]") for i, v in enumerate(per_group)]
+    return np.repeat(np.asarray(values, np.float32), [math.prod(g) for g in groups])
+
+
 def rows(x: np.ndarray, field: str, tail: tuple[int, ...], max_rows: int) -> np.ndarray:
     """`x` if it is [N, *tail] with N in 1..max_rows and, when floating point, finite."""
     if x.ndim != len(tail) + 1 or x.shape[1:] != tail:
@@ -268,11 +284,12 @@ async def request_images(engine: Engine, x: np.ndarray | None, files: Sequence[b
 
 async def sample(
     engine: Engine, n: int, seed_value: int | None, temperature_value: float | None, deadline: float | None,
-    names: tuple[str, str, str] = ("num_samples", "seed", "temperature"),
+    names: tuple[str, str, str, str] = ("num_samples", "seed", "temperature", "temperatures"), per_group: Sequence[float] = (),
 ) -> tuple[np.ndarray, int]:  # fmt: skip
-    """`n` images from the prior and the seed that drew them; `names` are the inputs' names on the wire."""
+    """`n` images from the prior and the seed that drew them, at one temperature or one per latent
+    group (`per_group`); `names` are the inputs' names on the wire."""
     n = count(n, names[0], engine.limits.max_request_rows)
-    t, s = temperature(temperature_value, names[2]), seed(seed_value, names[1])
+    t, s = temperatures(engine, temperature_value, per_group, names[2:]), seed(seed_value, names[1])
     async with engine.admit("sample", engine.costs.sample(n), f"Sample of {n} images", deadline):
         return await engine.sample(n, s, t, deadline), s
 
@@ -287,13 +304,13 @@ class SampleStream:
 
 def sample_stream(
     engine: Engine, n: int, seed_value: int | None, temperature_value: float | None, chunk_rows: int,
-    deadline: float | None,
+    deadline: float | None, per_group: Sequence[float] = (),
 ) -> SampleStream:  # fmt: skip
     """`n` images from the prior in chunks of `chunk_rows` (0: a batch, within the request limit):
     concatenated, Sample's images for the same seed. `n` may reach the queue's bound, since only
     one chunk is queued at a time."""
     n = count(n, "num_samples", engine.batch.max_queue_rows)
-    t, s = temperature(temperature_value), seed(seed_value)
+    t, s = temperatures(engine, temperature_value, per_group), seed(seed_value)
     limit = engine.limits.max_request_rows
     chunk = count(chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
     cost = n * engine.costs.latent + engine.costs.sample(chunk)

@@ -235,10 +235,11 @@ class Engine:
         z = mu + eps * sigma, eps ~ N(0, I)."""
         return mu + normal(seed, mu.shape) * sigma
 
-    def latents(self, n: int, seed: int, temperature: float) -> np.ndarray:
-        """Base noise eps ~ N(0, temperature^2 I), [n, D]: a function of the seed alone. Under N(0, I)
-        these are the latents to decode; under a flow, `prior_z` maps them to the latents."""
-        return normal(seed, (n, self.spec.latent_dim)) * np.float32(temperature)
+    def latents(self, n: int, seed: int, temperature: float | np.ndarray) -> np.ndarray:
+        """Base noise eps ~ N(0, T^2), [n, D]: a function of the seed alone, T one temperature or
+        one per latent value [D]. Under N(0, I) these are the latents to decode; under a flow,
+        `prior_z` maps them to the latents."""
+        return normal(seed, (n, self.spec.latent_dim)) * np.asarray(temperature, np.float32)
 
     async def prior_z(self, eps: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """The latents for base noise eps [n, D]: eps itself under N(0, I) (no graph, no batcher hop),
@@ -260,7 +261,7 @@ class Engine:
         """Images for base noise eps: decode(f(eps)), f the identity under N(0, I)."""
         return await self.decode(await self.prior_z(eps, deadline), deadline)
 
-    async def sample(self, n: int, seed: int, temperature: float, deadline: float | None = None) -> np.ndarray:
+    async def sample(self, n: int, seed: int, temperature: float | np.ndarray, deadline: float | None = None) -> np.ndarray:
         eps = self.latents(n, seed, temperature)
         if not self.priors:  # under N(0, I) the noise is the latents: one hop fewer on every small call
             return await self.decode(eps, deadline)

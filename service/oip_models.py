@@ -93,7 +93,8 @@ def signature(engine: Engine, kind: str) -> Signature:
     c, h, w = engine.spec.image_shape
     d = engine.spec.latent_dim
     if kind == "sample":
-        scalars = [("num_samples", "INT64", [1]), ("seed", "INT64", [1]), ("temperature", "FP32", [1])]
+        scalars = [("num_samples", "INT64", [1]), ("seed", "INT64", [1]), ("temperature", "FP32", [1]),
+                   ("temperatures", "FP32", [-1])]  # fmt: skip
         return scalars, [("images", "FP32", [-1, c, h, w]), ("seed", "INT64", [1])]
     graph = engine.runtime.encoder if kind == "encoder" else engine.runtime.decoder
     image, latent = [-1, c, h, w], [-1, d]
@@ -101,6 +102,18 @@ def signature(engine: Engine, kind: str) -> Signature:
     inputs = [(graph.input_name, "FP32", image if kind == "encoder" else latent)]
     outputs = [(name, "FP32", latent if kind == "encoder" else params) for name in graph.output_names]
     return inputs, outputs
+
+
+def _vector(inputs: dict[str, tuple[str, np.ndarray]], name: str, datatypes: tuple[str, ...]) -> list[float]:
+    """An optional one-dimensional input's values ([] when absent)."""
+    if name not in inputs:
+        return []
+    datatype, array = inputs[name]
+    if datatype not in datatypes:
+        raise BadRequest(f"input {name!r}: datatype {datatype!r}; must be {' or '.join(datatypes)}")
+    if array.ndim != 1:
+        raise BadRequest(f"input {name!r}: shape {list(array.shape)}; must be [G], one value per latent group")
+    return array.tolist()
 
 
 def _scalar(inputs: dict[str, tuple[str, np.ndarray]], name: str, datatypes: tuple[str, ...]) -> Any:
@@ -136,9 +149,10 @@ async def infer(
         seed = _scalar(inputs, "seed", ("INT64", "UINT64"))
         if seed is not None and not 0 <= seed <= MAX_INT64:  # the seed output is INT64
             raise BadRequest(f"input 'seed': {seed}; must be between 0 and 2^63 - 1")
+        per_group = _vector(inputs, "temperatures", ("FP32",))
         images, seed = await dataplane.sample(
             engine, int(n), seed, _scalar(inputs, "temperature", ("FP32",)), deadline,
-            names=("input 'num_samples'", "input 'seed'", "input 'temperature'"),
+            names=("input 'num_samples'", "input 'seed'", "input 'temperature'", "input 'temperatures'"), per_group=per_group,
         )  # fmt: skip
         results = {"images": images, "seed": np.array([seed], np.int64)}
     else:
@@ -178,7 +192,7 @@ def config(engine: Engine, name: str, kind: str) -> dict[str, Any]:
         "name": name, "platform": _platform(kind), "backend": "onnxruntime" if batched else "",
         "max_batch_size": engine.limits.max_request_rows if batched else 0,
         "input": [
-            {"name": n, "data_type": f"TYPE_{t}", "dims": s[1:] if batched else s, "optional": n in ("seed", "temperature")}
+            {"name": n, "data_type": f"TYPE_{t}", "dims": s[1:] if batched else s, "optional": n in ("seed", "temperature", "temperatures")}
             for n, t, s in inputs
         ],
         "output": [{"name": n, "data_type": f"TYPE_{t}", "dims": s[1:] if batched else s} for n, t, s in outputs],

@@ -102,7 +102,7 @@ class VaeServicer:
     async def Sample(self, engine: Engine, request: pb.SampleRequest, deadline: float | None) -> pb.SampleResponse:
         fmt = _format(engine, request.format)
         t = request.temperature if request.HasField("temperature") else None
-        images, seed = await dataplane.sample(engine, request.num_samples, _seed(request), t, deadline)
+        images, seed = await dataplane.sample(engine, request.num_samples, _seed(request), t, deadline, per_group=request.temperatures)
         return _with_images(pb.SampleResponse(seed=seed), images, fmt)
 
     async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleResponse]:
@@ -113,7 +113,9 @@ class VaeServicer:
             async with self.plane.call("SampleStream", model, version, deadline, bad) as engine:
                 fmt = _format(engine, request.format)
                 t = request.temperature if request.HasField("temperature") else None
-                stream = dataplane.sample_stream(engine, request.num_samples, _seed(request), t, request.chunk_rows, deadline)
+                stream = dataplane.sample_stream(
+                    engine, request.num_samples, _seed(request), t, request.chunk_rows, deadline, request.temperatures
+                )  # fmt: skip
                 async for offset, images in stream.chunks:
                     response = _with_images(pb.SampleResponse(seed=stream.seed, offset=offset), images, fmt)
                     response.model_name, response.model_version = engine.spec.name, engine.spec.version

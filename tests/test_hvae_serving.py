@@ -44,7 +44,7 @@ def repo(tmp_path_factory, hvae, model_repo):
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("hvae-server") / "server.log", "--max-batch-delay-ms", "5")
+    proc = ServerProcess(repo, tmp_path_factory.mktemp("hvae-server") / "server.log", "--max-batch-delay-ms", "5", http=True)
     yield proc
     assert proc.terminate() == 0
 
@@ -123,3 +123,27 @@ def test_both_families_serve_from_one_repository(server, client):
     a, b = normal(1, (2, d))
     images, path = client.interpolate(a, b, steps=5, spherical=True, latents=True)
     assert images.shape == (5, 1, 8, 8) and np.array_equal(path[0], a) and np.array_equal(path[-1], b)
+
+
+def test_temperatures_per_group_scale_each_groups_noise_on_every_front_end(client, server, hvae):
+    import httpx
+
+    u = normal(6, (4, hvae.noise_size))
+    scale = np.repeat(np.array([0.0, 1.0, 0.5], np.float32), hvae.group_dims)
+    with torch.no_grad():
+        expected = hvae.mean_image(hvae.decode(torch.from_numpy(u * scale))).numpy()
+    np.testing.assert_allclose(client.sample(4, seed=6, temperatures=[0.0, 1.0, 0.5]), expected, atol=1e-5)
+    np.testing.assert_allclose(client.sample(4, seed=6, temperatures=[0.7] * 3), client.sample(4, seed=6, temperature=0.7))
+    with pytest.raises(Exception, match="3 latent groups"):
+        client.sample(4, seed=6, temperatures=[1.0, 1.0])
+    with pytest.raises(Exception, match="not both"):
+        client.sample(4, seed=6, temperature=1.0, temperatures=[1.0, 1.0, 1.0])
+    assert client.sample(2, seed=1).shape == (2, 1, 8, 8)  # and the server keeps serving
+    with httpx.Client(base_url=server.http_url) as web:
+        body = {"num_samples": 4, "seed": 6, "temperatures": [0.0, 1.0, 0.5]}
+        answer = web.post("/v1/models/hier/sample", json=body).json()
+        np.testing.assert_allclose(np.array(answer["images"]["data"], np.float32).reshape(expected.shape), expected, atol=1e-5)
+        png = web.get("/v1/models/hier/sample.png", params={"n": 4, "seed": 6, "temperatures": "0,1,0.5"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        bad = web.get("/v1/models/hier/sample.png", params={"n": 4, "temperatures": "0,x,1"})
+        assert bad.status_code == 400 and "temperatures" in bad.json()["error"] and "\n" not in bad.json()["error"]

@@ -69,7 +69,7 @@ def test_server_and_model_metadata(client, model_repo):
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("z", "TYPE_FP32", ["8"])]
     sample = client.get_model_config("digits_sample", as_json=True)["config"]
     assert [(i["name"], i.get("optional", False)) for i in sample["input"]] == [
-        ("num_samples", False), ("seed", True), ("temperature", True)
+        ("num_samples", False), ("seed", True), ("temperature", True), ("temperatures", True)
     ]  # fmt: skip
     index = client.get_model_repository_index(as_json=True)["models"]
     assert {(m["name"], m["version"], m["state"]) for m in index} == {
@@ -108,6 +108,8 @@ def test_sample_gives_the_bytes_of_vae_sample(client, server):
     assert result.as_numpy("seed").tolist() == [11]
     warm = client.infer("digits_sample", [*inputs, tensor("temperature", np.array([0.5], np.float32))])
     assert warm.as_numpy("images").tobytes() == cooler.tobytes()
+    per_group = client.infer("digits_sample", [*inputs, tensor("temperatures", np.array([0.5], np.float32))])
+    assert per_group.as_numpy("images").tobytes() == cooler.tobytes()  # a flat VAE's one group
     unseeded = client.infer("digits_sample", inputs[:1])
     assert unseeded.as_numpy("seed")[0] >= 0 and unseeded.as_numpy("images").shape == (6, 1, 8, 8)
     text = scrape(server)

@@ -61,10 +61,21 @@ class Answer(BaseModel):
     encoding: Encoding = Field("list", description="tensors in the answer as lists of numbers, or base64 raw bytes")
 
 
+
+def number_list(value: str | None, field: str) -> list[float]:
+    """A comma-separated query value as numbers ([] when absent); BadRequest names a bad one."""
+    if not value:
+        return []
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise BadRequest(f"{field}: {value!r}; must be numbers separated by commas") from None
+
 class SampleRequest(Answer):
     num_samples: int = 1
     seed: int | None = None
     temperature: float | None = None
+    temperatures: list[float] = Field([], description="one per latent group (ModelInfo's latent_groups), instead of temperature")
 
 
 class ImagesRequest(Answer):
@@ -192,19 +203,25 @@ def router(plane: DataPlane) -> APIRouter:
     async def sample_png(
         name: str, version: Version = 0, n: Annotated[int, Query(description="how many samples")] = 16,
         seed: int | None = None, temperature: float | None = None,
+        temperatures: Annotated[str | None, Query(description="one per latent group, comma-separated, instead of temperature")] = None,
         columns: Annotated[int | None, Query(ge=1, le=1024, description="images per row (default: a square)")] = None,
         timeout: Timeout = None,
     ) -> Response:  # fmt: skip
         async with call("Sample", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
-            images, _ = await dataplane.sample(engine, n, seed, temperature, deadline, names=("n", "seed", "temperature"))
+            per_group = number_list(temperatures, "temperatures")
+            images, _ = await dataplane.sample(
+                engine, n, seed, temperature, deadline, names=("n", "seed", "temperature", "temperatures"), per_group=per_group
+            )  # fmt: skip
             return Response(grid_png(images, columns), media_type="image/png")
 
     @api.post("/models/{name}/sample", name=PREFIX + "Sample", summary="Samples from the prior")
     async def sample(name: str, body: SampleRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Sample", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            images, seed = await dataplane.sample(engine, body.num_samples, body.seed, body.temperature, deadline)
+            images, seed = await dataplane.sample(
+                engine, body.num_samples, body.seed, body.temperature, deadline, per_group=body.temperatures
+            )  # fmt: skip
             return _answered(engine, {"seed": seed, "images": images_out(engine, images, body)})
 
     @api.post("/models/{name}/encode", name=PREFIX + "Encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cservice/api/vae/v1/vae.proto\x12\x06vae.v1\"C\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.vae.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Z\n\x06Images\x12\x1e\n\x06tensor\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0b\n\x03png\x18\x02 \x03(\x0c\x12#\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x13.vae.v1.ImageFormat\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\xe8\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nlatent_dim\x18\x03 \x01(\x03\x12\x13\n\x0bimage_shape\x18\x04 \x03(\x03\x12\x12\n\nlikelihood\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x07 \x01(\x03\x12\x1a\n\x12max_batch_delay_ms\x18\x08 \x01(\x01\x12\x18\n\x10max_request_rows\x18\t \x01(\x03\x12\x16\n\x0emax_queue_rows\x18\n \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x0b \x01(\t\x12/\n\x07metrics\x18\x0c \x03(\x0b\x32\x1e.vae.v1.ModelInfo.MetricsEntry\x12\x10\n\x08mixtures\x18\r \x01(\x03\x12,\n\rpreprocessing\x18\x10 \x01(\x0b\x32\x15.vae.v1.Preprocessing\x12\x0f\n\x07\x63lasses\x18\x11 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x12 \x01(\t\x12*\n\rlatent_groups\x18\x13 \x03(\x0b\x32\x13.vae.v1.LatentGroup\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\x0bLatentGroup\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"P\n\rPreprocessing\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x03(\x03\x12\x0b\n\x03\x66it\x18\x03 \x01(\t\x12\x12\n\nbackground\x18\x04 \x01(\t\"\xce\x01\n\rSampleRequest\x12\x13\n\x0bnum_samples\x18\x01 \x01(\r\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12#\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x12\n\nchunk_rows\x18\x05 \x01(\r\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05_seedB\x0e\n\x0c_temperature\"y\n\x0eSampleResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Images\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\x9b\x01\n\rEncodeRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0e\n\x06sample\x18\x02 \x01(\x08\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bimage_files\x18\x04 \x03(\x0c\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05_seed\"\x9f\x01\n\x0e\x45ncodeResponse\x12\x1a\n\x02mu\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1d\n\x05sigma\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x19\n\x01z\x18\x03 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\x80\x01\n\rDecodeRequest\x12\x1f\n\x07latents\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\x99\x01\n\x12ReconstructRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x13\n\x0bimage_files\x18\x03 \x03(\x0c\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"[\n\x0eImagesResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Images\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\xf4\x02\n\x12InterpolateRequest\x12%\n\x0bstart_image\x18\x01 \x01(\x0b\x32\x0e.vae.v1.TensorH\x00\x12&\n\x0cstart_latent\x18\x02 \x01(\x0b\x32\x0e.vae.v1.TensorH\x00\x12\x14\n\nstart_file\x18\x08 \x01(\x0cH\x00\x12#\n\tend_image\x18\x03 \x01(\x0b\x32\x0e.vae.v1.TensorH\x01\x12$\n\nend_latent\x18\x04 \x01(\x0b\x32\x0e.vae.v1.TensorH\x01\x12\x12\n\x08\x65nd_file\x18\t \x01(\x0cH\x01\x12\r\n\x05steps\x18\x05 \x01(\r\x12+\n\x06method\x18\x06 \x01(\x0e\x32\x1b.vae.v1.InterpolationMethod\x12#\n\x06\x66ormat\x18\x07 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05startB\x05\n\x03\x65nd\"\x81\x01\n\x13InterpolateResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Images\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\xa6\x01\n\x0cScoreRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1a\n\x12importance_samples\x18\x02 \x01(\r\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bimage_files\x18\x04 \x03(\x0c\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05_seed\"l\n\nImageScore\x12\x0c\n\x04\x65lbo\x18\x01 \x01(\x01\x12\x16\n\x0ereconstruction\x18\x02 \x01(\x01\x12\n\n\x02kl\x18\x03 \x01(\x01\x12\x16\n\x0elog_likelihood\x18\x04 \x01(\x01\x12\x14\n\x0c\x62its_per_dim\x18\x05 \x01(\x01\"\x88\x01\n\rScoreResponse\x12\"\n\x06scores\x18\x01 \x03(\x0b\x32\x12.vae.v1.ImageScore\x12\x1a\n\x12importance_samples\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"_\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.vae.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"P\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.vae.v1.ModelStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"=\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"?\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02*s\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14IMAGE_FORMAT_FLOAT32\x10\x01\x12\x16\n\x12IMAGE_FORMAT_UINT8\x10\x02\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x03*\x80\x01\n\x13InterpolationMethod\x12$\n INTERPOLATION_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINTERPOLATION_METHOD_LINEAR\x10\x01\x12\"\n\x1eINTERPOLATION_METHOD_SPHERICAL\x10\x02*\x91\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xc8\x05\n\nVaeService\x12>\n\x0cGetModelInfo\x12\x1b.vae.v1.GetModelInfoRequest\x1a\x11.vae.v1.ModelInfo\x12\x37\n\x06Sample\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse\x12?\n\x0cSampleStream\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse0\x01\x12\x37\n\x06\x45ncode\x12\x15.vae.v1.EncodeRequest\x1a\x16.vae.v1.EncodeResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.vae.v1.DecodeRequest\x1a\x16.vae.v1.ImagesResponse\x12\x41\n\x0bReconstruct\x12\x1a.vae.v1.ReconstructRequest\x1a\x16.vae.v1.ImagesResponse\x12\x46\n\x0bInterpolate\x12\x1a.vae.v1.InterpolateRequest\x1a\x1b.vae.v1.InterpolateResponse\x12\x34\n\x05Score\x12\x14.vae.v1.ScoreRequest\x1a\x15.vae.v1.ScoreResponse\x12\x43\n\nListModels\x12\x19.vae.v1.ListModelsRequest\x1a\x1a.vae.v1.ListModelsResponse\x12\x41\n\tLoadModel\x12\x18.vae.v1.LoadModelRequest\x1a\x1a.vae.v1.ListModelsResponse\x12\x45\n\x0bUnloadModel\x12\x1a.vae.v1.UnloadModelRequest\x1a\x1a.vae.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cservice/api/vae/v1/vae.proto\x12\x06vae.v1\"C\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.vae.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Z\n\x06Images\x12\x1e\n\x06tensor\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0b\n\x03png\x18\x02 \x03(\x0c\x12#\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x13.vae.v1.ImageFormat\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\xe8\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nlatent_dim\x18\x03 \x01(\x03\x12\x13\n\x0bimage_shape\x18\x04 \x03(\x03\x12\x12\n\nlikelihood\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x07 \x01(\x03\x12\x1a\n\x12max_batch_delay_ms\x18\x08 \x01(\x01\x12\x18\n\x10max_request_rows\x18\t \x01(\x03\x12\x16\n\x0emax_queue_rows\x18\n \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x0b \x01(\t\x12/\n\x07metrics\x18\x0c \x03(\x0b\x32\x1e.vae.v1.ModelInfo.MetricsEntry\x12\x10\n\x08mixtures\x18\r \x01(\x03\x12,\n\rpreprocessing\x18\x10 \x01(\x0b\x32\x15.vae.v1.Preprocessing\x12\x0f\n\x07\x63lasses\x18\x11 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x12 \x01(\t\x12*\n\rlatent_groups\x18\x13 \x03(\x0b\x32\x13.vae.v1.LatentGroup\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\",\n\x0bLatentGroup\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"P\n\rPreprocessing\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x03(\x03\x12\x0b\n\x03\x66it\x18\x03 \x01(\t\x12\x12\n\nbackground\x18\x04 \x01(\t\"\xe4\x01\n\rSampleRequest\x12\x13\n\x0bnum_samples\x18\x01 \x01(\r\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12#\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x12\n\nchunk_rows\x18\x05 \x01(\r\x12\x14\n\x0ctemperatures\x18\x06 \x03(\x02\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05_seedB\x0e\n\x0c_temperature\"y\n\x0eSampleResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Images\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\r\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\x9b\x01\n\rEncodeRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0e\n\x06sample\x18\x02 \x01(\x08\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bimage_files\x18\x04 \x03(\x0c\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05_seed\"\x9f\x01\n\x0e\x45ncodeResponse\x12\x1a\n\x02mu\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1d\n\x05sigma\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x19\n\x01z\x18\x03 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\x80\x01\n\rDecodeRequest\x12\x1f\n\x07latents\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\x99\x01\n\x12ReconstructRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12#\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x13\n\x0bimage_files\x18\x03 \x03(\x0c\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"[\n\x0eImagesResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Images\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\xf4\x02\n\x12InterpolateRequest\x12%\n\x0bstart_image\x18\x01 \x01(\x0b\x32\x0e.vae.v1.TensorH\x00\x12&\n\x0cstart_latent\x18\x02 \x01(\x0b\x32\x0e.vae.v1.TensorH\x00\x12\x14\n\nstart_file\x18\x08 \x01(\x0cH\x00\x12#\n\tend_image\x18\x03 \x01(\x0b\x32\x0e.vae.v1.TensorH\x01\x12$\n\nend_latent\x18\x04 \x01(\x0b\x32\x0e.vae.v1.TensorH\x01\x12\x12\n\x08\x65nd_file\x18\t \x01(\x0cH\x01\x12\r\n\x05steps\x18\x05 \x01(\r\x12+\n\x06method\x18\x06 \x01(\x0e\x32\x1b.vae.v1.InterpolationMethod\x12#\n\x06\x66ormat\x18\x07 \x01(\x0e\x32\x13.vae.v1.ImageFormat\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05startB\x05\n\x03\x65nd\"\x81\x01\n\x13InterpolateResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Images\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"\xa6\x01\n\x0cScoreRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1a\n\x12importance_samples\x18\x02 \x01(\r\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bimage_files\x18\x04 \x03(\x0c\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\x42\x07\n\x05_seed\"l\n\nImageScore\x12\x0c\n\x04\x65lbo\x18\x01 \x01(\x01\x12\x16\n\x0ereconstruction\x18\x02 \x01(\x01\x12\n\n\x02kl\x18\x03 \x01(\x01\x12\x16\n\x0elog_likelihood\x18\x04 \x01(\x01\x12\x14\n\x0c\x62its_per_dim\x18\x05 \x01(\x01\"\x88\x01\n\rScoreResponse\x12\"\n\x06scores\x18\x01 \x03(\x0b\x32\x12.vae.v1.ImageScore\x12\x1a\n\x12importance_samples\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nmodel_name\x18\x0e \x01(\t\x12\x15\n\rmodel_version\x18\x0f \x01(\x03\"_\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.vae.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"P\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.vae.v1.ModelStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"=\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"?\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02*s\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14IMAGE_FORMAT_FLOAT32\x10\x01\x12\x16\n\x12IMAGE_FORMAT_UINT8\x10\x02\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x03*\x80\x01\n\x13InterpolationMethod\x12$\n INTERPOLATION_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1bINTERPOLATION_METHOD_LINEAR\x10\x01\x12\"\n\x1eINTERPOLATION_METHOD_SPHERICAL\x10\x02*\x91\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xc8\x05\n\nVaeService\x12>\n\x0cGetModelInfo\x12\x1b.vae.v1.GetModelInfoRequest\x1a\x11.vae.v1.ModelInfo\x12\x37\n\x06Sample\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse\x12?\n\x0cSampleStream\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse0\x01\x12\x37\n\x06\x45ncode\x12\x15.vae.v1.EncodeRequest\x1a\x16.vae.v1.EncodeResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.vae.v1.DecodeRequest\x1a\x16.vae.v1.ImagesResponse\x12\x41\n\x0bReconstruct\x12\x1a.vae.v1.ReconstructRequest\x1a\x16.vae.v1.ImagesResponse\x12\x46\n\x0bInterpolate\x12\x1a.vae.v1.InterpolateRequest\x1a\x1b.vae.v1.InterpolateResponse\x12\x34\n\x05Score\x12\x14.vae.v1.ScoreRequest\x1a\x15.vae.v1.ScoreResponse\x12\x43\n\nListModels\x12\x19.vae.v1.ListModelsRequest\x1a\x1a.vae.v1.ListModelsResponse\x12\x41\n\tLoadModel\x12\x18.vae.v1.LoadModelRequest\x1a\x1a.vae.v1.ListModelsResponse\x12\x45\n\x0bUnloadModel\x12\x1a.vae.v1.UnloadModelRequest\x1a\x1a.vae.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=3171
-  _globals['_DTYPE']._serialized_end=3237
-  _globals['_IMAGEFORMAT']._serialized_start=3239
-  _globals['_IMAGEFORMAT']._serialized_end=3354
-  _globals['_INTERPOLATIONMETHOD']._serialized_start=3357
-  _globals['_INTERPOLATIONMETHOD']._serialized_end=3485
-  _globals['_MODELSTATE']._serialized_start=3488
-  _globals['_MODELSTATE']._serialized_end=3633
+  _globals['_DTYPE']._serialized_start=3193
+  _globals['_DTYPE']._serialized_end=3259
+  _globals['_IMAGEFORMAT']._serialized_start=3261
+  _globals['_IMAGEFORMAT']._serialized_end=3376
+  _globals['_INTERPOLATIONMETHOD']._serialized_start=3379
+  _globals['_INTERPOLATIONMETHOD']._serialized_end=3507
+  _globals['_MODELSTATE']._serialized_start=3510
+  _globals['_MODELSTATE']._serialized_end=3655
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=107
   _globals['_IMAGES']._serialized_start=109
@@ -56,39 +56,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPROCESSING']._serialized_start=804
   _globals['_PREPROCESSING']._serialized_end=884
   _globals['_SAMPLEREQUEST']._serialized_start=887
-  _globals['_SAMPLEREQUEST']._serialized_end=1093
-  _globals['_SAMPLERESPONSE']._serialized_start=1095
-  _globals['_SAMPLERESPONSE']._serialized_end=1216
-  _globals['_ENCODEREQUEST']._serialized_start=1219
-  _globals['_ENCODEREQUEST']._serialized_end=1374
-  _globals['_ENCODERESPONSE']._serialized_start=1377
-  _globals['_ENCODERESPONSE']._serialized_end=1536
-  _globals['_DECODEREQUEST']._serialized_start=1539
-  _globals['_DECODEREQUEST']._serialized_end=1667
-  _globals['_RECONSTRUCTREQUEST']._serialized_start=1670
-  _globals['_RECONSTRUCTREQUEST']._serialized_end=1823
-  _globals['_IMAGESRESPONSE']._serialized_start=1825
-  _globals['_IMAGESRESPONSE']._serialized_end=1916
-  _globals['_INTERPOLATEREQUEST']._serialized_start=1919
-  _globals['_INTERPOLATEREQUEST']._serialized_end=2291
-  _globals['_INTERPOLATERESPONSE']._serialized_start=2294
-  _globals['_INTERPOLATERESPONSE']._serialized_end=2423
-  _globals['_SCOREREQUEST']._serialized_start=2426
-  _globals['_SCOREREQUEST']._serialized_end=2592
-  _globals['_IMAGESCORE']._serialized_start=2594
-  _globals['_IMAGESCORE']._serialized_end=2702
-  _globals['_SCORERESPONSE']._serialized_start=2705
-  _globals['_SCORERESPONSE']._serialized_end=2841
-  _globals['_MODELSTATUS']._serialized_start=2843
-  _globals['_MODELSTATUS']._serialized_end=2938
-  _globals['_LISTMODELSREQUEST']._serialized_start=2940
-  _globals['_LISTMODELSREQUEST']._serialized_end=2959
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2961
-  _globals['_LISTMODELSRESPONSE']._serialized_end=3041
-  _globals['_LOADMODELREQUEST']._serialized_start=3043
-  _globals['_LOADMODELREQUEST']._serialized_end=3104
-  _globals['_UNLOADMODELREQUEST']._serialized_start=3106
-  _globals['_UNLOADMODELREQUEST']._serialized_end=3169
-  _globals['_VAESERVICE']._serialized_start=3636
-  _globals['_VAESERVICE']._serialized_end=4348
+  _globals['_SAMPLEREQUEST']._serialized_end=1115
+  _globals['_SAMPLERESPONSE']._serialized_start=1117
+  _globals['_SAMPLERESPONSE']._serialized_end=1238
+  _globals['_ENCODEREQUEST']._serialized_start=1241
+  _globals['_ENCODEREQUEST']._serialized_end=1396
+  _globals['_ENCODERESPONSE']._serialized_start=1399
+  _globals['_ENCODERESPONSE']._serialized_end=1558
+  _globals['_DECODEREQUEST']._serialized_start=1561
+  _globals['_DECODEREQUEST']._serialized_end=1689
+  _globals['_RECONSTRUCTREQUEST']._serialized_start=1692
+  _globals['_RECONSTRUCTREQUEST']._serialized_end=1845
+  _globals['_IMAGESRESPONSE']._serialized_start=1847
+  _globals['_IMAGESRESPONSE']._serialized_end=1938
+  _globals['_INTERPOLATEREQUEST']._serialized_start=1941
+  _globals['_INTERPOLATEREQUEST']._serialized_end=2313
+  _globals['_INTERPOLATERESPONSE']._serialized_start=2316
+  _globals['_INTERPOLATERESPONSE']._serialized_end=2445
+  _globals['_SCOREREQUEST']._serialized_start=2448
+  _globals['_SCOREREQUEST']._serialized_end=2614
+  _globals['_IMAGESCORE']._serialized_start=2616
+  _globals['_IMAGESCORE']._serialized_end=2724
+  _globals['_SCORERESPONSE']._serialized_start=2727
+  _globals['_SCORERESPONSE']._serialized_end=2863
+  _globals['_MODELSTATUS']._serialized_start=2865
+  _globals['_MODELSTATUS']._serialized_end=2960
+  _globals['_LISTMODELSREQUEST']._serialized_start=2962
+  _globals['_LISTMODELSREQUEST']._serialized_end=2981
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2983
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3063
+  _globals['_LOADMODELREQUEST']._serialized_start=3065
+  _globals['_LOADMODELREQUEST']._serialized_end=3126
+  _globals['_UNLOADMODELREQUEST']._serialized_start=3128
+  _globals['_UNLOADMODELREQUEST']._serialized_end=3191
+  _globals['_VAESERVICE']._serialized_start=3658
+  _globals['_VAESERVICE']._serialized_end=4370
 # @@protoc_insertion_point(module_scope)

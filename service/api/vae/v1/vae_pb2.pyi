@@ -143,12 +143,13 @@ class Preprocessing(_message.Message):
     def __init__(self, channels: _Optional[int] = ..., size: _Optional[_Iterable[int]] = ..., fit: _Optional[str] = ..., background: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("num_samples", "seed", "temperature", "format", "chunk_rows", "model_name", "model_version")
+    __slots__ = ("num_samples", "seed", "temperature", "format", "chunk_rows", "temperatures", "model_name", "model_version")
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     num_samples: int
@@ -156,9 +157,10 @@ class SampleRequest(_message.Message):
     temperature: float
     format: ImageFormat
     chunk_rows: int
+    temperatures: _containers.RepeatedScalarFieldContainer[float]
     model_name: str
     model_version: int
-    def __init__(self, num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., chunk_rows: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, num_samples: _Optional[int] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., chunk_rows: _Optional[int] = ..., temperatures: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("images", "seed", "offset", "model_name", "model_version")
