@@ -19,6 +19,7 @@ from torch import nn
 
 from export.onnx_files import describe, write_graph
 from export.hvae import export_posterior_graph
+from service.manifest import IMAGE
 from training.likelihoods import for_model
 from training.families import Model
 
@@ -34,12 +35,16 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
+    """z -> the likelihood's parameters and the image the client sees (`mean_image`), computed in
+    the graph so that the server does not post-process them in numpy."""
+
     def __init__(self, model: Model) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(z)
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.model.decode(z)
+        return params, self.model.mean_image(params)
 
 
 class PriorSampleGraph(nn.Module):
@@ -82,7 +87,7 @@ def export_graphs(model: Model, folder: Path) -> dict[str, dict[str, object]]:
     }
     with torch.no_grad():
         write_graph(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])
-        write_graph(DecoderGraph(model).eval(), torch.randn(2, d), folder / "decoder.onnx", ["z"], [out_name])
+        write_graph(DecoderGraph(model).eval(), torch.randn(2, d), folder / "decoder.onnx", ["z"], [out_name, IMAGE])
     describe(
         folder / "encoder.onnx",
         "encoder",
@@ -92,12 +97,13 @@ def export_graphs(model: Model, folder: Path) -> dict[str, dict[str, object]]:
     describe(
         folder / "decoder.onnx",
         "decoder",
-        f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{p},{h},{w}] ({cfg.likelihood})",
+        f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{p},{h},{w}] ({cfg.likelihood}), "
+        f"{IMAGE} [N,{c},{h},{w}] in [0,1] (what Sample shows)",
         metadata,
     )
     signatures: dict[str, dict[str, object]] = {
         "encoder": {"inputs": {"x": [-1, c, h, w]}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
-        "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, p, h, w]}},
+        "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, p, h, w], IMAGE: [-1, c, h, w]}},
     }
     if cfg.prior == "flow":
         signatures |= export_prior_graphs(model, folder, metadata)
@@ -140,12 +146,22 @@ def export_prior_graphs(model: Model, folder: Path, metadata: dict[str, str]) ->
     }
 
 
+def parameters_only(folder: Path) -> onnx.ModelProto:
+    """decoder.onnx without its image output (the nodes that made it dropped): what the
+    reduced-precision decoders are made from. Their images are the server's to make, as for
+    versions exported before the image output; converting the image's nodes to float16 breaks the
+    converter's casts at the edges."""
+    graph = onnx.load(str(folder / "decoder.onnx"))
+    params = [o.name for o in graph.graph.output if o.name != IMAGE]
+    return onnx.utils.Extractor(graph).extract_model([i.name for i in graph.graph.input], params)
+
+
 def export_fp16_decoder(folder: Path) -> None:
     """decoder_fp16.onnx: the decoder's weights and arithmetic in half precision for GPUs, with
-    float32 input and output kept (casts at the edges), so callers see the same interface."""
+    float32 input and output kept (casts at the edges): the parameters alone (`parameters_only`)."""
     from onnxconverter_common import float16
 
-    graph = onnx.load(str(folder / "decoder.onnx"))
+    graph = parameters_only(folder)
     half = float16.convert_float_to_float16(graph, keep_io_types=True)
     half.doc_string = graph.doc_string + " (float16 inside, float32 at the edges)"
     for prop in half.metadata_props:
@@ -157,13 +173,18 @@ def export_fp16_decoder(folder: Path) -> None:
 
 def export_int8_decoder(folder: Path) -> None:
     """decoder_int8.onnx: ONNX Runtime's dynamic quantization of the decoder for CPUs: weights in
-    8 bits, activations quantized per batch as they come, float32 at the edges. It pays where the
+    8 bits, activations quantized per batch as they come, float32 at the edges, the parameters alone
+    (`parameters_only`). It pays where the
     decoder's matrices are large (the MNIST recipe's: faster at batch 1 and 256, the same test NLL
     within 0.01 nats); on a tiny decoder the quantizing costs more than it saves (docs/benchmarks.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    target = folder / "decoder_int8.onnx"
-    quantize_dynamic(folder / "decoder.onnx", target, weight_type=QuantType.QUInt8)
+    target, source = folder / "decoder_int8.onnx", folder / ".decoder_parameters.onnx"
+    onnx.save_model(parameters_only(folder), str(source))
+    try:
+        quantize_dynamic(source, target, weight_type=QuantType.QUInt8)
+    finally:
+        source.unlink()
     graph = onnx.load(str(target))
     graph.doc_string += " (weights int8, activations quantized dynamically)"
     for prop in graph.metadata_props:

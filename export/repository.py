@@ -19,7 +19,7 @@ from export.onnx_files import OPSET
 from export.triton import triton_config
 from export.verify import verify_parity
 # The reader's own roles and writer: export and service cannot disagree on model.json.
-from service.manifest import DECODER_PRECISIONS, FAMILY_ROLES, PRIOR_ROLES, ROLES, version_numbers, write_manifest
+from service.manifest import DECODER_PRECISIONS, FAMILY_ROLES, IMAGE, PRIOR_ROLES, ROLES, version_numbers, write_manifest
 from training.config import TrainConfig
 from training.data import preprocessing
 from training.model import VAE
@@ -27,6 +27,11 @@ from training.model import VAE
 
 # How each reduced-precision decoder of DECODER_PRECISIONS is made from decoder.onnx.
 REDUCED_EXPORTERS = {"fp16": export_fp16_decoder, "int8": export_int8_decoder}
+
+
+def reduced(signature: dict[str, Any]) -> dict[str, Any]:
+    """A reduced-precision decoder's signature: the decoder's, its parameters alone."""
+    return {**signature, "outputs": {k: v for k, v in signature["outputs"].items() if k != IMAGE}}
 
 
 def next_version(model_dir: Path) -> int:
@@ -66,7 +71,7 @@ def publish(
                 latent_groups=model.latent_groups,
                 mixtures=model.likelihood.spec.mixtures,
                 preprocessing=preprocessing(cfg).to_json(), classes=classes or [],
-                graphs={role: signatures["decoder" if role in reduced_roles else role] for role in roles},
+                graphs={role: reduced(signatures["decoder"]) if role in reduced_roles else signatures[role] for role in roles},
                 max_batch_size=max_batch_size, metrics=metrics or {}, opset=OPSET,
                 exporters={pkg: package_version(pkg) for pkg in ("torch", "onnx", "onnxruntime")},
                 parity_max_abs_diff=parity, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

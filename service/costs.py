@@ -95,8 +95,10 @@ class Costs:
         return n * (self.latent + 2 * self.image) + self._batch(n)
 
     def decoder_graph(self, n: int) -> int:
-        """n latents in, the decoder's parameters out as exported (the batches' parts, then joined)."""
-        return n * (self.latent + 2 * self.params) + min(n, self.batch_rows) * self.params
+        """n latents in, the decoder's outputs as exported (the batches' parts, then joined): its
+        parameters and, at most, their images."""
+        out = self.params + self.image
+        return n * (self.latent + 2 * out) + min(n, self.batch_rows) * out
 
     def sample(self, n: int) -> int:
         return self.decode(n)

@@ -354,11 +354,12 @@ async def encoder_graph(engine: Engine, x: np.ndarray, field: str, deadline: flo
         return await engine.encode(x.astype(np.float32, copy=False), deadline)
 
 
-async def decoder_graph(engine: Engine, z: np.ndarray, field: str, deadline: float | None) -> np.ndarray:
-    """The decoder graph as exported: the likelihood's parameters of latents [N, D]."""
+async def decoder_graph(engine: Engine, z: np.ndarray, field: str, deadline: float | None) -> list[np.ndarray]:
+    """The decoder graph as exported: the likelihood's parameters of latents [N, D], and their
+    images where the graph gives them."""
     z = latents(engine, z, field)
     async with engine.admit("decode", engine.costs.decoder_graph(len(z)), f"the decoder on {len(z)} latents", deadline):
-        return await engine.decoder_params(z, deadline)
+        return await engine.decoder_outputs(z, deadline)
 
 
 @dataclass(frozen=True)

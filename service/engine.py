@@ -138,7 +138,7 @@ class Engine:
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
         self.mean_image = spec.distribution.image
-        self._mean_in_batch = spec.distribution.image_per_batch
+        self._mean_in_batch = runtime.decoder_images or spec.distribution.image_per_batch
         common = dict(
             metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
@@ -174,15 +174,25 @@ class Engine:
             await batcher.close()
 
     def _decode_batch(self, z: np.ndarray) -> list[np.ndarray]:
-        """The decoder graph on one batch, on the inference thread: its parameters and, where cheap,
-        their images, once per batch rather than once per request on the event loop."""
-        (params,) = self.runtime.decoder.run(z)
+        """The decoder graph on one batch, on the inference thread: its parameters and their images,
+        from the graph where it gives them, else computed here where cheap (once per batch rather
+        than once per request on the event loop)."""
+        outputs = self.runtime.decoder.run(z)
+        if len(outputs) == 2:
+            return outputs
+        (params,) = outputs
         return [params, self.mean_image(params)] if self._mean_in_batch else [params]
 
     async def decoder_params(self, z: np.ndarray, deadline: float | None = None, background: bool = False) -> np.ndarray:
         """The decoder graph's output as exported: the likelihood's parameters, not images."""
         params, *_ = await self.decoder.submit(z, deadline, background)
         return params
+
+    async def decoder_outputs(self, z: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
+        """The decoder graph's outputs as exported: the likelihood's parameters, and their images
+        where the graph gives them."""
+        outputs = await self.decoder.submit(z, deadline)
+        return outputs[: len(self.runtime.decoder.output_names)]
 
     async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Images of latents [N, D]. More latents than a batch go a batch at a time, each queued once

@@ -25,6 +25,7 @@ from service.likelihood import Likelihood, likelihood as make_likelihood
 
 FORMAT = 1  # model.json's layout; a version of another format is refused
 ROLES = ("encoder", "decoder")  # the graphs every version has
+IMAGE = "image"  # the decoder's second output, the image the client sees (exports before it: parameters alone)
 # Reduced-precision decoders, export options served with --decoder-precision: half precision for
 # GPUs, dynamically quantized int8 for CPUs (faster only where the decoder's matrices are large).
 DECODER_PRECISIONS = {"fp16": "decoder_fp16", "int8": "decoder_int8"}

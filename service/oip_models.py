@@ -22,6 +22,7 @@ import numpy as np
 from service import dataplane
 from service.engine import Engine
 from service.errors import BadRequest
+from service.manifest import IMAGE
 from service.metrics import Metrics
 from service.models import Models
 from service.registry import READY, ModelNotFound, Status
@@ -100,7 +101,8 @@ def signature(engine: Engine, kind: str) -> Signature:
     image, latent = [-1, c, h, w], [-1, d]
     params = [-1, engine.spec.decoder_channels, h, w]  # the likelihood's parameters: C, or a mixture's K (1 + 2C)
     inputs = [(graph.input_name, "FP32", image if kind == "encoder" else latent)]
-    outputs = [(name, "FP32", latent if kind == "encoder" else params) for name in graph.output_names]
+    shapes = {IMAGE: image} if kind == "decoder" else {}
+    outputs = [(name, "FP32", shapes.get(name, latent if kind == "encoder" else params)) for name in graph.output_names]
     return inputs, outputs
 
 
@@ -166,7 +168,7 @@ async def infer(
         if kind == "encoder":
             arrays = await dataplane.encoder_graph(engine, x, field, deadline)
         else:
-            arrays = (await dataplane.decoder_graph(engine, x, field, deadline),)
+            arrays = await dataplane.decoder_graph(engine, x, field, deadline)
         results = dict(zip(outs, arrays))
     types = {n: t for n, t, _ in declared_out}
     return [(n, types[n], results[n]) for n in wanted]

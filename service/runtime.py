@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import ModelSpec
+from service.manifest import IMAGE, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,11 @@ class Runtime:
     @property
     def provider(self) -> str:
         return self.decoder.provider
+
+    @property
+    def decoder_images(self) -> bool:
+        """Whether the decoder graph gives the images itself (exports before it gave parameters alone)."""
+        return IMAGE in self.decoder.output_names
 
     def cap_batches(self, rows: int) -> None:
         """Batches are capped at `rows`: where that is below the split size, a full batch splits,

@@ -46,10 +46,13 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
     c, h, w = spec.image_shape
     d = spec.latent_dim
     mean = spec.distribution.image
-    in_batch = spec.distribution.image_per_batch
+    in_batch = runtime.decoder_images or spec.distribution.image_per_batch
 
     def decode(z: np.ndarray) -> list[np.ndarray]:  # as Engine._decode_batch runs a batch
-        (params,) = runtime.decoder.run(z)
+        outputs = runtime.decoder.run(z)
+        if len(outputs) == 2:
+            return outputs
+        (params,) = outputs
         return [params, mean(params)] if in_batch else [params]
 
     graphs: dict[str, tuple[Callable[[np.ndarray], list[np.ndarray]], tuple[int, ...]]] = {
@@ -87,7 +90,7 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
     probe = min(PROBE_ROWS, largest)
     for n in sorted({1, probe}):
         run(n)  # what the probe grows by over one row, per row: each graph's bytes per row
-    costs = _costs(spec, runs, largest, _score_arithmetic(spec))
+    costs = _costs(spec, runs, largest, _score_arithmetic(spec), in_batch)
     largest = min(largest, costs.batch_limit(share))
     runtime.cap_batches(largest)  # before the largest runs: the arena then holds what split halves take
     for n in sorted({*(min(n, largest) for n in batch.warmup_batch_sizes or (2,)), largest} - {1, probe}):
@@ -96,11 +99,11 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
 
 
 def _costs(
-    spec: ModelSpec, runs: dict[str, list[tuple[int, int | None]]], batch_rows: int, likelihood: tuple[Work, int]
+    spec: ModelSpec, runs: dict[str, list[tuple[int, int | None]]], batch_rows: int, likelihood: tuple[Work, int],
+    in_batch: bool,
 ) -> Costs:  # fmt: skip
     c, h, w = spec.image_shape
     image, latent, params = F32 * c * h * w, F32 * spec.latent_dim, F32 * spec.decoder_channels * h * w
-    in_batch = spec.distribution.image_per_batch
     return Costs(
         image=image, latent=latent, params=params, batch_rows=batch_rows,
         encoder=Work.fit(runs["encoder"], 2 * latent),

@@ -61,7 +61,7 @@ def test_model_json(published):
     for role in ("encoder", "decoder"):
         data = (published / "digits" / "2" / f"{role}.onnx").read_bytes()
         assert info["graphs"][role]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert info["graphs"]["decoder"]["outputs"] == {"logits": [-1, 1, 8, 8]}
+    assert info["graphs"]["decoder"]["outputs"] == {"logits": [-1, 1, 8, 8], "image": [-1, 1, 8, 8]}
     assert all(v <= 1e-4 for v in info["parity_max_abs_diff"].values())
 
 
@@ -112,7 +112,7 @@ def test_parity_failure_publishes_nothing(tmp_path, checkpoint_path):
 def test_parity_check_passes_on_the_real_model(published, checkpoint_path):
     model, _, _ = load_model(checkpoint_path)
     diffs = verify_parity(model, published / "digits" / "1")
-    assert set(diffs) == {"encoder.mu", "encoder.logvar", "decoder.logits"}
+    assert set(diffs) == {"encoder.mu", "encoder.logvar", "decoder.logits", "decoder.image"}
 
 
 def test_triton_configs_parse_as_text_protobuf(published, tmp_path):
@@ -196,7 +196,36 @@ def test_colour_logistic_mixture_models_export_with_parity_and_their_preprocessi
     info = json.loads((folder / "model.json").read_text())
     assert info["likelihood"] == "logistic-mixture" and info["mixtures"] == 3 and info["classes"] == ["a", "b"]
     assert info["preprocessing"] == {"channels": 3, "size": [size, size], "fit": "pad", "background": "#102030"}
-    assert info["graphs"]["decoder"]["outputs"] == {"params": [-1, 21, size, size]}
+    assert info["graphs"]["decoder"]["outputs"] == {"params": [-1, 21, size, size], "image": [-1, 3, size, size]}
     assert max(info["parity_max_abs_diff"].values()) < 1e-4
     config = text_format.Parse((folder / "decoder.config.pbtxt").read_text(), ModelConfig())
-    assert [list(o.dims) for o in config.output] == [[21, size, size]]
+    assert [list(o.dims) for o in config.output] == [[21, size, size], [3, size, size]]
+
+
+def test_a_version_whose_decoder_gives_no_image_still_serves(model_repo, trained, tmp_path):
+    """Versions exported before the decoder gave the image (parameters alone) keep serving: the
+    server makes their images from the parameters, as it did."""
+    import shutil
+
+    from service.client import VaeClient
+    from tests.conftest import ServerProcess, expected_sample
+
+    folder = tmp_path / "repo" / "digits" / "1"
+    shutil.copytree(model_repo / "digits" / "1", folder)
+    graph = onnx.load(folder / "decoder.onnx")
+    kept = [o for o in graph.graph.output if o.name != "image"]
+    del graph.graph.output[:]
+    graph.graph.output.extend(kept)
+    onnx.save(graph, folder / "decoder.onnx")
+    info = json.loads((folder / "model.json").read_text())
+    info["graphs"]["decoder"]["sha256"] = hashlib.sha256((folder / "decoder.onnx").read_bytes()).hexdigest()
+    del info["graphs"]["decoder"]["outputs"]["image"]
+    (folder / "model.json").write_text(json.dumps(info))
+    assert [o.name for o in ort.InferenceSession(str(folder / "decoder.onnx")).get_outputs()] == ["logits"]
+    model, _, _ = load_model(trained / "best.pt")
+    server = ServerProcess(tmp_path / "repo", tmp_path / "server.log")
+    try:
+        with VaeClient(server.target) as client:
+            np.testing.assert_allclose(client.sample(5, seed=3), expected_sample(model, 5, seed=3), atol=1e-5)
+    finally:
+        assert server.terminate() == 0

@@ -205,7 +205,7 @@ def test_model_json_carries_preprocessing_mixtures_and_classes(photos):
     assert info["preprocessing"] == {"channels": 3, "size": [SIZE, SIZE], "fit": "crop", "background": "#ffffff"}
     assert (info["likelihood"], info["mixtures"], info["classes"]) == ("logistic-mixture", K, sorted(CLASSES))
     assert info["image_shape"] == [3, SIZE, SIZE] and info["dataset"] == "folder"
-    assert info["graphs"]["decoder"]["outputs"] == {"params": [-1, PARAMS, SIZE, SIZE]}
+    assert info["graphs"]["decoder"]["outputs"] == {"params": [-1, PARAMS, SIZE, SIZE], "image": [-1, 3, SIZE, SIZE]}
     spec = read_manifest(folder)
     assert spec.preprocessing == PREP and spec.mixtures == K and spec.decoder_channels == PARAMS
     assert spec.interface["preprocessing"] == PREP.to_json() and spec.interface["mixtures"] == K
@@ -357,12 +357,12 @@ def test_open_inference_decoder_gives_the_mixtures_parameters(server, photos, mo
     folder = photos[1] / NAME / "1"
     config = text_format.Parse((folder / "decoder.config.pbtxt").read_text(), TritonModelConfig())
     assert config.name == f"{NAME}_decoder" and [list(i.dims) for i in config.input] == [[8]]
-    assert {o.name: list(o.dims) for o in config.output} == {"params": [PARAMS, SIZE, SIZE]}
+    assert {o.name: list(o.dims) for o in config.output} == {"params": [PARAMS, SIZE, SIZE], "image": [3, SIZE, SIZE]}
     z = normal(9, (6, 8))
     with triton.InferenceServerClient(server.target) as oip:
         meta = oip.get_model_metadata(f"{NAME}_decoder", as_json=True)
         shape = ["-1", str(PARAMS), str(SIZE), str(SIZE)]
-        assert [(t["name"], t["shape"]) for t in meta["outputs"]] == [("params", shape)]
+        assert [(t["name"], t["shape"]) for t in meta["outputs"]] == [("params", shape), ("image", ["-1", "3", str(SIZE), str(SIZE)])]
         enc = oip.get_model_metadata(f"{NAME}_encoder", as_json=True)
         assert [(t["name"], t["shape"]) for t in enc["inputs"]] == [("x", ["-1", "3", str(SIZE), str(SIZE)])]
         feed = triton.InferInput("z", list(z.shape), "FP32")
@@ -404,7 +404,7 @@ def test_a_grey_padded_gaussian_model_trains_and_exports_from_the_same_folder(da
     info = json.loads((folder / "model.json").read_text())
     assert info["preprocessing"] == prep and info["likelihood"] == "gaussian" and "mixtures" not in info
     assert info["image_shape"] == [1, SIZE, SIZE] and info["classes"] == sorted(CLASSES)
-    assert info["graphs"]["decoder"]["outputs"] == {"mean": [-1, 1, SIZE, SIZE]}
+    assert info["graphs"]["decoder"]["outputs"] == {"mean": [-1, 1, SIZE, SIZE], "image": [-1, 1, SIZE, SIZE]}
     spec = read_manifest(folder)
     assert spec.preprocessing == Preprocessing(1, (SIZE, SIZE), "pad", (0x10, 0x20, 0x30))
     assert spec.decoder_channels == 1

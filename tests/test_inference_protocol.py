@@ -60,7 +60,7 @@ def test_server_and_model_metadata(client, model_repo):
     assert [(t["name"], t["datatype"], t["shape"]) for t in enc["inputs"]] == [("x", "FP32", ["-1", "1", "8", "8"])]
     assert [(t["name"], t["shape"]) for t in enc["outputs"]] == [("mu", ["-1", "8"]), ("logvar", ["-1", "8"])]
     dec = client.get_model_metadata("digits_decoder", as_json=True)
-    assert [(t["name"], t["shape"]) for t in dec["outputs"]] == [("logits", ["-1", "1", "8", "8"])]
+    assert [(t["name"], t["shape"]) for t in dec["outputs"]] == [("logits", ["-1", "1", "8", "8"]), ("image", ["-1", "1", "8", "8"])]
     exported = (model_repo / "digits" / "1" / "decoder.config.pbtxt").read_text()
     assert 'name: "z"' in exported and 'name: "logits"' in exported and "dims: [ 1, 8, 8 ]" in exported
 
@@ -88,8 +88,10 @@ def test_encoder_and_decoder_answer_as_onnx_runtime(client, server, model_repo):
 
     z = rng.standard_normal((7, 8), dtype=np.float32)
     only = client.infer("digits_decoder", [tensor("z", z)], outputs=[triton.InferRequestedOutput("logits")])
-    (logits,) = onnx(model_repo / "digits" / "1" / "decoder.onnx", {"z": z})
+    logits, image = onnx(model_repo / "digits" / "1" / "decoder.onnx", {"z": z})
     np.testing.assert_allclose(only.as_numpy("logits"), logits, atol=1e-5)
+    assert only.as_numpy("image") is None  # only the output asked for
+    np.testing.assert_allclose(client.infer("digits_decoder", [tensor("z", z)]).as_numpy("image"), image, atol=1e-6)
     # Typed contents instead of raw bytes: the same answer.
     request = service_pb2.ModelInferRequest(model_name="digits_decoder")
     request.inputs.add(name="z", datatype="FP32", shape=[7, 8]).contents.fp32_contents.extend(z.ravel().tolist())
@@ -183,7 +185,7 @@ def test_versions_and_model_control(model_repo, tmp_path, digits):
             z = np.random.default_rng(1).standard_normal((3, 8), dtype=np.float32)
             for version in ("1", "2"):
                 got = c.infer("digits_decoder", [tensor("z", z)], model_version=version, headers=user)
-                (want,) = onnx(repo / "digits" / version / "decoder.onnx", {"z": z})
+                want, _ = onnx(repo / "digits" / version / "decoder.onnx", {"z": z})
                 np.testing.assert_allclose(got.as_numpy("logits"), want, atol=1e-5)
                 assert got.get_response().model_version == version
             newest = c.infer("digits_decoder", [tensor("z", z)], headers=user)

@@ -188,7 +188,7 @@ def test_a_version_whose_graphs_disagree_with_its_model_json_fails_warm_up(repo)
     graphs compute, at warm-up."""
     copy_version(repo, "digits", 1, 2)
     info = json.loads((repo / "digits" / "2" / "model.json").read_text())
-    (repo / "digits" / "2" / "model.json").write_text(json.dumps(info | {"latent_dim": 9}))
+    (repo / "digits" / "2" / "model.json").write_text(json.dumps(info | {"latent_dim": 9, "latent_groups": [[9]]}))
     (repo / "digits" / "serving.json").write_text(json.dumps({"allow_interface_change": True}))
 
     async def scenario() -> None:
