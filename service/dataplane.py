@@ -362,6 +362,16 @@ async def decoder_graph(engine: Engine, z: np.ndarray, field: str, deadline: flo
         return await engine.decoder_outputs(z, deadline)
 
 
+async def family_graph(engine: Engine, role: str, x: np.ndarray, field: str, deadline: float | None) -> list[np.ndarray]:
+    """A graph of the model's family as exported (a hierarchical model's posterior: rows of an
+    image flattened and its noise, [N, C*H*W + D]), on whatever rows the caller sends."""
+    c, h, w = engine.spec.image_shape
+    rows(x, field, (c * h * w + engine.spec.latent_dim,), engine.limits.max_request_rows)
+    cost = len(x) * (3 * engine.costs.image + engine.costs.params + 4 * engine.costs.latent)
+    async with engine.admit("encode", cost, f"the {role} graph on {len(x)} rows", deadline):
+        return await engine.family[role].submit(x.astype(np.float32, copy=False), deadline)
+
+
 @dataclass(frozen=True)
 class Encoded:
     mu: np.ndarray

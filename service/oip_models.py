@@ -22,12 +22,13 @@ import numpy as np
 from service import dataplane
 from service.engine import Engine
 from service.errors import BadRequest
-from service.manifest import IMAGE
+from service.manifest import FAMILY_ROLES, IMAGE
 from service.metrics import Metrics
 from service.models import Models
 from service.registry import READY, ModelNotFound, Status
 
-KINDS = ("encoder", "decoder", "sample")
+KINDS = ("encoder", "decoder", "sample")  # every model's; a family's own graphs are protocol models too (FAMILY_ROLES)
+GRAPH_KINDS = {role for roles in FAMILY_ROLES.values() for role in roles}
 # The protocol's extensions (Triton's names) that this server implements, and no others.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data")
 MAX_INT64 = (1 << 63) - 1
@@ -45,10 +46,10 @@ def server_metadata() -> dict[str, Any]:
 def split_name(name: str) -> tuple[str, str]:
     """`digits_sample` -> ("digits", "sample"); an unknown kind is NOT_FOUND, as any unknown model."""
     base, _, kind = name.rpartition("_")
-    if not base or kind not in KINDS:
+    if not base or (kind not in KINDS and kind not in GRAPH_KINDS):
         raise ModelNotFound(
             f"model {name!r} not found: this protocol serves NAME_encoder, NAME_decoder and NAME_sample for each "
-            "model NAME (the repository index lists them)"
+            "model NAME, and a hierarchical model's NAME_posterior (the repository index lists them)"
         )
     return base, kind
 
@@ -79,14 +80,17 @@ def route(name: str, version: str) -> tuple[str, int, str, Exception | None]:
 
 def resolve(models: Models, name: str, version: str) -> tuple[Engine, str]:
     """The engine serving a protocol model name and version, and the model's kind."""
-    return models.resolve(*target(name, version)), split_name(name)[1]
+    engine, kind = models.resolve(*target(name, version)), split_name(name)[1]
+    if kind in GRAPH_KINDS and kind not in engine.family:
+        raise ModelNotFound(f"model {name!r} not found: a {engine.spec.family} model has no {kind} graph")
+    return engine, kind
 
 
 def base_name(name: str) -> str:
     """The served model behind a name given to load or unload: NAME, or any of its three protocol models."""
     dataplane.check_model_name(name)
     base, _, kind = name.rpartition("_")
-    return base if base and kind in KINDS else name
+    return base if base and (kind in KINDS or kind in GRAPH_KINDS) else name
 
 
 def signature(engine: Engine, kind: str) -> Signature:
@@ -97,6 +101,10 @@ def signature(engine: Engine, kind: str) -> Signature:
         scalars = [("num_samples", "INT64", [1]), ("seed", "INT64", [1]), ("temperature", "FP32", [1]),
                    ("temperatures", "FP32", [-1])]  # fmt: skip
         return scalars, [("images", "FP32", [-1, c, h, w]), ("seed", "INT64", [1])]
+    if kind in GRAPH_KINDS:  # a hierarchical model's posterior: an image and its noise in -> params, log_ratio, u
+        graph = engine.runtime.family[kind]
+        out = dict(zip(graph.output_names, ([-1, engine.spec.decoder_channels, h, w], [-1], [-1, d])))
+        return [(graph.input_name, "FP32", [-1, c * h * w + d])], [(n, "FP32", out[n]) for n in graph.output_names]
     graph = engine.runtime.encoder if kind == "encoder" else engine.runtime.decoder
     image, latent = [-1, c, h, w], [-1, d]
     params = [-1, engine.spec.decoder_channels, h, w]  # the likelihood's parameters: C, or a mixture's K (1 + 2C)
@@ -167,6 +175,8 @@ async def infer(
         field = f"input {name!r}"
         if kind == "encoder":
             arrays = await dataplane.encoder_graph(engine, x, field, deadline)
+        elif kind in GRAPH_KINDS:
+            arrays = await dataplane.family_graph(engine, kind, x, field, deadline)
         else:
             arrays = await dataplane.decoder_graph(engine, x, field, deadline)
         results = dict(zip(outs, arrays))
@@ -213,13 +223,14 @@ def statistics(models: Models, metrics: Metrics, name: str, version: str) -> lis
     if name:
         pairs = [resolve(models, name, version)]
     else:
-        pairs = [(e, kind) for e in models.engines() for kind in KINDS]
+        pairs = [(e, kind) for e in models.engines() for kind in (*KINDS, *e.family)]
     return [_statistics(metrics, e, kind) for e, kind in pairs]
 
 
 def _statistics(metrics: Metrics, engine: Engine, kind: str) -> dict[str, Any]:
     value = metrics.registry.get_sample_value
-    labels = {"model": engine.spec.name, "version": str(engine.spec.version), "graph": "encoder" if kind == "encoder" else "decoder"}
+    graph = kind if kind in ("encoder", *GRAPH_KINDS) else "decoder"
+    labels = {"model": engine.spec.name, "version": str(engine.spec.version), "graph": graph}
 
     def duration(family: str) -> dict[str, int]:
         count, seconds = value(f"{family}_count", labels) or 0, value(f"{family}_sum", labels) or 0
@@ -236,10 +247,10 @@ def _statistics(metrics: Metrics, engine: Engine, kind: str) -> dict[str, Any]:
 
 
 def index(statuses: list[Status], ready_only: bool) -> list[dict[str, str]]:
-    """The repository's protocol models, three per served model version."""
+    """The repository's protocol models: three per served model version, and its family's graphs."""
     return [
         {"name": f"{s.name}_{kind}", "version": str(s.version), "state": s.state, "reason": s.reason}
-        for s in statuses if not ready_only or s.state == READY for kind in KINDS
+        for s in statuses if not ready_only or s.state == READY for kind in (*KINDS, *s.graphs)
     ]  # fmt: skip
 
 

@@ -43,6 +43,7 @@ class Status:
     version: int
     state: str
     reason: str
+    graphs: tuple[str, ...] = ()  # the graphs its family adds to the encoder and decoder, once loaded
 
 
 class Registry:
@@ -109,7 +110,7 @@ class Registry:
 
     def statuses(self, name: str | None = None) -> list[Status]:
         return [
-            Status(v.name, v.version, v.state, v.reason)
+            Status(v.name, v.version, v.state, v.reason, v.engine.spec.family_graphs if v.engine else ())
             for model, versions in sorted(self.table.items()) if name is None or model == name
             for _, v in sorted(versions.items())
         ]  # fmt: skip

@@ -147,3 +147,26 @@ def test_temperatures_per_group_scale_each_groups_noise_on_every_front_end(clien
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         bad = web.get("/v1/models/hier/sample.png", params={"n": 4, "temperatures": "0,x,1"})
         assert bad.status_code == 400 and "temperatures" in bad.json()["error"] and "\n" not in bad.json()["error"]
+
+
+def test_the_posterior_graph_is_a_model_of_the_inference_protocol(server, repo, hvae):
+    import tritonclient.grpc as triton
+
+    with triton.InferenceServerClient(server.target) as oip:
+        names = {m["name"] for m in oip.get_model_repository_index(as_json=True)["models"]}
+        assert {"hier_posterior", "hier_sample", "digits_sample"} <= names and "digits_posterior" not in names
+        meta = oip.get_model_metadata("hier_posterior", as_json=True)
+        d = hvae.noise_size
+        assert [(t["name"], t["shape"]) for t in meta["inputs"]] == [("x_eps", ["-1", str(64 + d)])]
+        assert [(t["name"], t["shape"]) for t in meta["outputs"]] == [
+            ("logits", ["-1", "1", "8", "8"]), ("log_ratio", ["-1"]), ("u", ["-1", str(d)])
+        ]  # fmt: skip
+        x_eps = np.concatenate([np.random.default_rng(0).random((3, 64)), normal(2, (3, d))], axis=1).astype(np.float32)
+        feed = triton.InferInput("x_eps", list(x_eps.shape), "FP32")
+        feed.set_data_from_numpy(x_eps)
+        result = oip.infer("hier_posterior", [feed])
+        session = ort.InferenceSession(str(repo / "hier" / "1" / "posterior.onnx"), providers=["CPUExecutionProvider"])
+        for name, want in zip(("logits", "log_ratio", "u"), session.run(None, {"x_eps": x_eps})):
+            np.testing.assert_allclose(result.as_numpy(name), want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(triton.InferenceServerException, match="no posterior graph"):
+            oip.get_model_metadata("digits_posterior")
