@@ -54,6 +54,7 @@ PARSERS = {
     "training.features": "training.features",
     "training.evaluate": "training.evaluate",
     "training.compare": "training.compare",
+    "training.curves": "training.curves",
     "export": "export.__main__",
     "export.triton": "export.triton",
     "bench": "bench.__main__",

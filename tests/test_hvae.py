@@ -181,3 +181,15 @@ def test_exploding_steps_are_skipped_and_a_lasting_rise_is_not_skipped_for_ever(
     assert sum(decisions) < 200 and not any(decisions[sum(decisions):])  # one burst, then every step taken
     flat = Trainer(TrainConfig(model=ModelConfig(latent_dim=4, widths=(8,), hidden=16), epochs=1), tmp_path / "flat", digits)
     assert not any(flat._exploding(v) for v in [1.0] * 60 + [1e6])  # off for a flat VAE by default
+
+
+def test_curves_and_comparisons_take_hierarchical_runs(digits, tmp_path):
+    from training.compare import write_compare
+    from training.curves import curve, write_curves
+    from training.train import run
+
+    metrics = run(hvae_config(epochs=2, iwae_k=5, eval_images=20), tmp_path / "hier", digits)
+    minutes, bits, test = curve(metrics)
+    assert len(minutes) == 2 and minutes[0] < minutes[1] and all(b > 0 for b in bits) and test == metrics["test"]["nll_bits_per_dim"]
+    assert write_curves([tmp_path / "hier"], tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert write_compare([tmp_path / "hier"], tmp_path / "compare.png", n=4).read_bytes()[:4] == b"\x89PNG"

@@ -34,6 +34,8 @@ def panels(run: Path, n: int, seed: int, temperature: float) -> list[tuple[str, 
 
     if m.kind == "ae":
         return [(f"{name}\nAE, z ~ N(0, I)", draw("prior")), (f"{name}\nAE, z ~ fitted Gaussian", draw("fitted"))]
+    if m.kind == "hvae":
+        return [(f"{name}\nhierarchical VAE ({len(model.group_dims)} groups)", draw("prior"))]
     prior = f"flow prior ({m.flow_layers} layers)" if m.prior == "flow" else "N(0, I) prior"
     return [(f"{name}\nVAE, {prior}", draw("prior"))]
 

@@ -1,0 +1,76 @@
+"""What more training time buys: each run's validation ELBO in bits/dim against its training
+minutes, several runs on the same axes, with the test NLL (IWAE) where the run ends.
+
+`python -m training.curves --runs runs/twemoji runs/twemoji-hvae --out curves.png` reads each run's
+metrics.json (its per-epoch history, seconds and validation -ELBO; its test figures).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from service import commands
+from service.commands import Parser, UserError, writable_folder
+from training.config import TrainConfig, from_dict
+from training.likelihoods import for_model
+
+
+def curve(metrics: dict[str, Any]) -> tuple[list[float], list[float], float | None]:
+    """(training minutes at each epoch's end, validation -ELBO in bits/dim, test NLL in bits/dim)."""
+    cfg = from_dict(TrainConfig, metrics["config"])
+    m = cfg.model
+    c, h, w = m.image_shape
+    spec = for_model(m).spec
+    minutes, bits, elapsed = [], [], 0.0
+    for record in metrics["history"]:
+        elapsed += record["seconds"] / 60
+        minutes.append(elapsed)
+        bits.append(float(spec.bits_per_dim(record["val"]["neg_elbo"], c * h * w)))
+    test = metrics.get("test", {}).get("nll_bits_per_dim")
+    return minutes, bits, test
+
+
+def write_curves(runs: list[Path], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        try:
+            metrics = json.loads((run / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"--runs {run}: no readable metrics.json ({err})") from None
+        minutes, bits, test = curve(metrics)
+        line = ax.plot(minutes, bits, label=f"{run.name}: validation -ELBO")[0]
+        if test is not None and math.isfinite(test) and minutes:
+            ax.plot([minutes[-1]], [test], "o", color=line.get_color(), label=f"{run.name}: test NLL (IWAE) {test:.3f}")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("bits/dim")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m training.curves", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders with a metrics.json")
+    parser.add_argument("--out", type=Path, required=True, help="the .png to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    writable_folder(args.out.parent, "--out")
+    print(write_curves(args.runs, args.out))
+
+
+if __name__ == "__main__":
+    commands.run(main, "python -m training.curves")
