@@ -75,7 +75,7 @@ TWEMOJI_RECIPE = $(TWEMOJI_DATA) --likelihood logistic-mixture --mixtures 5 --wi
 $(eval $(call RECIPE_TARGETS,twemoji,TWEMOJI_RECIPE))
 
 # The hierarchical VAE on the same images (docs/training.md, "The hierarchical VAE on Twemoji"):
-# about 45 minutes of training on this 2-core machine.
+# about 40 minutes of training on this 2-core machine when nothing else runs.
 TWEMOJI_HVAE_RECIPE = $(TWEMOJI_DATA) --likelihood logistic-mixture --mixtures 5 --model hvae --width 96 \
 	--groups 8:3,4:3,2:2 --batch-size 64 --lr 2e-3 --epochs 70 --hflip --iwae-k 100 --grad-clip 200 --free-bits 0 \
 	--warmup-epochs 3 --classifier $(RUNS)/features-twemoji/features.pt
