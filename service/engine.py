@@ -138,7 +138,7 @@ class Engine:
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
         self.mean_image = spec.distribution.image
-        self._mean_in_batch = runtime.decoder_images or spec.distribution.image_per_batch
+        self._batch_image = self.mean_image if runtime.images_per_batch(spec.distribution) else None
         common = dict(
             metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
@@ -177,11 +177,7 @@ class Engine:
         """The decoder graph on one batch, on the inference thread: its parameters and their images,
         from the graph where it gives them, else computed here where cheap (once per batch rather
         than once per request on the event loop)."""
-        outputs = self.runtime.decoder.run(z)
-        if len(outputs) == 2:
-            return outputs
-        (params,) = outputs
-        return [params, self.mean_image(params)] if self._mean_in_batch else [params]
+        return self.runtime.decode(z, self._batch_image)
 
     async def decoder_params(self, z: np.ndarray, deadline: float | None = None, background: bool = False) -> np.ndarray:
         """The decoder graph's output as exported: the likelihood's parameters, not images."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.likelihood import Likelihood
 from service.manifest import IMAGE, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -239,6 +241,19 @@ class Runtime:
     def decoder_images(self) -> bool:
         """Whether the decoder graph gives the images itself (exports before it gave parameters alone)."""
         return IMAGE in self.decoder.output_names
+
+    def images_per_batch(self, distribution: Likelihood) -> bool:
+        """Whether each decoder batch comes with its images: the graph's own, or the distribution's
+        where they are cheap (a mixture's mean is taken only for the requests that show images)."""
+        return self.decoder_images or distribution.image_per_batch
+
+    def decode(self, z: np.ndarray, image: Callable[[np.ndarray], np.ndarray] | None) -> list[np.ndarray]:
+        """The decoder on one batch: its parameters, and their images, the graph's own where it
+        gives them, else `image(params)` where one is given."""
+        outputs = self.decoder.run(z)
+        if len(outputs) == 2 or image is None:
+            return outputs
+        return [outputs[0], image(outputs[0])]
 
     def cap_batches(self, rows: int) -> None:
         """Batches are capped at `rows`: where that is below the split size, a full batch splits,

@@ -46,14 +46,10 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
     c, h, w = spec.image_shape
     d = spec.latent_dim
     mean = spec.distribution.image
-    in_batch = runtime.decoder_images or spec.distribution.image_per_batch
+    in_batch = runtime.images_per_batch(spec.distribution)
 
     def decode(z: np.ndarray) -> list[np.ndarray]:  # as Engine._decode_batch runs a batch
-        outputs = runtime.decoder.run(z)
-        if len(outputs) == 2:
-            return outputs
-        (params,) = outputs
-        return [params, mean(params)] if in_batch else [params]
+        return runtime.decode(z, mean if in_batch else None)
 
     graphs: dict[str, tuple[Callable[[np.ndarray], list[np.ndarray]], tuple[int, ...]]] = {
         "encoder": (runtime.encoder.run, (c, h, w)),
