@@ -286,11 +286,12 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             # One bad batch must not turn every weight into NaN, nor one exploding step undo the run
             # (the norm is the all-reduced gradient's: every rank decides the same).
-            finite = bool(torch.isfinite(norm))
+            value = norm.item()  # one device sync per step
+            finite = math.isfinite(value)
             if finite:
-                norms += norm.item()
+                norms += value
                 counted += 1
-            if not finite or self._exploding(norm.item()):
+            if not finite or self._exploding(value):
                 skipped += 1
                 continue
             self.optimizer.step()
