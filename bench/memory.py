@@ -1,7 +1,8 @@
 """Resident memory of the server: idle after warm-up, the peak of one Score(16 images, k), of four such
-calls at once, and, with --storm, the issue's storm: Sample(256) from 4 callers and Encode(64) from
-8 for --storm seconds, first alone and then beside four Score(16, k) callers and an HTTP fuzz, with
-the rows/s of each, every call's outcome and the peak (VmRSS and VmHWM from /proc, Linux).
+calls at once, and, with --storm, the issue's storm: Sample(256) from 4 callers, Encode(64) from 8
+and an HTTP fuzz for --storm seconds, first without and then with four Score(16, k) callers beside
+them, with the rows/s of each, every call's outcome and the peak (VmRSS and VmHWM from /proc, Linux).
+The first phase is the baseline of what Score may take from the others: the same run without Score.
 
     python -m bench.memory --model-repo models [--k 256] [--storm 60] [--cgroup 1G] [--json runs/memory.json]
 
@@ -75,7 +76,7 @@ async def fuzz(url: str, name: str, until: float, codes: dict[str, int]) -> None
 async def storm(
     spec: ModelSpec, server: ServiceProcess, http_url: str, k: int, seconds: float, score: bool
 ) -> dict[str, Any]:
-    """The steady calls for `seconds` (and with `score`, Score(16, k) from 4 callers and the fuzz
+    """The steady calls and the fuzz for `seconds` (and with `score`, Score(16, k) from 4 callers
     beside them): rows/s and outcomes of each, and the server's peak over the phase."""
     scenarios = [*STEADY, *([Scenario("Score", IMAGES, 4, k=k)] if score else [])]
     peak_from_now(server.proc.pid)
@@ -83,7 +84,7 @@ async def storm(
     async with contextlib.AsyncExitStack() as stack:
         calls = [await stack.enter_async_context(caller(server.target, *make_request(spec, s))) for s in scenarios]
         loop = asyncio.get_running_loop()
-        fuzzing = [fuzz(http_url, spec.name, loop.time() + seconds + 2, http_codes) for _ in range(2 if score else 0)]
+        fuzzing = [fuzz(http_url, spec.name, loop.time() + seconds + 2, http_codes) for _ in range(2)]
         results: list[LoadResult] = (await asyncio.gather(
             *(run_load(call, s.concurrency, seconds, 2.0) for call, s in zip(calls, scenarios)), *fuzzing
         ))[: len(scenarios)]  # fmt: skip
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                 report[name] = {"peak_mb": rss_mb(pid, "VmHWM"), "seconds": time.perf_counter() - started}
         if args.storm:
             http_url = f"http://127.0.0.1:{http_port}"
-            report["quiet"] = asyncio.run(storm(spec, server, http_url, args.k, args.storm, score=False))
+            report["without_score"] = asyncio.run(storm(spec, server, http_url, args.k, args.storm, score=False))
             report["storm"] = asyncio.run(storm(spec, server, http_url, args.k, args.storm, score=True))
             report["alive_after"] = server.proc.poll() is None
             with VaeClient(server.target, timeout=60) as client:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{spec.name} v{spec.version} {list(spec.image_shape)}: idle {report['idle_mb']:.0f} MiB; Score({IMAGES}, k={args.k}) "
           f"peak {one['peak_mb']:.0f} MiB in {one['seconds']:.2f}s; four at once peak {four['peak_mb']:.0f} MiB in "
           f"{four['seconds']:.2f}s")  # fmt: skip
-    for phase in ("quiet", "storm"):
+    for phase in ("without_score", "storm"):
         if phase in report:
             rates = ", ".join(
                 f"{label} {c['rows_per_s']:.0f} rows/s {c['codes']}" for label, c in report[phase]["calls"].items()

@@ -50,8 +50,13 @@ from service.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavai
 from service.metrics import Metrics
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
+# What a request keeps of its rows of a batch's outputs, computed on the inference worker with the
+# batch: (the slice's first row within the request, its rows of the outputs) -> what it keeps.
+Reduce = Callable[[int, list[np.ndarray]], list[np.ndarray]]
 INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs on the event loop itself
-BACKGROUND_SHARE = 0.25  # of a full batch, what background requests get at least while they wait
+# Of a full batch, what background requests get while interactive ones are about: at least (so
+# neither starves) and at most (so an interactive call never waits behind more bulk work than that).
+BACKGROUND_SHARE = 0.25
 UNLABELLED: Mapping[str, str] = MappingProxyType({"model": "", "version": ""})
 
 
@@ -99,6 +104,8 @@ class QueueState:
     last_merged: bool = False  # the last batch held several requests or left rows waiting
     last_shared: bool = False  # the last batch served a small request beside others: it is likely on its way back
     seconds_per_row: float = math.inf  # the last successful batch's time per row, a hop to the worker included
+    background_rows: int = 0  # of the rows waiting, background requests'
+    interactive_at: float = -math.inf  # when the last batch holding interactive rows was answered (event-loop time)
 
 
 @dataclass(slots=True)
@@ -148,8 +155,12 @@ class BatchPolicy:
     `max_share_rows >= max_rows` leaves plain max-min fairness.
 
     Background requests (Score's chunks of draws: bulk work that takes seconds whatever its share)
-    share what the others leave of a full batch, and at least BACKGROUND_SHARE of it while they
-    wait, so neither interactive calls nor Score starve; each class is shared max-min within.
+    take BACKGROUND_SHARE of a batch while interactive ones are about, at least and at most, so
+    neither starves and an interactive call arriving waits behind a short stretch of bulk work, not
+    a full batch of it; each class is shared max-min within. About means an interactive request
+    waits now, or a batch answered one within the time a full batch takes: closed-loop callers are
+    on their way back, and a full batch of bulk work taken in that gap would hold them all up.
+    Background requests alone otherwise get full batches.
 
     merge=False turns batching off: one request per graph call (up to `max_rows` of its rows), oldest
     first, never waiting to fill. adaptive_delay=False makes every batch wait out `max_delay` to
@@ -187,9 +198,18 @@ class BatchPolicy:
         """The batch that goes now."""
         if not self.merge:
             return self._oldest(queue, now)
-        if queue.rows <= self.max_rows:
+        bulk = self._bulk_rows(queue, now)
+        if queue.rows <= self.max_rows and (bulk is None or queue.background_rows <= bulk):
             return self._everything(queue, now)
-        return self._fair(queue, now)
+        return self._fair(queue, now, bulk)
+
+    def _bulk_rows(self, queue: QueueState, now: float) -> int | None:
+        """Background rows a batch takes while interactive requests are about; None: no limit."""
+        if not queue.background_rows:
+            return None
+        waiting = queue.rows > queue.background_rows
+        recent = queue.interactive_at > -math.inf and now - queue.interactive_at <= self.max_rows * queue.seconds_per_row
+        return max(1, int(BACKGROUND_SHARE * self.max_rows)) if waiting or recent else None
 
     def _everything(self, queue: QueueState, now: float) -> Take:
         """Every waiting row fits: all of them, in queue order. The hot path (a crowd of one-row
@@ -211,10 +231,10 @@ class BatchPolicy:
         inline = len(slices) == 1 and rows * queue.seconds_per_row < self.inline_seconds
         return Take(len(queue.entries), slices, rows, expired or _NONE, len(slices) > 1, inline)
 
-    def _fair(self, queue: QueueState, now: float) -> Take:
-        """More rows wait than a batch holds: max-min fair shares among the oldest live requests. At
-        most `max_rows` requests can get a row, so the scan stops there: bounded by the batch, not
-        the queue."""
+    def _fair(self, queue: QueueState, now: float, bulk: int | None = None) -> Take:
+        """More rows wait than a batch holds (or than `bulk` allows of background ones): max-min
+        fair shares among the oldest live requests. At most `max_rows` requests can get a row, so
+        the scan stops there: bounded by the batch, not the queue."""
         max_rows = self.max_rows
         live: list = []
         expired: list | None = None
@@ -234,25 +254,28 @@ class BatchPolicy:
             live.append(entry)
         wanted = [entry.n - entry.taken for entry in live]
         total = sum(wanted)
-        shares = wanted if total <= max_rows else self._split(live, wanted, queue.last_shared)  # expired ones may make room
+        # Expired ones may make room.
+        shares = wanted if total <= max_rows and bulk is None else self._split(live, wanted, queue.last_shared, bulk)
         rows = sum(shares)
         left = rows < total or scanned < len(queue.entries)  # rows left waiting, or perhaps beyond the scan
         lone = len(live) == 1
         inline = lone and not left and rows * queue.seconds_per_row < self.inline_seconds
         return Take(scanned, list(zip(live, shares)), rows, expired or _NONE, left or not lone, inline)
 
-    def _split(self, live: list, wanted: list[int], company: bool) -> list[int]:
-        """Shares of a full batch: background requests (Score's draws, thousands of rows of bulk
-        work) share what the others leave, but never less than BACKGROUND_SHARE of the batch while
-        they wait, so that neither side starves; each class is shared max-min fairly within, and
-        every request takes at least a row."""
+    def _split(self, live: list, wanted: list[int], company: bool, bulk: int | None) -> list[int]:
+        """Shares of a batch: background requests (Score's draws, thousands of rows of bulk work)
+        take `bulk` rows (None: what the others leave) and interactive ones the rest, so that
+        neither side starves; each class is shared max-min fairly within, and every request takes
+        at least a row."""
         back = [i for i, entry in enumerate(live) if entry.background]
-        if not back or len(back) == len(live):
-            return self.shares(wanted, company)
+        if not back or bulk is None and len(back) == len(live):
+            return wanted if sum(wanted) <= self.max_rows else self.shares(wanted, company)
         front = [i for i, entry in enumerate(live) if not entry.background]
-        floor = max(len(back), min(sum(wanted[i] for i in back), int(BACKGROUND_SHARE * self.max_rows)))
+        bulk = self.max_rows if bulk is None else bulk
+        floor = max(len(back), min(sum(wanted[i] for i in back), bulk))
         front_shares = self.shares([wanted[i] for i in front], company, max(len(front), self.max_rows - floor))
-        back_shares = self.shares([wanted[i] for i in back], company, self.max_rows - sum(front_shares))
+        room = max(len(back), min(bulk, self.max_rows - sum(front_shares)))
+        back_shares = self.shares([wanted[i] for i in back], company, room)
         shares = [0] * len(live)
         for i, k in (*zip(front, front_shares), *zip(back, back_shares)):
             shares[i] = k
@@ -334,6 +357,7 @@ class _Entry:
     taken: int = 0  # rows taken into batches so far
     background: bool = False
     queued: bool = True  # some of its rows count in the queue: not yet taken, and not expired or withdrawn
+    reduce: Reduce | None = None  # what it keeps of its slices' outputs (None: all of them)
     parts: list | None = None  # the outputs of its slices computed so far, when it spans several batches
 
     @property
@@ -397,14 +421,19 @@ class Batcher:
             if not entry.future.done():
                 entry.future.set_exception(Closed("the server is shutting down"))
         self.queue.entries.clear()
-        self.queue.rows = 0
+        self.queue.rows = self.queue.background_rows = 0
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
-    async def submit(self, rows: np.ndarray, deadline: float | None = None, background: bool = False) -> list[np.ndarray]:
+    async def submit(
+        self, rows: np.ndarray, deadline: float | None = None, background: bool = False, reduce: Reduce | None = None
+    ) -> list[np.ndarray]:
         """Queue `rows` as one request (served across several batches if larger than one) and wait
         for the graph's outputs for them; `background` ones take what the others leave of a batch
-        (`BatchPolicy`)."""
+        (`BatchPolicy`). With `reduce`, each slice's outputs are reduced on the inference worker
+        right after its batch, and the request gets the reductions, joined: its arithmetic is then
+        part of the batch, which the policy shares fairly, and the full outputs are never held
+        beyond the batch (Score's sums of log p(x|z), a scalar per row of a 35-channel image)."""
         n = len(rows)
         if self._task is None or self._task.done():
             raise Closed("the server is shutting down")
@@ -418,10 +447,12 @@ class Batcher:
         if n == 0:
             return []  # nothing to compute (as before: no outputs)
         loop = asyncio.get_running_loop()
-        entry = _Entry(rows, n, loop.create_future(), deadline, loop.time(), background=background)
+        entry = _Entry(rows, n, loop.create_future(), deadline, loop.time(), background=background, reduce=reduce)
         was_empty = queue.rows == 0
         queue.entries.append(entry)
         queue.rows += n
+        if background:
+            queue.background_rows += n
         if was_empty or queue.rows >= self.policy.max_rows:  # the only two events a waiting batcher needs
             self._wake.set()
         try:
@@ -437,6 +468,8 @@ class Batcher:
         """Its rows not yet taken leave the queue count (once: it is no longer queued after)."""
         entry.queued = False
         self.queue.rows -= entry.n - entry.taken
+        if entry.background:
+            self.queue.background_rows -= entry.n - entry.taken
 
     def _withdraw(self, entry: _Entry) -> None:
         """The caller went away: its rows still waiting leave the count now, so callers that left
@@ -463,6 +496,8 @@ class Batcher:
         for entry, k in batch:
             if entry.taken == 0:
                 observe(now - entry.enqueued)
+            if entry.background:
+                queue.background_rows -= k
             entry.taken += k
             if entry.taken < entry.n:
                 unfinished += 1
@@ -534,9 +569,9 @@ class Batcher:
         self._computing = batch
         try:
             if inline:
-                outputs = self.run(x)  # a lone, quick batch: the hop to the worker costs more
+                parts = self._outputs(x, batch)  # a lone, quick batch: the hop to the worker costs more
             else:
-                outputs = await loop.run_in_executor(self._executor, self.run, x)
+                parts = await loop.run_in_executor(self._executor, self._outputs, x, batch)
         except Exception as err:  # noqa: BLE001 - one batch's failure must not end the loop
             for entry, _ in batch:
                 if not entry.future.done():
@@ -550,17 +585,33 @@ class Batcher:
             elapsed = time.perf_counter() - started
             self._compute.observe(elapsed)
         queue.seconds_per_row = elapsed / len(x)  # only from successes: a quick failure predicts nothing
-        self._answer(batch, outputs)
+        if not all(entry.background for entry, _ in batch):
+            queue.interactive_at = loop.time()
+        self._answer(batch, parts)
 
-    @staticmethod
-    def _answer(batch: list[_Slice], outputs: list[np.ndarray]) -> None:
-        """Hand each slice its rows of the outputs: a request answered in one batch at once, one
-        spread over several once its last slice is in (batches run one at a time, in order, so its
-        slices come back in row order)."""
+    def _outputs(self, x: np.ndarray, batch: list[_Slice]) -> list[list[np.ndarray] | None]:
+        """The batch's outputs, as each slice's rows of them, reduced where its request asks
+        (None for a request that went away)."""
+        outputs = self.run(x)
+        parts: list[list[np.ndarray] | None] = []
         offset = 0
         for entry, k in batch:
+            part = None
             if not entry.future.done():
                 part = [out[offset : offset + k] for out in outputs]
+                if entry.reduce is not None:
+                    part = entry.reduce(entry.taken - k, part)
+            parts.append(part)
+            offset += k
+        return parts
+
+    @staticmethod
+    def _answer(batch: list[_Slice], parts: list[list[np.ndarray] | None]) -> None:
+        """Hand each slice its part: a request answered in one batch at once, one spread over
+        several once its last slice is in (batches run one at a time, in order, so its slices come
+        back in row order)."""
+        for (entry, k), part in zip(batch, parts):
+            if part is not None and not entry.future.done():
                 if k == entry.n:
                     entry.future.set_result(part)
                 else:
@@ -570,4 +621,3 @@ class Batcher:
                     if entry.taken == entry.n:
                         entry.future.set_result([np.concatenate(outs) for outs in zip(*entry.parts)])
                         entry.parts = None
-            offset += k

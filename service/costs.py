@@ -118,15 +118,19 @@ class Costs:
 
     def score(self, n: int, k: int) -> int:
         """n images in (and as float64 in the running sums); the chunks of the n x k draws in flight,
-        and one more just out of the graph: their noise and latents (float64) and decoder outputs;
-        and one slice's arithmetic. A larger k only makes it take longer."""
+        and one more just answered: their noise and latents (float64) and log p(x|z); its rows of
+        the batch being reduced to log p(x|z) on the worker (the decoder's outputs, at most a
+        batch of them, taken a slice at a time by the likelihood's arithmetic). A larger k only
+        makes it take longer."""
         chunk = max(1, min(self.score_rows, n * k))
         chunks = min(self.score_in_flight, -(-n * k // chunk)) + 1
         drawn = self.image if self.posterior else 0  # a hierarchical model's draws carry their images
+        reduced = min(self.score_in_flight * chunk, self.batch_rows)
         return (
             n * 3 * self.image
-            + chunks * chunk * (self.params + 5 * self.latent + drawn)
-            + self.likelihood.at(min(chunk, self.likelihood_rows))
+            + chunks * chunk * (5 * self.latent + drawn)
+            + reduced * self.params
+            + self.likelihood.at(min(reduced, self.likelihood_rows))
         )
 
     def batch_limit(self, share: float) -> int:

@@ -304,14 +304,15 @@ class Engine:
     async def score(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound
         (`service.scoring`). The n x k draws (image-major, their noise drawn in that order from the
-        seed) are decoded a chunk of rows at a time, IN_FLIGHT chunks queued at once, and each chunk
-        is folded into running sums on a worker thread, off the event loop: the request never holds
-        more than those chunks' decoder outputs. How a chunk's draws are decoded is the family's
-        (`_score_draws`)."""
+        seed) are decoded a chunk of rows at a time, IN_FLIGHT chunks queued at once; each chunk's
+        log p(x|z) is taken on the inference worker with its batch (`ScoreSums.reducer`), so the
+        request never holds its decoder outputs and its arithmetic is shared fairly with the other
+        calls, and the chunks fold into running sums. How a chunk's draws are decoded is the
+        family's (`_score_draws`)."""
         total = len(x) * k
         sums, draws = await self._score_draws(x, k, deadline)
         noise = noise_stream(seed)
-        step = chunk_rows(self.spec.decoder_channels * math.prod(self.spec.image_shape[1:]), total)
+        step = chunk_rows(self.spec.decoder_channels * math.prod(self.spec.image_shape[1:]), total, self.batch.max_queue_rows)
 
         def launch(start: int) -> asyncio.Future:
             """Draw the chunk's noise (here, in row order: the stream's order) and queue its decoding."""
@@ -325,7 +326,7 @@ class Engine:
             while pending:
                 chunk = await pending.popleft()
                 pending.extend(launch(start) for start in itertools.islice(starts, IN_FLIGHT - len(pending)))
-                await asyncio.to_thread(sums.add, *chunk)
+                sums.add(*chunk)
         finally:
             for future in pending:  # an error or a cancelled call: its queued chunks leave the batchers
                 future.cancel()
@@ -333,26 +334,26 @@ class Engine:
 
     async def _score_draws(self, x: np.ndarray, k: int, deadline: float | None) -> tuple[ScoreSums, Draws]:
         """Score's sums for x, and the function that decodes a chunk of its draws: start, the rows'
-        images and their noise eps -> (start, params, log p(z) - log q(z|x)). A flat VAE encodes
+        images and their noise eps -> (start, log p(x|z), log p(z) - log q(z|x)). A flat VAE encodes
         once and draws z = mu + eps sigma; under N(0, I) its KL is the closed form, under a flow
         log p(z) comes from the prior_density graph, computed beside the decoder (two batchers)."""
         mu, logvar = await self.encode(x, deadline)
         mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
         kl = None if self.priors else -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
         sigma = np.exp(0.5 * logvar)
+        sums = ScoreSums(x.astype(np.float64), k, self.spec.distribution, kl)
 
         async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
             z = mu[image] + eps * sigma[image]
             rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
+            decoded = self.decoder.submit(rows, deadline, background=True, reduce=sums.reducer(image))
             if not self.priors:
-                params, log_pz = await self.decoder_params(rows, deadline, background=True), None
+                (log_px,), log_pz = await decoded, None
             else:
-                params, (_, log_pz) = await asyncio.gather(
-                    self.decoder_params(rows, deadline, background=True), self.prior_density(rows, deadline, background=True)
-                )
-            return start, params, gaussian_log_ratio(eps, z, logvar[image], log_pz)
+                (log_px,), (_, log_pz) = await asyncio.gather(decoded, self.prior_density(rows, deadline, background=True))
+            return start, log_px, gaussian_log_ratio(eps, z, logvar[image], log_pz)
 
-        return ScoreSums(x.astype(np.float64), k, self.spec.distribution, kl), draws
+        return sums, draws
 
 
 Draws = Callable[[int, np.ndarray, np.ndarray], Awaitable[tuple[int, np.ndarray, np.ndarray]]]

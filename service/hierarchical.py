@@ -27,12 +27,15 @@ class HierarchicalEngine(Engine):
     async def _score_draws(self, x: np.ndarray, k: int, deadline: float | None) -> tuple[ScoreSums, Draws]:
         """Each chunk of draws through the posterior graph: no closed-form KL (the draws' mean of
         log q - log p is the KL's estimate), and no encoder call of its own."""
+        sums = ScoreSums(x.astype(np.float64), k, self.spec.distribution)
 
         async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-            params, log_ratio, _ = await self.family["posterior"].submit(self._rows(x[image], eps), deadline, background=True)
-            return start, params, log_ratio.astype(np.float64)
+            log_px, log_ratio = await self.family["posterior"].submit(
+                self._rows(x[image], eps), deadline, background=True, reduce=sums.reducer(image, keep=1)
+            )
+            return start, log_px, log_ratio.astype(np.float64)
 
-        return ScoreSums(x.astype(np.float64), k, self.spec.distribution), draws
+        return sums, draws
 
     @staticmethod
     def _rows(x: np.ndarray, eps: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from service.batcher import Reduce
 from service.likelihood import LOG_2PI, Likelihood
 
 SCORE_CHUNK_VALUES = 1 << 20  # float64 values per slice of the likelihood's arithmetic (8 MiB)
@@ -27,9 +28,11 @@ CHUNK_BYTES = 16 << 20  # decoder outputs (float32) per chunk of rows submitted 
 IN_FLIGHT = 2  # chunks queued at once: the next decodes while one is summed
 
 
-def chunk_rows(values_per_row: int, total: int) -> int:
-    """Rows per chunk: CHUNK_BYTES of decoder outputs, at least one row, at most the request."""
-    return max(1, min(total, CHUNK_BYTES // (4 * max(1, values_per_row))))
+def chunk_rows(values_per_row: int, total: int, queue_rows: int) -> int:
+    """Rows per chunk: CHUNK_BYTES of decoder outputs, at least one row, at most the request, and at
+    most a quarter of the graph's queue bound (`queue_rows`), so the chunks in flight always fit
+    the queue beside other calls' rows."""
+    return max(1, min(total, queue_rows // 4, CHUNK_BYTES // (4 * max(1, values_per_row))))
 
 
 class ScoreSums:
@@ -45,11 +48,10 @@ class ScoreSums:
         self.w_max = np.full(n, -np.inf)  # logsumexp of log w, as max + log(sum(exp(log w - max)))
         self.w_sum = np.zeros(n)
 
-    def add(self, start: int, params: np.ndarray, log_ratio: np.ndarray) -> None:
-        """Fold in rows start.. of the request: the decoder's `params` [r, P, H, W] and each draw's
+    def add(self, start: int, log_px: np.ndarray, log_ratio: np.ndarray) -> None:
+        """Fold in rows start.. of the request: each draw's log p(x|z) (`log_px`) and
         log p(z) - log q(z|x) [r] (float64)."""
-        image = (start + np.arange(len(params))) // self.k
-        log_px = self._log_px(image, params)
+        image = (start + np.arange(len(log_px))) // self.k
         log_w = log_px + log_ratio
         # Rows are image-major, so each image's rows in the chunk are one run: sums per run.
         starts = np.r_[0, np.flatnonzero(np.diff(image)) + 1]
@@ -61,9 +63,22 @@ class ScoreSums:
         self.w_sum[ids] = self.w_sum[ids] * np.exp(self.w_max[ids] - top) + np.add.reduceat(exps, starts)
         self.w_max[ids] = top
 
-    def _log_px(self, image: np.ndarray, params: np.ndarray) -> np.ndarray:
-        """log p(x|z) per row in float64, a slice of rows at a time, so the temporaries stay near
-        SCORE_CHUNK_VALUES whatever the chunk."""
+    def reducer(self, image: np.ndarray, keep: int = 0) -> Reduce:
+        """What a chunk of draws keeps of its graph's outputs (`Batcher.submit`'s reduce): log p(x|z)
+        per row [r] float64 in place of the likelihood's parameters (the first output), and the
+        `keep` outputs after them, for a chunk whose rows are of these images. It runs on the
+        inference worker with the batch, so Score's arithmetic is shared with the other calls as
+        its rows are."""
+
+        def reduce(first: int, outputs: list[np.ndarray]) -> list[np.ndarray]:
+            params, *rest = outputs
+            return [self.log_px_of(image[first : first + len(params)], params), *rest[:keep]]
+
+        return reduce
+
+    def log_px_of(self, image: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """log p(x|z) per row in float64 for the decoder's `params` [r, P, H, W] of these images, a
+        slice of rows at a time, so the temporaries stay near SCORE_CHUNK_VALUES whatever the chunk."""
         step = max(1, SCORE_CHUNK_VALUES // max(1, math.prod(params.shape[1:])))
         return np.concatenate([
             self.likelihood.log_prob(self.x[image[j : j + step]], params[j : j + step])

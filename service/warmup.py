@@ -86,7 +86,7 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
     probe = min(PROBE_ROWS, largest)
     for n in sorted({1, probe}):
         run(n)  # what the probe grows by over one row, per row: each graph's bytes per row
-    costs = _costs(spec, runs, largest, _score_arithmetic(spec), in_batch)
+    costs = _costs(spec, runs, largest, _score_arithmetic(spec), in_batch, batch.max_queue_rows)
     largest = min(largest, costs.batch_limit(share))
     runtime.cap_batches(largest)  # before the largest runs: the arena then holds what split halves take
     for n in sorted({*(min(n, largest) for n in batch.warmup_batch_sizes or (2,)), largest} - {1, probe}):
@@ -96,7 +96,7 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
 
 def _costs(
     spec: ModelSpec, runs: dict[str, list[tuple[int, int | None]]], batch_rows: int, likelihood: tuple[Work, int],
-    in_batch: bool,
+    in_batch: bool, queue_rows: int,
 ) -> Costs:  # fmt: skip
     c, h, w = spec.image_shape
     image, latent, params = F32 * c * h * w, F32 * spec.latent_dim, F32 * spec.decoder_channels * h * w
@@ -108,7 +108,7 @@ def _costs(
         prior=Work.fit([r for role in ("prior_sample", "prior_density") for r in runs.get(role, [])], 2 * latent)
         if "prior_sample" in runs else None,
         posterior=Work.fit(runs["posterior"], params + 2 * latent) if "posterior" in runs else None,
-        score_rows=chunk_rows(spec.decoder_channels * h * w, 1 << 62), score_in_flight=IN_FLIGHT,
+        score_rows=chunk_rows(spec.decoder_channels * h * w, 1 << 62, queue_rows), score_in_flight=IN_FLIGHT,
         likelihood=likelihood[0], likelihood_rows=likelihood[1],
     )  # fmt: skip
 

@@ -72,14 +72,16 @@ def state(
 ) -> QueueState:
     """A queue of fresh entries of these sizes, oldest first."""
     entries = deque(Entry(n, **entry) for n in sizes)
-    return QueueState(entries, sum(n for n in sizes), last_merged, last_shared, seconds_per_row)
+    background = sum(sizes) if entry.get("background") else 0
+    return QueueState(entries, sum(n for n in sizes), last_merged, last_shared, seconds_per_row, background)
 
 
 def queue_of(
     entries: list[Entry], last_merged: bool = False, last_shared: bool = False, seconds_per_row: float = math.inf
 ) -> QueueState:
     rows = sum(e.wanted for e in entries if not e.abandoned)
-    return QueueState(deque(entries), rows, last_merged, last_shared, seconds_per_row)
+    background = sum(e.wanted for e in entries if not e.abandoned and e.background)
+    return QueueState(deque(entries), rows, last_merged, last_shared, seconds_per_row, background)
 
 
 def batch(take: Take) -> list[Entry]:
@@ -959,20 +961,31 @@ def test_closing_with_calls_queued_leaves_the_count_at_zero():
     assert asyncio.run(scenario()) == (0, ["Closed", "Closed", "Closed"])
 
 
-def test_background_requests_take_what_the_others_leave_and_never_less_than_their_floor():
+def test_background_requests_take_their_share_while_interactive_ones_are_about_and_full_batches_alone():
     """Score's chunks are background: four Sample batches and two chunks of draws waiting share a
-    64-row batch 48 to 16, not 43 to 21 as six equal requests would; alone, background requests
-    take the whole batch, and beside small interactive calls they take what those leave."""
+    64-row batch 48 to 16, not 43 to 21 as six equal requests would. Beside small interactive calls
+    they take their share too, and the batch goes short: an interactive call arriving then waits
+    behind 16 rows of bulk work, not 52. Alone they take the whole batch, unless a batch answered
+    an interactive call within a full batch's time (its caller is likely on the way back)."""
     policy = BatchPolicy(max_rows=64, max_share_rows=64)
     samples = [Entry(64, enqueued=0.1 * i) for i in range(4)]
     draws = [Entry(29, enqueued=0.05 + 0.1 * i, background=True) for i in range(2)]
     taken = dict((id(e), k) for e, k in policy.take(queue_of(sorted([*samples, *draws], key=lambda e: e.enqueued)), 1.0).slices)
     assert [taken[id(e)] for e in samples] == [12, 12, 12, 12] and [taken[id(e)] for e in draws] == [8, 8]
-    alone = policy.take(queue_of([Entry(50, background=True), Entry(50, enqueued=0.1, background=True)]), 1.0)
-    assert [k for _, k in alone.slices] == [32, 32]
     small = [Entry(4, enqueued=0.1 * i) for i in range(3)]
     beside = policy.take(queue_of([*small, Entry(100, enqueued=0.5, background=True)]), 1.0)
-    assert [k for _, k in beside.slices] == [4, 4, 4, 52]
+    assert [k for _, k in beside.slices] == [4, 4, 4, 16] and beside.merged
+    within = policy.take(queue_of([Entry(10, background=True)]), 1.0)
+    assert [k for _, k in within.slices] == [10]  # less than its share: all of it
+
+    def alone(interactive_at: float) -> list[int]:
+        queue = queue_of([Entry(50, background=True), Entry(50, enqueued=0.1, background=True)], seconds_per_row=0.001)
+        queue.interactive_at = interactive_at
+        return [k for _, k in policy.take(queue, 1.0).slices]
+
+    assert alone(-math.inf) == [32, 32]
+    assert alone(1.0 - 0.06) == [8, 8]  # answered within a full batch's time (64 rows x 1 ms): still about
+    assert alone(1.0 - 0.07) == [32, 32]
 
 
 @property_settings

@@ -323,15 +323,18 @@ def test_a_load_that_cannot_fit_is_refused_and_the_old_version_keeps_serving(mod
 
 
 def test_a_request_over_the_budget_is_refused_in_one_line_and_the_server_serves_on(model_repo, tmp_path):
+    """Score streams, so no Score of the digits model can outgrow a budget; a Sample of 200,000 images
+    (allowed by the row limits here) holds them all, 100 MiB and more, and can never fit 48 MiB."""
     from service.client import VaeClient
 
-    server = ServerProcess(model_repo, tmp_path / "server.log", "--memory-budget", "48M", http=True)
+    server = ServerProcess(model_repo, tmp_path / "server.log", "--memory-budget", "48M", "--max-request-rows", "200000", "--max-queue-rows", "200000",
+                           http=True)  # fmt: skip
     try:
         text = scrape(server)
         assert metric(text, "vae_memory_budget_bytes") == 48 * MiB
         with VaeClient(server.target) as client:
             with pytest.raises(grpc.RpcError) as refused:
-                client.score(np.zeros((1024, 1, 8, 8), np.float32), k=5000)
+                client.sample(200_000, seed=1)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "needs" in refused.value.details() and "budget is 48 MiB" in refused.value.details()
             assert "\n" not in refused.value.details()
@@ -341,12 +344,9 @@ def test_a_request_over_the_budget_is_refused_in_one_line_and_the_server_serves_
         import urllib.error
         import urllib.request
 
-        import base64
-
-        images = {"shape": [1024, 1, 8, 8], "dtype": "uint8", "b64": base64.b64encode(bytes(1024 * 64)).decode()}
-        body = json.dumps({"images": images, "importance_samples": 5000}).encode()
+        body = json.dumps({"num_samples": 200_000}).encode()
         request = urllib.request.Request(
-            f"{server.http_url}/v1/models/digits/score", body, {"Content-Type": "application/json"}
+            f"{server.http_url}/v1/models/digits/sample", body, {"Content-Type": "application/json"}
         )
         with pytest.raises(urllib.error.HTTPError) as http:
             urllib.request.urlopen(request, timeout=60)
