@@ -54,8 +54,8 @@ RunFn = Callable[[np.ndarray], list[np.ndarray]]
 # batch: (the slice's first row within the request, its rows of the outputs) -> what it keeps.
 Reduce = Callable[[int, list[np.ndarray]], list[np.ndarray]]
 INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs on the event loop itself
-# Of a full batch, what background requests get while interactive ones are about: at least (so
-# neither starves) and at most (so an interactive call never waits behind more bulk work than that).
+# Of a full batch's time, what background requests get while interactive ones are about: at least
+# (so neither starves) and at most (so an interactive call never waits behind more bulk work).
 BACKGROUND_SHARE = 0.25
 UNLABELLED: Mapping[str, str] = MappingProxyType({"model": "", "version": ""})
 
@@ -105,6 +105,7 @@ class QueueState:
     last_shared: bool = False  # the last batch served a small request beside others: it is likely on its way back
     seconds_per_row: float = math.inf  # the last successful batch's time per row, a hop to the worker included
     background_rows: int = 0  # of the rows waiting, background requests'
+    bulk_cost: float = 1.0  # a background row's time in rows of the graph alone: its reduce measured on top
     interactive_at: float = -math.inf  # when the last batch holding interactive rows was answered (event-loop time)
 
 
@@ -155,7 +156,8 @@ class BatchPolicy:
     `max_share_rows >= max_rows` leaves plain max-min fairness.
 
     Background requests (Score's chunks of draws: bulk work that takes seconds whatever its share)
-    take BACKGROUND_SHARE of a batch while interactive ones are about, at least and at most, so
+    take BACKGROUND_SHARE of a batch's time while interactive ones are about, at least and at most
+    (in rows: fewer where their reduce makes a row cost more, as measured), so
     neither starves and an interactive call arriving waits behind a short stretch of bulk work, not
     a full batch of it; each class is shared max-min within. About means an interactive request
     waits now, or a batch answered one within the time a full batch takes: closed-loop callers are
@@ -209,7 +211,11 @@ class BatchPolicy:
             return None
         waiting = queue.rows > queue.background_rows
         recent = queue.interactive_at > -math.inf and now - queue.interactive_at <= self.max_rows * queue.seconds_per_row
-        return max(1, int(BACKGROUND_SHARE * self.max_rows)) if waiting or recent else None
+        if not (waiting or recent):
+            return None
+        # b rows at cost c beside M - b at 1 take the share s of the time: b = s M / (1 + (c - 1)(1 - s)).
+        rows = BACKGROUND_SHARE * self.max_rows / (1 + (queue.bulk_cost - 1) * (1 - BACKGROUND_SHARE))
+        return max(1, int(rows))
 
     def _everything(self, queue: QueueState, now: float) -> Take:
         """Every waiting row fits: all of them, in queue order. The hot path (a crowd of one-row
@@ -569,9 +575,9 @@ class Batcher:
         self._computing = batch
         try:
             if inline:
-                parts = self._outputs(x, batch)  # a lone, quick batch: the hop to the worker costs more
+                parts, reduced = self._outputs(x, batch)  # a lone, quick batch: the hop to the worker costs more
             else:
-                parts = await loop.run_in_executor(self._executor, self._outputs, x, batch)
+                parts, reduced = await loop.run_in_executor(self._executor, self._outputs, x, batch)
         except Exception as err:  # noqa: BLE001 - one batch's failure must not end the loop
             for entry, _ in batch:
                 if not entry.future.done():
@@ -585,25 +591,30 @@ class Batcher:
             elapsed = time.perf_counter() - started
             self._compute.observe(elapsed)
         queue.seconds_per_row = elapsed / len(x)  # only from successes: a quick failure predicts nothing
+        rows, seconds = reduced
+        if rows and elapsed > seconds:
+            queue.bulk_cost = 1 + (seconds / rows) / ((elapsed - seconds) / len(x))
         if not all(entry.background for entry, _ in batch):
             queue.interactive_at = loop.time()
         self._answer(batch, parts)
 
-    def _outputs(self, x: np.ndarray, batch: list[_Slice]) -> list[list[np.ndarray] | None]:
+    def _outputs(self, x: np.ndarray, batch: list[_Slice]) -> tuple[list[list[np.ndarray] | None], tuple[int, float]]:
         """The batch's outputs, as each slice's rows of them, reduced where its request asks
-        (None for a request that went away)."""
+        (None for a request that went away); and the rows reduced and the seconds it took."""
         outputs = self.run(x)
         parts: list[list[np.ndarray] | None] = []
-        offset = 0
+        offset, rows, seconds = 0, 0, 0.0
         for entry, k in batch:
             part = None
             if not entry.future.done():
                 part = [out[offset : offset + k] for out in outputs]
                 if entry.reduce is not None:
+                    started = time.perf_counter()
                     part = entry.reduce(entry.taken - k, part)
+                    rows, seconds = rows + k, seconds + time.perf_counter() - started
             parts.append(part)
             offset += k
-        return parts
+        return parts, (rows, seconds)
 
     @staticmethod
     def _answer(batch: list[_Slice], parts: list[list[np.ndarray] | None]) -> None:

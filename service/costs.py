@@ -103,10 +103,11 @@ class Costs:
     def sample(self, n: int) -> int:
         return self.decode(n)
 
-    def encode(self, n: int) -> int:
-        """n images in (the message's bytes, the array, its float32 copy), mu, sigma and a draw out
-        (a hierarchical model's draw: its images and noise in, the posterior graph's outputs)."""
-        drawn = n * (2 * self.image + self.params + 2 * self.latent) if self.posterior else 0
+    def encode(self, n: int, draw: bool = False) -> int:
+        """n images in (the message's bytes, the array, its float32 copy), mu, sigma and, with
+        `draw`, a draw out (a hierarchical model's draw: its images and noise in, the posterior
+        graph's outputs)."""
+        drawn = n * (2 * self.image + self.params + 2 * self.latent) if draw and self.posterior else 0
         return n * (3 * self.image + 6 * self.latent) + drawn
 
     def reconstruct(self, n: int) -> int:
@@ -120,8 +121,8 @@ class Costs:
         """n images in (and as float64 in the running sums); the chunks of the n x k draws in flight,
         and one more just answered: their noise and latents (float64) and log p(x|z); its rows of
         the batch being reduced to log p(x|z) on the worker (the decoder's outputs, at most a
-        batch of them, taken a slice at a time by the likelihood's arithmetic). A larger k only
-        makes it take longer."""
+        batch of them, taken a slice at a time by the likelihood's arithmetic, in two halves at
+        once where batches split). A larger k only makes it take longer."""
         chunk = max(1, min(self.score_rows, n * k))
         chunks = min(self.score_in_flight, -(-n * k // chunk)) + 1
         drawn = self.image if self.posterior else 0  # a hierarchical model's draws carry their images
@@ -130,7 +131,7 @@ class Costs:
             n * 3 * self.image
             + chunks * chunk * (5 * self.latent + drawn)
             + reduced * self.params
-            + self.likelihood.at(min(reduced, self.likelihood_rows))
+            + 2 * self.likelihood.at(min(reduced, self.likelihood_rows))
         )
 
     def batch_limit(self, share: float) -> int:

@@ -387,7 +387,7 @@ async def encode(
     """mu and sigma (not the log-variance) per image (or file); with `draw`, z from q(z|x) under a seed."""
     n = request_rows(engine, x, files)
     s = seed(seed_value) if draw else 0
-    async with engine.admit("encode", engine.costs.encode(n), f"Encode of {n} images", deadline):
+    async with engine.admit("encode", engine.costs.encode(n, draw), f"Encode of {n} images", deadline):
         images = await request_images(engine, x, files)
         mu, logvar = await engine.encode(images, deadline)
         sigma = np.exp(0.5 * logvar)

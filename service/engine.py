@@ -346,7 +346,7 @@ class Engine:
         async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
             z = mu[image] + eps * sigma[image]
             rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
-            decoded = self.decoder.submit(rows, deadline, background=True, reduce=sums.reducer(image))
+            decoded = self.decoder.submit(rows, deadline, background=True, reduce=sums.reducer(image, split=self.runtime.decoder.in_halves))
             if not self.priors:
                 (log_px,), log_pz = await decoded, None
             else:

@@ -31,7 +31,7 @@ class HierarchicalEngine(Engine):
 
         async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
             log_px, log_ratio = await self.family["posterior"].submit(
-                self._rows(x[image], eps), deadline, background=True, reduce=sums.reducer(image, keep=1)
+                self._rows(x[image], eps), deadline, background=True, reduce=sums.reducer(image, keep=1, split=self.runtime.family["posterior"].in_halves)
             )
             return start, log_px, log_ratio.astype(np.float64)
 

@@ -203,25 +203,34 @@ class Graph:
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """The graph's outputs for a batch; from split_rows rows on, computed in two halves at
         once when a helper thread is idle (the same bytes either way)."""
-        if self.helpers is None or len(batch) < self.split_rows or not self.helpers[1].acquire(blocking=False):
+        if len(batch) < self.split_rows:
             return self._run(batch)
+        return self.in_halves(lambda start, stop: self._run(batch[start:stop]), len(batch))
+
+    def in_halves(self, fn: Callable[[int, int], list[np.ndarray]], rows: int) -> list[np.ndarray]:
+        """fn(start, stop) over rows 0..rows, in two halves at once when this graph's batches split
+        and a helper thread is idle, else whole: for work done row by row, whose rows do not depend
+        on their neighbours (a batch; Score's log p(x|z) of a batch's rows, which would otherwise
+        keep one core idle after the batch's split halves)."""
+        if self.helpers is None or rows < 2 or not self.helpers[1].acquire(blocking=False):
+            return fn(0, rows)
         pool, idle = self.helpers
-        half = len(batch) // 2
+        half = rows // 2
         try:
-            second = pool.submit(self._run, batch[half:])
+            second = pool.submit(fn, half, rows)
         except BaseException:
             idle.release()
             raise
         second.add_done_callback(lambda _: idle.release())
-        first = self._run(batch[:half])
+        first = fn(0, half)
         return [np.concatenate(pair) for pair in zip(first, second.result())]
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         outputs = self.session.run(self.output_names, {self.input_name: batch})
         if self.arena:
-            # Outputs come back as views of the arena's blocks: a caller that keeps them (Score's
-            # chunks, a batch's images being read) keeps those blocks, and the arena grows past
-            # them for good. Copied out, the blocks are free for the next batch at once.
+            # Outputs come back as views of the arena's blocks: a caller that keeps them (a batch's
+            # images being read) keeps those blocks, and the arena grows past them for good.
+            # Copied out, the blocks are free for the next batch at once.
             return [np.array(output) for output in outputs]
         return outputs
 
@@ -256,11 +265,12 @@ class Runtime:
         return [outputs[0], image(outputs[0])]
 
     def cap_batches(self, rows: int) -> None:
-        """Batches are capped at `rows`: where that is below the split size, a full batch splits,
-        so a capped batch still takes the core the intra-op pool leaves free."""
+        """Batches are capped at `rows`: where that is below twice the split size, a batch of half
+        the cap splits, so capped batches still take the core the intra-op pool leaves free, also
+        when they go short (a share of a batch while interactive calls are about)."""
         for graph in (self.encoder, self.decoder, *self.priors.values(), *self.family.values()):
             if graph.split_rows:
-                graph.split_rows = max(2, min(graph.split_rows, rows))
+                graph.split_rows = max(2, min(graph.split_rows, rows // 2))
 
 
 def load_runtime(spec: ModelSpec, options: RuntimeOptions) -> Runtime:

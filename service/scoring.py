@@ -17,6 +17,7 @@ Per image, in nats, with log w_j = log p(x|z_j) + log p(z_j) - log q(z_j|x):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from service.likelihood import LOG_2PI, Likelihood
 SCORE_CHUNK_VALUES = 1 << 20  # float64 values per slice of the likelihood's arithmetic (8 MiB)
 CHUNK_BYTES = 16 << 20  # decoder outputs (float32) per chunk of rows submitted at once
 IN_FLIGHT = 2  # chunks queued at once: the next decodes while one is summed
+
+
+# Runs fn(start, stop) over rows 0..n, perhaps in two halves at once (`Graph.in_halves`).
+Split = Callable[[Callable[[int, int], list[np.ndarray]], int], list[np.ndarray]]
 
 
 def chunk_rows(values_per_row: int, total: int, queue_rows: int) -> int:
@@ -63,16 +68,20 @@ class ScoreSums:
         self.w_sum[ids] = self.w_sum[ids] * np.exp(self.w_max[ids] - top) + np.add.reduceat(exps, starts)
         self.w_max[ids] = top
 
-    def reducer(self, image: np.ndarray, keep: int = 0) -> Reduce:
+    def reducer(self, image: np.ndarray, keep: int = 0, split: Split | None = None) -> Reduce:
         """What a chunk of draws keeps of its graph's outputs (`Batcher.submit`'s reduce): log p(x|z)
         per row [r] float64 in place of the likelihood's parameters (the first output), and the
         `keep` outputs after them, for a chunk whose rows are of these images. It runs on the
         inference worker with the batch, so Score's arithmetic is shared with the other calls as
-        its rows are."""
+        its rows are; `split` (the graph's `in_halves`) runs it in two halves at once where the
+        graph's batches do."""
 
         def reduce(first: int, outputs: list[np.ndarray]) -> list[np.ndarray]:
             params, *rest = outputs
-            return [self.log_px_of(image[first : first + len(params)], params), *rest[:keep]]
+            rows = image[first : first + len(params)]
+            part = lambda start, stop: [self.log_px_of(rows[start:stop], params[start:stop])]  # noqa: E731
+            (log_px,) = split(part, len(params)) if split is not None else part(0, len(params))
+            return [log_px, *rest[:keep]]
 
         return reduce
 

@@ -965,7 +965,7 @@ def test_background_requests_take_their_share_while_interactive_ones_are_about_a
     """Score's chunks are background: four Sample batches and two chunks of draws waiting share a
     64-row batch 48 to 16, not 43 to 21 as six equal requests would. Beside small interactive calls
     they take their share too, and the batch goes short: an interactive call arriving then waits
-    behind 16 rows of bulk work, not 52. Alone they take the whole batch, unless a batch answered
+    behind 16 rows of bulk work, not 52, and fewer rows where their reduce makes each cost more. Alone they take the whole batch, unless a batch answered
     an interactive call within a full batch's time (its caller is likely on the way back)."""
     policy = BatchPolicy(max_rows=64, max_share_rows=64)
     samples = [Entry(64, enqueued=0.1 * i) for i in range(4)]
@@ -977,6 +977,9 @@ def test_background_requests_take_their_share_while_interactive_ones_are_about_a
     assert [k for _, k in beside.slices] == [4, 4, 4, 16] and beside.merged
     within = policy.take(queue_of([Entry(10, background=True)]), 1.0)
     assert [k for _, k in within.slices] == [10]  # less than its share: all of it
+    costly = queue_of([*small, Entry(100, enqueued=0.5, background=True)])
+    costly.bulk_cost = 2.0  # its reduce doubles a row's time: 9 rows of 2 beside 55 of 1 are a quarter of the time
+    assert [k for _, k in policy.take(costly, 1.0).slices] == [4, 4, 4, 9]
 
     def alone(interactive_at: float) -> list[int]:
         queue = queue_of([Entry(50, background=True), Entry(50, enqueued=0.1, background=True)], seconds_per_row=0.001)
