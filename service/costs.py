@@ -121,8 +121,8 @@ class Costs:
         """n images in (and as float64 in the running sums); the chunks of the n x k draws in flight,
         and one more just answered: their noise and latents (float64) and log p(x|z); its rows of
         the batch being reduced to log p(x|z) on the worker (the decoder's outputs, at most a
-        batch of them, taken a slice at a time by the likelihood's arithmetic, in two halves at
-        once where batches split). A larger k only makes it take longer."""
+        batch of them, taken a slice at a time by the likelihood's arithmetic, or two half slices
+        at once where batches split). A larger k only makes it take longer."""
         chunk = max(1, min(self.score_rows, n * k))
         chunks = min(self.score_in_flight, -(-n * k // chunk)) + 1
         drawn = self.image if self.posterior else 0  # a hierarchical model's draws carry their images
@@ -131,7 +131,7 @@ class Costs:
             n * 3 * self.image
             + chunks * chunk * (5 * self.latent + drawn)
             + reduced * self.params
-            + 2 * self.likelihood.at(min(reduced, self.likelihood_rows))
+            + self.likelihood.at(min(reduced, self.likelihood_rows))
         )
 
     def batch_limit(self, share: float) -> int:

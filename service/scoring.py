@@ -79,16 +79,18 @@ class ScoreSums:
         def reduce(first: int, outputs: list[np.ndarray]) -> list[np.ndarray]:
             params, *rest = outputs
             rows = image[first : first + len(params)]
-            part = lambda start, stop: [self.log_px_of(rows[start:stop], params[start:stop])]  # noqa: E731
+            # Two halves at once take half a slice each: the arithmetic's memory is one slice's either way.
+            values = SCORE_CHUNK_VALUES // (2 if split is not None else 1)
+            part = lambda start, stop: [self.log_px_of(rows[start:stop], params[start:stop], values)]  # noqa: E731
             (log_px,) = split(part, len(params)) if split is not None else part(0, len(params))
             return [log_px, *rest[:keep]]
 
         return reduce
 
-    def log_px_of(self, image: np.ndarray, params: np.ndarray) -> np.ndarray:
+    def log_px_of(self, image: np.ndarray, params: np.ndarray, values: int = SCORE_CHUNK_VALUES) -> np.ndarray:
         """log p(x|z) per row in float64 for the decoder's `params` [r, P, H, W] of these images, a
-        slice of rows at a time, so the temporaries stay near SCORE_CHUNK_VALUES whatever the chunk."""
-        step = max(1, SCORE_CHUNK_VALUES // max(1, math.prod(params.shape[1:])))
+        slice of rows at a time, so the temporaries stay near `values` whatever the chunk."""
+        step = max(1, values // max(1, math.prod(params.shape[1:])))
         return np.concatenate([
             self.likelihood.log_prob(self.x[image[j : j + step]], params[j : j + step])
             for j in range(0, len(params), step)
