@@ -103,22 +103,26 @@ class Costs:
     def sample(self, n: int) -> int:
         return self.decode(n)
 
+    def received(self, n: int) -> int:
+        """n images sent in a request: the message's bytes as gRPC receives them and as the parsed
+        message holds them, the array, and its float32 copy."""
+        return 4 * n * self.image
+
     def encode(self, n: int, draw: bool = False) -> int:
-        """n images in (the message's bytes, the array, its float32 copy), mu, sigma and, with
-        `draw`, a draw out (a hierarchical model's draw: its images and noise in, the posterior
-        graph's outputs)."""
+        """n images in, mu, sigma and, with `draw`, a draw out (a hierarchical model's draw: its
+        images and noise in, the posterior graph's outputs)."""
         drawn = n * (2 * self.image + self.params + 2 * self.latent) if draw and self.posterior else 0
-        return n * (3 * self.image + 6 * self.latent) + drawn
+        return self.received(n) + 6 * n * self.latent + drawn
 
     def reconstruct(self, n: int) -> int:
         """n images in; the encoder, then the decoder."""
-        return 3 * n * self.image + self.decode(n)
+        return self.received(n) + self.decode(n)
 
     def interpolate(self, steps: int) -> int:
         return self.decode(steps)
 
     def score(self, n: int, k: int) -> int:
-        """n images in (and as float64 in the running sums); the chunks of the n x k draws in flight,
+        """n images in, and as float64 in the running sums; the chunks of the n x k draws in flight,
         and one more just answered: their noise and latents (float64) and log p(x|z); its rows of
         the batch being reduced to log p(x|z) on the worker (the decoder's outputs, at most a
         batch of them, taken a slice at a time by the likelihood's arithmetic, or two half slices
@@ -128,7 +132,8 @@ class Costs:
         drawn = self.image if self.posterior else 0  # a hierarchical model's draws carry their images
         reduced = min(self.score_in_flight * chunk, self.batch_rows)
         return (
-            n * 3 * self.image
+            self.received(n)
+            + 2 * n * self.image
             + chunks * chunk * (5 * self.latent + drawn)
             + reduced * self.params
             + self.likelihood.at(min(reduced, self.likelihood_rows))
