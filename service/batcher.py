@@ -274,7 +274,7 @@ class BatchPolicy:
         neither side starves; each class is shared max-min fairly within, and every request takes
         at least a row."""
         back = [i for i, entry in enumerate(live) if entry.background]
-        if not back or bulk is None and len(back) == len(live):
+        if not back or (bulk is None and len(back) == len(live)):
             return wanted if sum(wanted) <= self.max_rows else self.shares(wanted, company)
         front = [i for i, entry in enumerate(live) if not entry.background]
         bulk = self.max_rows if bulk is None else bulk

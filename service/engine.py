@@ -179,11 +179,6 @@ class Engine:
         than once per request on the event loop)."""
         return self.runtime.decode(z, self._batch_image)
 
-    async def decoder_params(self, z: np.ndarray, deadline: float | None = None, background: bool = False) -> np.ndarray:
-        """The decoder graph's output as exported: the likelihood's parameters, not images."""
-        params, *_ = await self.decoder.submit(z, deadline, background)
-        return params
-
     async def decoder_outputs(self, z: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
         """The decoder graph's outputs as exported: the likelihood's parameters, and their images
         where the graph gives them."""
@@ -346,7 +341,8 @@ class Engine:
         async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
             z = mu[image] + eps * sigma[image]
             rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
-            decoded = self.decoder.submit(rows, deadline, background=True, reduce=sums.reducer(image, split=self.runtime.decoder.in_halves))
+            reduce = sums.reducer(image, split=self.runtime.decoder.in_halves)
+            decoded = self.decoder.submit(rows, deadline, background=True, reduce=reduce)
             if not self.priors:
                 (log_px,), log_pz = await decoded, None
             else:

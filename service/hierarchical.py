@@ -30,8 +30,9 @@ class HierarchicalEngine(Engine):
         sums = ScoreSums(x.astype(np.float64), k, self.spec.distribution)
 
         async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+            reduce = sums.reducer(image, keep=1, split=self.runtime.family["posterior"].in_halves)
             log_px, log_ratio = await self.family["posterior"].submit(
-                self._rows(x[image], eps), deadline, background=True, reduce=sums.reducer(image, keep=1, split=self.runtime.family["posterior"].in_halves)
+                self._rows(x[image], eps), deadline, background=True, reduce=reduce
             )
             return start, log_px, log_ratio.astype(np.float64)
 
