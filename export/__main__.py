@@ -14,7 +14,7 @@ from pathlib import Path
 from export.repository import publish
 from export.verify import ParityError
 from service import commands
-from service.commands import Parser, writable_folder
+from service.commands import Parser, UsageError, writable_folder
 from training.checkpoint import load_model
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
     started = time.perf_counter()
     model, cfg, _ = load_model(args.checkpoint)  # CheckpointError, one line, for a file that is none
+    if model.conditional:
+        raise UsageError(f"{args.checkpoint} is a conditional model (--conditional): its graphs, which take the class, "
+                         "are not exported yet; evaluate it with python -m training.evaluate")  # fmt: skip
     writable_folder(args.out, "--out")
     metrics_file = args.checkpoint.parent / "metrics.json"
     run = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}

@@ -83,10 +83,12 @@ class Identity(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
 
-    def encode(self, x):
+    conditional = False
+
+    def encode(self, x, y=None):
         return x, None
 
-    def decode(self, z):
+    def decode(self, z, y=None):
         return z
 
     def mean_image(self, params):

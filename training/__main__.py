@@ -48,6 +48,13 @@ def build_parser() -> Parser:
                        help="p(z): N(0, I), or a learned RealNVP flow of N(0, I)")  # fmt: skip
     model.add_argument("--flow-layers", type=int, default=m.flow_layers, help="coupling layers of the flow prior")
     model.add_argument("--flow-hidden", type=int, default=m.flow_hidden, help="hidden units per coupling network")
+    model.add_argument("--conditional", action="store_true",
+                       help="condition the model on the data's classes (class sub-folders, digits, MNIST): generate a "
+                            "class asked for")  # fmt: skip
+    model.add_argument("--class-dim", type=int, default=m.class_dim, help="--conditional: the class embedding's size")
+    model.add_argument("--class-balance", type=float, default=d.class_balance,
+                       help="draw training images of class c with weight n_c^-B: 0 as in the data, 1 every class "
+                            "alike (default: 0.5 with --conditional, else 0)")  # fmt: skip
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs)
     opt.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -88,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
     model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "mixtures", "kind", "prior",
-                  "flow_layers", "flow_hidden", "groups", "z_channels", "width"}  # fmt: skip
+                  "flow_layers", "flow_hidden", "groups", "z_channels", "width", "class_dim"}  # fmt: skip
     try:
         model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
         cfg = TrainConfig(model=model_cfg, **data_options(args), **args)
@@ -141,9 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     if test["nll"] is None:
         scores = f"reconstruction {test['reconstruction']:.2f} nats (an autoencoder: no ELBO, no NLL)"
     else:
-        scores = f"-ELBO {-test['elbo']:.2f} nats, NLL (IWAE k={test['iwae_k']}) {test['nll']:.2f} nats"
+        given, over = (" given the class", " over the classes") if "conditional" in test else ("", "")
+        scores = f"-ELBO{given} {-test['elbo']:.2f} nats, NLL{over} (IWAE k={test['iwae_k']}) {test['nll']:.2f} nats"
     figures = len(metrics["figures"])
     print(f"test on {test['images']} images: {scores}; wrote {out}/best.pt, metrics.json and {figures} figures")
+    if "conditional" in test:
+        from training.evaluate import conditional_line
+
+        print(conditional_line(test))
     if "quality" in test:
         from training.evaluate import quality_lines
 

@@ -27,10 +27,13 @@ class Board:
         """Events go to `out`; the run starts (or resumes) at `first_epoch` (0-based)."""
         self.writer = SummaryWriter(log_dir=str(out), purge_step=first_epoch + 1 if first_epoch else None)
 
-    def epoch(self, record: dict[str, Any], model: Model, lr: float, grad_norm: float, shown: torch.Tensor) -> None:
+    def epoch(
+        self, record: dict[str, Any], model: Model, lr: float, grad_norm: float, shown: torch.Tensor,
+        shown_classes: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         """One epoch's record (as metrics.json's history holds it) and pictures of `model` (the
         weights validated), at step = the epoch's number; `shown` are the validation images whose
-        reconstructions are drawn."""
+        reconstructions are drawn (given their classes, for a conditional model)."""
         step, writer = record["epoch"], self.writer
         for split in ("train", "val"):
             for key, value in record[split].items():
@@ -47,7 +50,7 @@ class Board:
         writer.add_scalar("optimisation/images_per_second", record["images_per_second"], step)
         with torch.no_grad():
             samples = model.sample(36, generator=torch.Generator().manual_seed(SAMPLE_SEED))
-            recon = model.mean_image(model.decode(model.encode(shown)[0]))
+            recon = model.mean_image(model.decode(model.encode(shown, shown_classes)[0], shown_classes))
         writer.add_image("samples", _pixels(samples, 6), step, dataformats="HWC")
         pairs = torch.stack([shown, recon], dim=1).reshape(-1, *shown.shape[1:])
         writer.add_image("reconstructions", _pixels(pairs, 8), step, dataformats="HWC")

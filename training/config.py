@@ -35,6 +35,10 @@ class ModelConfig:
     groups: str = "8:2,4:2,2:1"
     z_channels: int = 8  # hvae: latent channels per group
     width: int = 64  # hvae: channels of the encoder's and the top-down path's state
+    # A conditional model's classes (`--conditional`: set from the data): the class conditions the
+    # prior, the decoder and the posterior (Sohn et al. 2015). 0: unconditional.
+    classes: int = 0
+    class_dim: int = 16  # the class embedding's size
 
     @property
     def group_factors(self) -> list[tuple[int, int]]:
@@ -76,6 +80,10 @@ class ModelConfig:
                 raise ValueError(f"--groups {self.groups!r}: each factor once, factors and counts >= 1")
             if self.z_channels < 1 or self.width < 8 or self.prior != "standard":
                 raise ValueError("a hierarchical VAE needs --z-channels >= 1, --width >= 8 and its own prior (no --prior flow)")
+        if self.classes and (self.classes < 2 or self.class_dim < 1):
+            raise ValueError(f"a conditional model needs at least 2 classes and --class-dim >= 1, got {self.classes} and {self.class_dim}")
+        if self.classes and (self.kind == "ae" or self.prior != "standard"):
+            raise ValueError("--conditional conditions a VAE's N(0, I) prior on the class: --model vae or hvae, no --prior flow")
         if self.kind == "ae" and self.prior != "standard":
             raise ValueError("an autoencoder has no prior to learn: --prior flow needs --model vae")
         if self.prior == "flow" and (self.latent_dim < 2 or self.flow_layers < 1 or self.flow_hidden < 1):
@@ -126,6 +134,11 @@ class TrainConfig:
     # VAE, off (0) otherwise.
     skip_factor: float | None = None
     tensorboard: bool = True  # TensorBoard event files in --out (training.board)
+    conditional: bool = False  # condition the model on the data's classes (ModelConfig.classes)
+    # How training batches draw classes: an image of class c is drawn with weight n_c^-balance, so
+    # class c gets a share of the batches proportional to n_c^(1 - balance) (0: as in the data, 1:
+    # every class alike). None: 0.5 for a conditional model, 0 otherwise.
+    class_balance: float | None = None
     classifier: str | None = None  # features.pt of training.features: sample-quality metrics at the end of a run
     quality_samples: int = 10_000  # samples scored for the Frechet distance and the class statistics
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +146,12 @@ class TrainConfig:
     @property
     def ema_decay(self) -> float:
         return self.ema if self.ema is not None else (0.999 if self.model.kind == "hvae" else 0.0)
+
+    @property
+    def balance(self) -> float:
+        if self.class_balance is not None:
+            return self.class_balance
+        return 0.5 if self.conditional else 0.0
 
     @property
     def skip_above(self) -> float:
@@ -145,6 +164,10 @@ class TrainConfig:
             raise ValueError(f"--ema {self.ema}: a decay in [0, 1) (0: no moving average)")
         if self.skip_factor is not None and self.skip_factor != 0 and self.skip_factor <= 1:
             raise ValueError(f"--skip-factor {self.skip_factor}: above 1 (0: no skipping)")
+        if self.conditional and (self.model.kind == "ae" or self.model.prior != "standard"):
+            raise ValueError("--conditional conditions a VAE's N(0, I) prior on the class: --model vae or hvae, no --prior flow")
+        if self.class_balance is not None and not 0.0 <= self.class_balance <= 1.0:
+            raise ValueError(f"--class-balance {self.class_balance}: a power in [0, 1] (0: classes as in the data, 1: alike)")
         if self.image_size is not None:
             self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         if self.dataset == "folder" and (not self.data_dir or self.image_size is None):

@@ -37,34 +37,40 @@ AE_NOTE = "a deterministic autoencoder defines no density: no ELBO, KL or NLL, o
 log = logging.getLogger(__name__)
 
 
-def prepare_eval_images(x: torch.Tensor, likelihood: Likelihood, n: int | None = None, seed: int = 0) -> torch.Tensor:
-    """What the model is scored on: `n` test images drawn with a fixed seed (all when n is None or
-    larger), binarized once with a fixed seed for Bernoulli models.
+def eval_rows(total: int, n: int | None = None, seed: int = 0) -> torch.Tensor | slice:
+    """Which of `total` test images are scored: `n` drawn with a fixed seed (all when n is None or
+    larger). A seeded draw rather than the first n: MNIST's test set is ordered, and its first half
+    is the easier one, so the first 1000 images would flatter every model."""
+    if n is not None and n < total:
+        return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return slice(None)
 
-    A seeded draw rather than the first n: MNIST's test set is ordered, and its first half is the
-    easier one, so the first 1000 images would flatter every model.
-    """
-    if n is not None and n < len(x):
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
-    x = to_unit(x)
+
+def prepare_eval_images(x: torch.Tensor, likelihood: Likelihood, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """What the model is scored on: the `eval_rows` of x, binarized once with a fixed seed for
+    Bernoulli models (their labels: the same rows of the split's labels)."""
+    x = to_unit(x[eval_rows(len(x), n, seed)])
     return likelihood.scored_data(x, seed)
 
 
 @torch.no_grad()
 def elbo_terms(
-    model: Model, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist = Dist()
-) -> dict[str, torch.Tensor]:
+    model: Model, x: torch.Tensor, batch_size: int = 500, eps: torch.Tensor | None = None, dist: Dist = Dist(),
+    y: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per-example reconstruction NLL, KL and ELBO (one z sample each), plus the posterior means.
 
     KL is closed form under N(0, I), the one-sample estimate log q(z|x) - log p(z) under the flow
     prior. An autoencoder gets only "recon" (decoded from its code) and "mu". `eps` is the noise
-    [N, D] (drawn batch by batch when None). Under torchrun (`dist`) each rank scores its share of
-    x with its rows of the noise one process would draw, and every rank gets every row."""
+    [N, D] (drawn batch by batch when None); `y` the images' classes, for a conditional model (its
+    ELBO bounds log p(x|y)). Under torchrun (`dist`) each rank scores its share of x with its rows
+    of the noise one process would draw, and every rank gets every row."""
     if dist.active:
-        return _shared_elbo_terms(model, x, batch_size, dist)
+        return _shared_elbo_terms(model, x, batch_size, dist, y)
     recon, kl, mus = [], [], []
     for i, xb in enumerate(x.split(batch_size)):
-        terms = model(xb, None if eps is None else eps[i * batch_size : i * batch_size + len(xb)])
+        rows = slice(i * batch_size, i * batch_size + len(xb))
+        terms = model(xb, None if eps is None else eps[rows], None if y is None else y[rows])
         recon.append(-model.likelihood.log_prob(xb, terms.params))
         if terms.kl is not None:
             kl.append(model.group_kl(terms.kl))
@@ -77,12 +83,14 @@ def elbo_terms(
     return {"recon": r, "kl": k, "elbo": -(r + k), "mu": torch.cat(mus), "kl_groups": groups}
 
 
-def _shared_elbo_terms(model: Model, x: torch.Tensor, batch_size: int, dist: Dist) -> dict[str, torch.Tensor]:
+def _shared_elbo_terms(
+    model: Model, x: torch.Tensor, batch_size: int, dist: Dist, y: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     eps = None
     if model.variational:  # the draws one process makes, batch by batch, in its order
         eps = torch.cat([torch.randn(len(xb), model.noise_size, device=x.device) for xb in x.split(batch_size)])
     rows = dist.share(len(x))
-    local = elbo_terms(model, x[rows], batch_size, None if eps is None else eps[rows])
+    local = elbo_terms(model, x[rows], batch_size, None if eps is None else eps[rows], y=None if y is None else y[rows])
     return {key: gather_rows(dist, value, rows, len(x)) for key, value in local.items()}
 
 
@@ -101,14 +109,18 @@ def codec_bits_per_dim(x: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reconstruction_psnr(model: Model, x: torch.Tensor, batch_size: int = 500, dist: Dist = Dist()) -> float:
-    """PSNR in dB of the reconstructions (the mean image decoded from mu) against x in [0, 1]: a
-    figure for any likelihood, and the one to read when there are no classes to judge samples by."""
+def reconstruction_psnr(
+    model: Model, x: torch.Tensor, batch_size: int = 500, dist: Dist = Dist(), y: torch.Tensor | None = None
+) -> float:
+    """PSNR in dB of the reconstructions (the mean image decoded from mu, given the class y for a
+    conditional model) against x in [0, 1]: a figure for any likelihood, and the one to read when
+    there are no classes to judge samples by."""
     rows = dist.share(len(x))
+    ys = [None] * len(x) if y is None else y[rows].split(batch_size)
     errors = []
-    for xb in x[rows].split(batch_size):
-        mu, _ = model.encode(xb)
-        errors.append((model.mean_image(model.decode(mu)) - xb).pow(2).flatten(1).mean(dim=1))
+    for xb, yb in zip(x[rows].split(batch_size), ys):
+        mu, _ = model.encode(xb, yb)
+        errors.append((model.mean_image(model.decode(mu, yb)) - xb).pow(2).flatten(1).mean(dim=1))
     per_image = torch.cat(errors) if errors else x.new_zeros(0)
     per_image = gather_rows(dist, per_image, rows, len(x))
     mse = per_image.mean().clamp_min(1e-12).item()
@@ -132,10 +144,12 @@ def group_figures(model: Model, terms: dict[str, torch.Tensor]) -> list[dict[str
 
 @torch.no_grad()
 def iwae_nll(
-    model: Model, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist = Dist()
-) -> torch.Tensor:
+    model: Model, x: torch.Tensor, k: int, seed: int = 0, batch_size: int = 10, dist: Dist = Dist(),
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """-log p(x) estimated with the k-sample IWAE bound, per image: [N] (an upper bound on the NLL),
-    with the model's own prior density (N(0, I) or the flow).
+    with the model's own prior density (N(0, I) or the flow); -log p(x|y) for a conditional model
+    given the classes y.
 
     Under torchrun (`dist`) each rank scores a contiguous share of the batches, first drawing and
     dropping the noise of the batches before its own (`skip_iwae_noise`), so every image gets the
@@ -144,23 +158,69 @@ def iwae_nll(
         raise ValueError(AE_NOTE)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     batches = x.split(batch_size)
+    classes = [None] * len(batches) if y is None else y.split(batch_size)
     mine = dist.share(len(batches))
     out = []
-    for i, xb in enumerate(batches[: mine.stop]):
+    for i, (xb, yb) in enumerate(zip(batches[: mine.stop], classes)):
         if i < mine.start:
             skip_iwae_noise(len(xb), model.noise_size, k, generator=gen, device=x.device)
             continue
-        out.append(-iwae_bound(model.log_weights(xb), len(xb), model.noise_size, k, generator=gen, device=x.device))
+        out.append(-iwae_bound(model.log_weights(xb, yb), len(xb), model.noise_size, k, generator=gen, device=x.device))
     nll = torch.cat(out) if out else x.new_zeros(0)
     return gather_rows(dist, nll, slice(mine.start * batch_size, min(mine.stop * batch_size, len(x))), len(x))
 
 
-def evaluate(model: Model, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Dist()) -> dict[str, Any]:
+def class_log_likelihoods(model: Model, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Dist()) -> torch.Tensor:
+    """log p(x|y) of a conditional model for every class y, IWAE with k samples: [N, classes]. Every
+    class draws the same noise, so the differences between classes are the model's, not the draw's;
+    it costs classes x k decoder rows per image."""
+    return torch.stack([
+        -iwae_nll(model, x, k, seed, dist=dist, y=torch.full((len(x),), c, dtype=torch.long, device=x.device))
+        for c in range(model.cfg.classes)
+    ], dim=1)  # fmt: skip
+
+
+def bayes_figures(model: Model, log_px_y: torch.Tensor, y: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The marginal log p(x) = logsumexp_y [log p(x|y) + log p(y)] [N], and what Bayes' rule makes
+    of the per-class likelihoods [N, C] for images of labels y: log p(x|y) at the true class, the
+    accuracy of argmax_y p(y|x), and both per class."""
+    c, h, w = model.cfg.image_shape
+    spec, dims = model.likelihood.spec, c * h * w
+    joint = log_px_y + model.cond.log_prior.to(log_px_y.device)
+    log_px = torch.logsumexp(joint, dim=1)
+    y = y.to(log_px_y.device)
+    given = -log_px_y.gather(1, y[:, None]).squeeze(1)
+    right = joint.argmax(dim=1) == y
+    per_class = [
+        {"class": name, "images": int((y == i).sum()),
+         "nll_given_class": given[y == i].mean().item() if (y == i).any() else None,
+         "bayes_recall": right[y == i].double().mean().item() if (y == i).any() else None}
+        for i, name in enumerate(names)
+    ]  # fmt: skip
+    return log_px, {
+        "nll_given_class": given.mean().item(),
+        "nll_given_class_bits_per_dim": float(spec.bits_per_dim(given.mean().item(), dims)),
+        "bayes_accuracy": right.double().mean().item(),
+        "per_class": per_class,
+    }
+
+
+def evaluate(
+    model: Model, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = Dist(), y: torch.Tensor | None = None,
+    classes: list[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Means over the images x (already prepared with `prepare_eval_images`), in nats; under
-    torchrun (`dist`) the images split over the ranks, every rank getting the same figures."""
+    torchrun (`dist`) the images split over the ranks, every rank getting the same figures.
+
+    A conditional model needs the images' labels y (and the class names): its NLL is the marginal
+    -log p(x) over every class, beside -log p(x|y) and Bayes' rule's classification
+    (`bayes_figures`); its ELBO, KL and reconstructions are given the true class."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    terms = elbo_terms(model, x, dist=dist)
+    if model.conditional and y is None:
+        raise ValueError("a conditional model is evaluated with its test images' labels")
+    y = y if model.conditional else None
+    terms = elbo_terms(model, x, dist=dist, y=y)
     c, h, w = model.cfg.image_shape
     if not model.variational:
         return {
@@ -175,7 +235,12 @@ def evaluate(model: Model, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = 
             "active_units": active_units(terms["mu"]),
             "seconds": round(time.perf_counter() - started, 2),
         }
-    nll = iwae_nll(model, x, k, seed, dist=dist)
+    conditional: dict[str, Any] = {}
+    if y is not None:
+        log_px, figures = bayes_figures(model, class_log_likelihoods(model, x, k, seed, dist), y, classes or [])
+        nll, conditional = -log_px, {"conditional": figures}
+    else:
+        nll = iwae_nll(model, x, k, seed, dist=dist)
     dims, spec = c * h * w, model.likelihood.spec
     return {
         "images": len(x),
@@ -188,8 +253,9 @@ def evaluate(model: Model, x: torch.Tensor, k: int, seed: int = 0, dist: Dist = 
         "elbo_bits_per_dim": float(spec.bits_per_dim(-terms["elbo"].mean().item(), dims)),
         "bits_per_dim_note": spec.bits_note,
         "groups": group_figures(model, terms),
-        "psnr_db": reconstruction_psnr(model, x, dist=dist),
+        "psnr_db": reconstruction_psnr(model, x, dist=dist, y=y),
         "active_units": active_units(terms["mu"]),
+        **conditional,
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -206,7 +272,7 @@ def evaluate_quality(
     test = data.test.unit()
     inputs = prepare_eval_images(test, model.likelihood)
     labels, train = data.test.labels, data.train.images
-    result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed)
+    result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed, names=data.classes)
     return {"classifier": str(classifier), **result, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -224,12 +290,21 @@ def evaluate_checkpoint(
         check_classifier(classifier, flag, cfg.model.image_shape)
     data = load_data(cfg)
     x = prepare_eval_images(data.test.unit(), model.likelihood, images)
-    result = evaluate(model, x, k)
+    result = evaluate(model, x, k, y=data.test.labels[eval_rows(len(data.test), images)], classes=data.classes)
     if cfg.dataset == "folder":
         result["codecs"] = codec_bits_per_dim(x)
     if classifier and data.classes:
         result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples)
     return result
+
+
+def conditional_line(test: dict[str, Any]) -> str:
+    """A conditional model's test figures beside its marginal NLL: log p(x|y) and Bayes' rule."""
+    c = test["conditional"]
+    return (
+        f"given the class: -log p(x|y) {c['nll_given_class']:.2f} nats = {c['nll_given_class_bits_per_dim']:.3f} bits/dim; "
+        f"classified by Bayes' rule (k={test['iwae_k']}): accuracy {c['bayes_accuracy']:.3f}"
+    )
 
 
 def quality_lines(quality: dict[str, Any]) -> list[str]:
@@ -250,6 +325,12 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
                 f"{what}: n {s['n']}, FD {s['fd']:.2f}, mean top-class probability {s['mean_top_probability']:.3f}, "
                 f"class entropy {s['class_entropy_nats']:.3f} nats (max {s['class_entropy_max_nats']:.3f})"
             )
+    if "by_class" in quality:
+        c = quality["by_class"]
+        lines.append(
+            f"samples of a class asked for: {c['mean_share']:.3f} labelled as it (weighted by p(y)), "
+            f"{c['mean_ratio']:.3f} of the classifier's recall on real images of the class"
+        )
     return lines
 
 
@@ -276,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     text = json.dumps(result, indent=2)
     print(text)
+    if "conditional" in result:
+        log.info("%s", conditional_line(result))
     if "quality" in result:
         for line in quality_lines(result["quality"]):
             log.info("%s", line)

@@ -1,6 +1,9 @@
 """The pictures a person looks at to judge a VAE: samples, reconstructions, interpolations,
 latent traversals and the loss curves, written as PNG files. An autoencoder gets the same, its
-samples.png decoded from z ~ N(0, I), plus samples_fitted.png from the Gaussian fitted to its codes."""
+samples.png decoded from z ~ N(0, I), plus samples_fitted.png from the Gaussian fitted to its codes.
+A conditional model's samples.png draws classes from p(y), samples_by_class.png has a row per class,
+and its reconstructions and paths are given their images' classes (a path between two classes walks
+their class weights too)."""
 
 from __future__ import annotations
 
@@ -46,7 +49,11 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str, Any]], out: Path, seed: int = 0) -> list[Path]:
+def write_figures(
+    model: VAE, test_images: torch.Tensor, history: list[dict[str, Any]], out: Path, seed: int = 0,
+    test_labels: torch.Tensor | None = None,
+) -> list[Path]:  # fmt: skip
+    """The figures of a run; `test_labels` the test images' classes, which a conditional model needs."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     paths = []
@@ -59,13 +66,22 @@ def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str,
     if model.cfg.kind == "ae":
         fitted = model.sample(64, generator=torch.Generator().manual_seed(seed), source="fitted")
         save(image_grid(fitted, cols=8), "samples_fitted.png")
+    y: torch.Tensor | None = None
+    if model.conditional:
+        if test_labels is None:
+            raise ValueError("a conditional model's figures need the test images' labels")
+        per_class = torch.arange(model.cfg.classes).repeat_interleave(8)
+        save(image_grid(model.sample(len(per_class), generator=torch.Generator().manual_seed(seed), y=per_class), cols=8),
+             "samples_by_class.png")  # fmt: skip
+        y = torch.nn.functional.one_hot(test_labels, model.cfg.classes).float()  # class weights: paths mix them
 
     # Up to two rows of 16 inputs, each above its reconstructions; fewer for a small test split.
     cols = min(16, len(test_images))
     rows = min(2, len(test_images) // cols)
     x = test_images[: rows * cols]
-    mu, _ = model.encode(x)
-    recon = model.mean_image(model.decode(mu))
+    y_x = None if y is None else y[: rows * cols]
+    mu, _ = model.encode(x, y_x)
+    recon = model.mean_image(model.decode(mu, y_x))
     pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), recon.view(rows, cols, *x.shape[1:])], dim=1)
     save(image_grid(pairs.reshape(-1, *x.shape[1:]), cols=cols), "reconstructions.png")
 
@@ -73,18 +89,23 @@ def write_figures(model: VAE, test_images: torch.Tensor, history: list[dict[str,
     n_paths = max(1, min(6, len(mu) // 2))  # pairs of test images; one image alone walks to z = 0
     a = mu[:n_paths]
     b = mu[n_paths : 2 * n_paths] if len(mu) >= 2 else torch.zeros_like(a)
+    y_path = None
+    if y_x is not None:  # the classes' weights walk from a's class to b's along the same steps
+        y_b = y_x[n_paths : 2 * n_paths] if len(mu) >= 2 else y_x[:n_paths]
+        y_path = lerp(y_x[:n_paths], y_b, steps).reshape(-1, y_x.shape[1])
     for name, path_fn in (("linear", lerp), ("slerp", slerp)):
         z = path_fn(a, b, steps).reshape(-1, mu.shape[1])
-        save(image_grid(model.mean_image(model.decode(z)), cols=len(steps)), f"interpolation_{name}.png")
+        save(image_grid(model.mean_image(model.decode(z, y_path)), cols=len(steps)), f"interpolation_{name}.png")
 
     # Traverse the 8 most used latent dimensions from -3 to 3, starting at one test image's encoding.
-    all_mu, _ = model.encode(test_images[:500])
+    all_mu, _ = model.encode(test_images[:500], None if y is None else y[:500])
     dims = all_mu.var(dim=0).argsort(descending=True)[:8]
     values = torch.linspace(-3, 3, 9, device=mu.device)
     z = mu[0].repeat(len(dims), len(values), 1)
     for row, d in enumerate(dims):
         z[row, :, d] = values
-    save(image_grid(model.mean_image(model.decode(z.view(-1, mu.shape[1]))), cols=len(values)), "traversals.png")
+    y_trav = None if y is None else y[:1].expand(len(dims) * len(values), -1)
+    save(image_grid(model.mean_image(model.decode(z.view(-1, mu.shape[1]), y_trav)), cols=len(values)), "traversals.png")
 
     save_loss_curves(history, out / "loss_curves.png")
     paths.append(out / "loss_curves.png")

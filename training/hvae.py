@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.conditioning import Classes, Conditioning
 from training.config import ModelConfig
 from training.likelihoods import for_model
 from training.model import Pass
@@ -139,6 +140,19 @@ class HVAE(nn.Module):
         self.groups = nn.ModuleList(Group(width, zc, len(self.sizes)) for _ in self.sizes)
         self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, self.likelihood.spec.param_channels, 3, padding=1))
         self.group_dims = [zc * gh * gw for gh, gw in self.sizes]
+        if cfg.classes:  # the class enters the top-down path at its start: every prior, posterior and the image see it
+            self.cond = Conditioning(cfg.classes, cfg.class_dim)
+            self.class_in = nn.Linear(cfg.class_dim, width)
+            nn.init.zeros_(self.class_in.weight)  # untrained, every class's prior is N(0, I), as without classes
+            nn.init.zeros_(self.class_in.bias)
+
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.classes > 0
+
+    def condition(self, y: Classes) -> torch.Tensor | None:
+        """The class embedding of y [N, E]; None for an unconditional model, which ignores y."""
+        return self.cond(y) if self.cfg.classes else None
 
     @property
     def latent_groups(self) -> list[list[int]]:
@@ -176,12 +190,16 @@ class HVAE(nn.Module):
         return acts
 
     def _top_down(
-        self, n: int, acts: dict[tuple[int, int], torch.Tensor] | None, noise: torch.Tensor | None, mode: str
-    ) -> tuple[torch.Tensor, list[Step]]:
+        self, n: int, acts: dict[tuple[int, int], torch.Tensor] | None, noise: torch.Tensor | None, mode: str,
+        e: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[Step]]:  # fmt: skip
         """The likelihood's parameters and each group's step. `noise` [n, noise_size] is split over
-        the groups coarse to fine (None in mode "mean"). `n` is a shape's size, not len(): under
-        torch.export len() is a constant and would fix the graphs' batch size."""
+        the groups coarse to fine (None in mode "mean"); `e` is a conditional model's class
+        embedding. `n` is a shape's size, not len(): under torch.export len() is a constant and
+        would fix the graphs' batch size."""
         h = self.start.expand(n, -1, -1, -1)
+        if e is not None:
+            h = h + self.class_in(e)[:, :, None, None]
         parts = noise.split(self.group_dims, dim=1) if noise is not None else [None] * len(self.groups)
         steps = []
         for group, size, part in zip(self.groups, self.sizes, parts):
@@ -193,49 +211,55 @@ class HVAE(nn.Module):
         h = F.interpolate(h, size=self.cfg.image_shape[1:], mode="nearest")
         return self.head(h), steps
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Pass:
-        """One pass with z drawn from q for the noise eps [N, noise_size] (drawn when None)."""
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, y: Classes = None) -> Pass:
+        """One pass with z drawn from q for the noise eps [N, noise_size] (drawn when None), given
+        the classes y for a conditional model."""
         if eps is None:
             eps = torch.randn(len(x), self.noise_size, device=x.device)
-        params, steps = self._top_down(x.shape[0], self._bottom_up(x), eps, "posterior")
+        params, steps = self._top_down(x.shape[0], self._bottom_up(x), eps, "posterior", self.condition(y))
         return Pass(params, torch.cat([s.u_mean().flatten(1) for s in steps], dim=1), torch.stack([s.kl() for s in steps], dim=1))
 
-    def log_weights(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """For images x [n, ...]: noise [n, m, noise_size] -> log p(x|z) + log p(z) - log q(z|x)
-        [n, m], each of the m draws a full top-down pass. The encoder runs once, here."""
-        acts = self._bottom_up(x)
+    def log_weights(self, x: torch.Tensor, y: Classes = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For images x [n, ...] (of classes y, for a conditional model): noise [n, m, noise_size]
+        -> log p(x|z) + log p(z) - log q(z|x) [n, m], each of the m draws a full top-down pass.
+        The encoder runs once, here."""
+        acts, e = self._bottom_up(x), self.condition(y)
 
         def weights(eps: torch.Tensor) -> torch.Tensor:
             n, m, d = eps.shape
             rows = {size: a.repeat_interleave(m, dim=0) for size, a in acts.items()}
-            params, log_ratio, _ = self._posterior(rows, eps.reshape(n * m, d))
+            es = None if e is None else e.repeat_interleave(m, dim=0)
+            params, log_ratio, _ = self._posterior(rows, eps.reshape(n * m, d), es)
             return (self.likelihood.log_prob(x.repeat_interleave(m, dim=0), params) + log_ratio).view(n, m)
 
         return weights
 
-    def posterior_draw(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def posterior_draw(
+        self, x: torch.Tensor, eps: torch.Tensor, y: Classes = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One draw from q(z|x) for the noise eps [N, noise_size]: the likelihood's parameters,
         log p(z) - log q(z|x) [N] and the draw as the latent u [N, noise_size] (what Score and a
         drawn Encode need; the posterior graph)."""
-        return self._posterior(self._bottom_up(x), eps)
+        return self._posterior(self._bottom_up(x), eps, self.condition(y))
 
     def _posterior(
-        self, acts: dict[tuple[int, int], torch.Tensor], eps: torch.Tensor
+        self, acts: dict[tuple[int, int], torch.Tensor], eps: torch.Tensor, e: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        params, steps = self._top_down(eps.shape[0], acts, eps, "posterior")
+        params, steps = self._top_down(eps.shape[0], acts, eps, "posterior", e)
         u = torch.cat([((s.z - s.p_mu) * torch.exp(-s.p_log_sigma)).flatten(1) for s in steps], dim=1)
         return params, sum(s.log_ratio() for s in steps), u
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, y: Classes = None) -> tuple[torch.Tensor, torch.Tensor]:
         """u at the posterior means [N, noise_size] and its log-variance given the groups above."""
-        _, steps = self._top_down(x.shape[0], self._bottom_up(x), None, "mean")
+        _, steps = self._top_down(x.shape[0], self._bottom_up(x), None, "mean", self.condition(y))
         mu = torch.cat([s.u_mean().flatten(1) for s in steps], dim=1)
         logvar = torch.cat([(2 * (s.q_log_sigma - s.p_log_sigma)).flatten(1) for s in steps], dim=1)
         return mu, logvar
 
-    def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """The likelihood's parameters for the standardized latents u [N, noise_size]."""
-        return self._top_down(u.shape[0], None, u, "prior")[0]
+    def decode(self, u: torch.Tensor, y: Classes = None) -> torch.Tensor:
+        """The likelihood's parameters for the standardized latents u [N, noise_size] (of classes y:
+        the same u decoded with another class is an edit)."""
+        return self._top_down(u.shape[0], None, u, "prior", self.condition(y))[0]
 
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
         return self.likelihood.image(params)
@@ -252,6 +276,11 @@ class HVAE(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
-    ) -> torch.Tensor:
-        return self.mean_image(self.decode(self.sample_z(n, temperature, generator, source)))
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior",
+        y: Classes = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Images of classes y, or of classes drawn from p(y) (first, with `generator`), for a
+        conditional model."""
+        if self.conditional and y is None:
+            y = self.cond.draw(n, generator)
+        return self.mean_image(self.decode(self.sample_z(n, temperature, generator, source), y))

@@ -20,6 +20,12 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
+def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor, p_mu: torch.Tensor, p_logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(p_mu, p_sigma^2)) for each latent dimension, closed form: [N, D] (a
+    conditional model's prior p(z|y))."""
+    return 0.5 * (p_logvar - logvar + (logvar.exp() + (mu - p_mu).pow(2)) / p_logvar.exp() - 1)
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """-0.5 * sum(1 + log sigma^2 - mu^2 - sigma^2) per example: [N]."""
     return kl_per_dim(mu, logvar).sum(dim=-1)

@@ -18,11 +18,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from training.conditioning import Classes, Conditioning
 from training.config import ModelConfig
 from training.flow import FlowPrior
 from training.likelihoods import for_model
-from training.losses import gaussian_log_prob, kl_per_dim, monte_carlo_kl, standard_normal_log_prob
-
+from training.losses import gaussian_kl_per_dim, gaussian_log_prob, kl_per_dim, monte_carlo_kl, standard_normal_log_prob
 
 class ResBlock(nn.Module):
     def __init__(self, channels: int) -> None:
@@ -58,12 +58,15 @@ class Encoder(nn.Module):
             in_ch = width
         fh, fw = stage_sizes(h, w, len(cfg.stage_widths))[-1]
         self.features = nn.Sequential(*layers, nn.Flatten())
-        self.hidden = nn.Sequential(nn.Linear(in_ch * fh * fw, cfg.hidden), nn.SiLU())
+        extra = cfg.class_dim if cfg.classes else 0  # q(z|x, y): the class embedding beside the features
+        self.hidden = nn.Sequential(nn.Linear(in_ch * fh * fw + extra, cfg.hidden), nn.SiLU())
         self.variational = cfg.kind == "vae"
         self.head = nn.Linear(cfg.hidden, (2 if self.variational else 1) * cfg.latent_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.head(self.hidden(self.features(x)))
+    def forward(self, x: torch.Tensor, e: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`e`: a conditional model's class embedding [N, E]."""
+        h = self.features(x)
+        out = self.head(self.hidden(h if e is None else torch.cat([h, e], dim=1)))
         if not self.variational:
             return out, None
         mu, logvar = out.chunk(2, dim=-1)
@@ -81,7 +84,7 @@ class Decoder(nn.Module):
         sizes = stage_sizes(h, w, len(widths))
         self.start_shape = (widths[-1], *sizes[-1])
         self.project = nn.Sequential(
-            nn.Linear(cfg.latent_dim, cfg.hidden),
+            nn.Linear(cfg.latent_dim + (cfg.class_dim if cfg.classes else 0), cfg.hidden),  # p(x|z, y)
             nn.SiLU(),
             nn.Linear(cfg.hidden, widths[-1] * sizes[-1][0] * sizes[-1][1]),
             nn.SiLU(),
@@ -97,8 +100,10 @@ class Decoder(nn.Module):
         layers.append(nn.Conv2d(widths[0], for_model(cfg).spec.param_channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(self.project(z).view(-1, *self.start_shape))
+    def forward(self, z: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+        """`e`: a conditional model's class embedding [N, E]."""
+        h = self.project(z if e is None else torch.cat([z, e], dim=1))
+        return self.body(h.view(-1, *self.start_shape))
 
 
 class Pass(NamedTuple):
@@ -125,14 +130,39 @@ class VAE(nn.Module):
         if cfg.kind == "ae":
             self.register_buffer("code_mean", torch.zeros(cfg.latent_dim))
             self.register_buffer("code_scale_tril", torch.eye(cfg.latent_dim))
+        if cfg.classes:
+            self.cond = Conditioning(cfg.classes, cfg.class_dim)
+            self.class_prior = nn.Linear(cfg.class_dim, 2 * cfg.latent_dim)  # p(z|y): its mean and log-variance
+            nn.init.zeros_(self.class_prior.weight)  # every class starts at N(0, I)
+            nn.init.zeros_(self.class_prior.bias)
 
     @property
     def variational(self) -> bool:
         return self.cfg.kind == "vae"
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """mu and logvar of q(z|x); an autoencoder's code and None."""
-        return self.encoder(x)
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.classes > 0
+
+    def condition(self, y: Classes) -> torch.Tensor | None:
+        """The class embedding of y [N, E]; None for an unconditional model, which ignores y."""
+        return self.cond(y) if self.cfg.classes else None
+
+    def class_prior_params(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and log-variance of p(z|y) [N, D] for class embeddings e."""
+        p_mu, p_logvar = self.class_prior(e).chunk(2, dim=1)
+        return p_mu, p_logvar
+
+    def encode(self, x: torch.Tensor, y: Classes = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """mu and logvar of q(z|x); an autoencoder's code and None. A conditional model's in the
+        coordinates of its prior p(z|y), (mu - p_mu) / p_sigma and logvar - p_logvar: its latent u
+        is N(0, I) under every class's prior, so the same u decoded with another class is the edit."""
+        e = self.condition(y)
+        mu, logvar = self.encoder(x, e)
+        if e is None or logvar is None:
+            return mu, logvar
+        p_mu, p_logvar = self.class_prior_params(e)
+        return (mu - p_mu) * torch.exp(-0.5 * p_logvar), logvar - p_logvar
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z) summed over the last dimension: N(0, I), or the flow's change of variables."""
@@ -161,8 +191,14 @@ class VAE(nn.Module):
             eps = torch.randn_like(mu)
         return mu + eps * torch.exp(0.5 * logvar)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, y: Classes = None) -> torch.Tensor:
+        """The likelihood's parameters for the latent z; a conditional model's latent is u (see
+        `encode`), z = p_mu + p_sigma u under class y."""
+        e = self.condition(y)
+        if e is None:
+            return self.decoder(z)
+        p_mu, p_logvar = self.class_prior_params(e)
+        return self.decoder(p_mu + torch.exp(0.5 * p_logvar) * z, e)
 
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
         """The decoder's output as an image in [0, 1], exactly as the service shows it: a fixed
@@ -199,37 +235,49 @@ class VAE(nn.Module):
     def group_names(self) -> list[str]:
         return [f"the latent ({self.cfg.latent_dim} dims)"]
 
-    def log_weights(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """For images x [n, ...]: the function from noise eps [n, m, D] to the importance log-weights
-        log p(x|z) + log p(z) - log q(z|x) [n, m] at z = mu + eps * sigma (the IWAE bound's). The
+    def log_weights(self, x: torch.Tensor, y: Classes = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For images x [n, ...] (of classes y, for a conditional model): the function from noise eps
+        [n, m, D] to the importance log-weights log p(x|z) + log p(z) - log q(z|x) [n, m] at
+        z = mu + eps * sigma (the IWAE bound's; given y, each term is conditioned on it). The
         encoder runs once, here."""
-        mu, logvar = self.encode(x)
+        e = self.condition(y)
+        mu, logvar = self.encoder(x, e)
         if logvar is None:
             raise ValueError("an autoencoder defines no density: no importance weights")
         sigma = torch.exp(0.5 * logvar).unsqueeze(1)
+        prior = None if e is None else [p.unsqueeze(1) for p in self.class_prior_params(e)]
 
         def weights(eps: torch.Tensor) -> torch.Tensor:
             n, m, d = eps.shape
             z = mu.unsqueeze(1) + eps * sigma
             xs = x.unsqueeze(1).expand(n, m, *x.shape[1:]).reshape(n * m, *x.shape[1:])
-            log_px = self.likelihood.log_prob(xs, self.decode(z.reshape(n * m, d))).view(n, m)
-            return log_px + self.prior_log_prob(z) - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1))
+            es = None if e is None else e.unsqueeze(1).expand(n, m, e.shape[1]).reshape(n * m, e.shape[1])
+            log_px = self.likelihood.log_prob(xs, self.decoder(z.reshape(n * m, d), es)).view(n, m)
+            log_pz = self.prior_log_prob(z) if prior is None else gaussian_log_prob(z, *prior)
+            return log_px + log_pz - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1))
 
         return weights
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> Pass:
-        """One pass over x with z = mu + eps * sigma (eps drawn when None; z = mu for an
-        autoencoder): the terms training's loss and evaluation's ELBO are made of, one module call
-        so that DDP can wrap the model and sync its gradients."""
-        mu, logvar = self.encode(x)
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None, y: Classes = None) -> Pass:
+        """One pass over x (of classes y, for a conditional model) with z = mu + eps * sigma (eps
+        drawn when None; z = mu for an autoencoder): the terms training's loss and evaluation's
+        ELBO are made of, one module call so that DDP can wrap the model and sync its gradients.
+        A conditional model's KL is to its prior p(z|y), and its `Pass.mu` is in that prior's
+        coordinates (see `encode`)."""
+        e = self.condition(y)
+        mu, logvar = self.encoder(x, e)
         if logvar is None:
-            return Pass(self.decode(mu), mu, None)
+            return Pass(self.decoder(mu), mu, None)
         z = self.reparameterize(mu, logvar, eps)
+        if e is not None:
+            p_mu, p_logvar = self.class_prior_params(e)
+            kl = gaussian_kl_per_dim(mu, logvar, p_mu, p_logvar)
+            return Pass(self.decoder(z, e), (mu - p_mu) * torch.exp(-0.5 * p_logvar), kl)
         if self.cfg.prior == "flow":
             kl = monte_carlo_kl(z, mu, logvar, self.prior_log_prob(z)).unsqueeze(1)
         else:
             kl = kl_per_dim(mu, logvar)
-        return Pass(self.decode(z), mu, kl)
+        return Pass(self.decoder(z), mu, kl)
 
     @torch.no_grad()
     def sample_z(
@@ -250,8 +298,12 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
-    ) -> torch.Tensor:
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior",
+        y: Classes = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Images decoded from z = f(eps), eps ~ N(0, temperature^2 I) (f the identity under the standard
-        prior): the encoder is not needed to generate. See `sample_z` for `source`."""
-        return self.mean_image(self.decode(self.sample_z(n, temperature, generator, source)))
+        prior): the encoder is not needed to generate. See `sample_z` for `source`. A conditional
+        model draws them of classes y, or of classes drawn from p(y) (first, with `generator`)."""
+        if self.conditional and y is None:
+            y = self.cond.draw(n, generator)
+        return self.mean_image(self.decode(self.sample_z(n, temperature, generator, source), y))

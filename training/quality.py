@@ -115,12 +115,14 @@ def score_images(net: FeatureNet, images: torch.Tensor, reference_activations: t
 def reconstruction_accuracy(
     net: FeatureNet, model: VAE, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
 ) -> float:
-    """Fraction of images x whose reconstruction (decoded from mu) the classifier labels as `labels`."""
+    """Fraction of images x whose reconstruction (decoded from mu; given the true class, for a
+    conditional model) the classifier labels as `labels`."""
     device = next(model.parameters()).device
     predicted = []
-    for xb in x.split(batch_size):
-        mu, _ = model.encode(xb.to(device))
-        _, probs = classify(net, model.mean_image(model.decode(mu)))
+    for xb, yb in zip(x.split(batch_size), labels.split(batch_size)):
+        y = yb if model.conditional else None
+        mu, _ = model.encode(xb.to(device), y)
+        _, probs = classify(net, model.mean_image(model.decode(mu, y)))
         predicted.append(probs.argmax(dim=1))
     return (torch.cat(predicted) == labels.cpu()).double().mean().item()
 
@@ -136,6 +138,7 @@ def sample_quality(
     n: int = 10_000,
     seed: int = 0,
     temperature: float = 1.0,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every sample-quality figure of one model.
 
@@ -143,7 +146,8 @@ def sample_quality(
     model_inputs: the same images as the model is scored on (binarized once for Bernoulli models),
     encoded for the reconstruction accuracy; train_images: real images for the real-vs-real FD floor.
     An autoencoder is sampled twice: from N(0, I) (`samples`) and from its fitted Gaussian
-    (`samples_fitted`)."""
+    (`samples_fitted`). A conditional model's `samples` draw their classes from p(y), and
+    `by_class` (`class_fidelity`) asks for each class in turn."""
     model.eval()
     net_device = next(net.parameters()).device
     reference_h, reference_p = classify(net, test_images.to(net_device))
@@ -165,4 +169,38 @@ def sample_quality(
             [model.sample(len(chunk), temperature, gen, source) for chunk in torch.arange(n).split(1000)]
         )
         result["samples" if source == "prior" else "samples_fitted"] = score_images(net, images, reference_h)
+    if model.conditional:
+        recall = reference_p.argmax(1) == test_labels.cpu()
+        result["by_class"] = class_fidelity(model, net, recall, test_labels.cpu(), names, max(100, n // model.cfg.classes), seed, temperature)
     return result
+
+
+@torch.no_grad()
+def class_fidelity(
+    model: VAE, net: FeatureNet, recall: torch.Tensor, labels: torch.Tensor, names: list[str] | None, n: int,
+    seed: int = 0, temperature: float = 1.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Whether a conditional model's samples are the class asked for: per class, n samples asked
+    for it, the share the classifier labels as it, beside the classifier's recall on the real test
+    images of that class (`recall`: per test image, whether the classifier was right), and their
+    ratio; and the means weighted by p(y)."""
+    prior = model.cond.log_prior.exp().cpu()
+    rows = []
+    for c in range(model.cfg.classes):
+        gen = torch.Generator().manual_seed(seed + c)
+        y = torch.full((n,), c, dtype=torch.long)
+        images = torch.cat([model.sample(len(chunk), temperature, gen, y=y[chunk]) for chunk in torch.arange(n).split(1000)])
+        share = (classify(net, images)[1].argmax(1) == c).double().mean().item()
+        real = recall[labels == c]
+        real_recall = real.double().mean().item() if len(real) else None
+        rows.append({
+            "class": names[c] if names else str(c), "p_y": prior[c].item(), "samples": n, "share_labelled": share,
+            "test_images": len(real), "classifier_recall": real_recall,
+            "ratio": share / real_recall if real_recall else None,
+        })  # fmt: skip
+    ratios = [(r["p_y"], r["ratio"]) for r in rows if r["ratio"] is not None]
+    return {
+        "classes": rows,
+        "mean_share": sum(r["p_y"] * r["share_labelled"] for r in rows),
+        "mean_ratio": sum(p * v for p, v in ratios) / max(sum(p for p, _ in ratios), 1e-12),
+    }

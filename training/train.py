@@ -31,11 +31,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from service.commands import UsageError
 from training import checkpoint, distributed
 from training.config import TrainConfig, to_dict
 from training.data import Dataset, load_data
 from training.distributed import Dist, all_sum, any_rank, from_main, global_mean
-from training.evaluate import active_units, codec_bits_per_dim, elbo_terms, evaluate, evaluate_quality, prepare_eval_images, quality_lines
+from training.evaluate import (
+    active_units, codec_bits_per_dim, conditional_line, elbo_terms, eval_rows, evaluate, evaluate_quality, prepare_eval_images, quality_lines,
+)
 from training.features import FeatureNet, feature_distance, load_feature_net
 from training.board import Board
 from training.figures import write_figures
@@ -101,7 +104,7 @@ def _rows_mean(rows: torch.Tensor) -> float:
 
 def objective(
     model: Model, x: torch.Tensor, cfg: TrainConfig, beta: float, feature_net: FeatureNet | None,
-    eps: torch.Tensor | None = None, shard: Shard | None = None,
+    eps: torch.Tensor | None = None, shard: Shard | None = None, y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """The loss to minimise for this process's rows x of a batch, and the true (unweighted) terms
     for logging: reconstruction (pixels, the feature loss, or both) plus beta times the KL, whose
@@ -115,9 +118,9 @@ def objective(
     all-reduce under DDP) and the term is this rank's share of m for the units above it: DDP's
     average is then the one-process gradient. The logged loss is the whole batch's clamped value;
     the other statistics are this rank's row means. `eps` is the reparameterization noise (drawn
-    when None)."""
+    when None); `y` the images' labels, for a conditional model."""
     shard = shard or Shard(model, len(x), Dist())
-    terms: Pass = shard.net(x, eps)
+    terms: Pass = shard.net(x, eps, y)
     pixel = -model.likelihood.log_prob(x, terms.params)
     pixel_mean = _rows_mean(pixel)  # one .item() (a device sync on CUDA) per statistic and step
     recon_term, recon_value = torch.zeros((), device=x.device), 0.0
@@ -177,8 +180,15 @@ class Trainer:
                 data = load_data(cfg)
         self.data = data
         cfg.model.image_shape = self.data.image_shape
+        if (cfg.conditional or cfg.balance) and not data.classes:
+            flag = "--conditional" if cfg.conditional else "--class-balance"
+            raise UsageError(f"{flag} needs classes, and {cfg.data_dir} has none: put its images in one sub-folder per class")
+        cfg.model.classes = len(data.classes) if cfg.conditional else 0
         cfg.model.widths = cfg.model.stage_widths  # the checkpoint records the stages, whatever the default becomes
         self.model = build(cfg.model).to(self.device)
+        self.class_counts = torch.bincount(data.train.labels[data.train.labels >= 0], minlength=len(data.classes))
+        if self.model.conditional:
+            self.model.cond.set_prior(self.class_counts)
         # Under torchrun: the model wrapped by DDP (which starts every rank from rank 0's weights).
         # Buffers (the flow's masks, an autoencoder's code Gaussian) do not change in training: not broadcast.
         self.net: nn.Module = self.model
@@ -199,6 +209,7 @@ class Trainer:
         self.feature_net = load_feature_net(cfg.feature_checkpoint, self.device) if cfg.reconstruction != "pixel" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.val_x = prepare_eval_images(self.data.val.unit(), self.model.likelihood, seed=cfg.seed).to(self.device)
+        self.val_y = self.data.val.labels.to(self.device) if self.model.conditional else None
         self.history: list[dict[str, Any]] = []
         self.best_val = -math.inf
         self.start_epoch = 0
@@ -251,7 +262,7 @@ class Trainer:
             group["lr"] = learning_rate(cfg, epoch)
         partial, self.partial = self.partial, None
         if partial is None:
-            order = torch.randperm(len(self.data.train), generator=self.data_gen)
+            order = self._order()
             start, skipped, elapsed = 0, 0, 0.0
             totals = {"loss": 0.0, "recon": 0.0, "kl": 0.0} if model.variational else {"loss": 0.0, "recon": 0.0}
             seen = 0
@@ -279,7 +290,8 @@ class Trainer:
             rows = d.share(len(idx))  # this rank's rows, and their noise from the draw one process makes
             eps = torch.randn(len(idx), model.noise_size, device=self.device)[rows] if model.variational else None
             x = x[rows].to(self.device)
-            loss, stats = objective(model, x, cfg, beta, self.feature_net, eps, Shard(self.net, len(idx), d))
+            y = self.data.train.labels[idx][rows].to(self.device) if model.conditional else None
+            loss, stats = objective(model, x, cfg, beta, self.feature_net, eps, Shard(self.net, len(idx), d), y)
             images += len(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -317,6 +329,17 @@ class Trainer:
             avg["neg_elbo"] = avg["recon"] + avg["kl"]
             avg["beta"] = beta
         return avg
+
+    def _order(self) -> torch.Tensor:
+        """An epoch's images: a permutation; with class balance, as many draws (with replacement) of
+        images weighted n_c^-balance, so that class c gets a share of n_c^(1 - balance). Balance
+        leaves each class's own images equally likely, so p(x|y) is what a conditional model learns
+        either way; it gives small classes more of the steps (`--class-balance`)."""
+        train = self.data.train
+        if not self.cfg.balance:
+            return torch.randperm(len(train), generator=self.data_gen)
+        weights = self.class_counts.double().clamp_min(1).pow(-self.cfg.balance)[train.labels]
+        return torch.multinomial(weights, len(train), replacement=True, generator=self.data_gen)
 
     @property
     def evaluated(self) -> Model:
@@ -381,7 +404,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the same noise every epoch; the training stream untouched
             torch.manual_seed(self.cfg.seed)
-            terms = elbo_terms(self.evaluated, self.val_x, dist=self.dist)
+            terms = elbo_terms(self.evaluated, self.val_x, dist=self.dist, y=self.val_y)
         recon = terms["recon"].mean().item()
         if "kl" not in terms:  # an autoencoder: reconstruction only
             return {"recon": recon, "active_units": active_units(terms["mu"])}
@@ -460,24 +483,35 @@ class Trainer:
             )  # fmt: skip
         if self.board is not None:
             lr = self.optimizer.param_groups[0]["lr"]
-            self.board.epoch(record, self.evaluated, lr, self.grad_norm, self.val_x[:16])
+            shown_y = None if self.val_y is None else self.val_y[:16]
+            self.board.epoch(record, self.evaluated, lr, self.grad_norm, self.val_x[:16], shown_y)
         if best:
             checkpoint.save(self.out / "best.pt", self.evaluated, self.cfg, epoch=epoch + 1)
         self.save_last(epoch + 1)
 
 
 @torch.no_grad()
-def fit_autoencoder_codes(model: Model, data: Dataset, batch_size: int = 1000) -> None:
-    """An autoencoder's ex-post Gaussian: mean and covariance of its codes for the training images
-    (prepared as for scoring: binarized once for Bernoulli models)."""
+def training_codes(model: Model, data: Dataset, batch_size: int = 1000) -> torch.Tensor:
+    """The latent (the posterior mean; an autoencoder's code) of every training image [N, D],
+    prepared as for scoring (binarized once for Bernoulli models), given its class for a
+    conditional model."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(1)  # the one binarization of prepare_eval_images(seed=1), chunk by chunk
     codes = []
     for rows in torch.arange(len(data.train)).split(batch_size):
-        xb = data.train.batch(rows)
-        xb = model.likelihood.training_data(xb, gen)
-        codes.append(model.encode(xb.to(device))[0])
-    model.fit_code_gaussian(torch.cat(codes))
+        xb = model.likelihood.training_data(data.train.batch(rows), gen)
+        y = data.train.labels[rows].to(device) if model.conditional else None
+        codes.append(model.encode(xb.to(device), y)[0])
+    return torch.cat(codes)
+
+
+def class_means(codes: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Each class's mean latent over its training images [C, D] (0 for a class with none): an edit
+    moves an image's latent by the difference of two classes' means."""
+    labels = labels.to(codes.device)
+    sums = torch.zeros(classes, codes.shape[1], dtype=codes.dtype, device=codes.device).index_add_(0, labels, codes)
+    counts = torch.bincount(labels, minlength=classes).clamp_min(1)
+    return (sums / counts[:, None]).cpu()
 
 
 def data_summary(data: Dataset) -> dict[str, Any]:
@@ -530,13 +564,23 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
 
     best = from_main(d, lambda: checkpoint.load(out / "best.pt"))  # under torchrun rank 0 reads, all evaluate
     model, _ = checkpoint.model_from_state(best, trainer.device)
-    if not model.variational and d.main:  # its figures need the fitted codes; its scores do not
-        fit_autoencoder_codes(model, trainer.data)
-        checkpoint.save(out / "best.pt", model, cfg, epoch=best["epoch"])
-    test_x = prepare_eval_images(trainer.data.test.unit(), model.likelihood, cfg.eval_images).to(trainer.device)
+    data = trainer.data
+    if d.main and (data.classes or not model.variational):
+        # What export reads from best.pt: an autoencoder's fitted code Gaussian (its figures need it;
+        # its scores do not), and each class's mean latent for edits, with the class names
+        codes = training_codes(model, data)
+        extra = {"epoch": best["epoch"]}
+        if not model.variational:
+            model.fit_code_gaussian(codes)
+        if data.classes:
+            extra.update(classes=list(data.classes), class_means=class_means(codes, data.train.labels, len(data.classes)))
+        checkpoint.save(out / "best.pt", model, cfg, **extra)
+    rows = eval_rows(len(data.test), cfg.eval_images)
+    test_x = prepare_eval_images(data.test.unit(), model.likelihood, cfg.eval_images).to(trainer.device)
+    test_y = data.test.labels[rows].to(trainer.device) if data.classes else None
     if d.main:
         log.info("evaluating the best checkpoint (epoch %d) on %d test images, k=%d", best["epoch"], len(test_x), cfg.iwae_k)
-    test = evaluate(model, test_x, cfg.iwae_k, dist=d)
+    test = evaluate(model, test_x, cfg.iwae_k, dist=d, y=test_y, classes=data.classes)
     if not d.main:  # the other ranks' part ends here; rank 0 alone scores samples, draws and writes
         return None
     if cfg.dataset == "folder":  # 8-bit images: what lossless codecs need for the same test images
@@ -555,7 +599,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         log.info("no --classifier: no sample-quality figures (train one with python -m training.features)")
     else:
         log.info("no class folders: no FD or class statistics (they need a classifier of classes); see bits/dim and PSNR")
-    figures = write_figures(model, trainer.data.test.unit().to(trainer.device), history, out, cfg.seed)
+    test_labels = data.test.labels.to(trainer.device) if model.conditional else None
+    figures = write_figures(model, data.test.unit().to(trainer.device), history, out, cfg.seed, test_labels)
     metrics = {
         "config": to_dict(cfg),
         "data": data_summary(trainer.data),
@@ -579,6 +624,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
             -test["elbo"], cfg.iwae_k, test["nll"], test["nll_bits_per_dim"], test["kl"], test["active_units"],
             test["psnr_db"],
         )  # fmt: skip
+        if "conditional" in test:
+            log.info("%s", conditional_line(test))
         for warning in warnings:
             log.warning("%s", warning)
     else:
