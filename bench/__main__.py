@@ -57,10 +57,11 @@ def chases_echo(s: Scenario) -> bool:
     return s.rpc == "Sample" and s.rows == 1
 
 
-def graph_steps(s: Scenario) -> tuple[tuple[str, int], ...]:
-    """The graph runs, (graph, batch), that one request of a compute-bound scenario needs."""
+def graph_steps(s: Scenario, family: str = "vae") -> tuple[tuple[str, int], ...]:
+    """The graph runs, (graph, batch), that one request of a compute-bound scenario needs: a
+    hierarchical model's Score draws from its posterior graph alone (image and noise in a row)."""
     if s.rpc == "Score":
-        return (("encoder", s.rows), ("decoder", s.rows * s.k))
+        return (("posterior", s.rows * s.k),) if family == "hvae" else (("encoder", s.rows), ("decoder", s.rows * s.k))
     return ((("encoder" if s.rpc == "Encode" else "decoder"), s.rows),)
 
 
@@ -69,31 +70,31 @@ def compute_limits(
 ) -> dict[tuple[str, int, int], float]:
     """Rows/s by (graph, batch size, intra-op threads), measured once up front: only to choose each
     scenario's thread count (and for the record); the ratios come from the interleaved slices."""
-    sizes = {("decoder", 1), *(step for s in SCENARIOS if not chases_echo(s) for step in graph_steps(s))}
+    sizes = {("decoder", 1), *(step for s in SCENARIOS if not chases_echo(s) for step in graph_steps(s, spec.family))}
     return {
         (role, batch, t): Probe(((graph, graph_input(spec, role, batch)),), batch).rows_per_s(seconds)
         for role, batch in sorted(sizes) for (r, t), graph in sorted(graphs.items()) if r == role
     }  # fmt: skip
 
 
-def candidates(s: Scenario, compute: dict[tuple[str, int, int], float], same_threads: int) -> list[int]:
+def candidates(s: Scenario, compute: dict[tuple[str, int, int], float], same_threads: int, family: str) -> list[int]:
     """Thread counts to measure in every round: the two best up front and the server's own (on 2
     cores, every count). Where two counts are close the up-front order flips between runs; taking
     each round's best of them keeps the limit from flipping with it."""
     counts = sorted({t for (_, _, t) in compute})
-    rate = {t: s.rows / sum(batch / compute[(role, batch, t)] for role, batch in graph_steps(s)) for t in counts}
+    rate = {t: s.rows / sum(batch / compute[(role, batch, t)] for role, batch in graph_steps(s, family)) for t in counts}
     return sorted({*sorted(counts, key=rate.__getitem__)[-2:], same_threads})
 
 
-def limit_kind(s: Scenario) -> str:
+def limit_kind(s: Scenario, family: str) -> str:
     if chases_echo(s):
         return f"bare grpc.aio echo, same response size, concurrency {s.concurrency}"
-    runs = " + ".join(f"{role} batch {batch}" for role, batch in graph_steps(s))
+    runs = " + ".join(f"{role} batch {batch}" for role, batch in graph_steps(s, family))
     return f"onnxruntime in-process, {runs}"
 
 
 def probe(spec: ModelSpec, s: Scenario, graphs: dict[tuple[str, int], Graph], threads: int) -> Probe:
-    steps = tuple((graphs[(role, threads)], graph_input(spec, role, batch)) for role, batch in graph_steps(s))
+    steps = tuple((graphs[(role, threads)], graph_input(spec, role, batch)) for role, batch in graph_steps(s, spec.family))
     return Probe(steps, s.rows)
 
 
@@ -219,7 +220,7 @@ def single_model(args: argparse.Namespace, spec: ModelSpec, slicing: Slicing, th
     options = RuntimeOptions("cpu", args.threads, cpu_arena=args.cpu_arena == "on")
     same_threads = intra_op_threads(args.threads)
     counts = sorted({*range(1, available_cores() + 1), same_threads})
-    graphs = sessions(spec, {"encoder", "decoder"}, counts, options)
+    graphs = sessions(spec, {"encoder", "decoder", *spec.family_graphs}, counts, options)
     compute = compute_limits(spec, graphs, slicing.seconds)
 
     echo = EchoProcess(spec.image_shape, logs / "echo.log")
@@ -271,7 +272,7 @@ def echo_bound(
 ) -> tuple[Rounds[str], dict[str, Any]]:
     """The echo and the service loaded in turns with the same calls."""
     rounds = asyncio.run(grpc_slices(spec, s, {"limit": echo, "service": service}, slicing, pids))
-    return rounds, {"kind": limit_kind(s), "unit": "requests/s", "value": round(mean_value(rounds.parts["limit"]), 1)}
+    return rounds, {"kind": limit_kind(s, spec.family), "unit": "requests/s", "value": round(mean_value(rounds.parts["limit"]), 1)}
 
 
 def compute_bound(
@@ -280,7 +281,7 @@ def compute_bound(
 ) -> tuple[Rounds[str], dict[str, Any]]:  # fmt: skip
     """The graphs in-process at each candidate thread count and the service loaded, in turns. A
     round's limit is its best count's figure; `same` the figure at the server's own count."""
-    counts = candidates(s, compute, same_threads)
+    counts = candidates(s, compute, same_threads, spec.family)
     probes = {t: probe(spec, s, graphs, t) for t in counts}
     measured = asyncio.run(compute_bound_slices(spec, s, service, probes, slicing, pids))
     parts = measured.parts
@@ -290,7 +291,7 @@ def compute_bound(
         "same": parts[same_threads], "service": parts["service"],
     }  # fmt: skip
     limit = {
-        "kind": limit_kind(s), "unit": "rows/s", "value": round(mean_value(out["limit"]), 1),
+        "kind": limit_kind(s, spec.family), "unit": "rows/s", "value": round(mean_value(out["limit"]), 1),
         "threads": best, "candidate_threads": counts,
         "same_threads": same_threads, "same_threads_value": round(mean_value(out["same"]), 1),
     }  # fmt: skip

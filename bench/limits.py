@@ -26,6 +26,9 @@ def graph_input(spec: ModelSpec, role: str, batch: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     if role == "encoder":
         return rng.random((batch, *spec.image_shape), dtype=np.float32)
+    if role == "posterior":  # an image and its noise in one row
+        pixels = rng.random((batch, int(np.prod(spec.image_shape))), dtype=np.float32)
+        return np.concatenate([pixels, rng.standard_normal((batch, spec.latent_dim), dtype=np.float32)], axis=1)
     return rng.standard_normal((batch, spec.latent_dim), dtype=np.float32)
 
 
