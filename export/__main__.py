@@ -14,7 +14,7 @@ from pathlib import Path
 from export.repository import publish
 from export.verify import ParityError
 from service import commands
-from service.commands import Parser, UsageError, writable_folder
+from service.commands import Parser, writable_folder
 from training.checkpoint import load_model
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -49,17 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)  # torch.onnx's exporter is chatty at WARNING
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside torch.export
     started = time.perf_counter()
-    model, cfg, _ = load_model(args.checkpoint)  # CheckpointError, one line, for a file that is none
-    if model.conditional:
-        raise UsageError(f"{args.checkpoint} is a conditional model (--conditional): its graphs, which take the class, "
-                         "are not exported yet; evaluate it with python -m training.evaluate")  # fmt: skip
+    model, cfg, state = load_model(args.checkpoint)  # CheckpointError, one line, for a file that is none
     writable_folder(args.out, "--out")
     metrics_file = args.checkpoint.parent / "metrics.json"
     run = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    metrics, classes = run.get("test", {}), run.get("data", {}).get("classes", [])
+    metrics, classes = run.get("test", {}), state.get("classes") or run.get("data", {}).get("classes", [])
     try:
         precisions = tuple(p for p, asked in (("fp16", args.fp16_decoder), ("int8", args.int8_decoder)) if asked)
-        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, precisions, classes)
+        folder = publish(model, cfg, args.out, args.name, metrics, args.max_batch_size, precisions, classes, state.get("class_means"))
     except (ParityError, ValueError) as err:
         print(f"export failed, nothing published: {err}", file=sys.stderr)
         return 1

@@ -4,6 +4,11 @@ z -> (eps = f^-1(z), log p(z)). A hierarchical VAE's latent is its standardized 
 (`training.hvae`), so its encoder and decoder have the flat signatures, and its family adds
 graphs of its own (`export.hvae`: the posterior draw), by FAMILY_GRAPHS.
 
+A conditional model's graphs take the class too, as class weights [N, K] (one-hot, or a mix of two
+classes for an edit) packed after each row's other input, as the posterior graph packs an image and
+its noise: the service's batchers feed one array per graph. Its encoder is x_y [N, C*H*W + K] (the
+image flattened, then its class weights), its decoder z_y [N, D + K].
+
 Each graph is exported with a dynamic batch axis N and carries a description of itself in its
 ONNX metadata, so a graph file found alone still says what it is.
 """
@@ -24,26 +29,38 @@ from training.likelihoods import for_model
 from training.families import Model
 
 
+def split_classes(model: Model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A conditional model's packed rows [N, F + K] as their first F values and their class weights
+    [N, K]; an unconditional model's rows as they are, and no classes."""
+    k = model.cfg.classes
+    return (rows[:, :-k], rows[:, -k:]) if k else (rows, None)
+
 
 class EncoderGraph(nn.Module):
+    """x -> mu, logvar (a conditional model's: x_y, its image flattened then its class weights)."""
+
     def __init__(self, model: Model) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode(x)
+        pixels, y = split_classes(self.model, x)
+        if y is not None:
+            pixels = pixels.reshape(-1, *self.model.cfg.image_shape)
+        return self.model.encode(pixels, y)
 
 
 class DecoderGraph(nn.Module):
     """z -> the likelihood's parameters and the image the client sees (`mean_image`), computed in
-    the graph so that the server does not post-process them in numpy."""
+    the graph so that the server does not post-process them in numpy (a conditional model's: z_y,
+    the latent then its class weights)."""
 
     def __init__(self, model: Model) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.model.decode(z)
+        params = self.model.decode(*split_classes(self.model, z))
         return params, self.model.mean_image(params)
 
 
@@ -75,7 +92,7 @@ def export_graphs(model: Model, folder: Path) -> dict[str, dict[str, object]]:
     cfg = model.cfg
     model = model.eval().cpu()
     c, h, w = cfg.image_shape
-    d = model.noise_size
+    d, k = model.noise_size, cfg.classes
     spec = for_model(cfg).spec
     p, out_name = spec.param_channels, spec.output  # C, or a mixture's K (1 + 2C)
     metadata = {
@@ -84,26 +101,31 @@ def export_graphs(model: Model, folder: Path) -> dict[str, dict[str, object]]:
         "likelihood": cfg.likelihood,
         **({"mixtures": str(spec.mixtures)} if spec.components else {}),
         "family": model.family,
+        **({"classes": str(k)} if k else {}),
     }
+    x_name, x_shape = ("x_y", [-1, c * h * w + k]) if k else ("x", [-1, c, h, w])
+    z_name, z_shape = ("z_y", [-1, d + k]) if k else ("z", [-1, d])
+    given = f", then class weights [N,{k}] (one-hot, or a mix of two classes)" if k else ""
     with torch.no_grad():
-        write_graph(EncoderGraph(model).eval(), torch.rand(2, c, h, w), folder / "encoder.onnx", ["x"], ["mu", "logvar"])
-        write_graph(DecoderGraph(model).eval(), torch.randn(2, d), folder / "decoder.onnx", ["z"], [out_name, IMAGE])
-    describe(
-        folder / "encoder.onnx",
-        "encoder",
-        f"VAE encoder q(z|x): x [N,{c},{h},{w}] float32 in [0,1] -> mu, logvar [N,{d}]",
-        metadata,
-    )
+        weights = torch.eye(k)[[0, k - 1]] if k else None
+        x = torch.rand(2, c, h, w)
+        example_x = torch.cat([x.flatten(1), weights], dim=1) if k else x
+        example_z = torch.cat([torch.randn(2, d), weights], dim=1) if k else torch.randn(2, d)
+        write_graph(EncoderGraph(model).eval(), example_x, folder / "encoder.onnx", [x_name], ["mu", "logvar"])
+        write_graph(DecoderGraph(model).eval(), example_z, folder / "decoder.onnx", [z_name], [out_name, IMAGE])
+    x_text = f"x_y [N,{c * h * w + k}] float32 (x [N,{c},{h},{w}] in [0,1] flattened{given})" if k else f"x [N,{c},{h},{w}] float32 in [0,1]"
+    z_text = f"z_y [N,{d + k}] float32 (z [N,{d}]{given})" if k else f"z [N,{d}] float32"
+    describe(folder / "encoder.onnx", "encoder", f"VAE encoder q(z|x): {x_text} -> mu, logvar [N,{d}]", metadata)
     describe(
         folder / "decoder.onnx",
         "decoder",
-        f"VAE decoder p(x|z): z [N,{d}] float32 -> {out_name} [N,{p},{h},{w}] ({cfg.likelihood}), "
+        f"VAE decoder p(x|z): {z_text} -> {out_name} [N,{p},{h},{w}] ({cfg.likelihood}), "
         f"{IMAGE} [N,{c},{h},{w}] in [0,1] (what Sample shows)",
         metadata,
     )
     signatures: dict[str, dict[str, object]] = {
-        "encoder": {"inputs": {"x": [-1, c, h, w]}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
-        "decoder": {"inputs": {"z": [-1, d]}, "outputs": {out_name: [-1, p, h, w], IMAGE: [-1, c, h, w]}},
+        "encoder": {"inputs": {x_name: x_shape}, "outputs": {"mu": [-1, d], "logvar": [-1, d]}},
+        "decoder": {"inputs": {z_name: z_shape}, "outputs": {out_name: [-1, p, h, w], IMAGE: [-1, c, h, w]}},
     }
     if cfg.prior == "flow":
         signatures |= export_prior_graphs(model, folder, metadata)

@@ -18,8 +18,9 @@ from training.hvae import HVAE
 
 
 class PosteriorGraph(nn.Module):
-    """A hierarchical model's draw from q(z|x) for given noise, its two inputs in one row (so one
-    batcher feeds it): x_eps [N, C*H*W + D], the image flattened, then its noise."""
+    """A hierarchical model's draw from q(z|x) for given noise, its inputs in one row (so one
+    batcher feeds it): x_eps [N, C*H*W + D], the image flattened, then its noise; a conditional
+    model's x_eps_y [N, C*H*W + D + K], then its class weights."""
 
     def __init__(self, model: HVAE) -> None:
         super().__init__()
@@ -28,32 +29,47 @@ class PosteriorGraph(nn.Module):
 
     def forward(self, x_eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = x_eps[:, : self.pixels].reshape(-1, *self.model.cfg.image_shape)
-        return self.model.posterior_draw(x, x_eps[:, self.pixels :])
+        end = self.pixels + self.model.noise_size
+        y = x_eps[:, end:] if self.model.cfg.classes else None
+        return self.model.posterior_draw(x, x_eps[:, self.pixels : end], y)
+
+
+def posterior_input(model: HVAE) -> tuple[str, int]:
+    """The posterior graph's input: its name and its row's width."""
+    width = math.prod(model.cfg.image_shape) + model.noise_size + model.cfg.classes
+    return ("x_eps_y" if model.cfg.classes else "x_eps"), width
 
 
 def export_posterior_graph(model: HVAE, folder: Path, metadata: dict[str, str]) -> dict[str, dict[str, object]]:
-    """posterior.onnx: x_eps [N, C*H*W + D] -> params, log_ratio = log p(z) - log q(z|x) [N], u [N, D]."""
+    """posterior.onnx: x_eps [N, C*H*W + D] (x_eps_y: then class weights [N, K]) -> params,
+    log_ratio = log p(z) - log q(z|x) [N], u [N, D]."""
     c, h, w = model.cfg.image_shape
-    d, pixels = model.noise_size, c * h * w
+    d, pixels, k = model.noise_size, c * h * w, model.cfg.classes
     p, out_name = model.likelihood.spec.param_channels, model.likelihood.spec.output
+    name, width = posterior_input(model)
     with torch.no_grad():
-        example = torch.cat([torch.rand(2, pixels), torch.randn(2, d)], dim=1)
-        write_graph(PosteriorGraph(model).eval(), example, folder / "posterior.onnx", ["x_eps"], [out_name, "log_ratio", "u"])
+        example = torch.cat([torch.rand(2, pixels), torch.randn(2, d), *([torch.eye(k)[[0, k - 1]]] if k else [])], dim=1)
+        write_graph(PosteriorGraph(model).eval(), example, folder / "posterior.onnx", [name], [out_name, "log_ratio", "u"])
     groups = len(model.sizes)
     describe(
         folder / "posterior.onnx",
         "posterior",
-        f"Hierarchical VAE, a draw from q(z|x): x_eps [N,{pixels + d}] float32 (x [N,{c},{h},{w}] in [0,1] "
-        f"flattened, then its noise eps [N,{d}] ~ N(0, I) for {groups} groups) -> {out_name} [N,{p},{h},{w}], "
+        f"Hierarchical VAE, a draw from q(z|x): {name} [N,{width}] float32 (x [N,{c},{h},{w}] in [0,1] "
+        f"flattened, then its noise eps [N,{d}] ~ N(0, I) for {groups} groups"
+        f"{f', then class weights [N,{k}]' if k else ''}) -> {out_name} [N,{p},{h},{w}], "
         f"log_ratio = log p(z) - log q(z|x) [N] nats, u [N,{d}] (the draw, standardized under the prior)",
         metadata,
     )
-    return {"posterior": {"inputs": {"x_eps": [-1, pixels + d]},
+    return {"posterior": {"inputs": {name: [-1, width]},
                           "outputs": {out_name: [-1, p, h, w], "log_ratio": [-1], "u": [-1, d]}}}  # fmt: skip
 
 
-def posterior_reference(model: HVAE, x: np.ndarray, eps: np.ndarray) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """The posterior graph's feed for images x and noise eps, and PyTorch's outputs for it (parity)."""
-    feed = {"x_eps": np.concatenate([x.reshape(len(x), -1), eps], axis=1)}
+def posterior_reference(
+    model: HVAE, x: np.ndarray, eps: np.ndarray, y: np.ndarray | None = None
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The posterior graph's input rows for images x, noise eps (and a conditional model's class
+    weights y), and PyTorch's outputs for them (parity)."""
+    feed = np.concatenate([x.reshape(len(x), -1), eps, *([y] if y is not None else [])], axis=1)
+    classes = None if y is None else torch.from_numpy(y)
     with torch.no_grad():
-        return feed, [t.numpy() for t in model.posterior_draw(torch.from_numpy(x), torch.from_numpy(eps))]
+        return feed, [t.numpy() for t in model.posterior_draw(torch.from_numpy(x), torch.from_numpy(eps), classes)]

@@ -1,7 +1,7 @@
 """NVIDIA Triton model configs for the exported graphs, so the same files can be served by Triton.
 
-Each version folder gets `<role>.config.pbtxt` beside each graph: encoder and decoder, and for a
-flow prior prior_sample and prior_density.
+Each version folder gets `<role>.config.pbtxt` beside each graph: encoder and decoder, for a
+flow prior prior_sample and prior_density, and a family's own graphs (a hierarchical model's posterior).
 Triton wants one model per folder (`<repo>/<model>/config.pbtxt`, `<repo>/<model>/<version>/...`),
 so `python -m export.triton MODELS/NAME TRITON_REPO` lays out that view with hard links: no copies (copies only across filesystems).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service import commands
 from service.commands import Parser, existing_folder, writable_folder
-from service.manifest import PRIOR_ROLES, ROLES, version_numbers
+from service.manifest import FAMILY_ROLES, PRIOR_ROLES, ROLES, version_numbers
 
 
 def _tensor(name: str, dims: list[int]) -> str:
@@ -47,19 +47,21 @@ def triton_config(model_name: str, role: str, signature: dict[str, dict[str, lis
 
 def layout(model_dir: Path, triton_repo: Path) -> list[Path]:
     """Build <triton_repo>/<name>_<role>/{config.pbtxt, <version>/<role>.onnx} from every version:
-    encoder and decoder, and the flow prior's graphs where the newest version has them (older
-    versions without them are left out of those two Triton models)."""
+    encoder and decoder, and the flow prior's graphs and a family's own (a hierarchical model's
+    posterior) where the newest version has them (older versions without them are left out of
+    those Triton models)."""
     name = model_dir.name
     made = []
     versions = [model_dir / str(v) for v in version_numbers(model_dir)]
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no version folders")
-    priors = [role for role in PRIOR_ROLES["flow"] if (versions[-1] / f"{role}.config.pbtxt").exists()]
+    extra = (*PRIOR_ROLES["flow"], *(role for roles in FAMILY_ROLES.values() for role in roles))
+    priors = [role for role in extra if (versions[-1] / f"{role}.config.pbtxt").exists()]
     for role in (*ROLES, *priors):
         target = triton_repo / f"{name}_{role}"
         for version in versions:
             if role in priors and not (version / f"{role}.onnx").exists():
-                continue  # a standard-prior version before the flow: not a version of this Triton model
+                continue  # a version before the flow (or of another family): not a version of this Triton model
             (target / version.name).mkdir(parents=True, exist_ok=True)
             dest = target / version.name / f"{role}.onnx"
             if not dest.exists():

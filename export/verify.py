@@ -10,7 +10,6 @@ import torch
 
 from service.manifest import DECODER_PRECISIONS
 from training.families import Model
-from export.graphs import DecoderGraph
 from export.hvae import posterior_reference
 
 BATCH_SIZES = (1, 7, 64)
@@ -36,7 +35,7 @@ GRAPHS = ("encoder", "decoder", *DECODER_PRECISIONS.values(), "prior_sample", "p
 RELATIVE = {"posterior.log_ratio"}
 # A family's own graph and its PyTorch reference (images x, noise z -> the graph's feed, the outputs), by family.
 FAMILY_REFERENCES = {"hvae": ("posterior", posterior_reference)}
-Feeds = dict[str, dict[str, np.ndarray]]  # role -> input name -> array
+Feeds = dict[str, np.ndarray]  # role -> the graph's one input
 
 
 def max_differences(model: Model, folder: Path, batch_sizes: tuple[int, ...] = BATCH_SIZES, seed: int = 0) -> dict[str, float]:
@@ -55,10 +54,11 @@ def max_differences(model: Model, folder: Path, batch_sizes: tuple[int, ...] = B
     for n in batch_sizes:
         x = rng.random((n, *cfg.image_shape), dtype=np.float32)
         z = rng.standard_normal((n, model.noise_size), dtype=np.float32)
-        feeds, expected = _references(model, x, z)
+        feeds, expected = _references(model, x, z, class_weights(model, n, rng))
         for role, session in sessions.items():
             graph = "decoder" if role in DECODER_PRECISIONS.values() else role  # held to the decoder's answers
-            for meta, want, have in zip(session.get_outputs(), expected[graph], session.run(None, feeds[graph])):
+            have_all = session.run(None, {session.get_inputs()[0].name: feeds[graph]})
+            for meta, want, have in zip(session.get_outputs(), expected[graph], have_all):
                 key = f"{role}.{meta.name}"
                 diff = float(np.max(np.abs(want - have))) if want.shape == have.shape else float("inf")
                 if key in RELATIVE:
@@ -67,20 +67,41 @@ def max_differences(model: Model, folder: Path, batch_sizes: tuple[int, ...] = B
     return worst
 
 
+def class_weights(model: Model, n: int, rng: np.random.Generator) -> np.ndarray | None:
+    """A conditional model's class weights for n rows: one-hot, and every third row a mix of two
+    classes (an edit part of the way); None for an unconditional model."""
+    k = model.cfg.classes
+    if not k:
+        return None
+    y = np.eye(k, dtype=np.float32)[rng.integers(0, k, n)]
+    mix = np.arange(n) % 3 == 2
+    y[mix] = 0.7 * y[mix] + 0.3 * np.eye(k, dtype=np.float32)[rng.integers(0, k, int(mix.sum()))]
+    return y
+
+
 @torch.no_grad()
-def _references(model: Model, x: np.ndarray, z: np.ndarray) -> tuple[Feeds, dict[str, list[np.ndarray]]]:
-    """Each graph's input feed and PyTorch's outputs for it, by role. The prior graphs get the same
-    standard normal rows: as eps for prior_sample and as z for prior_density."""
-    feeds = {"encoder": {"x": x}, "decoder": {"z": z}}
+def _references(
+    model: Model, x: np.ndarray, z: np.ndarray, y: np.ndarray | None = None
+) -> tuple[Feeds, dict[str, list[np.ndarray]]]:
+    """Each graph's input rows and PyTorch's outputs for them, by role; a conditional model's rows
+    end with the class weights y. The prior graphs get the same standard normal rows: as eps for
+    prior_sample and as z for prior_density."""
+    classes = None if y is None else torch.from_numpy(y)
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return a if y is None else np.concatenate([a.reshape(len(a), -1), y], axis=1)
+
+    feeds = {"encoder": rows(x), "decoder": rows(z)}
+    params = model.decode(torch.from_numpy(z), classes)
     expected = {
-        "encoder": [t.numpy() for t in model.encode(torch.from_numpy(x))],
-        "decoder": [t.numpy() for t in DecoderGraph(model)(torch.from_numpy(z))],
+        "encoder": [t.numpy() for t in model.encode(torch.from_numpy(x), classes)],
+        "decoder": [params.numpy(), model.mean_image(params).numpy()],
     }
     if model.family in FAMILY_REFERENCES:
         role, reference = FAMILY_REFERENCES[model.family]
-        feeds[role], expected[role] = reference(model, x, z)  # type: ignore[arg-type]
+        feeds[role], expected[role] = reference(model, x, z, y)  # type: ignore[arg-type]
     if model.cfg.prior == "flow":
-        feeds |= {"prior_sample": {"eps": z}, "prior_density": {"z": z}}
+        feeds |= {"prior_sample": z, "prior_density": z}
         expected["prior_sample"] = [model.flow(torch.from_numpy(z)).numpy()]
         expected["prior_density"] = [t.numpy() for t in model.flow.inverse(torch.from_numpy(z))]
     return feeds, expected

@@ -36,6 +36,7 @@ PRIOR_ROLES: dict[str, tuple[str, ...]] = {"standard": (), "flow": ("prior_sampl
 # groups' standardized noise, so its encoder and decoder are the flat ones) its posterior draw for
 # given noise (Score, and Encode's draw). A version without "family" in model.json is a flat VAE.
 FAMILY_ROLES: dict[str, tuple[str, ...]] = {"vae": (), "hvae": ("posterior",)}
+CLASS_MEANS = "class_means.npy"  # each class's mean latent [K, D] float32, for edits (model.json's "class_means")
 MANIFEST = "model.json"
 
 
@@ -247,6 +248,9 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
     if unlisted:  # served without them, a flow model would be sampled and scored under N(0, I)
         needs, missing = " and ".join(spec.prior_graphs), ", ".join(unlisted)
         raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r} needs {needs}; it does not list {missing}")
+    if info.get("conditional"):  # its graphs take the class in each row: served as they stand, every row would be wrong
+        raise RepositoryError(f"{folder}/{MANIFEST}: a conditional model (its graphs take the class); this server does not "
+                              "serve conditional models yet (their graphs serve on Triton: python -m export.triton)")  # fmt: skip
     if spec.family not in FAMILY_ROLES:
         served = " and ".join(FAMILY_ROLES)
         raise RepositoryError(f"{folder}/{MANIFEST}: family {spec.family!r}; this server serves the families {served}")

@@ -94,8 +94,8 @@ def test_dynamic_batch_matches_torch(published, checkpoint_path, n):
 class NoisyVAE(VAE):
     """A deliberately broken model: its graph draws ONNX Runtime's random numbers, not torch's."""
 
-    def decode(self, z):
-        out = super().decode(z)
+    def decode(self, z, y=None):
+        out = super().decode(z, y)
         return out + torch.rand_like(out)
 
 

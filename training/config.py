@@ -166,6 +166,8 @@ class TrainConfig:
             raise ValueError(f"--skip-factor {self.skip_factor}: above 1 (0: no skipping)")
         if self.conditional and (self.model.kind == "ae" or self.model.prior != "standard"):
             raise ValueError("--conditional conditions a VAE's N(0, I) prior on the class: --model vae or hvae, no --prior flow")
+        if self.conditional and self.model.class_dim < 1:
+            raise ValueError(f"--class-dim {self.model.class_dim}: the class embedding needs at least 1 value")
         if self.class_balance is not None and not 0.0 <= self.class_balance <= 1.0:
             raise ValueError(f"--class-balance {self.class_balance}: a power in [0, 1] (0: classes as in the data, 1: alike)")
         if self.image_size is not None:

@@ -1,6 +1,6 @@
 """The model families training builds, by the config's `kind`: the flat VAE (`training.model`, also
 the autoencoder baseline) and the hierarchical VAE (`training.hvae`). Each gives the same interface
-to the loop, evaluation and figures: forward(x, eps) -> Pass, log_weights, noise_size,
+to the loop, evaluation and figures: forward(x, eps, y) -> Pass, log_weights, noise_size,
 kl_unit_dims, encode, decode, sample, mean_image, likelihood. A new family is one module here and
 one line in FAMILIES.
 """

@@ -24,6 +24,7 @@ from training.flow import FlowPrior
 from training.likelihoods import for_model
 from training.losses import gaussian_kl_per_dim, gaussian_log_prob, kl_per_dim, monte_carlo_kl, standard_normal_log_prob
 
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -112,7 +113,8 @@ class Pass(NamedTuple):
     params: torch.Tensor  # the likelihood's parameters [N, P, H, W]
     mu: torch.Tensor  # the posterior means (an autoencoder's code) [N, D]
     # KL(q(z|x) || p(z)) [N, U] in units that free bits floor one by one: per latent dimension under
-    # N(0, I) (closed form), one unit under a flow (the one-sample log q - log p); None for an autoencoder
+    # N(0, I) (closed form; a conditional model's to p(z|y)), one unit under a flow (the one-sample
+    # log q - log p); None for an autoencoder
     kl: torch.Tensor | None
 
 

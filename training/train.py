@@ -552,7 +552,8 @@ def collapse_warning(test: dict[str, Any], cfg: TrainConfig) -> str | None:
 def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any] | None:
     """Train, then evaluate the best checkpoint on the test set, write metrics.json and the figures.
 
-    An autoencoder's best checkpoint gets its fitted code Gaussian first (and is saved again with it).
+    The best checkpoint is saved again with what export reads from it: an autoencoder's fitted code
+    Gaussian, and for data with classes each class's mean latent (`class_means`) and the names.
     Under torchrun every rank trains and evaluates its share; rank 0 returns the metrics, the others None."""
     started = time.perf_counter()
     trainer = Trainer(cfg, out, data)
