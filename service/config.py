@@ -182,17 +182,22 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     return config
 
 
-def check_message_size(config: ServerConfig, image_shape: tuple[int, int, int], latent_dim: int) -> None:
-    """Refuse limits whose largest legal request or answer would not fit in one gRPC message: the
-    calls they allow would fail with RESOURCE_EXHAUSTED from gRPC itself, whatever the client did."""
+def message_rows(config: ServerConfig, image_shape: tuple[int, int, int], latent_dim: int) -> int:
+    """The rows one request of this model may hold: --max-request-rows, or fewer where that many
+    would not fit in one gRPC message (a model of large latents: Encode's mu, sigma and z), so that
+    no call the limits allow fails with RESOURCE_EXHAUSTED from gRPC itself. ConfigError where not
+    even a batch of rows (or the longest interpolation) fits: the model cannot be served so."""
     image, latent = 4 * math.prod(image_shape), 4 * latent_dim  # float32 bytes per row
-    largest = {
-        "--max-request-rows images or Encode's mu, sigma and z": config.max_request_rows * max(image, 3 * latent),
-        "--max-interpolation-steps images and latents": config.max_interpolation_steps * (image + latent),
-    }
-    for what, size in largest.items():
-        if size + MESSAGE_OVERHEAD > config.max_message_bytes:
-            raise ConfigError(
-                f"{what} of a {'x'.join(map(str, image_shape))} model with {latent_dim} latents take {size} bytes, "
-                f"more than --max-message-bytes {config.max_message_bytes}: lower the limit or raise --max-message-bytes"
-            )
+    per_row, room = max(image, 3 * latent), config.max_message_bytes - MESSAGE_OVERHEAD
+    model = f"a {'x'.join(map(str, image_shape))} model with {latent_dim} latents"
+    fits = max(room, 0) // per_row
+    if fits < min(config.max_request_rows, config.max_batch_rows):
+        raise ConfigError(
+            f"--max-request-rows images or Encode's mu, sigma and z of {model} take {config.max_request_rows * per_row} "
+            f"bytes, more than --max-message-bytes {config.max_message_bytes}: lower the limit or raise --max-message-bytes"
+        )
+    steps = config.max_interpolation_steps * (image + latent)
+    if steps > room:
+        raise ConfigError(f"--max-interpolation-steps images and latents of {model} take {steps} bytes, more than "
+                          f"--max-message-bytes {config.max_message_bytes}: lower the limit or raise --max-message-bytes")  # fmt: skip
+    return min(config.max_request_rows, fits)

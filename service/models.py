@@ -49,7 +49,9 @@ class Models:
     executor: Executor | None = None  # the inference workers every batcher shares (None: one per graph)
     only: set[str] | None = None  # --models: serve these (LoadModel adds to it); None: all
     default_name: str | None = None  # --default-model, or the only model at start (Server.load_models)
-    check: Callable[[ModelSpec], None] = lambda spec: None  # raises ConfigError for a version the server cannot serve
+    # A version's request limits (fewer rows where its answers would not fit a message), or
+    # ConfigError for one the server cannot serve; None: the flags' limits for every version
+    check: Callable[[ModelSpec], RequestLimits] | None = None
     unloaded: set[tuple[str, int]] = field(default_factory=set)  # by UnloadModel: (name, 0) is the whole model
     pinned: set[tuple[str, int]] = field(default_factory=set)  # versions LoadModel named, served beside the policy
     memory: MemoryBudget | None = None  # the budget loads and requests hold bytes of; None: unbounded
@@ -59,7 +61,7 @@ class Models:
         if self.memory is None:
             self.memory = MemoryBudget(math.inf, self.metrics)
         self.versions = Versions(
-            self.registry, self.repo, self.options, self.limits, self.metrics, self.executor, self.check,
+            self.registry, self.repo, self.options, self.metrics, self.executor, self.check or (lambda spec: self.limits),
             served=lambda name: self.only is None or name in self.only, memory=self.memory,
         )  # fmt: skip
         self._lock = asyncio.Lock()

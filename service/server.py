@@ -10,6 +10,7 @@ calls get UNAVAILABLE (HTTP 503) on both ports, calls in flight finish within th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -21,13 +22,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 
-from service.config import ConfigError, ServerConfig, check_message_size
+from service.config import ConfigError, ServerConfig, message_rows
 from service.engine import BatchSettings, RequestLimits
 from service.api.inference import grpc_service_pb2 as oip
 from service.api.vae.v1 import vae_pb2
 from service.dataplane import DataPlane
 from service.grpc_calls import add_to_server
 from service.listen import Endpoint, binding, endpoint, grpc_address
+from service.manifest import ModelSpec
 from service.memory import MemoryBudget, budget_from, resident
 from service.metrics import Metrics
 from service.models import Models
@@ -62,6 +64,17 @@ def request_limits(config: ServerConfig) -> RequestLimits:
         max_importance_samples=config.max_importance_samples,
         max_interpolation_steps=config.max_interpolation_steps,
     )
+
+
+def model_limits(config: ServerConfig, spec: ModelSpec) -> RequestLimits:
+    """One version's request limits: the flags', with fewer rows per request where its answers
+    would not fit in one message (ModelInfo.max_request_rows says so); ConfigError where it cannot
+    be served at all (`message_rows`)."""
+    rows = message_rows(config, spec.image_shape, spec.latent_dim)
+    if rows < config.max_request_rows:
+        log.warning("%s v%d: at most %d rows per request (its Encode answer for --max-request-rows %d would not fit "
+                    "--max-message-bytes %d)", spec.name, spec.version, rows, config.max_request_rows, config.max_message_bytes)  # fmt: skip
+    return dataclasses.replace(request_limits(config), max_request_rows=rows)
 
 
 def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
@@ -109,7 +122,7 @@ class Server:
             policy=VersionPolicy.parse(config.version_policy),
             only={name for name in config.models.split(",") if name} or None,
             default_name=config.default_model,
-            check=lambda spec: check_message_size(config, spec.image_shape, spec.latent_dim), memory=self.memory,
+            check=lambda spec: model_limits(config, spec), memory=self.memory,
         )  # fmt: skip
         self.plane = DataPlane(self.models, self.metrics, config.max_concurrent_calls)
         self.health = health.aio.HealthServicer()

@@ -36,14 +36,15 @@ class Versions:
     """Loads, swaps and retires versions in the registry; `refusals` collects what a pass refused."""
 
     def __init__(
-        self, registry: Registry, repo: Path, options: RuntimeOptions, limits: RequestLimits, metrics: Metrics,
-        executor: Executor | None, check: Callable[[ModelSpec], None], served: Callable[[str], bool],
+        self, registry: Registry, repo: Path, options: RuntimeOptions, metrics: Metrics,
+        executor: Executor | None, check: Callable[[ModelSpec], RequestLimits], served: Callable[[str], bool],
         memory: MemoryBudget,
     ) -> None:  # fmt: skip
-        """`check` raises ConfigError for a version the server cannot serve; `served(name)` says
+        """`check` gives a version's request limits, or raises ConfigError for one the server cannot
+        serve; `served(name)` says
         whether a model is still to be served (a retired version of one that is stays listed);
         loaded versions hold their footprints of `memory`."""
-        self.registry, self.repo, self.options, self.limits, self.memory = registry, repo, options, limits, memory
+        self.registry, self.repo, self.options, self.memory = registry, repo, options, memory
         self.metrics, self.executor, self.check, self.served = metrics, executor, check, served
         self.refusals: list[str] = []
         self.closed = False
@@ -65,8 +66,8 @@ class Versions:
             reference = await loop.run_in_executor(None, self._interface_reference, entry, replaced)
             if reference is not None:
                 check_interface(spec, reference, serving)
-            self.check(spec)
-            engine = await self._load_within_budget(spec, settings)
+            limits = self.check(spec)
+            engine = await self._load_within_budget(spec, settings, limits)
         except (RepositoryError, ModelLoadError, ConfigError, MemoryExhausted, TypeError, ValueError, KeyError,
                 AttributeError) as err:  # fmt: skip
             self.refusals.append(f"{name} v{number}: {err}")
@@ -100,7 +101,7 @@ class Versions:
             log.info("model loaded: %s v%d (loaded and warmed in %.2fs)", name, number, seconds)
         return True
 
-    async def _load_within_budget(self, spec: ModelSpec, settings: BatchSettings) -> Engine:
+    async def _load_within_budget(self, spec: ModelSpec, settings: BatchSettings, limits: RequestLimits) -> Engine:
         """Load a version holding its estimated bytes of the memory budget (waiting for requests to
         release them), then its measured footprint for as long as it is loaded. One that cannot fit
         beside the versions already loaded is refused: a swap holds both versions until the old
@@ -111,7 +112,7 @@ class Versions:
         await self.memory.acquire(estimate, f"loading {spec.name} v{spec.version}", None, spec.name, load=True)
         try:
             engine = await loop.run_in_executor(
-                None, load_engine, spec, self.options, settings, self.limits, self.metrics, self.memory, self.executor
+                None, load_engine, spec, self.options, settings, limits, self.metrics, self.memory, self.executor
             )
         except BaseException:
             self.memory.release(estimate, load=True)

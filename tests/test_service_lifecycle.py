@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
-from service.config import ConfigError, check_message_size, parse_config
+from service.config import ConfigError, message_rows, parse_config
 from service.repository import RepositoryError, load_spec, version_state
 from service.runtime import CPU, CUDA, Graph, RuntimeOptions, available_cores, choose_providers
 from tests.conftest import ROOT, ServerProcess, wait_for
@@ -196,10 +196,14 @@ def test_inconsistent_limits_and_empty_token_file_are_refused(model_repo, tmp_pa
         parse_config(["--max-interpolation-steps", "2000", "--max-queue-rows", "1500"], env={})
     assert "--max-interpolation-steps 2000 can never be met" in capsys.readouterr().err
     # 64 float32 images of 8x8 are 16 KiB: the default message size holds them, 8 KiB does not.
-    check_message_size(parse_config(["--max-batch-rows", "64", "--max-request-rows", "64"], env={}), (1, 8, 8), 8)
+    assert message_rows(parse_config(["--max-batch-rows", "64", "--max-request-rows", "64"], env={}), (1, 8, 8), 8) == 64
     small = parse_config(["--max-batch-rows", "64", "--max-request-rows", "64", "--max-message-bytes", str(64 * 1024 + 8192)], env={})
     with pytest.raises(ConfigError, match="--max-request-rows images"):
-        check_message_size(small, (1, 8, 8), 8)
+        message_rows(small, (1, 8, 8), 8)
+    # A model of large latents (the hierarchical Twemoji recipe's 6,016) is served with fewer rows per
+    # request than --max-request-rows, the most whose Encode answer (mu, sigma, z) fits one message.
+    rows = message_rows(parse_config([], env={}), (3, 32, 32), 6016)
+    assert 256 <= rows < 1024 and (rows + 1) * 3 * 4 * 6016 > parse_config([], env={}).max_message_bytes - 64 * 1024
     done = subprocess.run(
         [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0", "--http-port", "0",
          "--max-message-bytes", "70000"], cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -316,3 +320,26 @@ def test_concurrent_calls_are_capped(model_repo, tmp_path):
             assert stub.Sample(pb.SampleRequest(num_samples=5), timeout=60).images.tensor.shape == [5, 1, 8, 8]
     finally:
         assert proc.terminate() == 0
+
+
+def test_a_model_whose_answers_outgrow_a_message_is_served_with_fewer_rows_per_request(model_repo, tmp_path):
+    """A message limit that holds 300 of the digits model's rows (256 bytes each) caps its requests
+    at 300 rows, said in ModelInfo and the log, instead of refusing the model (the hierarchical
+    Twemoji recipe's 6,016 latents at the default limit); 301 rows are INVALID_ARGUMENT, 300 serve."""
+    from service.tensors import from_array
+
+    flags = ["--max-message-bytes", str(64 * 1024 + 300 * 256), "--max-interpolation-steps", "200"]
+    proc = ServerProcess(model_repo, tmp_path / "server.log", *flags)
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            assert stub.GetModelInfo(pb.GetModelInfoRequest()).max_request_rows == 300
+            images = np.random.default_rng(0).random((301, 1, 8, 8), dtype=np.float32)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Encode(pb.EncodeRequest(images=from_array(images)))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "300" in err.value.details()
+            answer = stub.Encode(pb.EncodeRequest(images=from_array(images[:300]), sample=True, seed=1))
+            assert answer.mu.shape == [300, 8]
+        assert "at most 300 rows per request" in proc.log.read_text()
+    finally:
+        proc.terminate()
