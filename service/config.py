@@ -182,11 +182,12 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     return config
 
 
-def message_rows(config: ServerConfig, image_shape: tuple[int, int, int], latent_dim: int) -> int:
-    """The rows one request of this model may hold: --max-request-rows, or fewer where that many
-    would not fit in one gRPC message (a model of large latents: Encode's mu, sigma and z), so that
-    no call the limits allow fails with RESOURCE_EXHAUSTED from gRPC itself. ConfigError where not
-    even a batch of rows (or the longest interpolation) fits: the model cannot be served so."""
+def message_limits(config: ServerConfig, image_shape: tuple[int, int, int], latent_dim: int) -> tuple[int, int]:
+    """The rows one request of this model may hold and the steps of its interpolations:
+    --max-request-rows and --max-interpolation-steps, or fewer where that many would not fit in one
+    gRPC message (a model of large latents: Encode's mu, sigma and z; an interpolation's images and
+    latents), so that no call the limits allow fails with RESOURCE_EXHAUSTED from gRPC itself.
+    ConfigError where not even a batch of rows fits: the model cannot be served so."""
     image, latent = 4 * math.prod(image_shape), 4 * latent_dim  # float32 bytes per row
     per_row, room = max(image, 3 * latent), config.max_message_bytes - MESSAGE_OVERHEAD
     model = f"a {'x'.join(map(str, image_shape))} model with {latent_dim} latents"
@@ -196,8 +197,4 @@ def message_rows(config: ServerConfig, image_shape: tuple[int, int, int], latent
             f"--max-request-rows images or Encode's mu, sigma and z of {model} take {config.max_request_rows * per_row} "
             f"bytes, more than --max-message-bytes {config.max_message_bytes}: lower the limit or raise --max-message-bytes"
         )
-    steps = config.max_interpolation_steps * (image + latent)
-    if steps > room:
-        raise ConfigError(f"--max-interpolation-steps images and latents of {model} take {steps} bytes, more than "
-                          f"--max-message-bytes {config.max_message_bytes}: lower the limit or raise --max-message-bytes")  # fmt: skip
-    return min(config.max_request_rows, fits)
+    return min(config.max_request_rows, fits), min(config.max_interpolation_steps, max(2, room // (image + latent)))

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 
-from service.config import ConfigError, ServerConfig, message_rows
+from service.config import ConfigError, ServerConfig, message_limits
 from service.engine import BatchSettings, RequestLimits
 from service.api.inference import grpc_service_pb2 as oip
 from service.api.vae.v1 import vae_pb2
@@ -67,14 +67,15 @@ def request_limits(config: ServerConfig) -> RequestLimits:
 
 
 def model_limits(config: ServerConfig, spec: ModelSpec) -> RequestLimits:
-    """One version's request limits: the flags', with fewer rows per request where its answers
-    would not fit in one message (ModelInfo.max_request_rows says so); ConfigError where it cannot
-    be served at all (`message_rows`)."""
-    rows = message_rows(config, spec.image_shape, spec.latent_dim)
-    if rows < config.max_request_rows:
-        log.warning("%s v%d: at most %d rows per request (its Encode answer for --max-request-rows %d would not fit "
-                    "--max-message-bytes %d)", spec.name, spec.version, rows, config.max_request_rows, config.max_message_bytes)  # fmt: skip
-    return dataclasses.replace(request_limits(config), max_request_rows=rows)
+    """One version's request limits: the flags', with fewer rows per request or interpolation
+    steps where its answers would not fit in one message (ModelInfo.max_request_rows says so, and
+    the log); ConfigError where it cannot be served at all (`message_limits`)."""
+    rows, steps = message_limits(config, spec.image_shape, spec.latent_dim)
+    if (rows, steps) != (config.max_request_rows, config.max_interpolation_steps):
+        log.warning("%s v%d: at most %d rows per request and %d interpolation steps (its answers for --max-request-rows %d "
+                    "and --max-interpolation-steps %d would not fit --max-message-bytes %d)", spec.name, spec.version, rows,
+                    steps, config.max_request_rows, config.max_interpolation_steps, config.max_message_bytes)  # fmt: skip
+    return dataclasses.replace(request_limits(config), max_request_rows=rows, max_interpolation_steps=steps)
 
 
 def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
-from service.config import ConfigError, message_rows, parse_config
+from service.config import ConfigError, message_limits, parse_config
 from service.repository import RepositoryError, load_spec, version_state
 from service.runtime import CPU, CUDA, Graph, RuntimeOptions, available_cores, choose_providers
 from tests.conftest import ROOT, ServerProcess, wait_for
@@ -196,14 +196,18 @@ def test_inconsistent_limits_and_empty_token_file_are_refused(model_repo, tmp_pa
         parse_config(["--max-interpolation-steps", "2000", "--max-queue-rows", "1500"], env={})
     assert "--max-interpolation-steps 2000 can never be met" in capsys.readouterr().err
     # 64 float32 images of 8x8 are 16 KiB: the default message size holds them, 8 KiB does not.
-    assert message_rows(parse_config(["--max-batch-rows", "64", "--max-request-rows", "64"], env={}), (1, 8, 8), 8) == 64
+    assert message_limits(parse_config(["--max-batch-rows", "64", "--max-request-rows", "64"], env={}), (1, 8, 8), 8) == (64, 1024)
     small = parse_config(["--max-batch-rows", "64", "--max-request-rows", "64", "--max-message-bytes", str(64 * 1024 + 8192)], env={})
     with pytest.raises(ConfigError, match="--max-request-rows images"):
-        message_rows(small, (1, 8, 8), 8)
+        message_limits(small, (1, 8, 8), 8)
     # A model of large latents (the hierarchical Twemoji recipe's 6,016) is served with fewer rows per
-    # request than --max-request-rows, the most whose Encode answer (mu, sigma, z) fits one message.
-    rows = message_rows(parse_config([], env={}), (3, 32, 32), 6016)
-    assert 256 <= rows < 1024 and (rows + 1) * 3 * 4 * 6016 > parse_config([], env={}).max_message_bytes - 64 * 1024
+    # request than --max-request-rows, the most whose Encode answer (mu, sigma, z) fits one message;
+    # at 64x64 its interpolations take fewer steps too, the most whose images and latents fit.
+    room = parse_config([], env={}).max_message_bytes - 64 * 1024
+    rows, steps = message_limits(parse_config([], env={}), (3, 32, 32), 6016)
+    assert 256 <= rows < 1024 and (rows + 1) * 3 * 4 * 6016 > room and steps == 1024
+    rows, steps = message_limits(parse_config([], env={}), (3, 64, 64), 6016)
+    assert 2 <= steps < 1024 and (steps + 1) * 4 * (3 * 64 * 64 + 6016) > room
     done = subprocess.run(
         [sys.executable, "-m", "service", "--model-repo", str(model_repo), "--port", "0", "--metrics-port", "0", "--http-port", "0",
          "--max-message-bytes", "70000"], cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -328,7 +332,7 @@ def test_a_model_whose_answers_outgrow_a_message_is_served_with_fewer_rows_per_r
     Twemoji recipe's 6,016 latents at the default limit); 301 rows are INVALID_ARGUMENT, 300 serve."""
     from service.tensors import from_array
 
-    flags = ["--max-message-bytes", str(64 * 1024 + 300 * 256), "--max-interpolation-steps", "200"]
+    flags = ["--max-message-bytes", str(64 * 1024 + 300 * 256), "--max-interpolation-steps", "200"]  # 200 steps fit
     proc = ServerProcess(model_repo, tmp_path / "server.log", *flags)
     try:
         with grpc.insecure_channel(proc.target) as channel:
