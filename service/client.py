@@ -4,6 +4,9 @@
     python -m service.client --model mnist --version 2 info
     python -m service.client reconstruct --input photo.jpg --out recon.png
     python -m service.client models | load NAME | unload NAME
+    python -m service.client --model mnist-cvae sample -n 16 --class 7 --out sevens.png
+    python -m service.client --model mnist-cvae classify --input digit.png
+    python -m service.client --model mnist-cvae edit --input digit.png --target 3 --strength 1 --out three.png
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class VaeClient:
     was), and come back
     in the format asked for: float32 (default), uint8, or a list of PNG files. Every call goes to
     `model` (default: the server's default model) at `version` (0: the newest it serves), and
-    `answered_by` holds the (model, version) that answered the last one."""
+    `answered_by` holds the (model, version) that answered the last one, `classes` the classes of
+    a conditional model it used (by name, one per row; `classes` arguments take names or indices)."""
 
     def __init__(
         self, target: str = "localhost:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 << 20,
@@ -61,6 +65,7 @@ class VaeClient:
         `cert` and `key` as well; `token` is sent as `authorization: Bearer <token>`."""
         self.model, self.version = model, version
         self.answered_by: tuple[str, int] | None = None
+        self.classes: list[str] = []
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         if ca or cert:
             credentials = grpc.ssl_channel_credentials(
@@ -88,6 +93,7 @@ class VaeClient:
 
     def _answered(self, response: Any) -> Any:
         self.answered_by = (response.model_name, response.model_version)
+        self.classes = list(getattr(response, "classes", getattr(response, "source_classes", [])))
         return response
 
     def models(self) -> pb.ListModelsResponse:
@@ -107,10 +113,10 @@ class VaeClient:
 
     def sample(
         self, n: int, seed: int | None = None, temperature: float | None = None, format: str = "float32",
-        temperatures: Sequence[float] = (),
+        temperatures: Sequence[float] = (), classes: Sequence[str | int] = (),
     ) -> np.ndarray | list[bytes]:
         request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, format=FORMATS[format],
-                                   temperatures=temperatures, **self._target())  # fmt: skip
+                                   temperatures=temperatures, classes=_names(classes), **self._target())  # fmt: skip
         return _images(self._answered(self.stub.Sample(request, **self.call)).images)
 
     def sample_stream(self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None) -> np.ndarray:
@@ -118,29 +124,31 @@ class VaeClient:
         return np.concatenate([_images(self._answered(r).images) for r in self.stub.SampleStream(request, **self.call)])
 
     def encode(
-        self, images: Inputs, sample: bool = False, seed: int | None = None
+        self, images: Inputs, sample: bool = False, seed: int | None = None, classes: Sequence[str | int] = ()
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """mu, sigma, and z (when sample=True)."""
-        request = pb.EncodeRequest(**_inputs(images), sample=sample, seed=seed, **self._target())
+        request = pb.EncodeRequest(**_inputs(images), sample=sample, seed=seed, classes=_names(classes), **self._target())
         r = self._answered(self.stub.Encode(request, **self.call))
         return tensor_to_numpy(r.mu), tensor_to_numpy(r.sigma), tensor_to_numpy(r.z) if sample else None
 
-    def decode(self, latents: np.ndarray, format: str = "float32") -> np.ndarray | list[bytes]:
-        request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format], **self._target())
+    def decode(self, latents: np.ndarray, format: str = "float32", classes: Sequence[str | int] = ()) -> np.ndarray | list[bytes]:
+        request = pb.DecodeRequest(latents=from_array(latents.astype(np.float32)), format=FORMATS[format],
+                                   classes=_names(classes), **self._target())  # fmt: skip
         return _images(self._answered(self.stub.Decode(request, **self.call)).images)
 
-    def reconstruct(self, images: Inputs, format: str = "float32") -> np.ndarray | list[bytes]:
-        request = pb.ReconstructRequest(**_inputs(images), format=FORMATS[format], **self._target())
+    def reconstruct(self, images: Inputs, format: str = "float32", classes: Sequence[str | int] = ()) -> np.ndarray | list[bytes]:
+        request = pb.ReconstructRequest(**_inputs(images), format=FORMATS[format], classes=_names(classes), **self._target())
         return _images(self._answered(self.stub.Reconstruct(request, **self.call)).images)
 
     def interpolate(
         self, start: np.ndarray | bytes, end: np.ndarray | bytes, steps: int, spherical: bool = False,
-        latents: bool = False, format: str = "float32",
+        latents: bool = False, format: str = "float32", classes: Sequence[str | int] = (),
     ) -> tuple[np.ndarray | list[bytes], np.ndarray]:  # fmt: skip
         """Images along the path and its latents; start/end are images [C, H, W], latents [D]
-        (latents=True), or encoded image files (bytes)."""
+        (latents=True), or encoded image files (bytes); a conditional model's `classes` of both
+        ends, or of the start and the end."""
         method = pb.INTERPOLATION_METHOD_SPHERICAL if spherical else pb.INTERPOLATION_METHOD_LINEAR
-        request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format], **self._target())
+        request = pb.InterpolateRequest(steps=steps, method=method, format=FORMATS[format], classes=_names(classes), **self._target())
         for side, value in (("start", start), ("end", end)):
             if isinstance(value, bytes):
                 setattr(request, f"{side}_file", value)
@@ -149,13 +157,41 @@ class VaeClient:
         r = self._answered(self.stub.Interpolate(request, **self.call))
         return _images(r.images), tensor_to_numpy(r.latents)
 
-    def score(self, images: Inputs, k: int = 64, seed: int | None = None) -> dict[str, np.ndarray]:
+    def score(
+        self, images: Inputs, k: int = 64, seed: int | None = None, classes: Sequence[str | int] = ()
+    ) -> dict[str, np.ndarray]:
         """Per image, in nats: elbo, reconstruction, kl, log_likelihood (IWAE, k samples); and
-        bits_per_dim, the IWAE estimate in bits per dimension."""
-        request = pb.ScoreRequest(**_inputs(images), importance_samples=k, seed=seed, **self._target())
+        bits_per_dim, the IWAE estimate in bits per dimension. A conditional model's given
+        `classes`, or without them log_likelihood is the marginal over its classes."""
+        request = pb.ScoreRequest(**_inputs(images), importance_samples=k, seed=seed, classes=_names(classes), **self._target())
         r = self._answered(self.stub.Score(request, **self.call))
+        self.classes = [s.class_name for s in r.scores if s.class_name]
         keys = ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim")
         return {key: np.array([getattr(s, key) for s in r.scores]) for key in keys}
+
+    def classify(self, images: Inputs, k: int = 64, seed: int | None = None) -> tuple[list[str], np.ndarray]:
+        """A conditional model's classes (its order) and p(y|x) [N, K] per image, by Bayes' rule
+        from its per-class likelihoods (k importance samples each); `classes` then holds each
+        image's most probable class."""
+        request = pb.ClassifyRequest(**_inputs(images), importance_samples=k, seed=seed, **self._target())
+        r = self._answered(self.stub.Classify(request, **self.call))
+        self.classes = [c.class_name for c in r.results]
+        return list(r.classes), np.array([list(c.probabilities) for c in r.results])
+
+    def edit(
+        self, images: Inputs, target: str | int, strength: float | None = None, sources: Sequence[str | int] = (),
+        format: str = "float32",
+    ) -> np.ndarray | list[bytes]:  # fmt: skip
+        """Images moved from their classes (`sources`, else the model's guess; `classes` then holds
+        them) towards `target` by `strength` in [0, 1] (default 1)."""
+        request = pb.EditRequest(**_inputs(images), target_class=str(target), strength=strength, source_classes=_names(sources),
+                                 format=FORMATS[format], **self._target())  # fmt: skip
+        return _images(self._answered(self.stub.Edit(request, **self.call)).images)
+
+
+def _names(classes: Sequence[str | int]) -> list[str]:
+    """Classes as the wire takes them: names, or indices written in decimal."""
+    return [str(c) for c in classes]
 
 
 def plain(message: Message) -> dict[str, Any]:
@@ -227,23 +263,39 @@ def build_parser() -> Parser:
     p.add_argument("--temperatures", type=lambda s: [float(v) for v in s.split(",")], default=[],
                    help="one per latent group (see info's latent_groups), comma-separated, instead of --temperature")
     p.add_argument("--out", type=Path, help=".png (a grid) or .npy")
-    for name in ("encode", "reconstruct", "score"):
+    class_help = "a conditional model's class (name or index): once for every image, or once per image"
+    p.add_argument("--class", dest="classes", action="append", default=[], help=class_help + " (default: drawn from p(y))")
+    inputs = ".npy arrays, or image files of any format and size (PNG, JPEG, WebP ...)"
+    for name in ("encode", "reconstruct", "score", "classify", "edit"):
         p = sub.add_parser(name)
-        p.add_argument("--input", type=Path, nargs="+", required=True,
-                       help=".npy arrays, or image files of any format and size (PNG, JPEG, WebP ...)")  # fmt: skip
+        p.add_argument("--input", type=Path, nargs="+", required=True, help=inputs)
         p.add_argument("--out", type=Path)
-        if name == "score":
+        if name in ("score", "classify"):
             p.add_argument("-k", type=int, default=64)
             p.add_argument("--seed", type=int)
+        if name in ("encode", "reconstruct", "score"):
+            p.add_argument("--class", dest="classes", action="append", default=[], help=class_help)
+        if name == "edit":
+            p.add_argument("--target", required=True, help="the class to move the images towards (name or index)")
+            p.add_argument("--source", dest="sources", action="append", default=[], help="each image's class (default: the model's guess)")
+            p.add_argument("--strength", type=float, help="in [0, 1] (default 1)")
     p = sub.add_parser("decode")
     p.add_argument("--input", type=Path, required=True, help=".npy of latents [N, D]")
+    p.add_argument("--class", dest="classes", action="append", default=[], help=class_help)
     p.add_argument("--out", type=Path)
     p = sub.add_parser("interpolate")
     p.add_argument("--input", type=Path, nargs="+", required=True, help="two image files (or one .npy holding two)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--spherical", action="store_true")
+    p.add_argument("--class", dest="classes", action="append", default=[], help="a conditional model's class of both ends, or once per end")
     p.add_argument("--out", type=Path)
     return parser
+
+
+def _say_classes(client: VaeClient) -> None:
+    """A conditional model's classes of the answer, on stderr (stdout may be the answer's JSON)."""
+    if client.classes:
+        print(f"classes: {', '.join(client.classes)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,25 +317,32 @@ def main(argv: list[str] | None = None) -> int:
                     default = " (default)" if m.name == listing.default_model else ""
                     print(f"{m.name}{default}\tv{m.version}\t{state}\t{m.reason}".rstrip())
             elif args.command == "sample":
-                _save(client.sample(args.n, args.seed, args.temperature, temperatures=args.temperatures), args.out)
+                _save(client.sample(args.n, args.seed, args.temperature, temperatures=args.temperatures, classes=args.classes), args.out)
             elif args.command == "encode":
-                mu, sigma, _ = client.encode(load_inputs(args.input))
+                mu, sigma, _ = client.encode(load_inputs(args.input), classes=args.classes)
                 if args.out:
                     np.savez(args.out, mu=mu, sigma=sigma)
                 print(json.dumps({"mu": mu.round(4).tolist(), "sigma": sigma.round(4).tolist()}))
             elif args.command == "decode":
-                _save(client.decode(np.load(args.input).astype(np.float32)), args.out)
+                _save(client.decode(np.load(args.input).astype(np.float32), classes=args.classes), args.out)
             elif args.command == "reconstruct":
-                _save(client.reconstruct(load_inputs(args.input)), args.out)
+                _save(client.reconstruct(load_inputs(args.input), classes=args.classes), args.out)
             elif args.command == "interpolate":
                 x = load_inputs(args.input)
                 if len(x) != 2:
                     parser.error(f"interpolate needs exactly two images, got {len(x)}")
-                images, _ = client.interpolate(x[0], x[1], args.steps, args.spherical)
+                images, _ = client.interpolate(x[0], x[1], args.steps, args.spherical, classes=args.classes)
                 _save(images, args.out)
             elif args.command == "score":
-                scores = client.score(load_inputs(args.input), args.k, args.seed)
+                scores = client.score(load_inputs(args.input), args.k, args.seed, classes=args.classes)
                 print(json.dumps({k: v.round(3).tolist() for k, v in scores.items()}))
+            elif args.command == "classify":
+                names, p = client.classify(load_inputs(args.input), args.k, args.seed)
+                print(json.dumps({"classes": names, "probabilities": p.round(4).tolist(), "most_probable": client.classes}))
+            elif args.command == "edit":
+                _save(client.edit(load_inputs(args.input), args.target, args.strength, args.sources), args.out)
+            if args.command in ("sample", "encode", "decode", "reconstruct", "interpolate", "score", "edit"):
+                _say_classes(client)
         except grpc.RpcError as err:
             print(f"{err.code().name}: {err.details()}", file=sys.stderr)
             return 1

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.engine import Engine, new_seed
-from service.errors import BadRequest, DeadlineExceeded, Internal, TooManyCalls, Unavailable, code_of
+from service.engine import Engine, log_softmax, new_seed, one_hot
+from service.errors import BadRequest, DeadlineExceeded, FailedPrecondition, Internal, TooManyCalls, Unavailable, code_of
 from service.metrics import Metrics
 from service.models import Models
 from service.registry import Status
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 MAX_ABS_LATENT = 1e4
 MAX_SEED = (1 << 64) - 1
 INTERPOLATIONS = ("linear", "spherical")
+# Importance samples of the Classify that picks a conditional model's class where a call gives none
+# (Encode, Reconstruct, Interpolate, Edit), under a fixed seed so that the pick is the same every time.
+IMPLIED_K = 16
 
 
 class Call:
@@ -266,6 +269,74 @@ def latents(engine: Engine, z: np.ndarray, field: str = "latents", max_rows: int
     return z.astype(np.float32, copy=False)
 
 
+def class_index(engine: Engine, value: str | bytes | int, field: str) -> int:
+    """A class by name (ModelInfo.classes), or else by its index, as the index; BadRequest naming
+    the classes for anything else."""
+    names = engine.spec.classes
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return value
+    shown = value if not isinstance(value, str) or len(value) <= 64 else value[:64] + "..."
+    raise BadRequest(f"{field}: {shown!r} is no class of model {engine.spec.name}; its classes are "
+                     f"{', '.join(names)} (or their indices 0 to {len(names) - 1})")  # fmt: skip
+
+
+def class_list(engine: Engine, values: Sequence[str | bytes | int], n: int, field: str, conditional: bool = True) -> np.ndarray | None:
+    """Class indices [n] from none (None: the operation's default), one (every row's) or n values
+    (one per row). Only a conditional model takes a class, except where `conditional` is False (an
+    edit of any model with classes)."""
+    if not len(values):
+        return None
+    if not engine.spec.classes or (conditional and not engine.classes):
+        has = "has no classes" if not engine.spec.classes else "is not conditional: it takes no class (Edit moves its images between classes)"
+        raise BadRequest(f"{field}: model {engine.spec.name} {has}")
+    if len(values) not in (1, n):
+        raise BadRequest(f"{field}: {len(values)} classes for {n} rows; give one for every row, or one per row")
+    labels = np.array([class_index(engine, v, f"{field}[{i}]" if len(values) > 1 else field) for i, v in enumerate(values)])
+    return np.repeat(labels, n) if len(labels) == 1 else labels
+
+
+def class_names(engine: Engine, labels: np.ndarray | None) -> list[str]:
+    return [] if labels is None else [engine.spec.classes[i] for i in labels.tolist()]
+
+
+def prior_class(engine: Engine, n: int) -> np.ndarray:
+    """A conditional model's most probable class under p(y), n times: the class of latents given none."""
+    return np.full(n, int(np.argmax(engine.log_prior)))
+
+
+async def implied_classes(engine: Engine, x: np.ndarray, deadline: float | None) -> np.ndarray:
+    """The classes of images a call gives none for: Classify's most probable class (IMPLIED_K
+    importance samples, seed 0) for a conditional model; for an unconditional one with class means,
+    the class whose mean latent lies nearest the image's."""
+    if not engine.classes:
+        return await engine.nearest_class(x, deadline)
+    figures = await engine.class_scores(x, IMPLIED_K, 0, deadline)
+    return np.argmax(figures["log_likelihood"] + engine.log_prior, axis=-1)
+
+
+def implied_cost(engine: Engine, n: int, given: np.ndarray | None) -> int:
+    """What picking the classes of n images takes, when none are given (`implied_classes`)."""
+    return 0 if given is not None or not engine.classes else engine.costs.score(n * engine.classes, IMPLIED_K)
+
+
+async def classes_for(engine: Engine, x: np.ndarray, given: np.ndarray | None, deadline: float | None) -> np.ndarray | None:
+    """The classes images are taken under by a conditional model: those given, else implied;
+    None for an unconditional model."""
+    if not engine.classes:
+        return None
+    return given if given is not None else await implied_classes(engine, x, deadline)
+
+
+def weights(engine: Engine, labels: np.ndarray | None) -> np.ndarray | None:
+    return None if labels is None else one_hot(labels, engine.classes)
+
+
 async def request_images(engine: Engine, x: np.ndarray | None, files: Sequence[bytes], field: str = "images",
                          files_field: str = "image_files") -> np.ndarray:  # fmt: skip
     """A request's images: a tensor, or encoded files decoded with the model's preprocessing."""
@@ -284,14 +355,19 @@ async def request_images(engine: Engine, x: np.ndarray | None, files: Sequence[b
 
 async def sample(
     engine: Engine, n: int, seed_value: int | None, temperature_value: float | None, deadline: float | None,
-    names: tuple[str, str, str, str] = ("num_samples", "seed", "temperature", "temperatures"), per_group: Sequence[float] = (),
-) -> tuple[np.ndarray, int]:  # fmt: skip
-    """`n` images from the prior and the seed that drew them, at one temperature or one per latent
+    names: tuple[str, ...] = ("num_samples", "seed", "temperature", "temperatures", "classes"), per_group: Sequence[float] = (),
+    classes: Sequence[str | bytes | int] = (),
+) -> tuple[np.ndarray, int, list[str]]:  # fmt: skip
+    """`n` images from the prior, the seed that drew them and a conditional model's class of each
+    (those asked for, else drawn from p(y) with the seed), at one temperature or one per latent
     group (`per_group`); `names` are the inputs' names on the wire."""
     n = count(n, names[0], engine.limits.max_request_rows)
-    t, s = temperatures(engine, temperature_value, per_group, names[2:]), seed(seed_value, names[1])
+    t, s = temperatures(engine, temperature_value, per_group, names[2:4]), seed(seed_value, names[1])
+    labels = class_list(engine, classes, n, names[4])
+    if labels is None and engine.classes:
+        labels = engine.draw_classes(n, s)
     async with engine.admit("sample", engine.costs.sample(n), f"Sample of {n} images", deadline):
-        return await engine.sample(n, s, t, deadline), s
+        return await engine.sample(n, s, t, deadline, weights(engine, labels)), s, class_names(engine, labels)
 
 
 @dataclass(frozen=True)
@@ -300,11 +376,12 @@ class SampleStream:
 
     seed: int
     chunks: AsyncIterator[tuple[int, np.ndarray]]
+    classes: list[str]  # a conditional model's class of each image, in order
 
 
 def sample_stream(
     engine: Engine, n: int, seed_value: int | None, temperature_value: float | None, chunk_rows: int,
-    deadline: float | None, per_group: Sequence[float] = (),
+    deadline: float | None, per_group: Sequence[float] = (), classes: Sequence[str | bytes | int] = (),
 ) -> SampleStream:  # fmt: skip
     """`n` images from the prior in chunks of `chunk_rows` (0: a batch, within the request limit):
     concatenated, Sample's images for the same seed. `n` may reach the queue's bound, since only
@@ -314,30 +391,47 @@ def sample_stream(
     limit = engine.limits.max_request_rows
     chunk = count(chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
     cost = n * engine.costs.latent + engine.costs.sample(chunk)
+    labels = class_list(engine, classes, n, "classes")
+    if labels is None and engine.classes:
+        labels = engine.draw_classes(n, s)
+    y = weights(engine, labels)
 
     async def chunks() -> AsyncIterator[tuple[int, np.ndarray]]:
         async with engine.admit("sample", cost, f"SampleStream of {n} images in chunks of {chunk}", deadline):
             eps = engine.latents(n, s, t)
             for offset in range(0, n, chunk):
-                yield offset, await engine.generate(eps[offset : offset + chunk], deadline)
+                part = None if y is None else y[offset : offset + chunk]
+                yield offset, await engine.generate(eps[offset : offset + chunk], deadline, part)
 
-    return SampleStream(s, chunks())
+    return SampleStream(s, chunks(), class_names(engine, labels))
 
 
-async def decode(engine: Engine, z: np.ndarray, deadline: float | None, field: str = "latents") -> np.ndarray:
-    """Images [N, C, H, W] in [0, 1] of latents [N, D]."""
+async def decode(
+    engine: Engine, z: np.ndarray, deadline: float | None, field: str = "latents", classes: Sequence[str | bytes | int] = ()
+) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+    """Images [N, C, H, W] in [0, 1] of latents [N, D], and a conditional model's class of each:
+    those given, else the most probable under p(y)."""
     z = latents(engine, z, field)
+    labels = class_list(engine, classes, len(z), "classes")
+    if labels is None and engine.classes:
+        labels = prior_class(engine, len(z))
     async with engine.admit("decode", engine.costs.decode(len(z)), f"Decode of {len(z)} latents", deadline):
-        return await engine.decode(z, deadline)
+        return await engine.decode(z, deadline, weights(engine, labels)), class_names(engine, labels)
 
 
 async def reconstruct(
-    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], deadline: float | None, files_field: str = "image_files"
-) -> np.ndarray:  # fmt: skip
-    """Decoded images of the images' (or files') encodings, their posterior means."""
+    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], deadline: float | None, files_field: str = "image_files",
+    classes: Sequence[str | bytes | int] = (),
+) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+    """Decoded images of the images' (or files') encodings, their posterior means; a conditional
+    model's under the classes given, else Classify's (`implied_classes`), which it returns."""
     n = request_rows(engine, x, files)
-    async with engine.admit("reconstruct", engine.costs.reconstruct(n), f"Reconstruct of {n} images", deadline):
-        return await engine.reconstruct(await request_images(engine, x, files, files_field=files_field), deadline)
+    given = class_list(engine, classes, n, "classes")
+    cost = engine.costs.reconstruct(n) + implied_cost(engine, n, given)
+    async with engine.admit("reconstruct", cost, f"Reconstruct of {n} images", deadline):
+        images = await request_images(engine, x, files, files_field=files_field)
+        labels = await classes_for(engine, images, given, deadline)
+        return await engine.reconstruct(images, deadline, weights(engine, labels)), class_names(engine, labels)
 
 
 def request_rows(engine: Engine, x: np.ndarray | None, files: Sequence[bytes]) -> int:
@@ -347,9 +441,21 @@ def request_rows(engine: Engine, x: np.ndarray | None, files: Sequence[bytes]) -
     return min(n, engine.limits.max_request_rows)
 
 
+def graph_input(engine: Engine, role: str) -> tuple[int, ...]:
+    """The shape of a row of a graph's input as exported: the encoder's image [C, H, W], the
+    decoder's latent [D], the posterior's image and noise [C*H*W + D]; a conditional model's
+    flattened, then its K class weights."""
+    c, h, w = engine.spec.image_shape
+    k, d = engine.classes, engine.spec.latent_dim
+    if role == "encoder":
+        return (c * h * w + k,) if k else (c, h, w)
+    return (d + k,) if role == "decoder" else (c * h * w + d + k,)
+
+
 async def encoder_graph(engine: Engine, x: np.ndarray, field: str, deadline: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """The encoder graph as exported, on any float32 [N, C, H, W] the caller sends: mu and logvar."""
-    rows(x, field, engine.spec.image_shape, engine.limits.max_request_rows)
+    """The encoder graph as exported, on any float32 rows the caller sends ([N, C, H, W]; a
+    conditional model's [N, C*H*W + K]): mu and logvar."""
+    rows(x, field, graph_input(engine, "encoder"), engine.limits.max_request_rows)
     async with engine.admit("encode", engine.costs.encode(len(x)), f"the encoder on {len(x)} images", deadline):
         return await engine.encode(x.astype(np.float32, copy=False), deadline)
 
@@ -357,16 +463,20 @@ async def encoder_graph(engine: Engine, x: np.ndarray, field: str, deadline: flo
 async def decoder_graph(engine: Engine, z: np.ndarray, field: str, deadline: float | None) -> list[np.ndarray]:
     """The decoder graph as exported: the likelihood's parameters of latents [N, D], and their
     images where the graph gives them."""
-    z = latents(engine, z, field)
+    if engine.classes:  # z_y: class weights after the latent, checked as the latents are
+        rows(z, field, graph_input(engine, "decoder"), engine.limits.max_request_rows)
+        latents(engine, z[:, : engine.spec.latent_dim], field)
+    else:
+        z = latents(engine, z, field)
     async with engine.admit("decode", engine.costs.decoder_graph(len(z)), f"the decoder on {len(z)} latents", deadline):
         return await engine.decoder_outputs(z, deadline)
 
 
 async def family_graph(engine: Engine, role: str, x: np.ndarray, field: str, deadline: float | None) -> list[np.ndarray]:
     """A graph of the model's family as exported (a hierarchical model's posterior: rows of an
-    image flattened and its noise, [N, C*H*W + D]), on whatever rows the caller sends."""
-    c, h, w = engine.spec.image_shape
-    rows(x, field, (c * h * w + engine.spec.latent_dim,), engine.limits.max_request_rows)
+    image flattened and its noise, [N, C*H*W + D], then a conditional model's class weights), on
+    whatever rows the caller sends."""
+    rows(x, field, graph_input(engine, role), engine.limits.max_request_rows)
     cost = len(x) * (3 * engine.costs.image + engine.costs.params + 4 * engine.costs.latent)
     async with engine.admit("encode", cost, f"the {role} graph on {len(x)} rows", deadline):
         return await engine.family[role].submit(x.astype(np.float32, copy=False), deadline)
@@ -378,22 +488,27 @@ class Encoded:
     sigma: np.ndarray
     z: np.ndarray | None = None  # one draw from q(z|x), when asked for
     seed: int = 0
+    classes: tuple[str, ...] = ()  # a conditional model's class of each image, which the latents are given
 
 
 async def encode(
     engine: Engine, x: np.ndarray | None, files: Sequence[bytes], draw: bool, seed_value: int | None,
-    deadline: float | None,
+    deadline: float | None, classes: Sequence[str | bytes | int] = (),
 ) -> Encoded:  # fmt: skip
-    """mu and sigma (not the log-variance) per image (or file); with `draw`, z from q(z|x) under a seed."""
+    """mu and sigma (not the log-variance) per image (or file); with `draw`, z from q(z|x) under a
+    seed; a conditional model's given the classes asked for, else Classify's."""
     n = request_rows(engine, x, files)
     s = seed(seed_value) if draw else 0
-    async with engine.admit("encode", engine.costs.encode(n, draw), f"Encode of {n} images", deadline):
+    given = class_list(engine, classes, n, "classes")
+    async with engine.admit("encode", engine.costs.encode(n, draw) + implied_cost(engine, n, given), f"Encode of {n} images", deadline):
         images = await request_images(engine, x, files)
-        mu, logvar = await engine.encode(images, deadline)
+        labels = await classes_for(engine, images, given, deadline)
+        y, names = weights(engine, labels), tuple(class_names(engine, labels))
+        mu, logvar = await engine.encode(images, deadline, y)
         sigma = np.exp(0.5 * logvar)
         if not draw:
-            return Encoded(mu, sigma)
-        return Encoded(mu, sigma, await engine.posterior_sample(images, mu, sigma, s, deadline), s)
+            return Encoded(mu, sigma, classes=names)
+        return Encoded(mu, sigma, await engine.posterior_sample(images, mu, sigma, s, deadline, y), s, names)
 
 
 @dataclass(frozen=True)
@@ -407,33 +522,50 @@ class EndPoint:
     file: bytes | None = None
 
 
-async def _end_latent(engine: Engine, end: EndPoint, deadline: float | None) -> np.ndarray:
+async def _end_latent(engine: Engine, end: EndPoint, label: int | None, deadline: float | None) -> tuple[np.ndarray, int | None]:
+    """An end point's latent and, for a conditional model, its class: the one given; else an image's
+    Classify gives it, and a latent's is left to the other end (None)."""
     if end.file is not None:
         x = await engine.images_from_files([end.file], end.field)
     elif end.latent is not None:
         z = end.latent[None] if end.latent.ndim == 1 else end.latent
-        return latents(engine, z, end.field, max_rows=1)[0]
+        return latents(engine, z, end.field, max_rows=1)[0], label
     elif end.image is not None:
         x = images(engine, end.image[None] if end.image.ndim == 3 else end.image, end.field, max_rows=1)
     else:
         raise BadRequest(f"{end.field}: give an image, a latent or an image file")
-    mu, _ = await engine.encode(x, deadline)
-    return mu[0]
+    given = None if label is None else np.array([label])
+    labels = await classes_for(engine, x, given, deadline)
+    mu, _ = await engine.encode(x, deadline, weights(engine, labels))
+    return mu[0], None if labels is None else int(labels[0])
 
 
 async def interpolate(
-    engine: Engine, start: EndPoint, end: EndPoint, steps: int, method: str, deadline: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The latents along the path between two end points, end points included, and their images."""
+    engine: Engine, start: EndPoint, end: EndPoint, steps: int, method: str, deadline: float | None,
+    classes: Sequence[str | bytes | int] = (),
+) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+    """The latents along the path between two end points, end points included, and their images;
+    a conditional model's classes of the two ends (`classes`: one for both, or the start's and the
+    end's; else an image's Classify, and a latent takes the other end's class, or p(y)'s most
+    probable), its class weights going from one to the other along the path."""
     most = engine.limits.max_interpolation_steps
     if not 2 <= steps <= most:
         raise BadRequest(f"steps: {steps}; must be between 2 and {most}")
     if method not in INTERPOLATIONS:
         raise BadRequest(f"method: {method!r}; must be linear or spherical")
-    async with engine.admit("interpolate", engine.costs.interpolate(steps), f"Interpolate of {steps} steps", deadline):
-        a = await _end_latent(engine, start, deadline)
-        b = await _end_latent(engine, end, deadline)
-        return await engine.interpolate(a, b, steps, method == "spherical", deadline)
+    given = class_list(engine, classes, 2, "classes")
+    cost = engine.costs.interpolate(steps) + implied_cost(engine, 2, given)
+    async with engine.admit("interpolate", cost, f"Interpolate of {steps} steps", deadline):
+        a, first = await _end_latent(engine, start, None if given is None else int(given[0]), deadline)
+        b, last = await _end_latent(engine, end, None if given is None else int(given[1]), deadline)
+        if not engine.classes:
+            path, images = await engine.interpolate(a, b, steps, method == "spherical", deadline)
+            return path, images, []
+        first = first if first is not None else last if last is not None else int(prior_class(engine, 1)[0])
+        last = last if last is not None else first
+        ends = (one_hot(np.array([first]), engine.classes)[0], one_hot(np.array([last]), engine.classes)[0])
+        path, images = await engine.interpolate(a, b, steps, method == "spherical", deadline, ends)
+        return path, images, class_names(engine, np.array([first, last]))
 
 
 @dataclass(frozen=True)
@@ -448,25 +580,120 @@ class Scores:
     bits_per_dim: np.ndarray
     importance_samples: int
     seed: int
+    # A conditional model's: the class each image's ELBO and its terms are given (the one asked for,
+    # or Bayes' rule's most probable), and whether log_likelihood is the marginal over the classes.
+    classes: tuple[str, ...] = ()
+    marginal: bool = False
 
-    def rows(self) -> list[dict[str, float]]:
-        """One dict per image, its five figures by the names every front end answers with."""
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per image, its figures by the names every front end answers with."""
         figures = (self.elbo, self.reconstruction, self.kl, self.log_likelihood, self.bits_per_dim)
         names = ("elbo", "reconstruction", "kl", "log_likelihood", "bits_per_dim")
-        return [dict(zip(names, values)) for values in zip(*(a.tolist() for a in figures))]
+        rows = [dict(zip(names, values)) for values in zip(*(a.tolist() for a in figures))]
+        for row, name in zip(rows, self.classes):
+            row |= {"class_name": name, "marginal": self.marginal}
+        return rows
 
 
 async def score(
-    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], k: int, seed_value: int | None, deadline: float | None
+    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], k: int, seed_value: int | None, deadline: float | None,
+    classes: Sequence[str | bytes | int] = (),
 ) -> Scores:  # fmt: skip
+    """Per image, the ELBO, its terms and the IWAE bound; a conditional model's given the classes
+    asked for, else the marginal log p(x) = logsumexp_y [log p(x|y) + log p(y)], the ELBO terms
+    then of the most probable class (every class scored: K times the work)."""
     k = count(k, "importance_samples", engine.limits.max_importance_samples)
     n = request_rows(engine, x, files)
-    async with engine.admit("score", engine.costs.score(n, k), f"Score of {n} images", deadline):
+    given = class_list(engine, classes, n, "classes")
+    marginal = engine.classes and given is None
+    cost = engine.costs.score(n * engine.classes, k) if marginal else engine.costs.score(n, k)
+    async with engine.admit("score", cost, f"Score of {n} images", deadline):
         x = await request_images(engine, x, files)
         s = seed(seed_value)
-        terms = await engine.score(x, k, s, deadline)
+        if marginal:
+            figures = await engine.class_scores(x, k, s, deadline)
+            joint = figures["log_likelihood"] + engine.log_prior
+            labels = np.argmax(joint, axis=-1)
+            terms = {name: values[np.arange(n), labels] for name, values in figures.items()}
+            terms["log_likelihood"] = logsumexp(joint)
+        else:
+            labels = given
+            terms = await engine.score(x, k, s, deadline, weights(engine, labels))
     bits = engine.spec.distribution.bits_per_dim(-terms["log_likelihood"], math.prod(engine.spec.image_shape))
-    return Scores(terms["elbo"], terms["reconstruction"], terms["kl"], terms["log_likelihood"], bits, k, s)
+    names = tuple(class_names(engine, labels))
+    return Scores(terms["elbo"], terms["reconstruction"], terms["kl"], terms["log_likelihood"], bits, k, s, names, bool(marginal))
+
+
+def logsumexp(a: np.ndarray) -> np.ndarray:
+    """log sum exp along the last axis, in float64."""
+    top = a.max(-1)
+    return top + np.log(np.exp(a - top[..., None]).sum(-1))
+
+
+@dataclass(frozen=True)
+class Classified:
+    """Bayes' rule from a conditional model's own likelihoods, per image: p(y|x) [N, K], the
+    per-class IWAE bounds log p(x|y) [N, K] and the marginal log p(x) [N], in nats."""
+
+    probabilities: np.ndarray
+    class_log_likelihoods: np.ndarray
+    log_likelihood: np.ndarray
+    classes: tuple[str, ...]  # the most probable class of each image
+    importance_samples: int
+    seed: int
+
+
+async def classify(
+    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], k: int, seed_value: int | None, deadline: float | None
+) -> Classified:  # fmt: skip
+    """p(y|x) = p(x|y) p(y) / p(x) with each log p(x|y) the IWAE bound of k draws, the same draws
+    for every class; FailedPrecondition for a model that is not conditional (it has no p(x|y))."""
+    if not engine.classes:
+        why = "it has no classes" if not engine.spec.classes else "it was trained without --conditional, so it has no p(x|y)"
+        raise FailedPrecondition(f"model {engine.spec.name} cannot classify: {why}")
+    k = count(k, "importance_samples", engine.limits.max_importance_samples)
+    n = request_rows(engine, x, files)
+    async with engine.admit("classify", engine.costs.score(n * engine.classes, k), f"Classify of {n} images", deadline):
+        x = await request_images(engine, x, files)
+        s = seed(seed_value)
+        per_class = (await engine.class_scores(x, k, s, deadline))["log_likelihood"]
+    joint = per_class + engine.log_prior
+    labels = np.argmax(joint, axis=-1)
+    return Classified(np.exp(log_softmax(joint)), per_class, logsumexp(joint), tuple(class_names(engine, labels)), k, s)
+
+
+@dataclass(frozen=True)
+class Edited:
+    images: np.ndarray
+    sources: tuple[str, ...]  # each image's class it was moved from
+    target: str
+    strength: float
+
+
+async def edit(
+    engine: Engine, x: np.ndarray | None, files: Sequence[bytes], sources: Sequence[str | bytes | int],
+    target: str | bytes | int, strength: float | None, deadline: float | None,
+) -> Edited:  # fmt: skip
+    """Images moved from their classes (`sources`, else Classify's, or for an unconditional model
+    the nearest class mean's) towards `target` by `strength` in [0, 1] (default 1): a conditional
+    model's class input moves, an unconditional model's latent moves by the class means' difference."""
+    if engine.class_means is None and not engine.classes:
+        why = "it has no classes" if not engine.spec.classes else "its export has no class means (class_means.npy)"
+        raise FailedPrecondition(f"model {engine.spec.name} cannot edit: {why}")
+    s = 1.0 if strength is None else float(strength)
+    if not math.isfinite(s) or not 0.0 <= s <= 1.0:
+        raise BadRequest(f"strength: {s}; must be a number in [0, 1]")
+    n = request_rows(engine, x, files)
+    given = class_list(engine, sources, n, "source_classes", conditional=False)
+    if target in ("", b"", None):
+        raise BadRequest(f"target_class: required; the classes are {', '.join(engine.spec.classes)}")
+    goal = class_index(engine, target, "target_class")
+    cost = engine.costs.reconstruct(n) + (implied_cost(engine, n, given) if engine.classes else 0)
+    async with engine.admit("edit", cost, f"Edit of {n} images", deadline):
+        images = await request_images(engine, x, files)
+        labels = given if given is not None else await implied_classes(engine, images, deadline)
+        edited = await engine.edit(images, labels, goal, s, deadline)
+    return Edited(edited, tuple(class_names(engine, labels)), engine.spec.classes[goal], s)
 
 
 def latent_layout(groups: tuple[tuple[int, ...], ...]) -> list[dict[str, Any]]:
@@ -486,4 +713,6 @@ def model_info(engine: Engine) -> dict[str, Any]:
         "dataset": s.dataset, "metrics": dict(s.metrics), "mixtures": s.mixtures, "classes": list(s.classes),
         "family": s.family, "latent_groups": latent_layout(s.latent_groups),
         "preprocessing": None if s.preprocessing is None else s.preprocessing.to_json(),
+        "conditional": s.conditional, "class_prior": np.exp(engine.log_prior).tolist(),
+        "editable": engine.class_means is not None or bool(engine.classes),
     }  # fmt: skip

@@ -74,11 +74,16 @@ def new_seed(seed: int | None) -> int:
 _generators = threading.local()
 
 
-def noise_stream(seed: int) -> np.random.Generator:
+# The stream of a Sample's classes drawn from p(y): apart from every image's noise stream (`noise_stream`).
+CLASS_STREAM = 1 << 100
+
+
+def noise_stream(seed: int, stream: int = 0) -> np.random.Generator:
     """The generator of a seed's noise: PCG64 with its 128-bit state and increment taken from
-    BLAKE2b of the seed, for draws in order (Score's chunks)."""
+    BLAKE2b of the seed, for draws in order (Score's chunks). `stream` (< 2^128, the hash's salt)
+    gives further independent streams of the same seed; stream 0 is the seed's own."""
     generator = np.random.Generator(np.random.PCG64(0))
-    _seed_state(generator, seed)
+    _seed_state(generator, seed, stream)
     return generator
 
 
@@ -93,8 +98,8 @@ def normal(seed: int, shape: tuple[int, ...], dtype: type = np.float32) -> np.nd
     return generator.standard_normal(shape, dtype=dtype)
 
 
-def _seed_state(generator: np.random.Generator, seed: int) -> None:
-    digest = hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=32).digest()
+def _seed_state(generator: np.random.Generator, seed: int, stream: int = 0) -> None:
+    digest = hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=32, salt=stream.to_bytes(16, "little")).digest()
     generator.bit_generator.state = {
         "bit_generator": "PCG64",
         "state": {"state": int.from_bytes(digest[:16], "little"), "inc": int.from_bytes(digest[16:], "little") | 1},
@@ -118,6 +123,26 @@ def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (1 - t) * a + t * b
 
 
+def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Class weights [N, K] float32 of class indices [N]."""
+    return np.eye(classes, dtype=np.float32)[labels]
+
+
+def with_classes(rows: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    """A graph's input rows for a conditional model: each row flattened, then its class weights y
+    [N, K] (`export.graphs`); the rows as they are when y is None (an unconditional model)."""
+    if y is None:
+        return rows
+    return np.concatenate([rows.reshape(len(rows), -1), y], axis=1, dtype=np.float32)
+
+
+def log_softmax(a: np.ndarray) -> np.ndarray:
+    """log of a's softmax along its last axis, in float64."""
+    a = a.astype(np.float64)
+    top = a.max(-1, keepdims=True)
+    return a - top - np.log(np.exp(a - top).sum(-1, keepdims=True))
+
+
 class Engine:
     """One served model: its spec, its graphs behind batchers, and the operations of the API."""
 
@@ -135,6 +160,11 @@ class Engine:
         self.memory = memory
         self.footprint = footprint
         self.active_calls = 0  # calls running on this engine; a retired engine closes when it reaches 0
+        # A conditional model's classes K (its graphs' rows end with K class weights; 0: unconditional),
+        # log p(y), and, for any model trained with classes, each class's mean latent (for edits).
+        self.classes = len(spec.classes) if spec.conditional else 0
+        self.log_prior = np.asarray(spec.class_log_prior, np.float64)
+        self.class_means = np.load(spec.folder / spec.class_means_file) if spec.class_means_file else None
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
         self.mean_image = spec.distribution.image
@@ -185,11 +215,13 @@ class Engine:
         outputs = await self.decoder.submit(z, deadline)
         return outputs[: len(self.runtime.decoder.output_names)]
 
-    async def decode(self, z: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Images of latents [N, D]. More latents than a batch go a batch at a time, each queued once
+    async def decode(self, z: np.ndarray, deadline: float | None = None, y: np.ndarray | None = None) -> np.ndarray:
+        """Images of latents [N, D] (a conditional model's: under class weights y [N, K]). More
+        latents than a batch go a batch at a time, each queued once
         the one before it is images, so a request never holds more than one batch's decoder outputs
         beside its images (a logistic mixture's are 12 times its images' size), and is refused
         (a full queue) at most once."""
+        z = with_classes(z, y)
         rows = self.batch.max_batch_rows
         if len(z) <= rows:
             return await self._images(z, deadline)
@@ -224,14 +256,18 @@ class Engine:
         """`prepare_files` on a worker thread: a large JPEG takes milliseconds the event loop must not spend."""
         return await asyncio.to_thread(self.prepare_files, files, field)
 
-    async def encode(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """mu and log-variance per image."""
-        mu, logvar = await self.encoder.submit(x, deadline)
+    async def encode(
+        self, x: np.ndarray, deadline: float | None = None, y: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """mu and log-variance per image (a conditional model's: given class weights y [N, K], in u,
+        its latent standardized under the class's prior)."""
+        mu, logvar = await self.encoder.submit(with_classes(x, y), deadline)
         return mu, logvar
 
     async def posterior_sample(
-        self, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray, seed: int, deadline: float | None = None
-    ) -> np.ndarray:
+        self, x: np.ndarray, mu: np.ndarray, sigma: np.ndarray, seed: int, deadline: float | None = None,
+        y: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """One draw from q(z|x) per image x (encoded as mu, sigma), a function of the seed: here
         z = mu + eps * sigma, eps ~ N(0, I)."""
         return mu + normal(seed, mu.shape) * sigma
@@ -258,24 +294,33 @@ class Engine:
         eps, log_prob = await self.priors["prior_density"].submit(z, deadline, background)
         return eps, log_prob.astype(np.float64)
 
-    async def generate(self, eps: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def generate(self, eps: np.ndarray, deadline: float | None = None, y: np.ndarray | None = None) -> np.ndarray:
         """Images for base noise eps: decode(f(eps)), f the identity under N(0, I)."""
-        return await self.decode(await self.prior_z(eps, deadline), deadline)
+        return await self.decode(await self.prior_z(eps, deadline), deadline, y)
 
-    async def sample(self, n: int, seed: int, temperature: float | np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def sample(
+        self, n: int, seed: int, temperature: float | np.ndarray, deadline: float | None = None, y: np.ndarray | None = None
+    ) -> np.ndarray:  # fmt: skip
         eps = self.latents(n, seed, temperature)
         if not self.priors:  # under N(0, I) the noise is the latents: one hop fewer on every small call
-            return await self.decode(eps, deadline)
-        return await self.generate(eps, deadline)
+            return await self.decode(eps, deadline, y)
+        return await self.generate(eps, deadline, y)
 
-    async def reconstruct(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        mu, _ = await self.encode(x, deadline)
-        return await self.decode(mu, deadline)
+    def draw_classes(self, n: int, seed: int) -> np.ndarray:
+        """n classes [n] drawn from p(y) (the training set's frequencies), a function of the seed
+        alone, from a stream apart from the images' noise: a Sample asked for no class."""
+        return noise_stream(seed, CLASS_STREAM).choice(self.classes, size=n, p=np.exp(self.log_prior) / np.exp(self.log_prior).sum())
+
+    async def reconstruct(self, x: np.ndarray, deadline: float | None = None, y: np.ndarray | None = None) -> np.ndarray:
+        mu, _ = await self.encode(x, deadline, y)
+        return await self.decode(mu, deadline, y)
 
     async def interpolate(
-        self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool, deadline: float | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Latents along the path (end points included) and their images.
+        self, start: np.ndarray, end: np.ndarray, steps: int, spherical: bool, deadline: float | None = None,
+        ends_y: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Latents along the path (end points included) and their images; a conditional model's
+        class weights go along a straight line from the start's class to the end's (`ends_y`).
 
         A spherical path keeps to the shell where a Gaussian's mass lies; under a flow that Gaussian
         is the base N(0, I), so the great circle runs between the end points' eps and is mapped
@@ -286,7 +331,32 @@ class Engine:
         else:
             path = (slerp if spherical else lerp)(start, end, t).astype(np.float32)
         path[0], path[-1] = start, end  # exact end points, whatever rounding (or f(f^-1(z))) did
-        return path, await self.decode(path, deadline)
+        y = None if ends_y is None else lerp(*ends_y, t).astype(np.float32)
+        return path, await self.decode(path, deadline, y)
+
+    async def edit(
+        self, x: np.ndarray, source: np.ndarray, target: int, strength: float, deadline: float | None = None
+    ) -> np.ndarray:
+        """Images x [N] moved from their classes `source` [N] towards class `target` by `strength`
+        in [0, 1]. A conditional model keeps each image's latent (its posterior mean under its class)
+        and moves the class weights from the source's to the target's; an unconditional one moves
+        the latent by strength x (target's mean latent - source's)."""
+        target_y = one_hot(np.full(len(x), target), len(self.spec.classes))
+        if self.classes:
+            source_y = one_hot(source, self.classes)
+            u, _ = await self.encode(x, deadline, source_y)
+            return await self.decode(u, deadline, ((1 - strength) * source_y + strength * target_y).astype(np.float32))
+        assert self.class_means is not None
+        mu, _ = await self.encode(x, deadline)
+        shift = strength * (self.class_means[target] - self.class_means[source])
+        return await self.decode((mu + shift).astype(np.float32), deadline)
+
+    async def nearest_class(self, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """For an unconditional model with class means: each image's class [N] as the one whose
+        mean latent lies nearest its posterior mean (it has no p(x|y) to classify by)."""
+        assert self.class_means is not None
+        mu, _ = await self.encode(x, deadline)
+        return ((mu[:, None, :] - self.class_means[None]) ** 2).sum(-1).argmin(-1)
 
     async def _flow_great_circle(
         self, start: np.ndarray, end: np.ndarray, t: np.ndarray, deadline: float | None
@@ -296,24 +366,60 @@ class Engine:
         base = slerp(ends[0], ends[1], t).astype(np.float32)
         return np.array(await self.prior_z(base, deadline), dtype=np.float32)
 
-    async def score(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
+    async def score(
+        self, x: np.ndarray, k: int, seed: int, deadline: float | None = None, y: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         """Per image, in nats: ELBO (averaged over the k samples), its terms, and the IWAE bound
-        (`service.scoring`). The n x k draws (image-major, their noise drawn in that order from the
-        seed) are decoded a chunk of rows at a time, IN_FLIGHT chunks queued at once; each chunk's
-        log p(x|z) is taken on the inference worker with its batch (`ScoreSums.reducer`), so the
-        request never holds its decoder outputs and its arithmetic is shared fairly with the other
-        calls, and the chunks fold into running sums. How a chunk's draws are decoded is the
-        family's (`_score_draws`)."""
-        total = len(x) * k
-        sums, draws = await self._score_draws(x, k, deadline)
-        noise = noise_stream(seed)
+        (`service.scoring`); a conditional model's given class weights y [N, K]. The n x k draws
+        (image-major, their noise drawn in that order from the seed) are decoded a chunk of rows at
+        a time, IN_FLIGHT chunks queued at once; each chunk's log p(x|z) is taken on the inference
+        worker with its batch (`ScoreSums.reducer`), so the request never holds its decoder outputs
+        and its arithmetic is shared fairly with the other calls, and the chunks fold into running
+        sums. How a chunk's draws are decoded is the family's (`_score_draws`)."""
+        stream = noise_stream(seed)
+        return await self._score(x, k, y, 1, lambda start, rows: stream.standard_normal((rows, self.spec.latent_dim)), deadline)
+
+    async def class_scores(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Score's figures of each image under every class of a conditional model, [N, K] each: the
+        per-class IWAE bounds log p(x|y) that Bayes' rule classifies by. An image's K classes are
+        scored on the same k noise draws (its own stream of the seed, `noise_stream(seed, i)`), so
+        the classes are compared on equal terms, and a one-image Classify draws what a one-image
+        Score does."""
+        n, classes, d = len(x), self.classes, self.spec.latent_dim
+        stream: list[np.random.Generator] = []
+
+        def noise(start: int, rows: int) -> np.ndarray:
+            """Rows start.. of the (image, class, draw)-major rows, asked for in order: each
+            (image, class) item's k draws are the first k of its image's stream."""
+            parts, row, stop = [], start, start + rows
+            while row < stop:
+                item, draw = divmod(row, k)
+                if draw == 0:  # a new item: its image's stream from its start
+                    stream[:] = [noise_stream(seed, item // classes)]
+                take = min(k - draw, stop - row)
+                parts.append(stream[0].standard_normal((take, d)))
+                row += take
+            return np.concatenate(parts)
+
+        y = np.tile(np.eye(classes, dtype=np.float32), (n, 1))
+        figures = await self._score(x, k, y, classes, noise, deadline)
+        return {name: values.reshape(n, classes) for name, values in figures.items()}
+
+    async def _score(
+        self, x: np.ndarray, k: int, y: np.ndarray | None, per_image: int, noise: Callable[[int, int], np.ndarray],
+        deadline: float | None,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """Score's figures for the items of images x, `per_image` items each (item i is image
+        i // per_image, under class weights y[i] where given), k draws per item, their noise rows
+        drawn in order by `noise(start, rows)`."""
+        total = len(x) * per_image * k
+        sums, draws = await self._score_draws(x, k, deadline, y, per_image)
         step = chunk_rows(self.spec.decoder_channels * math.prod(self.spec.image_shape[1:]), total, self.batch.max_queue_rows)
 
         def launch(start: int) -> asyncio.Future:
             """Draw the chunk's noise (here, in row order: the stream's order) and queue its decoding."""
-            image = (start + np.arange(min(step, total - start))) // k
-            eps = noise.standard_normal((len(image), self.spec.latent_dim))
-            return asyncio.ensure_future(draws(start, image, eps))
+            item = (start + np.arange(min(step, total - start))) // k
+            return asyncio.ensure_future(draws(start, item, noise(start, len(item))))
 
         starts = iter(range(0, total, step))
         pending = collections.deque([launch(next(starts))])  # alone at first: a full queue refuses the call once
@@ -327,27 +433,31 @@ class Engine:
                 future.cancel()
         return sums.figures()
 
-    async def _score_draws(self, x: np.ndarray, k: int, deadline: float | None) -> tuple[ScoreSums, Draws]:
-        """Score's sums for x, and the function that decodes a chunk of its draws: start, the rows'
-        images and their noise eps -> (start, log p(x|z), log p(z) - log q(z|x)). A flat VAE encodes
-        once and draws z = mu + eps sigma; under N(0, I) its KL is the closed form, under a flow
+    async def _score_draws(
+        self, x: np.ndarray, k: int, deadline: float | None, y: np.ndarray | None = None, per_image: int = 1
+    ) -> tuple[ScoreSums, Draws]:  # fmt: skip
+        """Score's sums for the items of x (`_score`), and the function that decodes a chunk of
+        their draws: start, the rows' items and their noise eps -> (start, log p(x|z),
+        log p(z) - log q(z|x)). A flat VAE encodes each item once and draws z = mu + eps sigma;
+        under N(0, I) (a conditional model's u included) its KL is the closed form, under a flow
         log p(z) comes from the prior_density graph, computed beside the decoder (two batchers)."""
-        mu, logvar = await self.encode(x, deadline)
+        mu, logvar = await self.encode(np.repeat(x, per_image, axis=0) if per_image > 1 else x, deadline, y)
         mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
         kl = None if self.priors else -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
         sigma = np.exp(0.5 * logvar)
-        sums = ScoreSums(x.astype(np.float64), k, self.spec.distribution, kl)
+        sums = ScoreSums(x.astype(np.float64), k, self.spec.distribution, kl, per_image)
 
-        async def draws(start: int, image: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-            z = mu[image] + eps * sigma[image]
-            rows = z.astype(np.float32)  # bulk work: the batches serve interactive calls first (`BatchPolicy`)
-            reduce = sums.reducer(image, split=self.runtime.decoder.in_halves)
+        async def draws(start: int, item: np.ndarray, eps: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+            z = mu[item] + eps * sigma[item]
+            # bulk work: the batches serve interactive calls first (`BatchPolicy`)
+            rows = with_classes(z.astype(np.float32), None if y is None else y[item])
+            reduce = sums.reducer(item, split=self.runtime.decoder.in_halves)
             decoded = self.decoder.submit(rows, deadline, background=True, reduce=reduce)
             if not self.priors:
                 (log_px,), log_pz = await decoded, None
             else:
                 (log_px,), (_, log_pz) = await asyncio.gather(decoded, self.prior_density(rows, deadline, background=True))
-            return start, log_px, gaussian_log_ratio(eps, z, logvar[image], log_pz)
+            return start, log_px, gaussian_log_ratio(eps, z, logvar[item], log_pz)
 
         return sums, draws
 

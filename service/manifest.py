@@ -7,6 +7,8 @@ disagree. It lives on the serving side because the serving image carries `servic
 
     MODELS/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}
                              + {prior_sample.onnx, prior_density.onnx} for a flow prior
+                             + posterior.onnx for a hierarchical model
+                             + class_means.npy for a model trained on data with classes
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class ModelSpec:
     mixtures: int = 0  # a logistic mixture's components K (0 for the other likelihoods)
     preprocessing: Preprocessing | None = None  # what an image file sent to this model goes through
     classes: tuple[str, ...] = ()  # the training data's class names, when it had classes
+    conditional: bool = False  # its graphs take class weights [N, K] after each row's other values
+    class_log_prior: tuple[float, ...] = ()  # a conditional model's log p(y), the training set's class frequencies
+    class_means_file: str = ""  # class_means.npy when the export wrote it: each class's mean latent, for edits
 
     @property
     def family_graphs(self) -> tuple[str, ...]:
@@ -100,13 +105,15 @@ class ModelSpec:
 
     @property
     def interface(self) -> dict[str, object]:
-        """What a client depends on: a new version that changes any of it is another model."""
+        """What a client depends on: a new version that changes any of it is another model (the class
+        list and whether the class is an input among it)."""
         return {
             "image_shape": self.image_shape, "latent_dim": self.latent_dim, "likelihood": self.likelihood,
             "mixtures": self.mixtures, "prior": self.prior, "family": self.family,
             # a flat VAE's one group is its latent_dim: only a layout that says more is an entry of its own
             "latent_groups": None if self.latent_groups == ((self.latent_dim,),) else self.latent_groups,
             "preprocessing": self.preprocessing.to_json() if self.preprocessing else None,
+            "classes": self.classes, "conditional": self.conditional,
         }  # fmt: skip
 
 
@@ -192,6 +199,17 @@ def _preprocessing(info: dict[str, Any]) -> Preprocessing | None:
     return on_black(info["image_shape"])
 
 
+def _check_class_means(spec: ModelSpec, entry: Any, verify: bool) -> None:
+    """class_means.npy is [K, D], one mean latent per class, and (with verify) its sha256 matches."""
+    path = spec.folder / spec.class_means_file
+    if not path.is_file() or not isinstance(entry, dict) or not entry.get("sha256"):
+        raise RepositoryError(f"{path}: missing, or {MANIFEST} gives no sha256 for it")
+    if verify and sha256(path) != entry["sha256"]:
+        raise RepositoryError(f"{path}: sha256 does not match {MANIFEST} (a torn or replaced file)")
+    if list(entry.get("shape", [])) != [len(spec.classes), spec.latent_dim]:
+        raise RepositoryError(f"{path}: shape {entry.get('shape')}; one mean latent per class, [{len(spec.classes)}, {spec.latent_dim}]")
+
+
 def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
     """One version, checked: files present, fields sane, graph hashes matching (with verify), so a
     torn copy or a swapped file is refused rather than served."""
@@ -227,6 +245,9 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
             mixtures=int(info.get("mixtures", 0)),
             preprocessing=_preprocessing(info),
             classes=tuple(str(c) for c in info.get("classes", [])),
+            conditional=bool(info.get("conditional", False)),
+            class_log_prior=tuple(float(v) for v in info.get("class_log_prior", [])),
+            class_means_file=str(info["class_means"]["file"]) if "class_means" in info else "",
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise RepositoryError(f"{folder}/{MANIFEST} is missing or has a bad field: {err!r}") from err
@@ -248,9 +269,11 @@ def read_manifest(folder: Path, verify: bool = True) -> ModelSpec:
     if unlisted:  # served without them, a flow model would be sampled and scored under N(0, I)
         needs, missing = " and ".join(spec.prior_graphs), ", ".join(unlisted)
         raise RepositoryError(f"{folder}/{MANIFEST}: prior {spec.prior!r} needs {needs}; it does not list {missing}")
-    if info.get("conditional"):  # its graphs take the class in each row: served as they stand, every row would be wrong
-        raise RepositoryError(f"{folder}/{MANIFEST}: a conditional model (its graphs take the class); this server does not "
-                              "serve conditional models yet (their graphs serve on Triton: python -m export.triton)")  # fmt: skip
+    classes = len(spec.classes)
+    if spec.conditional and (classes < 2 or len(spec.class_log_prior) != classes):
+        raise RepositoryError(f"{folder}/{MANIFEST}: a conditional model needs its classes and their class_log_prior, one each")
+    if spec.class_means_file:
+        _check_class_means(spec, info["class_means"], verify)
     if spec.family not in FAMILY_ROLES:
         served = " and ".join(FAMILY_ROLES)
         raise RepositoryError(f"{folder}/{MANIFEST}: family {spec.family!r}; this server serves the families {served}")

@@ -21,7 +21,7 @@ SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ADMIN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("RepositoryModelLoad", "RepositoryModelUnload"))
 PREFIX = "oip."
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "UINT64": "uint64_contents",
-            "INT32": "int_contents", "UINT8": "uint_contents"}  # fmt: skip
+            "INT32": "int_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}  # fmt: skip
 HEALTH = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # answered while draining: probes need them most then
 
 
@@ -67,7 +67,9 @@ class InferenceServicer:
     @uncapped(PREFIX, HEALTH)
     async def ModelMetadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
         engine, kind = oip_models.resolve(self.models, request.name, request.version)
-        return json_format.ParseDict(oip_models.metadata(self.models, engine, request.name, kind), oip.ModelMetadataResponse())
+        metadata = oip_models.metadata(self.models, engine, request.name, kind)
+        metadata.pop("parameters", None)  # the protocol's gRPC message has no field for them; the config gives the classes
+        return json_format.ParseDict(metadata, oip.ModelMetadataResponse())
 
     @uncapped(PREFIX, HEALTH)
     async def ModelConfig(self, request: oip.ModelConfigRequest) -> oip.ModelConfigResponse:

@@ -5,7 +5,9 @@ Per served model NAME the protocol shows three models:
   NAME_encoder   the encoder graph as exported: x [N, C, H, W] -> mu, logvar [N, D]
   NAME_decoder   the decoder graph as exported: z [N, D] -> logits (or mean) [N, C, H, W]
   NAME_sample    num_samples (INT64 [1]), optional seed (INT64 [1]) and temperature (FP32 [1])
-                 -> images (FP32 [N, C, H, W] in [0, 1]) and seed: the bytes of vae.v1 Sample
+                 -> images (FP32 [N, C, H, W] in [0, 1]) and seed: the bytes of vae.v1 Sample;
+                 a conditional model's also an optional class (BYTES names or INT64 indices, [1] or
+                 [N]) and its class of each image (INT64 [N], indices into the metadata's classes)
 with the tensor names, datatypes and shapes `python -m export.triton` gives Triton for the same
 files. Metadata, config and statistics are dicts in the JSON of Triton's REST API, whose keys are
 the protobuf messages' field names, so the gRPC front end parses them into its messages.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+import json
 from typing import Any
 
 import numpy as np
@@ -100,15 +103,18 @@ def signature(engine: Engine, kind: str) -> Signature:
     if kind == "sample":
         scalars = [("num_samples", "INT64", [1]), ("seed", "INT64", [1]), ("temperature", "FP32", [1]),
                    ("temperatures", "FP32", [-1])]  # fmt: skip
-        return scalars, [("images", "FP32", [-1, c, h, w]), ("seed", "INT64", [1])]
+        outputs = [("images", "FP32", [-1, c, h, w]), ("seed", "INT64", [1])]
+        if engine.classes:  # the class asked for (by name, BYTES, or index, INT64) and each image's
+            return [*scalars, ("class", "BYTES", [-1])], [*outputs, ("class", "INT64", [-1])]
+        return scalars, outputs
     if kind in GRAPH_KINDS:  # a hierarchical model's posterior: an image and its noise in -> params, log_ratio, u
         graph = engine.runtime.family[kind]
         out = dict(zip(graph.output_names, ([-1, engine.spec.decoder_channels, h, w], [-1], [-1, d])))
-        return [(graph.input_name, "FP32", [-1, c * h * w + d])], [(n, "FP32", out[n]) for n in graph.output_names]
+        return [(graph.input_name, "FP32", [-1, *dataplane.graph_input(engine, kind)])], [(n, "FP32", out[n]) for n in graph.output_names]
     graph = engine.runtime.encoder if kind == "encoder" else engine.runtime.decoder
     image, latent = [-1, c, h, w], [-1, d]
     params = [-1, engine.spec.decoder_channels, h, w]  # the likelihood's parameters: C, or a mixture's K (1 + 2C)
-    inputs = [(graph.input_name, "FP32", image if kind == "encoder" else latent)]
+    inputs = [(graph.input_name, "FP32", [-1, *dataplane.graph_input(engine, kind)])]
     shapes = {IMAGE: image} if kind == "decoder" else {}
     outputs = [(name, "FP32", shapes.get(name, latent if kind == "encoder" else params)) for name in graph.output_names]
     return inputs, outputs
@@ -123,6 +129,18 @@ def _vector(inputs: dict[str, tuple[str, np.ndarray]], name: str, datatypes: tup
         raise BadRequest(f"input {name!r}: datatype {datatype!r}; must be {' or '.join(datatypes)}")
     if array.ndim != 1:
         raise BadRequest(f"input {name!r}: shape {list(array.shape)}; must be [G], one value per latent group")
+    return array.tolist()
+
+
+def _classes(inputs: dict[str, tuple[str, np.ndarray]]) -> list[bytes | int]:
+    """NAME_sample's optional class input: names (BYTES) or indices (INT64, INT32), [1] or [N]."""
+    if "class" not in inputs:
+        return []
+    datatype, array = inputs["class"]
+    if datatype not in ("BYTES", "INT64", "INT32"):
+        raise BadRequest(f"input 'class': datatype {datatype!r}; must be BYTES (names) or INT64 (indices)")
+    if array.ndim != 1:
+        raise BadRequest(f"input 'class': shape {list(array.shape)}; must be [1] or [N]")
     return array.tolist()
 
 
@@ -160,11 +178,14 @@ async def infer(
         if seed is not None and not 0 <= seed <= MAX_INT64:  # the seed output is INT64
             raise BadRequest(f"input 'seed': {seed}; must be between 0 and 2^63 - 1")
         per_group = _vector(inputs, "temperatures", ("FP32",))
-        images, seed = await dataplane.sample(
+        classes = _classes(inputs)
+        images, seed, drawn = await dataplane.sample(
             engine, int(n), seed, _scalar(inputs, "temperature", ("FP32",)), deadline,
-            names=("input 'num_samples'", "input 'seed'", "input 'temperature'", "input 'temperatures'"), per_group=per_group,
+            names=("input 'num_samples'", "input 'seed'", "input 'temperature'", "input 'temperatures'", "input 'class'"),
+            per_group=per_group, classes=classes,
         )  # fmt: skip
-        results = {"images": images, "seed": np.array([seed], np.int64)}
+        results = {"images": images, "seed": np.array([seed], np.int64),
+                   "class": np.array([engine.spec.classes.index(c) for c in drawn], np.int64)}  # fmt: skip
     else:
         ((name, _, _),) = declared_in
         if name not in inputs:
@@ -187,11 +208,14 @@ async def infer(
 def metadata(models: Models, engine: Engine, name: str, kind: str) -> dict[str, Any]:
     inputs, outputs = signature(engine, kind)
     served = sorted(v for (model, v) in models.routes if model == engine.spec.name and v)
-    return {
+    answer = {
         "name": name, "versions": [str(v) for v in served], "platform": _platform(kind),
         "inputs": [{"name": n, "datatype": t, "shape": s} for n, t, s in inputs],
         "outputs": [{"name": n, "datatype": t, "shape": s} for n, t, s in outputs],
     }  # fmt: skip
+    if engine.spec.classes:  # the class list, which the class indices mean (REST only: gRPC's message has no such field)
+        answer["parameters"] = {"classes": list(engine.spec.classes)}
+    return answer
 
 
 def config(engine: Engine, name: str, kind: str) -> dict[str, Any]:
@@ -204,7 +228,8 @@ def config(engine: Engine, name: str, kind: str) -> dict[str, Any]:
         "name": name, "platform": _platform(kind), "backend": "onnxruntime" if batched else "",
         "max_batch_size": engine.limits.max_request_rows if batched else 0,
         "input": [
-            {"name": n, "data_type": f"TYPE_{t}", "dims": s[1:] if batched else s, "optional": n in ("seed", "temperature", "temperatures")}
+            {"name": n, "data_type": "TYPE_STRING" if t == "BYTES" else f"TYPE_{t}", "dims": s[1:] if batched else s,
+             "optional": n in ("seed", "temperature", "temperatures", "class")}
             for n, t, s in inputs
         ],
         "output": [{"name": n, "data_type": f"TYPE_{t}", "dims": s[1:] if batched else s} for n, t, s in outputs],
@@ -214,6 +239,8 @@ def config(engine: Engine, name: str, kind: str) -> dict[str, Any]:
         },
         "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
         "default_model_filename": f"{kind}.onnx" if batched else "",
+        # Triton's free-form parameters: the class list (a JSON list), which the class indices mean
+        **({"parameters": {"classes": {"string_value": json.dumps(list(engine.spec.classes))}}} if engine.spec.classes else {}),
     }  # fmt: skip
 
 

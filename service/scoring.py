@@ -43,11 +43,15 @@ def chunk_rows(values_per_row: int, total: int, queue_rows: int) -> int:
 class ScoreSums:
     """The running per-image sums of one Score request."""
 
-    def __init__(self, x: np.ndarray, k: int, likelihood: Likelihood, kl: np.ndarray | None = None) -> None:
-        """`x` the images (float64), `kl` their closed-form KL where the model has one (a flat VAE
-        under N(0, I)); without it the KL is the draws' mean of log q(z|x) - log p(z)."""
-        n = len(x)
-        self.x, self.k, self.likelihood, self.kl = x, k, likelihood, kl
+    def __init__(
+        self, x: np.ndarray, k: int, likelihood: Likelihood, kl: np.ndarray | None = None, per_image: int = 1
+    ) -> None:  # fmt: skip
+        """Sums per item, `per_image` items of each image of `x` (float64; a conditional model's
+        Classify scores each image under every class), `kl` their closed-form KL where the model
+        has one (a flat VAE under N(0, I)); without it the KL is the draws' mean of
+        log q(z|x) - log p(z)."""
+        n = len(x) * per_image
+        self.x, self.k, self.likelihood, self.kl, self.per_image = x, k, likelihood, kl, per_image
         self.log_px = np.zeros(n)  # sum over draws of log p(x|z)
         self.log_q_minus_p = np.zeros(n)  # sum over draws of log q(z|x) - log p(z)
         self.w_max = np.full(n, -np.inf)  # logsumexp of log w, as max + log(sum(exp(log w - max)))
@@ -68,17 +72,17 @@ class ScoreSums:
         self.w_sum[ids] = self.w_sum[ids] * np.exp(self.w_max[ids] - top) + np.add.reduceat(exps, starts)
         self.w_max[ids] = top
 
-    def reducer(self, image: np.ndarray, keep: int = 0, split: Split | None = None) -> Reduce:
+    def reducer(self, item: np.ndarray, keep: int = 0, split: Split | None = None) -> Reduce:
         """What a chunk of draws keeps of its graph's outputs (`Batcher.submit`'s reduce): log p(x|z)
         per row [r] float64 in place of the likelihood's parameters (the first output), and the
-        `keep` outputs after them, for a chunk whose rows are of these images. It runs on the
+        `keep` outputs after them, for a chunk whose rows are of these items. It runs on the
         inference worker with the batch, so Score's arithmetic is shared with the other calls as
         its rows are; `split` (the graph's `in_halves`) runs it in two halves at once where the
         graph's batches do."""
 
         def reduce(first: int, outputs: list[np.ndarray]) -> list[np.ndarray]:
             params, *rest = outputs
-            rows = image[first : first + len(params)]
+            rows = item[first : first + len(params)]
             # Two halves at once take half a slice each: the arithmetic's memory is one slice's either way.
             values = SCORE_CHUNK_VALUES // (2 if split is not None else 1)
             part = lambda start, stop: [self.log_px_of(rows[start:stop], params[start:stop], values)]  # noqa: E731
@@ -87,10 +91,11 @@ class ScoreSums:
 
         return reduce
 
-    def log_px_of(self, image: np.ndarray, params: np.ndarray, values: int = SCORE_CHUNK_VALUES) -> np.ndarray:
-        """log p(x|z) per row in float64 for the decoder's `params` [r, P, H, W] of these images, a
+    def log_px_of(self, item: np.ndarray, params: np.ndarray, values: int = SCORE_CHUNK_VALUES) -> np.ndarray:
+        """log p(x|z) per row in float64 for the decoder's `params` [r, P, H, W] of these items, a
         slice of rows at a time, so the temporaries stay near `values` whatever the chunk."""
         step = max(1, values // max(1, math.prod(params.shape[1:])))
+        image = item // self.per_image
         return np.concatenate([
             self.likelihood.log_prob(self.x[image[j : j + step]], params[j : j + step])
             for j in range(0, len(params), step)

@@ -70,11 +70,42 @@ def oip_tensor(name: str, datatype: str, shape: list[int], raw: bytes | memoryvi
     """One of the Open Inference Protocol's input tensors: `raw` bytes, or `values` (JSON `data`,
     gRPC's typed contents, named `what`)."""
     field = f"input {name!r}"
+    if datatype == "BYTES":
+        return byte_strings(field, shape, raw, values)
     if datatype not in DATATYPES:
-        raise BadRequest(f"{field}: datatype {datatype!r} is not one this server takes ({', '.join(DATATYPES)})")
+        raise BadRequest(f"{field}: datatype {datatype!r} is not one this server takes ({', '.join(DATATYPES)}, BYTES)")
     if raw is not None:
         return from_bytes(raw, DATATYPES[datatype], shape, field)
     return from_values(values, DATATYPES[datatype], shape, field, what)
+
+
+def byte_strings(field: str, shape: list[int], raw: bytes | memoryview | None, values: Any) -> np.ndarray:
+    """A BYTES tensor (class names) as an object array of bytes: raw, each element's length as 4
+    bytes little-endian then its bytes (the protocol's serialization); else JSON strings or gRPC's
+    bytes_contents."""
+    size = tensor_size(shape, field)
+    items: list[bytes] = []
+    if raw is not None:
+        data, at = bytes(raw), 0
+        while at < len(data) and len(items) <= size:
+            if at + 4 > len(data):
+                raise BadRequest(f"{field}: BYTES data ends inside an element's 4-byte length")
+            length = int.from_bytes(data[at : at + 4], "little")
+            if at + 4 + length > len(data):
+                raise BadRequest(f"{field}: a BYTES element of {length} bytes runs past the data")
+            items.append(data[at + 4 : at + 4 + length])
+            at += 4 + length
+    else:
+        flat = np.asarray(values if values is not None else [], dtype=object).ravel().tolist()
+        for v in flat:
+            if not isinstance(v, (str, bytes)):
+                raise BadRequest(f"{field}: BYTES data must be strings, got {type(v).__name__}")
+            items.append(v.encode() if isinstance(v, str) else v)
+    if len(items) != size:
+        raise BadRequest(f"{field}: shape {list(shape)} needs {size} elements, got {len(items)}")
+    array = np.empty(size, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
 
 
 def to_array(t: pb.Tensor, field: str, allow_uint8: bool = False) -> np.ndarray:

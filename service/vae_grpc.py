@@ -102,8 +102,10 @@ class VaeServicer:
     async def Sample(self, engine: Engine, request: pb.SampleRequest, deadline: float | None) -> pb.SampleResponse:
         fmt = _format(engine, request.format)
         t = request.temperature if request.HasField("temperature") else None
-        images, seed = await dataplane.sample(engine, request.num_samples, _seed(request), t, deadline, per_group=request.temperatures)
-        return _with_images(pb.SampleResponse(seed=seed), images, fmt)
+        images, seed, classes = await dataplane.sample(
+            engine, request.num_samples, _seed(request), t, deadline, per_group=request.temperatures, classes=request.classes
+        )  # fmt: skip
+        return _with_images(pb.SampleResponse(seed=seed, classes=classes), images, fmt)
 
     async def SampleStream(self, request: pb.SampleRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SampleResponse]:
         """Sample in chunks: the concatenated chunks equal Sample's images for the same seed."""
@@ -114,10 +116,12 @@ class VaeServicer:
                 fmt = _format(engine, request.format)
                 t = request.temperature if request.HasField("temperature") else None
                 stream = dataplane.sample_stream(
-                    engine, request.num_samples, _seed(request), t, request.chunk_rows, deadline, request.temperatures
+                    engine, request.num_samples, _seed(request), t, request.chunk_rows, deadline, request.temperatures,
+                    request.classes,
                 )  # fmt: skip
                 async for offset, images in stream.chunks:
-                    response = _with_images(pb.SampleResponse(seed=stream.seed, offset=offset), images, fmt)
+                    classes = stream.classes[offset : offset + len(images)]
+                    response = _with_images(pb.SampleResponse(seed=stream.seed, offset=offset, classes=classes), images, fmt)
                     response.model_name, response.model_version = engine.spec.name, engine.spec.version
                     yield response
         except Exception as err:  # noqa: BLE001
@@ -125,8 +129,10 @@ class VaeServicer:
 
     @rpc
     async def Encode(self, engine: Engine, request: pb.EncodeRequest, deadline: float | None) -> pb.EncodeResponse:
-        encoded = await dataplane.encode(engine, _images(request), request.image_files, request.sample, _seed(request), deadline)
-        response = pb.EncodeResponse()
+        encoded = await dataplane.encode(
+            engine, _images(request), request.image_files, request.sample, _seed(request), deadline, request.classes
+        )  # fmt: skip
+        response = pb.EncodeResponse(classes=encoded.classes)
         from_array(encoded.mu, into=response.mu)
         from_array(encoded.sigma, into=response.sigma)
         if encoded.z is not None:
@@ -137,13 +143,14 @@ class VaeServicer:
     @rpc
     async def Decode(self, engine: Engine, request: pb.DecodeRequest, deadline: float | None) -> pb.ImagesResponse:
         fmt = _format(engine, request.format)
-        return _with_images(pb.ImagesResponse(), await dataplane.decode(engine, to_array(request.latents, "latents"), deadline), fmt)
+        images, classes = await dataplane.decode(engine, to_array(request.latents, "latents"), deadline, classes=request.classes)
+        return _with_images(pb.ImagesResponse(classes=classes), images, fmt)
 
     @rpc
     async def Reconstruct(self, engine: Engine, request: pb.ReconstructRequest, deadline: float | None) -> pb.ImagesResponse:
         fmt = _format(engine, request.format)
-        images = await dataplane.reconstruct(engine, _images(request), request.image_files, deadline)
-        return _with_images(pb.ImagesResponse(), images, fmt)
+        images, classes = await dataplane.reconstruct(engine, _images(request), request.image_files, deadline, classes=request.classes)
+        return _with_images(pb.ImagesResponse(classes=classes), images, fmt)
 
     @staticmethod
     def _end_point(request: pb.InterpolateRequest, side: str) -> EndPoint:
@@ -161,13 +168,36 @@ class VaeServicer:
             raise BadRequest(f"method: unknown interpolation method {request.method}")
         fmt = _format(engine, request.format)
         start, end = self._end_point(request, "start"), self._end_point(request, "end")
-        path, images = await dataplane.interpolate(engine, start, end, request.steps, METHODS[request.method], deadline)
-        response = _with_images(pb.InterpolateResponse(), images, fmt)
+        path, images, classes = await dataplane.interpolate(
+            engine, start, end, request.steps, METHODS[request.method], deadline, request.classes
+        )  # fmt: skip
+        response = _with_images(pb.InterpolateResponse(classes=classes), images, fmt)
         from_array(path, into=response.latents)
         return response
 
     @rpc
     async def Score(self, engine: Engine, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
-        s = await dataplane.score(engine, _images(request), request.image_files, request.importance_samples or 64, _seed(request), deadline)
+        s = await dataplane.score(
+            engine, _images(request), request.image_files, request.importance_samples or 64, _seed(request), deadline, request.classes
+        )  # fmt: skip
         scores = [pb.ImageScore(**row) for row in s.rows()]
         return pb.ScoreResponse(scores=scores, importance_samples=s.importance_samples, seed=s.seed)
+
+    @rpc
+    async def Classify(self, engine: Engine, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        c = await dataplane.classify(engine, _images(request), request.image_files, request.importance_samples or 64, _seed(request), deadline)
+        results = [
+            pb.ImageClasses(probabilities=p, class_log_likelihoods=ll, log_likelihood=marginal, class_name=name)
+            for p, ll, marginal, name in zip(c.probabilities.tolist(), c.class_log_likelihoods.tolist(), c.log_likelihood.tolist(), c.classes)
+        ]  # fmt: skip
+        return pb.ClassifyResponse(results=results, classes=engine.spec.classes, importance_samples=c.importance_samples, seed=c.seed)
+
+    @rpc
+    async def Edit(self, engine: Engine, request: pb.EditRequest, deadline: float | None) -> pb.EditResponse:
+        fmt = _format(engine, request.format)
+        strength = request.strength if request.HasField("strength") else None
+        e = await dataplane.edit(
+            engine, _images(request), request.image_files, request.source_classes, request.target_class, strength, deadline
+        )  # fmt: skip
+        response = pb.EditResponse(source_classes=e.sources, target_class=e.target, strength=e.strength)
+        return _with_images(response, e.images, fmt)

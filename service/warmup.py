@@ -51,11 +51,12 @@ def _warm_up(spec: ModelSpec, runtime: Runtime, batch: BatchSettings, share: flo
     def decode(z: np.ndarray) -> list[np.ndarray]:  # as Engine._decode_batch runs a batch
         return runtime.decode(z, mean if in_batch else None)
 
+    k = len(spec.classes) if spec.conditional else 0  # a conditional model's rows end with class weights
     graphs: dict[str, tuple[Callable[[np.ndarray], list[np.ndarray]], tuple[int, ...]]] = {
-        "encoder": (runtime.encoder.run, (c, h, w)),
-        "decoder": (decode, (d,)),
+        "encoder": (runtime.encoder.run, (c * h * w + k,) if k else (c, h, w)),
+        "decoder": (decode, (d + k,)),
         **{role: (graph.run, (d,)) for role, graph in runtime.priors.items()},
-        **{role: (graph.run, (c * h * w + d,)) for role, graph in runtime.family.items()},  # the posterior's x_eps
+        **{role: (graph.run, (c * h * w + d + k,)) for role, graph in runtime.family.items()},  # the posterior's x_eps(_y)
     }
     runs: dict[str, list[tuple[int, int | None]]] = {role: [] for role in (*graphs, "mean")}
 

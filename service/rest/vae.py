@@ -3,9 +3,10 @@ as vae.v1 gRPC, so a seed gives the same images and the same PNG bytes (`rpc` la
 
   GET  /v1/models                                the listing
   GET  /v1/models/NAME                           model info
-  GET  /v1/models/NAME/sample.png?n=64&seed=1    one PNG grid of samples
+  GET  /v1/models/NAME/sample.png?n=64&seed=1    one PNG grid of samples (a conditional model's: &class=NAME)
   POST /v1/models/NAME/reconstruct.png           uploaded image file(s) (multipart, field `image`) -> PNG
-  POST /v1/models/NAME/{sample,encode,decode,reconstruct,interpolate,score}   JSON in, JSON out
+  POST /v1/models/NAME/edit.png?target=NAME      uploaded image file(s) moved towards a class -> PNG
+  POST /v1/models/NAME/{sample,encode,decode,reconstruct,interpolate,score,classify,edit}   JSON in, JSON out
   POST /v1/models/NAME/{load,unload}             model control (admin token)
 
 Every route takes `?version=N` (default: the newest served), and the inference routes
@@ -13,13 +14,16 @@ Every route takes `?version=N` (default: the newest served), and the inference r
 queues (a gRPC deadline does the same). Tensors in JSON are
 `{"shape": [...], "dtype": "float32"|"uint8", "data": [...]}` (data flat or nested) or carry
 `"b64"` (the raw little-endian bytes in base64) instead of `data`; images come back in the
-`format` asked for: float32 (default), uint8, or png (base64 files).
+`format` asked for: float32 (default), uint8, or png (base64 files). A class is a name or an
+index (`classes` in JSON bodies, `class` in query strings), as over gRPC (proto/vae/v1/vae.proto);
+the PNG routes name the classes they used in the `Vae-Classes` header (a JSON list).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -71,16 +75,23 @@ def number_list(value: str | None, field: str) -> list[float]:
     except ValueError:
         raise BadRequest(f"{field}: {value!r}; must be numbers separated by commas") from None
 
+ClassRef = str | int
+Classes = Field([], description="a conditional model's classes (names or indices): one for every row, or one per row")
+ClassQuery = Annotated[list[str], Query(alias="class", description="a conditional model's class (name or index); repeat it for one per image")]
+
+
 class SampleRequest(Answer):
     num_samples: int = 1
     seed: int | None = None
     temperature: float | None = None
     temperatures: list[float] = Field([], description="one per latent group (ModelInfo's latent_groups), instead of temperature")
+    classes: list[ClassRef] = Classes
 
 
 class ImagesRequest(Answer):
     images: Tensor | None = None
     image_files: list[str] = Field([], description="encoded image files (PNG, JPEG, ...), base64")
+    classes: list[ClassRef] = Classes
 
 
 class EncodeRequest(ImagesRequest):
@@ -90,6 +101,22 @@ class EncodeRequest(ImagesRequest):
 
 class DecodeRequest(Answer):
     latents: Tensor
+    classes: list[ClassRef] = Classes
+
+
+class ClassifyRequest(BaseModel):
+    images: Tensor | None = None
+    image_files: list[str] = Field([], description="encoded image files (PNG, JPEG, ...), base64")
+    importance_samples: int = 64
+    seed: int | None = None
+
+
+class EditRequest(Answer):
+    images: Tensor | None = None
+    image_files: list[str] = Field([], description="encoded image files (PNG, JPEG, ...), base64")
+    source_classes: list[ClassRef] = Field([], description="each image's class (none: the model's own guess)")
+    target_class: ClassRef = ""
+    strength: float | None = Field(None, description="in [0, 1]; default 1")
 
 
 class EndPointIn(BaseModel):
@@ -103,6 +130,7 @@ class InterpolateRequest(Answer):
     end: EndPointIn
     steps: int = 8
     method: Literal["linear", "spherical"] = "linear"
+    classes: list[ClassRef] = Field([], description="a conditional model's classes of the two ends: one for both, or start's and end's")
 
 
 class ScoreRequest(ImagesRequest):
@@ -150,7 +178,12 @@ def images_out(engine: Engine, images: np.ndarray, body: Answer) -> dict[str, An
     return {"format": body.format, **tensor(to_uint8(images) if body.format == "uint8" else images, body.encoding)}
 
 
-def _images_in(body: ImagesRequest) -> tuple[np.ndarray | None, list[bytes]]:
+def classes_header(classes: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """A PNG answer's classes, as a header (JSON, ASCII-escaped); none for an unconditional model."""
+    return {"Vae-Classes": json.dumps(list(classes))} if classes else {}
+
+
+def _images_in(body: ImagesRequest | ClassifyRequest | EditRequest) -> tuple[np.ndarray | None, list[bytes]]:
     files = [unbase64(f, f"image_files[{i}]") for i, f in enumerate(body.image_files)]
     return (None if body.images is None else array(body.images, "images")), files
 
@@ -205,30 +238,31 @@ def router(plane: DataPlane) -> APIRouter:
         seed: int | None = None, temperature: float | None = None,
         temperatures: Annotated[str | None, Query(description="one per latent group, comma-separated, instead of temperature")] = None,
         columns: Annotated[int | None, Query(ge=1, le=1024, description="images per row (default: a square)")] = None,
-        timeout: Timeout = None,
+        timeout: Timeout = None, classes: ClassQuery = [],  # noqa: B006 - FastAPI copies query defaults
     ) -> Response:  # fmt: skip
         async with call("Sample", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
             per_group = number_list(temperatures, "temperatures")
-            images, _ = await dataplane.sample(
-                engine, n, seed, temperature, deadline, names=("n", "seed", "temperature", "temperatures"), per_group=per_group
+            images, _, drawn = await dataplane.sample(
+                engine, n, seed, temperature, deadline, names=("n", "seed", "temperature", "temperatures", "class"),
+                per_group=per_group, classes=classes,
             )  # fmt: skip
-            return Response(grid_png(images, columns), media_type="image/png")
+            return Response(grid_png(images, columns), media_type="image/png", headers=classes_header(drawn))
 
     @api.post("/models/{name}/sample", name=PREFIX + "Sample", summary="Samples from the prior")
     async def sample(name: str, body: SampleRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Sample", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            images, seed = await dataplane.sample(
-                engine, body.num_samples, body.seed, body.temperature, deadline, per_group=body.temperatures
+            images, seed, classes = await dataplane.sample(
+                engine, body.num_samples, body.seed, body.temperature, deadline, per_group=body.temperatures, classes=body.classes
             )  # fmt: skip
-            return _answered(engine, {"seed": seed, "images": images_out(engine, images, body)})
+            return _answered(engine, {"seed": seed, "images": images_out(engine, images, body), "classes": classes})
 
     @api.post("/models/{name}/encode", name=PREFIX + "Encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")
     async def encode(name: str, body: EncodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Encode", name, version, timeout) as (engine, deadline):
-            e = await dataplane.encode(engine, *_images_in(body), body.sample, body.seed, deadline)
-            answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding)}
+            e = await dataplane.encode(engine, *_images_in(body), body.sample, body.seed, deadline, body.classes)
+            answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding), "classes": list(e.classes)}
             if e.z is not None:
                 answer |= {"z": tensor(e.z, body.encoding), "seed": e.seed}
             return _answered(engine, answer)
@@ -237,44 +271,90 @@ def router(plane: DataPlane) -> APIRouter:
     async def decode(name: str, body: DecodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Decode", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            images = await dataplane.decode(engine, array(body.latents, "latents", allow_uint8=False), deadline)
-            return _answered(engine, {"images": images_out(engine, images, body)})
+            latents = array(body.latents, "latents", allow_uint8=False)
+            images, classes = await dataplane.decode(engine, latents, deadline, classes=body.classes)
+            return _answered(engine, {"images": images_out(engine, images, body), "classes": classes})
 
     @api.post("/models/{name}/reconstruct", name=PREFIX + "Reconstruct", summary="Decoded images of the images' encodings")
     async def reconstruct(name: str, body: ImagesRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
-            images = await dataplane.reconstruct(engine, *_images_in(body), deadline)
-            return _answered(engine, {"images": images_out(engine, images, body)})
+            images, classes = await dataplane.reconstruct(engine, *_images_in(body), deadline, classes=body.classes)
+            return _answered(engine, {"images": images_out(engine, images, body), "classes": classes})
 
     @api.post("/models/{name}/reconstruct.png", name=PREFIX + "Reconstruct", summary="Uploaded image files' reconstructions as one PNG",
               response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
     async def reconstruct_png(
         name: str, image: Annotated[list[UploadFile], File(description="one or more image files")], version: Version = 0,
         columns: Annotated[int | None, Query(ge=1, le=1024)] = None, timeout: Timeout = None,
+        classes: ClassQuery = [],  # noqa: B006
     ) -> Response:  # fmt: skip
         async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
-            images = await dataplane.reconstruct(engine, None, files, deadline, files_field="image")
-            return Response(png_bytes(images[0]) if len(images) == 1 else grid_png(images, columns), media_type="image/png")
+            images, used = await dataplane.reconstruct(engine, None, files, deadline, files_field="image", classes=classes)
+            return png_answer(images, columns, used)
+
+    @api.post("/models/{name}/edit.png", name=PREFIX + "Edit", summary="Uploaded image files moved towards a class, as one PNG",
+              response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
+    async def edit_png(
+        name: str, image: Annotated[list[UploadFile], File(description="one or more image files")],
+        target: Annotated[str, Query(description="the class to move towards (name or index)")] = "",
+        source: Annotated[list[str], Query(description="each image's class (default: the model's own guess)")] = [],  # noqa: B006
+        strength: Annotated[float | None, Query(description="in [0, 1]; default 1")] = None, version: Version = 0,
+        columns: Annotated[int | None, Query(ge=1, le=1024)] = None, timeout: Timeout = None,
+    ) -> Response:  # fmt: skip
+        async with call("Edit", name, version, timeout) as (engine, deadline):
+            check_png(engine.spec.image_shape[0])
+            files = [await f.read() for f in image]
+            e = await dataplane.edit(engine, None, files, source, target, strength, deadline)
+            return png_answer(e.images, columns, e.sources)
 
     @api.post("/models/{name}/interpolate", name=PREFIX + "Interpolate", summary="Images along the latent path between two end points")
     async def interpolate(name: str, body: InterpolateRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Interpolate", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
             ends = [_end_point(getattr(body, side), side) for side in ("start", "end")]
-            path, images = await dataplane.interpolate(engine, *ends, body.steps, body.method, deadline)
-            return _answered(engine, {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body)})
+            path, images, classes = await dataplane.interpolate(engine, *ends, body.steps, body.method, deadline, body.classes)
+            answer = {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body), "classes": classes}
+            return _answered(engine, answer)
 
     @api.post("/models/{name}/score", name=PREFIX + "Score", summary="Per image: ELBO, its terms and the importance-weighted log-likelihood")
     async def score(name: str, body: ScoreRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Score", name, version, timeout) as (engine, deadline):
             x, files = _images_in(body)
-            s = await dataplane.score(engine, x, files, body.importance_samples, body.seed, deadline)
+            s = await dataplane.score(engine, x, files, body.importance_samples, body.seed, deadline, body.classes)
             return _answered(engine, {"scores": s.rows(), "importance_samples": s.importance_samples, "seed": s.seed})
 
+    @api.post("/models/{name}/classify", name=PREFIX + "Classify", summary="A conditional model's p(y|x) per image, by Bayes' rule")
+    async def classify(name: str, body: ClassifyRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Classify", name, version, timeout) as (engine, deadline):
+            x, files = _images_in(body)
+            c = await dataplane.classify(engine, x, files, body.importance_samples, body.seed, deadline)
+            results = [
+                {"probabilities": p, "class_log_likelihoods": ll, "log_likelihood": marginal, "class_name": name}
+                for p, ll, marginal, name in zip(c.probabilities.tolist(), c.class_log_likelihoods.tolist(), c.log_likelihood.tolist(), c.classes)
+            ]  # fmt: skip
+            answer = {"results": results, "classes": list(engine.spec.classes), "importance_samples": c.importance_samples, "seed": c.seed}
+            return _answered(engine, answer)
+
+    @api.post("/models/{name}/edit", name=PREFIX + "Edit", summary="Images moved from their class towards another")
+    async def edit(name: str, body: EditRequest, version: Version = 0, timeout: Timeout = None) -> Response:
+        async with call("Edit", name, version, timeout) as (engine, deadline):
+            check_answer(engine, body)
+            x, files = _images_in(body)
+            e = await dataplane.edit(engine, x, files, body.source_classes, body.target_class, body.strength, deadline)
+            answer = {"images": images_out(engine, e.images, body), "source_classes": list(e.sources), "target_class": e.target,
+                      "strength": e.strength}  # fmt: skip
+            return _answered(engine, answer)
+
     return api
+
+
+def png_answer(images: np.ndarray, columns: int | None, classes: list[str] | tuple[str, ...]) -> Response:
+    """One image's PNG, or a grid of several, naming the classes used."""
+    data = png_bytes(images[0]) if len(images) == 1 else grid_png(images, columns)
+    return Response(data, media_type="image/png", headers=classes_header(classes))
 
 
 def _end_point(end: EndPointIn, side: str) -> EndPoint:

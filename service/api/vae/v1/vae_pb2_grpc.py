@@ -74,6 +74,16 @@ class VaeServiceStub(object):
                 request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/vae.v1.VaeService/Classify',
+                request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Edit = channel.unary_unary(
+                '/vae.v1.VaeService/Edit',
+                request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.EditRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.EditResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/vae.v1.VaeService/ListModels',
                 request_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ListModelsRequest.SerializeToString,
@@ -150,6 +160,22 @@ class VaeServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """A conditional model's p(y|x) per image, by Bayes' rule from its own per-class likelihoods;
+        FAILED_PRECONDITION for a model that is not conditional.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Edit(self, request, context):
+        """Images moved from their class towards another: a conditional model's class input moves, an
+        unconditional model's latent moves by the difference of the two classes' mean latents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Model control. Every model and version in the repository, with its state.
         """
@@ -216,6 +242,16 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.FromString,
                     response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ClassifyRequest.FromString,
+                    response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Edit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Edit,
+                    request_deserializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.EditRequest.FromString,
+                    response_serializer=service_dot_api_dot_vae_dot_v1_dot_vae__pb2.EditResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -449,6 +485,60 @@ class VaeService(object):
             '/vae.v1.VaeService/Score',
             service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreRequest.SerializeToString,
             service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/Classify',
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ClassifyRequest.SerializeToString,
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Edit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vae.v1.VaeService/Edit',
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.EditRequest.SerializeToString,
+            service_dot_api_dot_vae_dot_v1_dot_vae__pb2.EditResponse.FromString,
             options,
             channel_credentials,
             insecure,
