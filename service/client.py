@@ -6,7 +6,7 @@
     python -m service.client models | load NAME | unload NAME
     python -m service.client --model mnist-cvae sample -n 16 --class 7 --out sevens.png
     python -m service.client --model mnist-cvae classify --input digit.png
-    python -m service.client --model mnist-cvae edit --input digit.png --target 3 --strength 1 --out three.png
+    python -m service.client --model mnist-cvae edit --input digit.png --to 3 --strength 1 --out three.png
 """
 
 from __future__ import annotations
@@ -276,8 +276,9 @@ def build_parser() -> Parser:
         if name in ("encode", "reconstruct", "score"):
             p.add_argument("--class", dest="classes", action="append", default=[], help=class_help)
         if name == "edit":
-            p.add_argument("--target", required=True, help="the class to move the images towards (name or index)")
-            p.add_argument("--source", dest="sources", action="append", default=[], help="each image's class (default: the model's guess)")
+            p.add_argument("--to", dest="to_class", required=True, help="the class to move the images towards (name or index)")
+            p.add_argument("--from", dest="sources", action="append", default=[],
+                           help="each image's class: once for every image, or once per image (default: the model's guess)")
             p.add_argument("--strength", type=float, help="in [0, 1] (default 1)")
     p = sub.add_parser("decode")
     p.add_argument("--input", type=Path, required=True, help=".npy of latents [N, D]")
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 names, p = client.classify(load_inputs(args.input), args.k, args.seed)
                 print(json.dumps({"classes": names, "probabilities": p.round(4).tolist(), "most_probable": client.classes}))
             elif args.command == "edit":
-                _save(client.edit(load_inputs(args.input), args.target, args.strength, args.sources), args.out)
+                _save(client.edit(load_inputs(args.input), args.to_class, args.strength, args.sources), args.out)
             if args.command in ("sample", "encode", "decode", "reconstruct", "interpolate", "score", "edit"):
                 _say_classes(client)
         except grpc.RpcError as err:

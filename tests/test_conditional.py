@@ -56,6 +56,17 @@ def test_a_conditional_model_generates_the_class_asked_for(conditional_run):
     assert "samples_by_class.png" in metrics["figures"]
 
 
+def test_edits_move_test_images_to_the_class_asked_for(conditional_run):
+    """At strength 1 an edit keeps the image's latent and takes the target's class: the classifier
+    labels most edits as the target (chance: 1/9, the target is never the source), and most stay
+    nearer their own image than another image of the target class is."""
+    out, metrics = conditional_run
+    edits = metrics["test"]["quality"]["edits"]
+    assert edits["images"] == metrics["test"]["quality"]["test_images"] and edits["strength"] == 1.0  # each test image, up to 1,000
+    assert edits["share_labelled_target"] > 0.5 and edits["share_nearer_source"] > 0.5, edits
+    assert "edits.png" in metrics["figures"] and (out / "edits.png").exists()
+
+
 def test_bayes_rule_classifies_from_the_model_s_own_likelihoods(conditional_run):
     _, metrics = conditional_run
     figures = metrics["test"]["conditional"]
@@ -241,8 +252,13 @@ def test_a_conditional_model_exports_graphs_that_take_the_class(conditional_run,
     with torch.no_grad():
         expected = model.decode(torch.from_numpy(u), torch.from_numpy(y)).numpy()
     assert np.abs(params - expected).max() < 1e-4
-    # This server does not serve them yet, and says so rather than serving rows it would read wrongly.
-    with pytest.raises(RepositoryError, match="conditional model"):
+    # The server reads what it needs to pack each row's class (tests/test_conditional_serving.py serves it).
+    spec = read_manifest(folder)
+    assert spec.conditional and spec.classes == tuple(state["classes"]) and spec.class_means_file == "class_means.npy"
+    assert np.allclose(spec.class_log_prior, info["class_log_prior"])
+    # A torn class_means.npy is refused like a torn graph.
+    (folder / "class_means.npy").write_bytes((folder / "class_means.npy").read_bytes()[:-4])
+    with pytest.raises(RepositoryError, match="class_means.npy: sha256 does not match"):
         read_manifest(folder)
 
 

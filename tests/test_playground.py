@@ -9,13 +9,10 @@ run never writes into the repository otherwise."""
 import base64
 import math
 import os
-from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as EC
@@ -23,7 +20,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import ServerProcess
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TOKEN = "playground-secret-token"
 WAIT = 60  # seconds: only ends a test that would otherwise hang (two shared cores, a cold browser)
 
@@ -42,20 +38,6 @@ def token_server(model_repo, tmp_path_factory):
     proc = ServerProcess(model_repo, folder / "server.log", "--auth-token-file", str(folder / "tokens"), http=True)
     yield proc
     proc.terminate()
-
-
-@pytest.fixture
-def browser():
-    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000", "--hide-scrollbars"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
-    driver.set_window_size(1280, 1000)
-    yield driver
-    driver.quit()
 
 
 def wait(driver, condition, message: str):

@@ -10,9 +10,13 @@ two classes' weights interpolates their embeddings, which is what an edit's stre
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from training.families import Model
 
 Classes = torch.Tensor | None  # labels [N] or class weights [N, C]; None for an unconditional model
 
@@ -45,3 +49,25 @@ class Conditioning(nn.Module):
     def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n labels from p(y), drawn on the CPU with `generator` (the same labels on any device)."""
         return torch.multinomial(self.log_prior.exp().cpu(), n, replacement=True, generator=generator)
+
+
+@torch.no_grad()
+def edit(
+    model: Model, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, strength: float,
+    class_means: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Images x moved from their classes `source` [N] towards `target` [N] by `strength` in [0, 1],
+    as the server's Edit does: a conditional model keeps each image's posterior mean u (under its
+    class) and mixes the class weights; an unconditional one moves its latent by strength x
+    (target's mean latent - source's), from `class_means` [K, D]."""
+    if model.conditional:
+        k = model.cfg.classes
+        y_source = nn.functional.one_hot(source, k).float()
+        u, _ = model.encode(x, y_source)
+        y = (1 - strength) * y_source + strength * nn.functional.one_hot(target, k).float()
+        return model.mean_image(model.decode(u, y))
+    if class_means is None:
+        raise ValueError("an unconditional model's edit needs its class means")
+    means = class_means.to(x.device)
+    mu, _ = model.encode(x)
+    return model.mean_image(model.decode(mu + strength * (means[target] - means[source])))

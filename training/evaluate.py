@@ -22,6 +22,7 @@ import torch
 from service import commands
 from service.commands import Parser, writable_folder
 from service.imaging import encoded, to_uint8
+from training import checkpoint
 from training.checkpoint import load_model
 from training.cli import check_data
 from training.data import Dataset, load_data, to_unit
@@ -261,18 +262,21 @@ def evaluate(
 
 
 def evaluate_quality(
-    model: Model, data: Dataset, classifier: str | Path, n: int = 10_000, seed: int = 0
-) -> dict[str, Any]:
+    model: Model, data: Dataset, classifier: str | Path, n: int = 10_000, seed: int = 0,
+    class_means: torch.Tensor | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Sample quality (`training.quality.sample_quality`) on the whole test set, with the classifier
-    read from `classifier` (a features.pt); `seed` draws the samples. The model encodes the test
-    images as it is scored on them: binarized once with seed 0 for Bernoulli models."""
+    read from `classifier` (a features.pt); `seed` draws the samples; with `class_means` (or a
+    conditional model) its edits too. The model encodes the test images as it is scored on them:
+    binarized once with seed 0 for Bernoulli models."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     net = load_feature_net(classifier, device)
     test = data.test.unit()
     inputs = prepare_eval_images(test, model.likelihood)
     labels, train = data.test.labels, data.train.images
-    result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed, names=data.classes)
+    result = sample_quality(model, net, test.to(device), labels, inputs.to(device), train, n, seed, names=data.classes,
+                            class_means=class_means)  # fmt: skip
     return {"classifier": str(classifier), **result, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -282,6 +286,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:  # fmt: skip
     """Scores of a checkpoint; quality figures with `classifier`, or the one its run was trained with."""
     model, cfg, _ = load_model(path)
+    means = checkpoint.load(path).get("class_means")
     cfg.data_dir = data_dir or cfg.data_dir
     check_data(cfg.dataset, cfg.data_dir, cfg.download)
     if classifier or cfg.classifier:
@@ -294,7 +299,7 @@ def evaluate_checkpoint(
     if cfg.dataset == "folder":
         result["codecs"] = codec_bits_per_dim(x)
     if classifier and data.classes:
-        result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples)
+        result["quality"] = evaluate_quality(model, data, classifier, quality_samples or cfg.quality_samples, class_means=means)
     return result
 
 
@@ -330,6 +335,12 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
         lines.append(
             f"samples of a class asked for: {c['mean_share']:.3f} labelled as it (weighted by p(y)), "
             f"{c['mean_ratio']:.3f} of the classifier's recall on real images of the class"
+        )
+    if "edits" in quality:
+        e = quality["edits"]
+        lines.append(
+            f"edits of {e['images']} test images to another class at strength {e['strength']:g}: {e['share_labelled_target']:.3f} "
+            f"labelled as the target, {e['share_nearer_source']:.3f} nearer their source than a test image of the target is"
         )
     return lines
 

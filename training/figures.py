@@ -3,7 +3,8 @@ latent traversals and the loss curves, written as PNG files. An autoencoder gets
 samples.png decoded from z ~ N(0, I), plus samples_fitted.png from the Gaussian fitted to its codes.
 A conditional model's samples.png draws classes from p(y), samples_by_class.png has a row per class,
 and its reconstructions and paths are given their images' classes (a path between two classes walks
-their class weights too)."""
+their class weights too). A model with classes (conditional, or with its class means) gets edits.png:
+test images moved to another class, strength 0 to 1 from left to right."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from service.imaging import grid
+from training.conditioning import edit
 from training.model import VAE
 
 FIGURES = (
@@ -51,9 +53,10 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def write_figures(
     model: VAE, test_images: torch.Tensor, history: list[dict[str, Any]], out: Path, seed: int = 0,
-    test_labels: torch.Tensor | None = None,
+    test_labels: torch.Tensor | None = None, class_means: torch.Tensor | None = None,
 ) -> list[Path]:  # fmt: skip
-    """The figures of a run; `test_labels` the test images' classes, which a conditional model needs."""
+    """The figures of a run; `test_labels` the test images' classes, which a conditional model needs,
+    and with them (and a conditional model, or `class_means`) its edits."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     paths = []
@@ -107,9 +110,27 @@ def write_figures(
     y_trav = None if y is None else y[:1].expand(len(dims) * len(values), -1)
     save(image_grid(model.mean_image(model.decode(z.view(-1, mu.shape[1]), y_trav)), cols=len(values)), "traversals.png")
 
+    if test_labels is not None and model.cfg.kind != "ae" and (model.conditional or class_means is not None):
+        save(edit_paths(model, test_images, test_labels, class_means), "edits.png")
+
     save_loss_curves(history, out / "loss_curves.png")
     paths.append(out / "loss_curves.png")
     return paths
+
+
+@torch.no_grad()
+def edit_paths(model: VAE, x: torch.Tensor, labels: torch.Tensor, class_means: torch.Tensor | None, rows: int = 8) -> Image.Image:
+    """Edit paths: per row, a test image, then its edits to the next class at strengths 0 to 1
+    (`training.conditioning.edit`); the first image of each class in turn where there are enough."""
+    classes = int(labels.max()) + 1
+    firsts = [int(torch.nonzero(labels == c).flatten()[0]) for c in range(classes) if (labels == c).any()]
+    picked = torch.tensor((firsts * rows)[:rows], device=x.device)
+    source = labels[picked]
+    target = (source + 1) % classes
+    strengths = torch.linspace(0, 1, 6).tolist()
+    edits = [edit(model, x[picked], source, target, s, class_means) for s in strengths]
+    cells = torch.stack([x[picked], *edits], dim=1)  # [rows, 1 + strengths, C, H, W]
+    return image_grid(cells.reshape(-1, *x.shape[1:]), cols=1 + len(strengths))
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -12,6 +12,10 @@
   log 10 = 2.303 is perfect for ten classes, 0 means every sample is the same class).
 - Reconstruction accuracy: the fraction of test images whose reconstruction (decoded from mu) the
   classifier labels as the input's class.
+- Edits (any model with classes): test images moved to another class at strength 1
+  (`training.conditioning.edit`), the share the classifier labels as the target, and the share
+  that stay closer to their source image, in the classifier's feature space, than a random test
+  image of the target class is.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.conditioning import edit
 from training.data import to_unit
 from training.features import FeatureNet
 from training.model import VAE
@@ -139,6 +144,7 @@ def sample_quality(
     seed: int = 0,
     temperature: float = 1.0,
     names: list[str] | None = None,
+    class_means: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Every sample-quality figure of one model.
 
@@ -147,7 +153,8 @@ def sample_quality(
     encoded for the reconstruction accuracy; train_images: real images for the real-vs-real FD floor.
     An autoencoder is sampled twice: from N(0, I) (`samples`) and from its fitted Gaussian
     (`samples_fitted`). A conditional model's `samples` draw their classes from p(y), and
-    `by_class` (`class_fidelity`) asks for each class in turn."""
+    `by_class` (`class_fidelity`) asks for each class in turn. A conditional model, or one with
+    `class_means`, is also judged on its edits (`edit_fidelity`)."""
     model.eval()
     net_device = next(net.parameters()).device
     reference_h, reference_p = classify(net, test_images.to(net_device))
@@ -172,7 +179,42 @@ def sample_quality(
     if model.conditional:
         recall = reference_p.argmax(1) == test_labels.cpu()
         result["by_class"] = class_fidelity(model, net, recall, test_labels.cpu(), names, max(100, n // model.cfg.classes), seed, temperature)
+    if model.cfg.kind != "ae" and (model.conditional or class_means is not None):
+        result["edits"] = edit_fidelity(model, net, test_images, model_inputs, test_labels, class_means, seed=seed)
     return result
+
+
+@torch.no_grad()
+def edit_fidelity(
+    model: VAE, net: FeatureNet, test_images: torch.Tensor, model_inputs: torch.Tensor, labels: torch.Tensor,
+    class_means: torch.Tensor | None, n: int = 1000, seed: int = 0, strength: float = 1.0,
+) -> dict[str, Any]:  # fmt: skip
+    """n test images (`model_inputs`, as the model takes them) each edited from its class to another
+    drawn at random: the share the classifier labels as the target, and the share whose features
+    lie nearer their source image's (`test_images`) than a random test image of the target class
+    does (an edit that kept nothing of its image would be no nearer than that)."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = int(labels.max()) + 1
+    labels = labels.cpu()
+    rows = torch.randperm(len(labels), generator=gen)[:n]
+    source = labels[rows]
+    target = (source + torch.randint(1, classes, (len(rows),), generator=gen)) % classes  # never the source
+    device = model_inputs.device
+    edited = torch.cat([
+        edit(model, model_inputs[rows[part].to(device)], source[part].to(device), target[part].to(device), strength, class_means)
+        for part in torch.arange(len(rows)).split(500)
+    ])  # fmt: skip
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(classes)]
+    other = torch.stack([by_class[t][torch.randint(len(by_class[t]), (1,), generator=gen)][0] for t in target.tolist()])
+    h_edit, p_edit = classify(net, edited)
+    h_source, _ = classify(net, test_images[rows.to(test_images.device)])
+    h_other, _ = classify(net, test_images[other.to(test_images.device)])
+    nearer = (h_edit - h_source).norm(dim=1) < (h_other - h_source).norm(dim=1)
+    return {
+        "images": len(rows), "strength": strength,
+        "share_labelled_target": (p_edit.argmax(1) == target).double().mean().item(),
+        "share_nearer_source": nearer.double().mean().item(),
+    }  # fmt: skip
 
 
 @torch.no_grad()

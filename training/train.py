@@ -566,6 +566,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     best = from_main(d, lambda: checkpoint.load(out / "best.pt"))  # under torchrun rank 0 reads, all evaluate
     model, _ = checkpoint.model_from_state(best, trainer.device)
     data = trainer.data
+    means = None
     if d.main and (data.classes or not model.variational):
         # What export reads from best.pt: an autoencoder's fitted code Gaussian (its figures need it;
         # its scores do not), and each class's mean latent for edits, with the class names
@@ -574,7 +575,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         if not model.variational:
             model.fit_code_gaussian(codes)
         if data.classes:
-            extra.update(classes=list(data.classes), class_means=class_means(codes, data.train.labels, len(data.classes)))
+            means = class_means(codes, data.train.labels, len(data.classes))
+            extra.update(classes=list(data.classes), class_means=means)
         checkpoint.save(out / "best.pt", model, cfg, **extra)
     rows = eval_rows(len(data.test), cfg.eval_images)
     test_x = prepare_eval_images(data.test.unit(), model.likelihood, cfg.eval_images).to(trainer.device)
@@ -591,7 +593,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
             test["codecs"]["images"], test["codecs"]["png_bits_per_dim"], test["codecs"]["webp_bits_per_dim"],
         )  # fmt: skip
     if cfg.classifier and trainer.data.classes:
-        test["quality"] = evaluate_quality(model, trainer.data, cfg.classifier, cfg.quality_samples)
+        test["quality"] = evaluate_quality(model, trainer.data, cfg.classifier, cfg.quality_samples, class_means=means)
         for line in quality_lines(test["quality"]):
             log.info("%s", line)
     elif cfg.classifier:
@@ -600,8 +602,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
         log.info("no --classifier: no sample-quality figures (train one with python -m training.features)")
     else:
         log.info("no class folders: no FD or class statistics (they need a classifier of classes); see bits/dim and PSNR")
-    test_labels = data.test.labels.to(trainer.device) if model.conditional else None
-    figures = write_figures(model, data.test.unit().to(trainer.device), history, out, cfg.seed, test_labels)
+    test_labels = data.test.labels.to(trainer.device) if data.classes else None
+    figures = write_figures(model, data.test.unit().to(trainer.device), history, out, cfg.seed, test_labels, means)
     metrics = {
         "config": to_dict(cfg),
         "data": data_summary(trainer.data),
