@@ -16,7 +16,8 @@ MNIST_DIR ?= ../shared/data/mnist
 TWEMOJI_DIR ?= ../shared/data/twemoji
 TWEMOJI_EPOCHS ?= 120
 
-.PHONY: install test bench-loading train train-mnist train-mnist-flow train-mnist-ae train-twemoji train-twemoji-flow train-twemoji-ae train-twemoji-hvae train-mnist-hvae \
+.PHONY: install test bench-loading train train-mnist train-mnist-flow train-mnist-ae train-mnist-cond train-twemoji train-twemoji-flow \
+	train-twemoji-ae train-twemoji-cond train-twemoji-hvae train-mnist-hvae train-twemoji-hvae-cond train-mnist-hvae-cond \
 	features evaluate export model run bench proto clean
 
 install: $(VENV)/.installed
@@ -46,8 +47,10 @@ $(RUNS)/features-digits/features.pt: | install
 MNIST_RECIPE = --dataset mnist --data-dir $(MNIST_DIR) --epochs 30 --batch-size 128 --latent-dim 32 --widths 32,64 \
 	--hidden 512 --warmup-epochs 1 --free-bits 0 --eval-images 2000 --classifier $(RUNS)/features-mnist/features.pt
 
-# One recipe, three models: train-NAME (the VAE), train-NAME-flow (its flow prior) and train-NAME-ae
-# (the autoencoder baseline), each with the recipe's classifier trained first when missing.
+# One recipe, four models: train-NAME (the VAE), train-NAME-flow (its flow prior), train-NAME-ae
+# (the autoencoder baseline) and train-NAME-cond (class-conditional, its marginal likelihood at
+# k=100: each image costs classes x k decoder rows), each with the recipe's classifier trained
+# first when missing.
 define RECIPE_TARGETS
 train-$(1): install $$(RUNS)/features-$(1)/features.pt
 	$$(PY) -m training $$($(2)) --out $$(RUNS)/$(1)
@@ -57,6 +60,9 @@ train-$(1)-flow: install $$(RUNS)/features-$(1)/features.pt
 
 train-$(1)-ae: install $$(RUNS)/features-$(1)/features.pt
 	$$(PY) -m training $$($(2)) --model ae --out $$(RUNS)/$(1)-ae
+
+train-$(1)-cond: install $$(RUNS)/features-$(1)/features.pt
+	$$(PY) -m training $$($(2)) --conditional --iwae-k 100 --out $$(RUNS)/$(1)-cond
 endef
 $(eval $(call RECIPE_TARGETS,mnist,MNIST_RECIPE))
 
@@ -82,6 +88,9 @@ TWEMOJI_HVAE_RECIPE = $(TWEMOJI_DATA) --likelihood logistic-mixture --mixtures 5
 train-twemoji-hvae: install $(RUNS)/features-twemoji/features.pt
 	$(PY) -m training $(TWEMOJI_HVAE_RECIPE) --out $(RUNS)/twemoji-hvae
 
+train-twemoji-hvae-cond: install $(RUNS)/features-twemoji/features.pt
+	$(PY) -m training $(TWEMOJI_HVAE_RECIPE) --conditional --out $(RUNS)/twemoji-hvae-cond
+
 # The hierarchical VAE on MNIST (docs/training.md, "The hierarchical VAE on MNIST"): about an hour of
 # training on this 2-core machine when nothing else runs, then IWAE k=1000 on 2,000 test images.
 MNIST_HVAE_RECIPE = --dataset mnist --data-dir $(MNIST_DIR) --model hvae --groups 7:1,4:2,2:2 --width 64 \
@@ -89,6 +98,9 @@ MNIST_HVAE_RECIPE = --dataset mnist --data-dir $(MNIST_DIR) --model hvae --group
 	--eval-images 2000 --iwae-k 1000 --classifier $(RUNS)/features-mnist/features.pt
 train-mnist-hvae: install $(RUNS)/features-mnist/features.pt
 	$(PY) -m training $(MNIST_HVAE_RECIPE) --out $(RUNS)/mnist-hvae
+
+train-mnist-hvae-cond: install $(RUNS)/features-mnist/features.pt
+	$(PY) -m training $(MNIST_HVAE_RECIPE) --conditional --iwae-k 100 --out $(RUNS)/mnist-hvae-cond
 
 $(RUNS)/features-twemoji/features.pt: | install
 	$(PY) -m training.features $(TWEMOJI_DATA) --out $(RUNS)/features-twemoji

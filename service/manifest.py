@@ -17,6 +17,7 @@ import functools
 import hashlib
 import math
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,11 @@ def write_manifest(
 def derive_manifest(source: Path, folder: Path, drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
     """model.json for `folder`, whose graph files are already there, from the version in `source`:
     the graphs in `drop` left out (with their parity figures) and the fields in `changes` replaced.
-    Hashes are computed anew from folder's files."""
+    Hashes are computed anew from folder's files; the class means come along, copied."""
     info: dict[str, Any] = json.loads((Path(source) / MANIFEST).read_text())
     info.pop("format")
+    if "class_means" in info and not (Path(folder) / CLASS_MEANS).exists():
+        shutil.copyfile(Path(source) / CLASS_MEANS, Path(folder) / CLASS_MEANS)
     info["graphs"] = {
         role: {k: v for k, v in graph.items() if k not in ("file", "sha256")}
         for role, graph in info["graphs"].items() if role not in drop

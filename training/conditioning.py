@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from training.config import ModelConfig
     from training.families import Model
 
 Classes = torch.Tensor | None  # labels [N] or class weights [N, C]; None for an unconditional model
@@ -49,6 +50,22 @@ class Conditioning(nn.Module):
     def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n labels from p(y), drawn on the CPU with `generator` (the same labels on any device)."""
         return torch.multinomial(self.log_prior.exp().cpu(), n, replacement=True, generator=generator)
+
+
+class ClassInput:
+    """What every family's model has of the class input (a mixin beside nn.Module): whether it takes
+    one (`cfg.classes` > 0, with its `cond`), and the embedding of y."""
+
+    cfg: ModelConfig
+    cond: Conditioning
+
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.classes > 0
+
+    def condition(self, y: Classes) -> torch.Tensor | None:
+        """The class embedding of y [N, E]; None for an unconditional model, which ignores y."""
+        return self.cond(y) if self.cfg.classes else None
 
 
 @torch.no_grad()

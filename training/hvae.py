@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.conditioning import Classes, Conditioning
+from training.conditioning import ClassInput, Classes, Conditioning
 from training.config import ModelConfig
 from training.likelihoods import for_model
 from training.model import Pass
@@ -117,7 +117,7 @@ def _log_normal(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> t
     return -0.5 * (LOG_2PI + ((z - mu) * torch.exp(-log_sigma)).pow(2)) - log_sigma
 
 
-class HVAE(nn.Module):
+class HVAE(ClassInput, nn.Module):
     """The hierarchical VAE, with the flat VAE's interface (`training.model.VAE`): `forward` for the
     loss, `log_weights` for the IWAE bound, and encode, decode, sample on the standardized latent u."""
 
@@ -145,14 +145,6 @@ class HVAE(nn.Module):
             self.class_in = nn.Linear(cfg.class_dim, width)
             nn.init.zeros_(self.class_in.weight)  # untrained, every class's prior is N(0, I), as without classes
             nn.init.zeros_(self.class_in.bias)
-
-    @property
-    def conditional(self) -> bool:
-        return self.cfg.classes > 0
-
-    def condition(self, y: Classes) -> torch.Tensor | None:
-        """The class embedding of y [N, E]; None for an unconditional model, which ignores y."""
-        return self.cond(y) if self.cfg.classes else None
 
     @property
     def latent_groups(self) -> list[list[int]]:

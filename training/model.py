@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from training.conditioning import Classes, Conditioning
+from training.conditioning import ClassInput, Classes, Conditioning
 from training.config import ModelConfig
 from training.flow import FlowPrior
 from training.likelihoods import for_model
@@ -118,7 +118,7 @@ class Pass(NamedTuple):
     kl: torch.Tensor | None
 
 
-class VAE(nn.Module):
+class VAE(ClassInput, nn.Module):
     family = "vae"  # what model.json says: it decides the graphs and how the service runs them
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -141,14 +141,6 @@ class VAE(nn.Module):
     @property
     def variational(self) -> bool:
         return self.cfg.kind == "vae"
-
-    @property
-    def conditional(self) -> bool:
-        return self.cfg.classes > 0
-
-    def condition(self, y: Classes) -> torch.Tensor | None:
-        """The class embedding of y [N, E]; None for an unconditional model, which ignores y."""
-        return self.cond(y) if self.cfg.classes else None
 
     def class_prior_params(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean and log-variance of p(z|y) [N, D] for class embeddings e."""
