@@ -119,9 +119,17 @@ class VaeClient:
                                    temperatures=temperatures, classes=_names(classes), **self._target())  # fmt: skip
         return _images(self._answered(self.stub.Sample(request, **self.call)).images)
 
-    def sample_stream(self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None) -> np.ndarray:
-        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, chunk_rows=chunk_rows, **self._target())
-        return np.concatenate([_images(self._answered(r).images) for r in self.stub.SampleStream(request, **self.call)])
+    def sample_stream(
+        self, n: int, seed: int, chunk_rows: int = 0, temperature: float | None = None, classes: Sequence[str | int] = ()
+    ) -> np.ndarray:
+        request = pb.SampleRequest(num_samples=n, seed=seed, temperature=temperature, chunk_rows=chunk_rows,
+                                   classes=_names(classes), **self._target())  # fmt: skip
+        chunks, drawn = [], []
+        for response in self.stub.SampleStream(request, **self.call):
+            chunks.append(_images(self._answered(response).images))
+            drawn += self.classes
+        self.classes = drawn
+        return np.concatenate(chunks)
 
     def encode(
         self, images: Inputs, sample: bool = False, seed: int | None = None, classes: Sequence[str | int] = ()

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service.costs import F32
 from service.engine import Engine, log_softmax, new_seed, one_hot
 from service.errors import BadRequest, DeadlineExceeded, FailedPrecondition, Internal, TooManyCalls, Unavailable, code_of
 from service.metrics import Metrics
@@ -312,11 +313,12 @@ def prior_class(engine: Engine, n: int) -> np.ndarray:
 
 async def implied_classes(engine: Engine, x: np.ndarray, deadline: float | None) -> np.ndarray:
     """The classes of images a call gives none for: Classify's most probable class (IMPLIED_K
-    importance samples, seed 0) for a conditional model; for an unconditional one with class means,
+    importance samples, seed 0, every image on the seed's first stream, so an image's class is the
+    same wherever it lies in a request) for a conditional model; for an unconditional one with class means,
     the class whose mean latent lies nearest the image's."""
     if not engine.classes:
         return await engine.nearest_class(x, deadline)
-    figures = await engine.class_scores(x, IMPLIED_K, 0, deadline)
+    figures = await engine.class_scores(x, IMPLIED_K, 0, deadline, by_position=False)
     return np.argmax(figures["log_likelihood"] + engine.log_prior, axis=-1)
 
 
@@ -390,7 +392,7 @@ def sample_stream(
     t, s = temperatures(engine, temperature_value, per_group), seed(seed_value)
     limit = engine.limits.max_request_rows
     chunk = count(chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
-    cost = n * engine.costs.latent + engine.costs.sample(chunk)
+    cost = n * (engine.costs.latent + F32 * engine.classes) + engine.costs.sample(chunk)  # the noise and class weights
     labels = class_list(engine, classes, n, "classes")
     if labels is None and engine.classes:
         labels = engine.draw_classes(n, s)
@@ -673,6 +675,7 @@ class Edited:
 async def edit(
     engine: Engine, x: np.ndarray | None, files: Sequence[bytes], sources: Sequence[str | bytes | int],
     target: str | bytes | int, strength: float | None, deadline: float | None,
+    names: tuple[str, str, str, str] = ("source_classes", "target_class", "strength", "image_files"),
 ) -> Edited:  # fmt: skip
     """Images moved from their classes (`sources`, else Classify's, or for an unconditional model
     the nearest class mean's) towards `target` by `strength` in [0, 1] (default 1): a conditional
@@ -682,15 +685,15 @@ async def edit(
         raise FailedPrecondition(f"model {engine.spec.name} cannot edit: {why}")
     s = 1.0 if strength is None else float(strength)
     if not math.isfinite(s) or not 0.0 <= s <= 1.0:
-        raise BadRequest(f"strength: {s}; must be a number in [0, 1]")
+        raise BadRequest(f"{names[2]}: {s}; must be a number in [0, 1]")
     n = request_rows(engine, x, files)
-    given = class_list(engine, sources, n, "source_classes", conditional=False)
+    given = class_list(engine, sources, n, names[0], conditional=False)
     if target in ("", b"", None):
-        raise BadRequest(f"target_class: required; the classes are {', '.join(engine.spec.classes)}")
-    goal = class_index(engine, target, "target_class")
-    cost = engine.costs.reconstruct(n) + (implied_cost(engine, n, given) if engine.classes else 0)
+        raise BadRequest(f"{names[1]}: required; the classes are {', '.join(engine.spec.classes)}")
+    goal = class_index(engine, target, names[1])
+    cost = engine.costs.reconstruct(n) + implied_cost(engine, n, given)
     async with engine.admit("edit", cost, f"Edit of {n} images", deadline):
-        images = await request_images(engine, x, files)
+        images = await request_images(engine, x, files, files_field=names[3])
         labels = given if given is not None else await implied_classes(engine, images, deadline)
         edited = await engine.edit(images, labels, goal, s, deadline)
     return Edited(edited, tuple(class_names(engine, labels)), engine.spec.classes[goal], s)

@@ -31,7 +31,7 @@ from service.batcher import INLINE_SECONDS, Batcher
 from service.costs import F32, Costs
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics
-from service.manifest import ModelSpec
+from service.manifest import ModelSpec, RepositoryError
 from service.memory import Hold, MemoryBudget
 from service.runtime import CPU, Runtime
 from service.scoring import IN_FLIGHT, ScoreSums, chunk_rows, gaussian_log_ratio
@@ -165,6 +165,9 @@ class Engine:
         self.classes = len(spec.classes) if spec.conditional else 0
         self.log_prior = np.asarray(spec.class_log_prior, np.float64)
         self.class_means = np.load(spec.folder / spec.class_means_file) if spec.class_means_file else None
+        if self.class_means is not None and self.class_means.shape != (len(spec.classes), spec.latent_dim):
+            raise RepositoryError(f"{spec.folder / spec.class_means_file}: shape {list(self.class_means.shape)}; "
+                                  f"one mean latent per class, [{len(spec.classes)}, {spec.latent_dim}]")  # fmt: skip
         # The decoder's output as an image in [0, 1]: sigmoid of logits, the clipped Gaussian mean, or the
         # clipped mean of a logistic mixture; a fixed function of z, so batching never changes it.
         self.mean_image = spec.distribution.image
@@ -379,12 +382,15 @@ class Engine:
         stream = noise_stream(seed)
         return await self._score(x, k, y, 1, lambda start, rows: stream.standard_normal((rows, self.spec.latent_dim)), deadline)
 
-    async def class_scores(self, x: np.ndarray, k: int, seed: int, deadline: float | None = None) -> dict[str, np.ndarray]:
+    async def class_scores(
+        self, x: np.ndarray, k: int, seed: int, deadline: float | None = None, by_position: bool = True
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         """Score's figures of each image under every class of a conditional model, [N, K] each: the
         per-class IWAE bounds log p(x|y) that Bayes' rule classifies by. An image's K classes are
         scored on the same k noise draws (its own stream of the seed, `noise_stream(seed, i)`), so
         the classes are compared on equal terms, and a one-image Classify draws what a one-image
-        Score does."""
+        Score does. Without `by_position` every image draws stream 0: its figures then depend on
+        the image alone, not on where it lies in the request (an implied class)."""
         n, classes, d = len(x), self.classes, self.spec.latent_dim
         stream: list[np.random.Generator] = []
 
@@ -395,7 +401,7 @@ class Engine:
             while row < stop:
                 item, draw = divmod(row, k)
                 if draw == 0:  # a new item: its image's stream from its start
-                    stream[:] = [noise_stream(seed, item // classes)]
+                    stream[:] = [noise_stream(seed, item // classes if by_position else 0)]
                 take = min(k - draw, stop - row)
                 parts.append(stream[0].standard_normal((take, d)))
                 row += take
@@ -433,6 +439,19 @@ class Engine:
                 future.cancel()
         return sums.figures()
 
+    async def _encode_items(
+        self, x: np.ndarray, y: np.ndarray, per_image: int, deadline: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """mu and log-variance of the items of images x (`per_image` each, under class weights y),
+        a batch of items at a time, as background work: a Classify's K items per image never queue
+        ahead of interactive calls at once, nor copy its images K times at once."""
+        rows, parts = self.batch.max_batch_rows, []
+        for start in range(0, len(y), rows):
+            items = np.arange(start, min(start + rows, len(y)))
+            packed = await asyncio.to_thread(with_classes, x[items // per_image], y[items])
+            parts.append(await self.encoder.submit(packed, deadline, background=True))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     async def _score_draws(
         self, x: np.ndarray, k: int, deadline: float | None, y: np.ndarray | None = None, per_image: int = 1
     ) -> tuple[ScoreSums, Draws]:  # fmt: skip
@@ -441,7 +460,7 @@ class Engine:
         log p(z) - log q(z|x)). A flat VAE encodes each item once and draws z = mu + eps sigma;
         under N(0, I) (a conditional model's u included) its KL is the closed form, under a flow
         log p(z) comes from the prior_density graph, computed beside the decoder (two batchers)."""
-        mu, logvar = await self.encode(np.repeat(x, per_image, axis=0) if per_image > 1 else x, deadline, y)
+        mu, logvar = await (self.encode(x, deadline, y) if per_image == 1 else self._encode_items(x, y, per_image, deadline))
         mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
         kl = None if self.priors else -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum(-1)
         sigma = np.exp(0.5 * logvar)

@@ -87,7 +87,7 @@ def byte_strings(field: str, shape: list[int], raw: bytes | memoryview | None, v
     items: list[bytes] = []
     if raw is not None:
         data, at = bytes(raw), 0
-        while at < len(data) and len(items) <= size:
+        while at < len(data):
             if at + 4 > len(data):
                 raise BadRequest(f"{field}: BYTES data ends inside an element's 4-byte length")
             length = int.from_bytes(data[at : at + 4], "little")

@@ -118,6 +118,11 @@ def test_sample_without_a_class_draws_classes_from_p_y_with_the_seed_and_says_wh
     # Drawn from p(y): each class's count within 5 standard deviations of its expectation under p(y).
     p = np.exp(model.cond.log_prior.numpy())
     assert len(many) == 1000 and (np.abs(counts - 1000 * p) < 5 * np.sqrt(1000 * p * (1 - p))).all(), counts
+    with VaeClient(server.target, model="cvae") as client:  # in chunks: the same images and classes
+        streamed = client.sample_stream(6, seed=11, chunk_rows=4)
+        assert client.classes == drawn and streamed.tobytes() == images.tobytes()
+        asked = client.sample_stream(5, seed=2, chunk_rows=2, classes=["8"])
+        assert client.classes == ["8"] * 5 and asked.tobytes() == client.sample(5, seed=2, classes=["8"]).tobytes()
 
 
 @pytest.mark.parametrize("name", ["cvae", "chvae"])
@@ -174,13 +179,20 @@ def client_mu(model, x: np.ndarray, label: int) -> np.ndarray:
     return mu.numpy()
 
 
-def test_implied_classes_are_classify_s_most_probable(server):
+def test_an_implied_class_is_classify_s_most_probable_for_the_image_alone(server):
+    """Where a call gives no class, each image's is what a one-image Classify (k=16, seed 0) gives
+    it, wherever the image lies in the request."""
     with VaeClient(server.target, model="cvae") as client:
-        x = client.sample(6, seed=8, temperature=0.5, classes=["0", "1", "2", "3", "4", "5"])
+        x = client.sample(6, seed=8, temperature=0.8, classes=["0", "1", "2", "3", "4", "5"])
         client.encode(x)
         implied = client.classes
-        names, p = client.classify(x, k=16, seed=0)
-    assert implied == [names[i] for i in p.argmax(1)]
+        client.reconstruct(x[::-1].copy())
+        assert client.classes == implied[::-1]
+        alone = []
+        for image in x:
+            names, p = client.classify(image[None], k=16, seed=0)
+            alone.append(names[int(p.argmax())])
+    assert implied == alone
 
 
 def test_a_hierarchical_model_draws_from_its_posterior_under_the_class(server, models):
@@ -324,6 +336,12 @@ def test_http_takes_the_class_in_query_strings_and_json_and_names_it(server, mod
         assert bad.status_code == 400 and "'Cats & Dogs' is no class of model cvae" in bad.json()["error"]
         unconditional = http.post(f"{base}/plain/classify", json=body)
         assert unconditional.status_code == 400 and "cannot classify" in unconditional.json()["error"]
+        # An unconditional model's answers are as they were: no classes in them.
+        plain = http.post(f"{base}/plain/sample", json={"num_samples": 1, "seed": 1})
+        assert plain.status_code == 200 and "classes" not in plain.json() and "vae-classes" not in http.get(
+            f"{base}/plain/sample.png", params={"n": 1}).headers  # fmt: skip
+        wrong = http.post(f"{base}/cvae/edit.png", params={"target": "eleven"}, files=[("image", ("x.png", expected[0], "image/png"))])
+        assert wrong.status_code == 400 and wrong.json()["error"].startswith("target: 'eleven' is no class")
 
 
 def test_the_inference_protocol_sample_takes_a_class_by_name_or_index(server):

@@ -336,7 +336,7 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
             f"samples of a class asked for: {c['mean_share']:.3f} labelled as it (weighted by p(y)), "
             f"{c['mean_ratio']:.3f} of the classifier's recall on real images of the class"
         )
-    if "edits" in quality:
+    if quality.get("edits", {}).get("images"):
         e = quality["edits"]
         lines.append(
             f"edits of {e['images']} test images to another class at strength {e['strength']:g}: {e['share_labelled_target']:.3f} "

@@ -120,13 +120,13 @@ def write_figures(
 
 @torch.no_grad()
 def edit_paths(model: VAE, x: torch.Tensor, labels: torch.Tensor, class_means: torch.Tensor | None, rows: int = 8) -> Image.Image:
-    """Edit paths: per row, a test image, then its edits to the next class at strengths 0 to 1
-    (`training.conditioning.edit`); the first image of each class in turn where there are enough."""
-    classes = int(labels.max()) + 1
-    firsts = [int(torch.nonzero(labels == c).flatten()[0]) for c in range(classes) if (labels == c).any()]
+    """Edit paths: per row, a test image, then its edits to the next class (of those with test
+    images) at strengths 0 to 1 (`training.conditioning.edit`); the first image of each class in turn."""
+    present = labels.unique().tolist()
+    firsts = [int(torch.nonzero(labels == c).flatten()[0]) for c in present]
     picked = torch.tensor((firsts * rows)[:rows], device=x.device)
     source = labels[picked]
-    target = (source + 1) % classes
+    target = torch.tensor([present[(present.index(c) + 1) % len(present)] for c in source.tolist()], device=x.device)
     strengths = torch.linspace(0, 1, 6).tolist()
     edits = [edit(model, x[picked], source, target, s, class_means) for s in strengths]
     cells = torch.stack([x[picked], *edits], dim=1)  # [rows, 1 + strengths, C, H, W]

@@ -194,17 +194,20 @@ def edit_fidelity(
     lie nearer their source image's (`test_images`) than a random test image of the target class
     does (an edit that kept nothing of its image would be no nearer than that)."""
     gen = torch.Generator().manual_seed(seed)
-    classes = int(labels.max()) + 1
     labels = labels.cpu()
+    present = labels.unique().tolist()  # targets among the classes with test images (the random comparison needs one)
+    if len(present) < 2:
+        return {"images": 0, "strength": strength, "share_labelled_target": None, "share_nearer_source": None}
     rows = torch.randperm(len(labels), generator=gen)[:n]
     source = labels[rows]
-    target = (source + torch.randint(1, classes, (len(rows),), generator=gen)) % classes  # never the source
+    others = [[c for c in present if c != s] for s in source.tolist()]  # never the source
+    target = torch.tensor([o[int(torch.randint(len(o), (1,), generator=gen))] for o in others])
     device = model_inputs.device
     edited = torch.cat([
         edit(model, model_inputs[rows[part].to(device)], source[part].to(device), target[part].to(device), strength, class_means)
         for part in torch.arange(len(rows)).split(500)
     ])  # fmt: skip
-    by_class = [torch.nonzero(labels == c).flatten() for c in range(classes)]
+    by_class = {c: torch.nonzero(labels == c).flatten() for c in present}
     other = torch.stack([by_class[t][torch.randint(len(by_class[t]), (1,), generator=gen)][0] for t in target.tolist()])
     h_edit, p_edit = classify(net, edited)
     h_source, _ = classify(net, test_images[rows.to(test_images.device)])

@@ -178,6 +178,11 @@ def images_out(engine: Engine, images: np.ndarray, body: Answer) -> dict[str, An
     return {"format": body.format, **tensor(to_uint8(images) if body.format == "uint8" else images, body.encoding)}
 
 
+def with_classes(classes: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """A JSON answer's `classes`: a conditional model's, and no key for any other model."""
+    return {"classes": list(classes)} if classes else {}
+
+
 def classes_header(classes: list[str] | tuple[str, ...]) -> dict[str, str]:
     """A PNG answer's classes, as a header (JSON, ASCII-escaped); none for an unconditional model."""
     return {"Vae-Classes": json.dumps(list(classes))} if classes else {}
@@ -256,13 +261,13 @@ def router(plane: DataPlane) -> APIRouter:
             images, seed, classes = await dataplane.sample(
                 engine, body.num_samples, body.seed, body.temperature, deadline, per_group=body.temperatures, classes=body.classes
             )  # fmt: skip
-            return _answered(engine, {"seed": seed, "images": images_out(engine, images, body), "classes": classes})
+            return _answered(engine, {"seed": seed, "images": images_out(engine, images, body), **with_classes(classes)})
 
     @api.post("/models/{name}/encode", name=PREFIX + "Encode", summary="q(z|x): mu and sigma per image, optionally z drawn with a seed")
     async def encode(name: str, body: EncodeRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Encode", name, version, timeout) as (engine, deadline):
             e = await dataplane.encode(engine, *_images_in(body), body.sample, body.seed, deadline, body.classes)
-            answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding), "classes": list(e.classes)}
+            answer = {"mu": tensor(e.mu, body.encoding), "sigma": tensor(e.sigma, body.encoding), **with_classes(e.classes)}
             if e.z is not None:
                 answer |= {"z": tensor(e.z, body.encoding), "seed": e.seed}
             return _answered(engine, answer)
@@ -273,14 +278,14 @@ def router(plane: DataPlane) -> APIRouter:
             check_answer(engine, body)
             latents = array(body.latents, "latents", allow_uint8=False)
             images, classes = await dataplane.decode(engine, latents, deadline, classes=body.classes)
-            return _answered(engine, {"images": images_out(engine, images, body), "classes": classes})
+            return _answered(engine, {"images": images_out(engine, images, body), **with_classes(classes)})
 
     @api.post("/models/{name}/reconstruct", name=PREFIX + "Reconstruct", summary="Decoded images of the images' encodings")
     async def reconstruct(name: str, body: ImagesRequest, version: Version = 0, timeout: Timeout = None) -> Response:
         async with call("Reconstruct", name, version, timeout) as (engine, deadline):
             check_answer(engine, body)
             images, classes = await dataplane.reconstruct(engine, *_images_in(body), deadline, classes=body.classes)
-            return _answered(engine, {"images": images_out(engine, images, body), "classes": classes})
+            return _answered(engine, {"images": images_out(engine, images, body), **with_classes(classes)})
 
     @api.post("/models/{name}/reconstruct.png", name=PREFIX + "Reconstruct", summary="Uploaded image files' reconstructions as one PNG",
               response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
@@ -307,7 +312,7 @@ def router(plane: DataPlane) -> APIRouter:
         async with call("Edit", name, version, timeout) as (engine, deadline):
             check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
-            e = await dataplane.edit(engine, None, files, source, target, strength, deadline)
+            e = await dataplane.edit(engine, None, files, source, target, strength, deadline, ("source", "target", "strength", "image"))
             return png_answer(e.images, columns, e.sources)
 
     @api.post("/models/{name}/interpolate", name=PREFIX + "Interpolate", summary="Images along the latent path between two end points")
@@ -316,7 +321,7 @@ def router(plane: DataPlane) -> APIRouter:
             check_answer(engine, body)
             ends = [_end_point(getattr(body, side), side) for side in ("start", "end")]
             path, images, classes = await dataplane.interpolate(engine, *ends, body.steps, body.method, deadline, body.classes)
-            answer = {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body), "classes": classes}
+            answer = {"latents": tensor(path, body.encoding), "images": images_out(engine, images, body), **with_classes(classes)}
             return _answered(engine, answer)
 
     @api.post("/models/{name}/score", name=PREFIX + "Score", summary="Per image: ELBO, its terms and the importance-weighted log-likelihood")
