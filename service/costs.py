@@ -139,6 +139,14 @@ class Costs:
             + self.likelihood.at(min(reduced, self.likelihood_rows))
         )
 
+    def classify(self, n: int, classes: int, k: int) -> int:
+        """n images scored under each of `classes` classes (a conditional model's Classify, and its
+        Score without a class): Score's cost for the n x classes items, but the images received and
+        held once, and the items packed for the encoder a batch at a time."""
+        items = n * classes
+        once = self.received(n) + 2 * n * self.image + min(items, self.batch_rows) * self.image
+        return self.score(items, k) - self.received(items) - 2 * items * self.image + once
+
     def batch_limit(self, share: float) -> int:
         """The most rows a batch may hold for `batches()` to stay within `share` bytes (at least one)."""
         if not math.isfinite(share):

@@ -322,9 +322,12 @@ async def implied_classes(engine: Engine, x: np.ndarray, deadline: float | None)
     return np.argmax(figures["log_likelihood"] + engine.log_prior, axis=-1)
 
 
-def implied_cost(engine: Engine, n: int, given: np.ndarray | None) -> int:
-    """What picking the classes of n images takes, when none are given (`implied_classes`)."""
-    return 0 if given is not None or not engine.classes else engine.costs.score(n * engine.classes, IMPLIED_K)
+def with_implied(engine: Engine, cost: int, n: int, given: np.ndarray | None) -> int:
+    """A call's `cost` for n images, or more where picking their classes first (none given,
+    `implied_classes`) takes more: the pick runs before the call's own work, on the images it holds."""
+    if given is not None or not engine.classes:
+        return cost
+    return max(cost, engine.costs.classify(n, engine.classes, IMPLIED_K))
 
 
 async def classes_for(engine: Engine, x: np.ndarray, given: np.ndarray | None, deadline: float | None) -> np.ndarray | None:
@@ -429,7 +432,7 @@ async def reconstruct(
     model's under the classes given, else Classify's (`implied_classes`), which it returns."""
     n = request_rows(engine, x, files)
     given = class_list(engine, classes, n, "classes")
-    cost = engine.costs.reconstruct(n) + implied_cost(engine, n, given)
+    cost = with_implied(engine, engine.costs.reconstruct(n), n, given)
     async with engine.admit("reconstruct", cost, f"Reconstruct of {n} images", deadline):
         images = await request_images(engine, x, files, files_field=files_field)
         labels = await classes_for(engine, images, given, deadline)
@@ -502,7 +505,7 @@ async def encode(
     n = request_rows(engine, x, files)
     s = seed(seed_value) if draw else 0
     given = class_list(engine, classes, n, "classes")
-    async with engine.admit("encode", engine.costs.encode(n, draw) + implied_cost(engine, n, given), f"Encode of {n} images", deadline):
+    async with engine.admit("encode", with_implied(engine, engine.costs.encode(n, draw), n, given), f"Encode of {n} images", deadline):
         images = await request_images(engine, x, files)
         labels = await classes_for(engine, images, given, deadline)
         y, names = weights(engine, labels), tuple(class_names(engine, labels))
@@ -556,7 +559,7 @@ async def interpolate(
     if method not in INTERPOLATIONS:
         raise BadRequest(f"method: {method!r}; must be linear or spherical")
     given = class_list(engine, classes, 2, "classes")
-    cost = engine.costs.interpolate(steps) + implied_cost(engine, 2, given)
+    cost = with_implied(engine, engine.costs.interpolate(steps), 2, given)
     async with engine.admit("interpolate", cost, f"Interpolate of {steps} steps", deadline):
         a, first = await _end_latent(engine, start, None if given is None else int(given[0]), deadline)
         b, last = await _end_latent(engine, end, None if given is None else int(given[1]), deadline)
@@ -608,7 +611,7 @@ async def score(
     n = request_rows(engine, x, files)
     given = class_list(engine, classes, n, "classes")
     marginal = engine.classes and given is None
-    cost = engine.costs.score(n * engine.classes, k) if marginal else engine.costs.score(n, k)
+    cost = engine.costs.classify(n, engine.classes, k) if marginal else engine.costs.score(n, k)
     async with engine.admit("score", cost, f"Score of {n} images", deadline):
         x = await request_images(engine, x, files)
         s = seed(seed_value)
@@ -655,7 +658,7 @@ async def classify(
         raise FailedPrecondition(f"model {engine.spec.name} cannot classify: {why}")
     k = count(k, "importance_samples", engine.limits.max_importance_samples)
     n = request_rows(engine, x, files)
-    async with engine.admit("classify", engine.costs.score(n * engine.classes, k), f"Classify of {n} images", deadline):
+    async with engine.admit("classify", engine.costs.classify(n, engine.classes, k), f"Classify of {n} images", deadline):
         x = await request_images(engine, x, files)
         s = seed(seed_value)
         per_class = (await engine.class_scores(x, k, s, deadline))["log_likelihood"]
@@ -691,7 +694,7 @@ async def edit(
     if target in ("", b"", None):
         raise BadRequest(f"{names[1]}: required; the classes are {', '.join(engine.spec.classes)}")
     goal = class_index(engine, target, names[1])
-    cost = engine.costs.reconstruct(n) + implied_cost(engine, n, given)
+    cost = with_implied(engine, engine.costs.reconstruct(n), n, given)
     async with engine.admit("edit", cost, f"Edit of {n} images", deadline):
         images = await request_images(engine, x, files, files_field=names[3])
         labels = given if given is not None else await implied_classes(engine, images, deadline)

@@ -216,17 +216,21 @@ def test_work_without_measurements_is_twice_the_outputs():
 # ---- on a real server ------------------------------------------------------------------------------
 
 
-def colour_repo(root: Path, size: int = 64, name: str = "emoji64") -> Path:
+def colour_repo(root: Path, size: int = 64, name: str = "emoji64", classes: int = 0) -> Path:
     """A colour model of the Twemoji recipe's shape (5-component logistic mixture, widths 64,128,
     512 hidden, 64 latents) at `size` x `size`, exported untrained: memory does not depend on the
-    weights, and training one would cost the suite minutes."""
+    weights, and training one would cost the suite minutes. With `classes`, a conditional one."""
+    import torch
+
     from export.repository import publish
     from training.config import ModelConfig, TrainConfig
     from training.model import VAE
 
     cfg = ModelConfig(image_shape=(3, size, size), latent_dim=64, widths=(64, 128), hidden=512,
-                      likelihood="logistic-mixture", mixtures=5)  # fmt: skip
-    publish(VAE(cfg).eval(), TrainConfig(model=cfg), root, name)
+                      likelihood="logistic-mixture", mixtures=5, classes=classes)  # fmt: skip
+    names = [f"class {i}" for i in range(classes)] if classes else None
+    means = torch.zeros(classes, 64) if classes else None
+    publish(VAE(cfg).eval(), TrainConfig(model=cfg), root, name, classes=names, class_means=means)
     return root
 
 
@@ -235,7 +239,13 @@ def emoji_repo(tmp_path_factory):
     return colour_repo(tmp_path_factory.mktemp("emoji-models"))
 
 
-def test_a_requests_cost_is_within_half_again_of_the_peak_it_takes(emoji_repo, tmp_path):
+@pytest.fixture(scope="module")
+def emoji_pair_repo(tmp_path_factory):
+    """The 64x64 colour model, and a conditional one of nine classes (Twemoji's) beside it."""
+    return colour_repo(colour_repo(tmp_path_factory.mktemp("emoji-pair")), name="emoji64c", classes=9)
+
+
+def test_a_requests_cost_is_within_half_again_of_the_peak_it_takes(emoji_pair_repo, tmp_path):
     """Each operation alone on the 64x64 model: the server's cost for it (vae_request_cost_bytes)
     against the peak resident memory it added (VmHWM reset before it). Large blocks are mapped
     fresh here (MALLOC_MMAP_THRESHOLD_), so the peak is the request's own, not what the heap kept
@@ -246,7 +256,7 @@ def test_a_requests_cost_is_within_half_again_of_the_peak_it_takes(emoji_repo, t
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        server = ServerProcess(emoji_repo, tmp_path / "server.log", "--max-batch-delay-ms", "0")
+        server = ServerProcess(emoji_pair_repo, tmp_path / "server.log", "--max-batch-delay-ms", "0")
     finally:
         for k, v in old.items():
             if v is None:
@@ -262,19 +272,25 @@ def test_a_requests_cost_is_within_half_again_of_the_peak_it_takes(emoji_repo, t
         "reconstruct": lambda c: c.reconstruct(images),
         "interpolate": lambda c: c.interpolate(images[0], images[1], steps=256),
         "score": lambda c: c.score(images[:16], k=64, seed=2),
+        # the conditional model's: every class scored (Score's marginal and Classify), and an edit
+        "conditional score": lambda c: c.score(images[:4], k=32, seed=2),
+        "classify": lambda c: c.classify(images[:4], k=32, seed=2),
+        "edit": lambda c: c.edit(images, target="class 3"),
     }
     ratios = {}
     try:
-        with VaeClient(server.target, timeout=300) as client:
+        with VaeClient(server.target, timeout=300, model="emoji64") as client:
             client.sample(2, seed=0)
-            for operation, call in calls.items():
+            for label, call in calls.items():
+                client.model = "emoji64c" if label in ("conditional score", "classify", "edit") else "emoji64"
+                operation = label.removeprefix("conditional ")
                 before_cost = metric(scrape(server), "vae_request_cost_bytes_sum", operation=operation)
                 idle = status_bytes("VmRSS:", server.proc.pid)
                 assert peak_from_now(server.proc.pid)
                 call(client)
                 peak = status_bytes("VmHWM:", server.proc.pid) - idle
                 cost = metric(scrape(server), "vae_request_cost_bytes_sum", operation=operation) - before_cost
-                ratios[operation] = (cost / MiB, peak / MiB, cost / max(peak, 1))
+                ratios[label] = (cost / MiB, peak / MiB, cost / max(peak, 1))
     finally:
         server.terminate()
     shown = {op: f"cost {c:.0f} MiB, peak {p:.0f} MiB, ratio {r:.2f}" for op, (c, p, r) in ratios.items()}
