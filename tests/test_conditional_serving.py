@@ -410,3 +410,27 @@ def test_the_playground_picks_a_class_and_edits_a_sample(browser, server):
         (png,) = client.edit(x, target="9", strength=1.0, sources=["4"], format="png")
     assert edited == "data:image/png;base64," + base64.b64encode(png).decode()
     assert not d.find_elements(By.CSS_SELECTOR, "#messages .message")
+
+
+def serialized(items: list[bytes]) -> bytes:
+    """The protocol's BYTES serialization: each element's length as 4 bytes little-endian, then it."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(st.binary(max_size=20), max_size=6), extra=st.binary(max_size=8), shape_offset=st.integers(-2, 2))
+def test_bytes_tensors_read_what_was_serialized_and_refuse_anything_else_in_one_line(items, extra, shape_offset):
+    """Raw BYTES as tritonclient serializes them come back element for element; trailing bytes, a
+    torn length or a shape that disagrees with the count are a one-line BadRequest, never another error."""
+    from service.tensors import oip_tensor
+
+    shape = [max(0, len(items) + shape_offset)]
+    raw = serialized(items) + extra
+    try:
+        array = oip_tensor("class", "BYTES", shape, raw=raw)
+    except BadRequest as err:
+        assert "\n" not in str(err) and str(err).startswith("input 'class'")
+        assert extra or shape_offset, "what tritonclient serializes must be read"
+        return
+    # Trailing bytes that happen to serialize more elements are read as them: the count must then match.
+    assert array.shape == tuple(shape) and array.tolist()[: len(items)] == items
