@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from service.costs import F32
-from service.engine import Engine, log_softmax, new_seed, one_hot
+from service.engine import Engine, new_seed, one_hot
 from service.errors import BadRequest, DeadlineExceeded, FailedPrecondition, Internal, TooManyCalls, Unavailable, code_of
 from service.metrics import Metrics
 from service.models import Models
@@ -633,6 +633,11 @@ def logsumexp(a: np.ndarray) -> np.ndarray:
     """log sum exp along the last axis, in float64."""
     top = a.max(-1)
     return top + np.log(np.exp(a - top[..., None]).sum(-1))
+
+
+def log_softmax(a: np.ndarray) -> np.ndarray:
+    """log of a's softmax along its last axis, in float64."""
+    return a - logsumexp(a)[..., None]
 
 
 @dataclass(frozen=True)

@@ -136,13 +136,6 @@ def with_classes(rows: np.ndarray, y: np.ndarray | None) -> np.ndarray:
     return np.concatenate([rows.reshape(len(rows), -1), y], axis=1, dtype=np.float32)
 
 
-def log_softmax(a: np.ndarray) -> np.ndarray:
-    """log of a's softmax along its last axis, in float64."""
-    a = a.astype(np.float64)
-    top = a.max(-1, keepdims=True)
-    return a - top - np.log(np.exp(a - top).sum(-1, keepdims=True))
-
-
 class Engine:
     """One served model: its spec, its graphs behind batchers, and the operations of the API."""
 
