@@ -16,14 +16,15 @@ queues (a gRPC deadline does the same). Tensors in JSON are
 `"b64"` (the raw little-endian bytes in base64) instead of `data`; images come back in the
 `format` asked for: float32 (default), uint8, or png (base64 files). A class is a name or an
 index (`classes` in JSON bodies, `class` in query strings), as over gRPC (proto/vae/v1/vae.proto);
-the PNG routes name the classes they used in the `Vae-Classes` header (a JSON list).
+the PNG routes give the classes they used in the `Vae-Class-Indices` header (indices into the
+model info's `classes`, comma-separated: a name per image of a large grid would outgrow what proxies
+take in a header).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -183,9 +184,9 @@ def with_classes(classes: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
     return {"classes": list(classes)} if classes else {}
 
 
-def classes_header(classes: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """A PNG answer's classes, as a header (JSON, ASCII-escaped); none for an unconditional model."""
-    return {"Vae-Classes": json.dumps(list(classes))} if classes else {}
+def classes_header(engine: Engine, classes: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """A PNG answer's classes as a header, their indices comma-separated; none for an unconditional model."""
+    return {"Vae-Class-Indices": ",".join(str(engine.spec.classes.index(c)) for c in classes)} if classes else {}
 
 
 def _images_in(body: ImagesRequest | ClassifyRequest | EditRequest) -> tuple[np.ndarray | None, list[bytes]]:
@@ -252,7 +253,7 @@ def router(plane: DataPlane) -> APIRouter:
                 engine, n, seed, temperature, deadline, names=("n", "seed", "temperature", "temperatures", "class"),
                 per_group=per_group, classes=classes,
             )  # fmt: skip
-            return Response(grid_png(images, columns), media_type="image/png", headers=classes_header(drawn))
+            return Response(grid_png(images, columns), media_type="image/png", headers=classes_header(engine, drawn))
 
     @api.post("/models/{name}/sample", name=PREFIX + "Sample", summary="Samples from the prior")
     async def sample(name: str, body: SampleRequest, version: Version = 0, timeout: Timeout = None) -> Response:
@@ -298,7 +299,7 @@ def router(plane: DataPlane) -> APIRouter:
             check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
             images, used = await dataplane.reconstruct(engine, None, files, deadline, files_field="image", classes=classes)
-            return png_answer(images, columns, used)
+            return png_answer(engine, images, columns, used)
 
     @api.post("/models/{name}/edit.png", name=PREFIX + "Edit", summary="Uploaded image files moved towards a class, as one PNG",
               response_class=Response, responses={200: {"content": {"image/png": {}}}})  # fmt: skip
@@ -313,7 +314,7 @@ def router(plane: DataPlane) -> APIRouter:
             check_png(engine.spec.image_shape[0])
             files = [await f.read() for f in image]
             e = await dataplane.edit(engine, None, files, source, target, strength, deadline, ("source", "target", "strength", "image"))
-            return png_answer(e.images, columns, e.sources)
+            return png_answer(engine, e.images, columns, e.sources)
 
     @api.post("/models/{name}/interpolate", name=PREFIX + "Interpolate", summary="Images along the latent path between two end points")
     async def interpolate(name: str, body: InterpolateRequest, version: Version = 0, timeout: Timeout = None) -> Response:
@@ -356,10 +357,10 @@ def router(plane: DataPlane) -> APIRouter:
     return api
 
 
-def png_answer(images: np.ndarray, columns: int | None, classes: list[str] | tuple[str, ...]) -> Response:
+def png_answer(engine: Engine, images: np.ndarray, columns: int | None, classes: list[str] | tuple[str, ...]) -> Response:
     """One image's PNG, or a grid of several, naming the classes used."""
     data = png_bytes(images[0]) if len(images) == 1 else grid_png(images, columns)
-    return Response(data, media_type="image/png", headers=classes_header(classes))
+    return Response(data, media_type="image/png", headers=classes_header(engine, classes))
 
 
 def _end_point(end: EndPointIn, side: str) -> EndPoint:
