@@ -306,6 +306,12 @@ def class_names(engine: Engine, labels: np.ndarray | None) -> list[str]:
     return [] if labels is None else [engine.spec.classes[i] for i in labels.tolist()]
 
 
+def sample_classes(engine: Engine, classes: Sequence[str | bytes | int], n: int, seed_value: int, field: str) -> np.ndarray | None:
+    """A conditional model's classes of n samples: those asked for, else drawn from p(y) with the seed."""
+    labels = class_list(engine, classes, n, field)
+    return engine.draw_classes(n, seed_value) if labels is None and engine.classes else labels
+
+
 def prior_class(engine: Engine, n: int) -> np.ndarray:
     """A conditional model's most probable class under p(y), n times: the class of latents given none."""
     return np.full(n, int(np.argmax(engine.log_prior)))
@@ -319,7 +325,13 @@ async def implied_classes(engine: Engine, x: np.ndarray, deadline: float | None)
     if not engine.classes:
         return await engine.nearest_class(x, deadline)
     figures = await engine.class_scores(x, IMPLIED_K, 0, deadline, by_position=False)
-    return np.argmax(figures["log_likelihood"] + engine.log_prior, axis=-1)
+    return bayes(engine, figures["log_likelihood"])[1]
+
+
+def bayes(engine: Engine, log_px_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bayes' rule on per-class log-likelihoods [N, K]: log p(x, y) [N, K] and the most probable class [N]."""
+    joint = log_px_y + engine.log_prior
+    return joint, np.argmax(joint, axis=-1)
 
 
 def with_implied(engine: Engine, cost: int, n: int, given: np.ndarray | None) -> int:
@@ -368,9 +380,7 @@ async def sample(
     group (`per_group`); `names` are the inputs' names on the wire."""
     n = count(n, names[0], engine.limits.max_request_rows)
     t, s = temperatures(engine, temperature_value, per_group, names[2:4]), seed(seed_value, names[1])
-    labels = class_list(engine, classes, n, names[4])
-    if labels is None and engine.classes:
-        labels = engine.draw_classes(n, s)
+    labels = sample_classes(engine, classes, n, s, names[4])
     async with engine.admit("sample", engine.costs.sample(n), f"Sample of {n} images", deadline):
         return await engine.sample(n, s, t, deadline, weights(engine, labels)), s, class_names(engine, labels)
 
@@ -396,9 +406,7 @@ def sample_stream(
     limit = engine.limits.max_request_rows
     chunk = count(chunk_rows or min(engine.batch.max_batch_rows, limit), "chunk_rows", limit)
     cost = n * (engine.costs.latent + F32 * engine.classes) + engine.costs.sample(chunk)  # the noise and class weights
-    labels = class_list(engine, classes, n, "classes")
-    if labels is None and engine.classes:
-        labels = engine.draw_classes(n, s)
+    labels = sample_classes(engine, classes, n, s, "classes")
     y = weights(engine, labels)
 
     async def chunks() -> AsyncIterator[tuple[int, np.ndarray]]:
@@ -617,8 +625,7 @@ async def score(
         s = seed(seed_value)
         if marginal:
             figures = await engine.class_scores(x, k, s, deadline)
-            joint = figures["log_likelihood"] + engine.log_prior
-            labels = np.argmax(joint, axis=-1)
+            joint, labels = bayes(engine, figures["log_likelihood"])
             terms = {name: values[np.arange(n), labels] for name, values in figures.items()}
             terms["log_likelihood"] = logsumexp(joint)
         else:
@@ -652,6 +659,12 @@ class Classified:
     importance_samples: int
     seed: int
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per image, by the names every front end answers with."""
+        figures = zip(self.probabilities.tolist(), self.class_log_likelihoods.tolist(), self.log_likelihood.tolist(), self.classes)
+        names = ("probabilities", "class_log_likelihoods", "log_likelihood", "class_name")
+        return [dict(zip(names, values)) for values in figures]
+
 
 async def classify(
     engine: Engine, x: np.ndarray | None, files: Sequence[bytes], k: int, seed_value: int | None, deadline: float | None
@@ -667,8 +680,7 @@ async def classify(
         x = await request_images(engine, x, files)
         s = seed(seed_value)
         per_class = (await engine.class_scores(x, k, s, deadline))["log_likelihood"]
-    joint = per_class + engine.log_prior
-    labels = np.argmax(joint, axis=-1)
+    joint, labels = bayes(engine, per_class)
     return Classified(np.exp(log_softmax(joint)), per_class, logsumexp(joint), tuple(class_names(engine, labels)), k, s)
 
 

@@ -186,10 +186,7 @@ class VaeServicer:
     @rpc
     async def Classify(self, engine: Engine, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         c = await dataplane.classify(engine, _images(request), request.image_files, request.importance_samples or 64, _seed(request), deadline)
-        results = [
-            pb.ImageClasses(probabilities=p, class_log_likelihoods=ll, log_likelihood=marginal, class_name=name)
-            for p, ll, marginal, name in zip(c.probabilities.tolist(), c.class_log_likelihoods.tolist(), c.log_likelihood.tolist(), c.classes)
-        ]  # fmt: skip
+        results = [pb.ImageClasses(**row) for row in c.rows()]
         return pb.ClassifyResponse(results=results, classes=engine.spec.classes, importance_samples=c.importance_samples, seed=c.seed)
 
     @rpc

@@ -337,11 +337,7 @@ def router(plane: DataPlane) -> APIRouter:
         async with call("Classify", name, version, timeout) as (engine, deadline):
             x, files = _images_in(body)
             c = await dataplane.classify(engine, x, files, body.importance_samples, body.seed, deadline)
-            results = [
-                {"probabilities": p, "class_log_likelihoods": ll, "log_likelihood": marginal, "class_name": name}
-                for p, ll, marginal, name in zip(c.probabilities.tolist(), c.class_log_likelihoods.tolist(), c.log_likelihood.tolist(), c.classes)
-            ]  # fmt: skip
-            answer = {"results": results, "classes": list(engine.spec.classes), "importance_samples": c.importance_samples, "seed": c.seed}
+            answer = {"results": c.rows(), "classes": list(engine.spec.classes), "importance_samples": c.importance_samples, "seed": c.seed}
             return _answered(engine, answer)
 
     @api.post("/models/{name}/edit", name=PREFIX + "Edit", summary="Images moved from their class towards another")
