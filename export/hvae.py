@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from export.onnx_files import describe, write_graph
+from service.manifest import with_classes
 from training.hvae import HVAE
 
 
@@ -69,7 +70,7 @@ def posterior_reference(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """The posterior graph's input rows for images x, noise eps (and a conditional model's class
     weights y), and PyTorch's outputs for them (parity)."""
-    feed = np.concatenate([x.reshape(len(x), -1), eps, *([y] if y is not None else [])], axis=1)
+    feed = with_classes(np.concatenate([x.reshape(len(x), -1), eps], axis=1), y)
     classes = None if y is None else torch.from_numpy(y)
     with torch.no_grad():
         return feed, [t.numpy() for t in model.posterior_draw(torch.from_numpy(x), torch.from_numpy(eps), classes)]

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.manifest import DECODER_PRECISIONS
+from service.manifest import DECODER_PRECISIONS, with_classes
 from training.families import Model
 from export.hvae import posterior_reference
 
@@ -87,11 +87,7 @@ def _references(
     end with the class weights y. The prior graphs get the same standard normal rows: as eps for
     prior_sample and as z for prior_density."""
     classes = None if y is None else torch.from_numpy(y)
-
-    def rows(a: np.ndarray) -> np.ndarray:
-        return a if y is None else np.concatenate([a.reshape(len(a), -1), y], axis=1)
-
-    feeds = {"encoder": rows(x), "decoder": rows(z)}
+    feeds = {"encoder": with_classes(x, y), "decoder": with_classes(z, y)}
     params = model.decode(torch.from_numpy(z), classes)
     expected = {
         "encoder": [t.numpy() for t in model.encode(torch.from_numpy(x), classes)],

@@ -54,8 +54,8 @@ RunFn = Callable[[np.ndarray], list[np.ndarray]]
 # batch: (the slice's first row within the request, its rows of the outputs) -> what it keeps.
 Reduce = Callable[[int, list[np.ndarray]], list[np.ndarray]]
 INLINE_SECONDS = 0.0005  # on CPU, a lone batch expected to compute in less runs on the event loop itself
-# Of a full batch's time, what background requests get while interactive ones are about: at least
-# (so neither starves) and at most (so an interactive call never waits behind more bulk work).
+# Of a full batch's time, what background requests get while interactive ones are about by default:
+# at least (so neither starves) and at most (so an interactive call never waits behind more bulk work).
 BACKGROUND_SHARE = 0.25
 UNLABELLED: Mapping[str, str] = MappingProxyType({"model": "", "version": ""})
 
@@ -156,7 +156,7 @@ class BatchPolicy:
     `max_share_rows >= max_rows` leaves plain max-min fairness.
 
     Background requests (Score's chunks of draws: bulk work that takes seconds whatever its share)
-    take BACKGROUND_SHARE of a batch's time while interactive ones are about, at least and at most
+    take `background_share` of a batch's time while interactive ones are about, at least and at most
     (in rows: fewer where their reduce makes a row cost more, as measured), so
     neither starves and an interactive call arriving waits behind a short stretch of bulk work, not
     a full batch of it; each class is shared max-min within. About means an interactive request
@@ -176,10 +176,13 @@ class BatchPolicy:
     adaptive_delay: bool = True
     inline_seconds: float = INLINE_SECONDS
     max_share_rows: int | None = None
+    background_share: float = BACKGROUND_SHARE
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or (self.max_share_rows is not None and self.max_share_rows < 1):
             raise ValueError(f"a batch and a share hold at least one row: {self}")
+        if not 0 < self.background_share <= 1:
+            raise ValueError(f"background requests' share of a batch is in (0, 1], got {self.background_share}")
 
     def decide(self, queue: QueueState, now: float) -> Take | Wait:
         """Asked whenever the graph is free and something may have changed."""
@@ -214,7 +217,8 @@ class BatchPolicy:
         if not (waiting or recent):
             return None
         # b rows at cost c beside M - b at 1 take the share s of the time: b = s M / (1 + (c - 1)(1 - s)).
-        rows = BACKGROUND_SHARE * self.max_rows / (1 + (queue.bulk_cost - 1) * (1 - BACKGROUND_SHARE))
+        share = self.background_share
+        rows = share * self.max_rows / (1 + (queue.bulk_cost - 1) * (1 - share))
         return max(1, int(rows))
 
     def _everything(self, queue: QueueState, now: float) -> Take:
@@ -382,7 +386,7 @@ class Batcher:
         self, graph: str, run: RunFn, metrics: Metrics, max_rows: int = 256, max_delay: float = 0.002,
         max_queue_rows: int = 4096, merge: bool = True, adaptive_delay: bool = True,
         inline_seconds: float = INLINE_SECONDS, max_share_rows: int | None = None,
-        labels: Mapping[str, str] = UNLABELLED, executor: Executor | None = None,
+        background_share: float = BACKGROUND_SHARE, labels: Mapping[str, str] = UNLABELLED, executor: Executor | None = None,
     ) -> None:  # fmt: skip
         """The batching options are `BatchPolicy`'s; `max_queue_rows` bounds the rows waiting.
         `labels` ("model" and "version") name the served model on this batcher's metrics.
@@ -392,7 +396,7 @@ class Batcher:
         self.graph = graph
         self.run = run
         self.metrics = metrics
-        self.policy = BatchPolicy(max_rows, max_delay, merge, adaptive_delay, inline_seconds, max_share_rows)
+        self.policy = BatchPolicy(max_rows, max_delay, merge, adaptive_delay, inline_seconds, max_share_rows, background_share)
         self.max_queue_rows = max_queue_rows
         self.labels = dict(labels)
         self.queue = QueueState()

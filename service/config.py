@@ -37,6 +37,7 @@ class ServerConfig:
     max_batch_rows: int = 256
     max_batch_delay_ms: float = 2.0
     max_queue_rows: int = 32768
+    background_share: float = 0.25  # service.batcher.BACKGROUND_SHARE (which imports this module's readers)
     max_request_rows: int = 1024
     max_importance_samples: int = 5000
     max_interpolation_steps: int = 1024
@@ -80,6 +81,8 @@ HELP = {
     "max_batch_rows": "rows per batch sent to a graph",
     "max_batch_delay_ms": "how long the oldest queued request may wait for a batch to fill",
     "max_queue_rows": "rows that may wait per graph before requests are refused",
+    "background_share": "of a batch's time, what bulk work (Score's and Classify's draws) gets while interactive calls "
+    "wait or are about, in (0, 1]: less keeps Sample, Encode and Decode faster beside Score, more finishes Score sooner",
     "max_request_rows": "images or latents in one request",
     "decoder_precision": "fp32; fp16 serves decoder_fp16.onnx (export --fp16-decoder, for GPUs), int8 decoder_int8.onnx "
     "(export --int8-decoder, for CPUs)",
@@ -161,6 +164,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             f"--max-interpolation-steps {config.max_interpolation_steps} can never be met: an interpolation's "
             f"steps are decoded as one request, and the queue holds --max-queue-rows {config.max_queue_rows}"
         )
+    if not 0 < config.background_share <= 1:
+        parser.error(f"--background-share must be in (0, 1], got {config.background_share}")
     if config.split_rows < 0:
         parser.error(f"--split-rows must be 0 (never) or more, got {config.split_rows}")
     if config.inference_workers < 0:

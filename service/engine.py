@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batcher import INLINE_SECONDS, Batcher
+from service.batcher import BACKGROUND_SHARE, INLINE_SECONDS, Batcher
 from service.costs import F32, Costs
 from service.imaging import ImageError, load_image
 from service.metrics import Metrics
-from service.manifest import ModelSpec, RepositoryError
+from service.manifest import ModelSpec, RepositoryError, with_classes
 from service.memory import Hold, MemoryBudget
 from service.runtime import CPU, Runtime
 from service.scoring import IN_FLIGHT, ScoreSums, chunk_rows, gaussian_log_ratio
@@ -51,6 +51,7 @@ class BatchSettings:
     max_batch_rows: int = 256
     max_batch_delay_ms: float = 2.0
     max_queue_rows: int = 32768
+    background_share: float = BACKGROUND_SHARE  # of a batch's time, Score's and Classify's draws' beside interactive calls
     batching: bool = True  # off: every request is computed alone (for comparison)
     adaptive_delay: bool = True  # skip the batch delay while requests come alone
     warmup_batch_sizes: tuple[int, ...] = ()  # (): 1, 2 and max_batch_rows
@@ -128,14 +129,6 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[labels]
 
 
-def with_classes(rows: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-    """A graph's input rows for a conditional model: each row flattened, then its class weights y
-    [N, K] (`export.graphs`); the rows as they are when y is None (an unconditional model)."""
-    if y is None:
-        return rows
-    return np.concatenate([rows.reshape(len(rows), -1), y], axis=1, dtype=np.float32)
-
-
 class Engine:
     """One served model: its spec, its graphs behind batchers, and the operations of the API."""
 
@@ -169,6 +162,7 @@ class Engine:
             metrics=metrics, labels={"model": spec.name, "version": str(spec.version)}, executor=executor,
             max_rows=batch.max_batch_rows, max_delay=batch.max_batch_delay_ms / 1000,
             max_queue_rows=batch.max_queue_rows, merge=batch.batching, adaptive_delay=batch.adaptive_delay,
+            background_share=batch.background_share,
             inline_seconds=INLINE_SECONDS if runtime.provider == CPU else 0.0,
         )  # fmt: skip
         self.encoder = Batcher("encoder", runtime.encoder.run, **common)  # type: ignore[arg-type]

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from service.errors import FailedPrecondition
 from service.imaging import Preprocessing, on_black
 from service.likelihood import Likelihood, likelihood as make_likelihood
@@ -116,6 +118,15 @@ class ModelSpec:
             "preprocessing": self.preprocessing.to_json() if self.preprocessing else None,
             "classes": self.classes, "conditional": self.conditional,
         }  # fmt: skip
+
+
+def with_classes(rows: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    """A graph's input rows for a conditional model: each row flattened, then its class weights y
+    [N, K] (`export.graphs`: the graphs of every family pack them so); the rows as they are when y
+    is None (an unconditional model)."""
+    if y is None:
+        return rows
+    return np.concatenate([rows.reshape(len(rows), -1), y], axis=1, dtype=np.float32)
 
 
 def sha256(path: Path) -> str:

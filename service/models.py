@@ -205,7 +205,7 @@ class Models:
     def _settings(self, serving: ServingConfig) -> BatchSettings:
         """The flags, overridden by the model's serving.json, checked against the request limits."""
         overrides = {
-            key: getattr(serving, key) for key in ("max_batch_rows", "max_batch_delay_ms", "max_queue_rows", "warmup_batch_sizes")
+            key: getattr(serving, key) for key in ("max_batch_rows", "max_batch_delay_ms", "max_queue_rows", "background_share", "warmup_batch_sizes")
             if getattr(serving, key) is not None
         }  # fmt: skip
         settings = dataclasses.replace(self.batch, **overrides)

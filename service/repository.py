@@ -110,6 +110,7 @@ class ServingConfig:
     max_batch_rows: int | None = None
     max_batch_delay_ms: float | None = None
     max_queue_rows: int | None = None
+    background_share: float | None = None
     warmup_batch_sizes: tuple[int, ...] | None = None
     version_policy: VersionPolicy | None = None
     allow_interface_change: bool = False  # a new version may change image shape, latent size, likelihood, prior
@@ -138,12 +139,15 @@ def read_serving_config(model_dir: Path) -> ServingConfig:
             max_batch_rows=_positive(raw, "max_batch_rows", int),
             max_batch_delay_ms=_positive(raw, "max_batch_delay_ms", float, zero=True),
             max_queue_rows=_positive(raw, "max_queue_rows", int),
+            background_share=_positive(raw, "background_share", float),
             warmup_batch_sizes=tuple(int(n) for n in raw["warmup_batch_sizes"]) if "warmup_batch_sizes" in raw else None,
             version_policy=VersionPolicy.parse(raw["version_policy"]) if "version_policy" in raw else None,
             allow_interface_change=raw.get("allow_interface_change", False),
         )
     except (TypeError, ValueError) as err:
         raise RepositoryError(f"{path}: {err}") from err
+    if config.background_share is not None and config.background_share > 1:
+        raise RepositoryError(f"{path}: background_share must be in (0, 1], got {config.background_share}")
     if config.warmup_batch_sizes is not None and min(config.warmup_batch_sizes, default=1) < 1:
         raise RepositoryError(f"{path}: warmup_batch_sizes must be positive")
     return config

@@ -53,6 +53,7 @@ def batch_settings(config: ServerConfig) -> BatchSettings:
         max_batch_rows=config.max_batch_rows,
         max_batch_delay_ms=config.max_batch_delay_ms,
         max_queue_rows=config.max_queue_rows,
+        background_share=config.background_share,
         batching=config.batching == "on",
         adaptive_delay=config.batch_delay == "adaptive",
     )

@@ -444,6 +444,7 @@ def policies(draw, max_rows: int | None = None) -> BatchPolicy:
         adaptive_delay=draw(st.booleans()),
         inline_seconds=draw(st.sampled_from([0.0, INLINE_SECONDS])),
         max_share_rows=draw(st.one_of(st.none(), st.integers(1, max_rows + 1))),
+        background_share=draw(st.floats(0.01, 1.0)),
     )
 
 
@@ -980,6 +981,10 @@ def test_background_requests_take_their_share_while_interactive_ones_are_about_a
     costly = queue_of([*small, Entry(100, enqueued=0.5, background=True)])
     costly.bulk_cost = 2.0  # its reduce doubles a row's time: 9 rows of 2 beside 55 of 1 are a quarter of the time
     assert [k for _, k in policy.take(costly, 1.0).slices] == [4, 4, 4, 9]
+    eighth = BatchPolicy(max_rows=64, max_share_rows=64, background_share=0.125)  # --background-share 0.125
+    assert [k for _, k in eighth.take(queue_of([*small, Entry(100, enqueued=0.5, background=True)]), 1.0).slices] == [4, 4, 4, 8]
+    with pytest.raises(ValueError, match="share of a batch"):
+        BatchPolicy(background_share=0)
 
     def alone(interactive_at: float) -> list[int]:
         queue = queue_of([Entry(50, background=True), Entry(50, enqueued=0.1, background=True)], seconds_per_row=0.001)
@@ -1010,5 +1015,5 @@ def test_with_background_requests_every_request_takes_a_row_and_the_batch_holds_
     plain = policy.max_share_rows is not None and policy.max_share_rows >= policy.max_rows  # no share cap
     if policy.merge and plain and back and len(back) < len(live) <= policy.max_rows and wanted > policy.max_rows:
         got = dict((id(e), k) for e, k in decision.slices)
-        floor = max(len(back), min(sum(e.wanted for e in back), int(0.25 * policy.max_rows)))
+        floor = max(len(back), min(sum(e.wanted for e in back), int(policy.background_share * policy.max_rows)))
         assert sum(got.get(id(e), 0) for e in back) >= min(floor, policy.max_rows - (len(live) - len(back)))

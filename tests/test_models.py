@@ -4,6 +4,7 @@ and its admin token, and ONNX Runtime's threads shared by all models."""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -272,12 +273,16 @@ def test_serving_json_is_checked(tmp_path):
         '{"version_policy": 2}': "version_policy must be a string",
         '{"allow_interface_change": "false"}': "allow_interface_change must be true or false",
         '{"warmup_batch_sizes": [0]}': "warmup_batch_sizes must be positive",
+        '{"background_share": 0}': "background_share must be a positive number",
+        '{"background_share": 2}': "background_share must be in (0, 1], got 2.0",
         "[1]": "expected a JSON object",
         "{": "unreadable",
     }
     for text, message in cases.items():
         (tmp_path / "serving.json").write_text(text)
-        with pytest.raises(RepositoryError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(RepositoryError, match=re.escape(message)):
             read_serving_config(tmp_path)
-    (tmp_path / "serving.json").write_text('{"max_batch_rows": 8, "version_policy": "all", "allow_interface_change": true}')
-    assert read_serving_config(tmp_path) == ServingConfig(max_batch_rows=8, version_policy=VersionPolicy("all"), allow_interface_change=True)
+    (tmp_path / "serving.json").write_text('{"max_batch_rows": 8, "version_policy": "all", "allow_interface_change": true, "background_share": 0.5}')
+    assert read_serving_config(tmp_path) == ServingConfig(
+        max_batch_rows=8, version_policy=VersionPolicy("all"), allow_interface_change=True, background_share=0.5
+    )

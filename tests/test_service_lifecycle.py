@@ -195,6 +195,11 @@ def test_inconsistent_limits_and_empty_token_file_are_refused(model_repo, tmp_pa
     with pytest.raises(SystemExit):
         parse_config(["--max-interpolation-steps", "2000", "--max-queue-rows", "1500"], env={})
     assert "--max-interpolation-steps 2000 can never be met" in capsys.readouterr().err
+    for share in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_config(["--background-share", share], env={})
+        assert f"--background-share must be in (0, 1], got {float(share)}" in capsys.readouterr().err
+    assert parse_config([], env={"VAE_BACKGROUND_SHARE": "0.1"}).background_share == 0.1
     # 64 float32 images of 8x8 are 16 KiB: the default message size holds them, 8 KiB does not.
     assert message_limits(parse_config(["--max-batch-rows", "64", "--max-request-rows", "64"], env={}), (1, 8, 8), 8) == (64, 1024)
     small = parse_config(["--max-batch-rows", "64", "--max-request-rows", "64", "--max-message-bytes", str(64 * 1024 + 8192)], env={})
