@@ -4,12 +4,14 @@ process, resumed, and data-parallel under torchrun."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from tests.test_distributed import FLAGS as FLAT_FLAGS
 from tests.test_distributed import TOL, distance, torchrun, weights
+from service.commands import UserError
 from training import checkpoint
 from training.config import ModelConfig, TrainConfig
 from training.families import build
@@ -185,11 +187,17 @@ def test_exploding_steps_are_skipped_and_a_lasting_rise_is_not_skipped_for_ever(
 
 def test_curves_and_comparisons_take_hierarchical_runs(digits, tmp_path):
     from training.compare import write_compare
-    from training.curves import curve, write_curves
+    from training.curves import curve, run_metrics, write_curves
     from training.train import run
 
     metrics = run(hvae_config(epochs=2, iwae_k=5, eval_images=20), tmp_path / "hier", digits)
     minutes, bits, test = curve(metrics)
     assert len(minutes) == 2 and minutes[0] < minutes[1] and all(b > 0 for b in bits) and test == metrics["test"]["nll_bits_per_dim"]
-    assert write_curves([tmp_path / "hier"], tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # A run stopped before its end has no metrics.json: its last.pt's history gives the same curve, without a test figure.
+    (tmp_path / "stopped").mkdir()
+    shutil.copy(tmp_path / "hier" / "last.pt", tmp_path / "stopped" / "last.pt")
+    assert curve(run_metrics(tmp_path / "stopped")) == (minutes, bits, None)
+    with pytest.raises(UserError, match="neither metrics.json nor last.pt"):
+        run_metrics(tmp_path)
+    assert write_curves([tmp_path / "hier", tmp_path / "stopped"], tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert write_compare([tmp_path / "hier"], tmp_path / "compare.png", n=4).read_bytes()[:4] == b"\x89PNG"

@@ -2,7 +2,8 @@
 minutes, several runs on the same axes, with the test NLL (IWAE) where the run ends.
 
 `python -m training.curves --runs runs/twemoji runs/twemoji-hvae --out curves.png` reads each run's
-metrics.json (its per-epoch history, seconds and validation -ELBO; its test figures).
+metrics.json (its per-epoch history, seconds and validation -ELBO; its test figures), or, for a run
+stopped before its end (no metrics.json), the history kept in its last.pt.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from service import commands
 from service.commands import Parser, UserError, writable_folder
+from training import checkpoint
 from training.config import TrainConfig, from_dict
 from training.likelihoods import for_model
 
@@ -33,6 +35,21 @@ def curve(metrics: dict[str, Any]) -> tuple[list[float], list[float], float | No
     return minutes, bits, test
 
 
+def run_metrics(run: Path) -> dict[str, Any]:
+    """A run's metrics.json; for a run stopped before it wrote one, its last.pt's config and history
+    (no test figures)."""
+    try:
+        return json.loads((run / "metrics.json").read_text())
+    except FileNotFoundError:
+        pass
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--runs {run}: metrics.json unreadable ({err})") from None
+    if not (run / "last.pt").is_file():
+        raise UserError(f"--runs {run}: neither metrics.json nor last.pt (not a run folder of python -m training)")
+    state = checkpoint.read(run / "last.pt", checkpoint.CHECKPOINT, ("config", "history"))
+    return {"config": state["config"], "history": state["history"]}
+
+
 def write_curves(runs: list[Path], out: Path) -> Path:
     import matplotlib
 
@@ -41,11 +58,7 @@ def write_curves(runs: list[Path], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        try:
-            metrics = json.loads((run / "metrics.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"--runs {run}: no readable metrics.json ({err})") from None
-        minutes, bits, test = curve(metrics)
+        minutes, bits, test = curve(run_metrics(run))
         line = ax.plot(minutes, bits, label=f"{run.name}: validation -ELBO")[0]
         if test is not None and math.isfinite(test) and minutes:
             ax.plot([minutes[-1]], [test], "o", color=line.get_color(), label=f"{run.name}: test NLL (IWAE) {test:.3f}")
@@ -61,7 +74,7 @@ def write_curves(runs: list[Path], out: Path) -> Path:
 
 def build_parser() -> Parser:
     parser = Parser(prog="python -m training.curves", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders with a metrics.json")
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (a metrics.json, or a stopped run's last.pt)")
     parser.add_argument("--out", type=Path, required=True, help="the .png to write")
     return parser
 
