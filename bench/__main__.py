@@ -142,7 +142,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def build_parser() -> Parser:
     """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
-    parser = Parser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench", description=commands.summary(__doc__))
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="3 s per scenario and side instead of 10")

@@ -178,7 +178,7 @@ def describe(tree: Tree, package: str, model_repo: Path, regenerated: bool) -> d
 
 def build_parser() -> Parser:
     """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
-    parser = Parser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench.ab", description=commands.summary(__doc__))
     parser.add_argument("--base", required=True, help="the commit to compare with (any git revision)")
     parser.add_argument("--new", help="a commit for the new side instead of the working tree")
     parser.add_argument("--model-repo", type=Path, required=True)

@@ -12,6 +12,7 @@ import asyncio
 import grpc
 import numpy as np
 
+from service import commands
 from service.api.vae.v1 import vae_pb2 as pb
 from service.api.vae.v1 import vae_pb2_grpc
 from service.tensors import from_array
@@ -40,7 +41,7 @@ async def serve(port: int, image_shape: tuple[int, ...]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=commands.summary(__doc__))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--image-shape", default="1,28,28")
     args = parser.parse_args()

@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from service import commands
+
 
 def app_for(replies: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]]) -> Any:
     """An ASGI app answering each path with its reply; 404 for any other."""
@@ -47,7 +49,7 @@ def load_replies(index: Path) -> dict[str, tuple[bytes, list[tuple[bytes, bytes]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=commands.summary(__doc__))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--replies", type=Path, required=True)
     args = parser.parse_args()

@@ -286,7 +286,7 @@ def show(label: str, f: dict[str, Any], fmt: str = "") -> None:
 
 def build_parser() -> Parser:
     """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
-    parser = Parser(prog="python -m bench.loading", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench.loading", description=commands.summary(__doc__))
     parser.add_argument("--folder", type=Path, required=True, help="a folder of images (read only, never written)")
     parser.add_argument("--image-size", type=parse_size, default=(32, 32), help="N or HxW (default 32)")
     parser.add_argument("--json", type=Path, help="write every figure here")

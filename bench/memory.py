@@ -44,7 +44,7 @@ STEADY = (Scenario("Sample", 256, 4), Scenario("Encode", 64, 8))  # the calls wh
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m bench.memory", description=commands.summary(__doc__))
     parser.add_argument("--model-repo", type=Path, required=True)
     parser.add_argument("--k", type=int, default=256, help="importance samples per image (default 256)")
     parser.add_argument("--threads", type=int, default=0, help="the server's --intra-op-threads")

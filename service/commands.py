@@ -40,6 +40,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph as one line, for a command's --help (its first line alone
+    can stop mid-sentence)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def run(main: Callable[[], int | None], prog: str) -> NoReturn:
     """`main()` as a command: its return value is the exit status; a UserError is one line and
     its exit code, unless VAE_TRACEBACK asks for the traceback."""

@@ -5,6 +5,7 @@ Each case runs the real command as a user would, in a subprocess."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service import commands
 from tests.conftest import ROOT
 
 
@@ -172,3 +174,13 @@ def test_a_bug_still_shows_its_traceback():
     code = "from service.commands import run\ndef main():\n    {}['missing']\nrun(main, 'python -m x')\n"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" in done.stderr and "KeyError: 'missing'" in done.stderr
+
+
+@pytest.mark.parametrize("module", ["training.evaluate", "training.curves", "bench.memory", "bench.http_echo"])
+def test_help_says_what_a_command_does_in_whole_sentences(module):
+    """--help's description is the module docstring's first paragraph, not its first line, which
+    can stop mid-sentence."""
+    done = command(module, "--help", env={"COLUMNS": "1000"})  # argparse's wrapping aside
+    assert done.returncode == 0, done.stderr
+    description = done.stdout.split("\n\n")[1].strip()
+    assert description == commands.summary(importlib.import_module(module).__doc__) and description.endswith(".")

@@ -62,7 +62,7 @@ def write_compare(runs: list[Path], out: Path, n: int = 36, seed: int = 0, tempe
 
 def build_parser() -> Parser:
     """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
-    parser = Parser(prog="python -m training.compare", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.compare", description=commands.summary(__doc__))
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (or best.pt files)")
     parser.add_argument("--out", type=Path, default=Path("compare.png"))
     parser.add_argument("--n", type=int, default=36, help="samples per panel")

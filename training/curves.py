@@ -73,7 +73,7 @@ def write_curves(runs: list[Path], out: Path) -> Path:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m training.curves", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.curves", description=commands.summary(__doc__))
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (a metrics.json, or a stopped run's last.pt)")
     parser.add_argument("--out", type=Path, required=True, help="the .png to write")
     return parser

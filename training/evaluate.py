@@ -347,7 +347,7 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
 
 def build_parser() -> Parser:
     """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
-    parser = Parser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.evaluate", description=commands.summary(__doc__))
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--k", type=int, default=1000, help="importance samples per image")
     parser.add_argument("--images", type=int, default=1000, help="test images, a seeded draw (0: all)")

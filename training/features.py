@@ -152,7 +152,7 @@ def train_feature_net(
 
 def build_parser() -> Parser:
     """The command's parser: a pure reading of the flags (the docs' commands are checked with it)."""
-    parser = Parser(prog="python -m training.features", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m training.features", description=commands.summary(__doc__))
     add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, help="default: 30 for digits and folders, 5 otherwise")
     parser.add_argument("--batch-size", type=int, help="default: 32 for digits, 64 for folders, 128 otherwise")
