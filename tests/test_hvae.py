@@ -200,4 +200,4 @@ def test_curves_and_comparisons_take_hierarchical_runs(digits, tmp_path):
     with pytest.raises(UserError, match="neither metrics.json nor last.pt"):
         run_metrics(tmp_path)
     assert write_curves([tmp_path / "hier", tmp_path / "stopped"], tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert write_compare([tmp_path / "hier"], tmp_path / "compare.png", n=4).read_bytes()[:4] == b"\x89PNG"
+    assert write_compare([tmp_path / "hier"], tmp_path / "compare.png", n=4, temperatures=(1.0, 0.5)).read_bytes()[:4] == b"\x89PNG"

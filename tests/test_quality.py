@@ -155,8 +155,10 @@ def test_compare_figure(runs, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from training.compare import panels
 
-    titles = [t for run in ("vae", "flow", "ae") for t, _ in panels(runs / run, 4, 0, 1.0)]
-    assert len(titles) == 4 and "flow prior" in titles[1] and "fitted" in titles[3]
+    drawn = [panel for run in ("vae", "flow", "ae") for panel in panels(runs / run, 4, 0, (1.0, 0.5))]
+    assert [len(images) for _, images in drawn] == [2] * 4 and "flow prior" in drawn[1][0] and "fitted" in drawn[3][0]
+    one, half = drawn[0][1]  # the same noise, scaled: a cooler sample is another image, not another draw
+    assert one.shape == half.shape and not torch.equal(one, half)
 
 
 def test_a_classifier_of_another_layout_is_refused_with_what_to_do(tmp_path):
