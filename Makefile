@@ -30,8 +30,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[serve,cpu,train,dev]"
 	touch $@
 
+# Each test runs its processes on one thread (tests/conftest.py), so two workers fill two cores;
+# a file's tests stay on one worker, which trains its fixtures once.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The small default model: 8x8 digits bundled with scikit-learn, no network, about a minute with its
 # classifier; the recipe and its figures are in docs/training.md ("The digits recipe").

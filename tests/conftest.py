@@ -112,9 +112,20 @@ class ServerProcess:
         `loopback`: bind 127.0.0.1 alone; False keeps the server's default addresses. `launcher`
         runs the server through another command (`ip netns exec NAME`)."""
         addresses = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1"] if loopback else []
-        cmd = [*launcher, sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port",
-               "0", *addresses, "--intra-op-threads", "1", "--http-port", str(free_port()) if http else "0", *args]  # fmt: skip
         self.log = log
+        for attempt in range(3):
+            # The HTTP port is picked before the server binds it: a test running beside this one
+            # (pytest -n) may take it in between, and then another is picked.
+            cmd = [*launcher, sys.executable, "-m", "service", "--model-repo", str(repo), "--port", "0", "--metrics-port",
+                   "0", *addresses, "--intra-op-threads", "1", "--http-port", str(free_port()) if http else "0", *args]  # fmt: skip
+            try:
+                self._start(cmd, log)
+                return
+            except RuntimeError:
+                if not http or attempt == 2 or "Address already in use" not in log.read_text():
+                    raise
+
+    def _start(self, cmd: list[str], log: Path) -> None:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
