@@ -3,6 +3,8 @@ calls at once, and, with --storm, the issue's storm: Sample(256) from 4 callers,
 and an HTTP fuzz for --storm seconds, first without and then with four Score(16, k) callers beside
 them, with the rows/s of each, every call's outcome and the peak (VmRSS and VmHWM from /proc, Linux).
 The first phase is the baseline of what Score may take from the others: the same run without Score.
+Each phase also says where the server's time went: the cores it used, and per graph its batches,
+their rows and their time in ONNX Runtime (from its metrics).
 
     python -m bench.memory --model-repo models [--k 256] [--storm 60] [--cgroup 1G] [--json runs/memory.json]
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cgroup import MemoryCgroup
 from bench.load import LoadResult, run_load
@@ -73,6 +76,36 @@ async def fuzz(url: str, name: str, until: float, codes: dict[str, int]) -> None
             codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
 
 
+def accounts(server: ServiceProcess) -> dict[str, Any]:
+    """The server's CPU seconds so far, and per graph its batches, rows and compute seconds."""
+    with open(f"/proc/{server.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    graphs: dict[str, dict[str, float]] = {}
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = {"vae_batch_rows_count": "batches", "vae_batch_rows_sum": "rows", "vae_compute_seconds_sum": "compute_s"}.get(s.name)
+            if key:
+                graph = graphs.setdefault(s.labels["graph"], {})
+                graph[key] = graph.get(key, 0.0) + s.value
+    return {"cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), "graphs": graphs}
+
+
+def spent(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What a phase took of the server: cores used, and per graph batches, rows per batch and the
+    share of the phase spent computing."""
+    graphs = {}
+    for graph, now in after["graphs"].items():
+        was = before["graphs"].get(graph, {})
+        batches = now.get("batches", 0) - was.get("batches", 0)
+        if batches:
+            rows = now.get("rows", 0) - was.get("rows", 0)
+            compute = now.get("compute_s", 0) - was.get("compute_s", 0)
+            graphs[graph] = {"batches": int(batches), "rows_per_batch": round(rows / batches, 1),
+                             "compute_share": round(compute / seconds, 3)}  # fmt: skip
+    return {"cores": round((after["cpu_s"] - before["cpu_s"]) / seconds, 2), "graphs": graphs}
+
+
 async def storm(
     spec: ModelSpec, server: ServiceProcess, http_url: str, k: int, seconds: float, score: bool
 ) -> dict[str, Any]:
@@ -80,6 +113,7 @@ async def storm(
     beside them): rows/s and outcomes of each, and the server's peak over the phase."""
     scenarios = [*STEADY, *([Scenario("Score", IMAGES, 4, k=k)] if score else [])]
     peak_from_now(server.proc.pid)
+    before, started = accounts(server), time.perf_counter()
     http_codes: dict[str, int] = {}
     async with contextlib.AsyncExitStack() as stack:
         calls = [await stack.enter_async_context(caller(server.target, *make_request(spec, s))) for s in scenarios]
@@ -92,7 +126,8 @@ async def storm(
         s.label: {"rows_per_s": r.in_window * s.rows / seconds, "codes": dict(r.codes)}
         for s, r in zip(scenarios, results)
     }
-    return {"calls": phase, "http_codes": http_codes, "peak_mb": rss_mb(server.proc.pid, "VmHWM")}
+    used = spent(before, accounts(server), time.perf_counter() - started)
+    return {"calls": phase, "http_codes": http_codes, "peak_mb": rss_mb(server.proc.pid, "VmHWM"), "server": used}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{label} {c['rows_per_s']:.0f} rows/s {c['codes']}" for label, c in report[phase]["calls"].items()
             )
             print(f"{phase}: {rates}; HTTP {report[phase]['http_codes']}; peak {report[phase]['peak_mb']:.0f} MiB")
+            print(f"  server: {report[phase]['server']}")
     if "oom_kills" in report:
         print(f"cgroup {args.cgroup}: {report['oom_kills']} processes killed for memory")
     if args.json:

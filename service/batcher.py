@@ -270,21 +270,24 @@ class BatchPolicy:
         left = rows < total or scanned < len(queue.entries)  # rows left waiting, or perhaps beyond the scan
         lone = len(live) == 1
         inline = lone and not left and rows * queue.seconds_per_row < self.inline_seconds
-        return Take(scanned, list(zip(live, shares)), rows, expired or _NONE, left or not lone, inline)
+        slices = [(entry, k) for entry, k in zip(live, shares) if k]  # background ones past the bulk room wait
+        return Take(scanned, slices, rows, expired or _NONE, left or not lone, inline)
 
     def _split(self, live: list, wanted: list[int], company: bool, bulk: int | None) -> list[int]:
         """Shares of a batch: background requests (Score's draws, thousands of rows of bulk work)
         take `bulk` rows (None: what the others leave) and interactive ones the rest, so that
-        neither side starves; each class is shared max-min fairly within, and every request takes
-        at least a row."""
+        neither side starves; each class is shared max-min fairly within. Every interactive request
+        takes at least a row; background ones share their room, the oldest first when they
+        outnumber its rows (the others wait for a later batch: several Score calls' chunks would
+        otherwise take a row each, far more than their share)."""
         back = [i for i, entry in enumerate(live) if entry.background]
         if not back or (bulk is None and len(back) == len(live)):
             return wanted if sum(wanted) <= self.max_rows else self.shares(wanted, company)
         front = [i for i, entry in enumerate(live) if not entry.background]
         bulk = self.max_rows if bulk is None else bulk
-        floor = max(len(back), min(sum(wanted[i] for i in back), bulk))
+        floor = max(1, min(sum(wanted[i] for i in back), bulk))
         front_shares = self.shares([wanted[i] for i in front], company, max(len(front), self.max_rows - floor))
-        room = max(len(back), min(bulk, self.max_rows - sum(front_shares)))
+        room = max(1, min(bulk, self.max_rows - sum(front_shares)))
         back_shares = self.shares([wanted[i] for i in back], company, room)
         shares = [0] * len(live)
         for i, k in (*zip(front, front_shares), *zip(back, back_shares)):
