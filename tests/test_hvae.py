@@ -187,7 +187,7 @@ def test_exploding_steps_are_skipped_and_a_lasting_rise_is_not_skipped_for_ever(
 
 def test_curves_and_comparisons_take_hierarchical_runs(digits, tmp_path):
     from training.compare import write_compare
-    from training.curves import curve, run_metrics, write_curves
+    from training.curves import axis_top, curve, run_metrics, write_curves
     from training.train import run
 
     metrics = run(hvae_config(epochs=2, iwae_k=5, eval_images=20), tmp_path / "hier", digits)
@@ -199,5 +199,7 @@ def test_curves_and_comparisons_take_hierarchical_runs(digits, tmp_path):
     assert curve(run_metrics(tmp_path / "stopped")) == (minutes, bits, None)
     with pytest.raises(UserError, match="neither metrics.json nor last.pt"):
         run_metrics(tmp_path)
+    # A diverged run's thousands of bits/dim go past the axis instead of flattening the others.
+    assert axis_top([3.9, 4.0, 4.1, 2000.0]) == 8.2 and axis_top([4.0, 5.0]) == 5.1 and axis_top([math.nan]) == math.inf
     assert write_curves([tmp_path / "hier", tmp_path / "stopped"], tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert write_compare([tmp_path / "hier"], tmp_path / "compare.png", n=4, temperatures=(1.0, 0.5)).read_bytes()[:4] == b"\x89PNG"

@@ -50,6 +50,15 @@ def run_metrics(run: Path) -> dict[str, Any]:
     return {"config": state["config"], "history": state["history"]}
 
 
+def axis_top(values: list[float]) -> float:
+    """The bits/dim axis's top: twice the median, so a run that diverged (thousands of bits/dim)
+    does not flatten every other curve; inf with nothing finite to show."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return math.inf
+    return min(finite[-1] * 1.02, 2 * finite[len(finite) // 2])
+
+
 def write_curves(runs: list[Path], out: Path) -> Path:
     import matplotlib
 
@@ -57,11 +66,18 @@ def write_curves(runs: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        minutes, bits, test = curve(run_metrics(run))
-        line = ax.plot(minutes, bits, label=f"{run.name}: validation -ELBO")[0]
+    curves = [(run, *curve(run_metrics(run))) for run in runs]
+    shown = [b for _, _, bits, test in curves for b in [*bits, *([test] if test is not None else [])] if math.isfinite(b)]
+    top = axis_top(shown)
+    for run, minutes, bits, test in curves:
+        past = max((b for b in bits if b > top), default=None)
+        cut = f" (up to {past:,.0f} past the axis)" if past is not None else ""
+        line = ax.plot(minutes, bits, label=f"{run.name}: validation -ELBO{cut}")[0]
         if test is not None and math.isfinite(test) and minutes:
             ax.plot([minutes[-1]], [test], "o", color=line.get_color(), label=f"{run.name}: test NLL (IWAE) {test:.3f}")
+    if top < math.inf:
+        bottom = min(shown)
+        ax.set_ylim(bottom - 0.05 * (top - bottom), top)
     ax.set_xlabel("training minutes")
     ax.set_ylabel("bits/dim")
     ax.grid(alpha=0.3)
