@@ -33,6 +33,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cgroup import MemoryCgroup
+from bench.interleave import TICKS, cpu_ticks
 from bench.load import LoadResult, run_load
 from bench.processes import ServiceProcess, free_port, one_model, rss_mb
 from bench.scenarios import Scenario, caller, make_request
@@ -78,8 +79,6 @@ async def fuzz(url: str, name: str, until: float, codes: dict[str, int]) -> None
 
 def accounts(server: ServiceProcess) -> dict[str, Any]:
     """The server's CPU seconds so far, and per graph its batches, rows and compute seconds."""
-    with open(f"/proc/{server.proc.pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
     graphs: dict[str, dict[str, float]] = {}
     text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30).text
     for family in text_string_to_metric_families(text):
@@ -88,7 +87,7 @@ def accounts(server: ServiceProcess) -> dict[str, Any]:
             if key:
                 graph = graphs.setdefault(s.labels["graph"], {})
                 graph[key] = graph.get(key, 0.0) + s.value
-    return {"cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), "graphs": graphs}
+    return {"cpu_s": cpu_ticks((server.proc.pid,))[1] / TICKS, "graphs": graphs}
 
 
 def spent(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
