@@ -6,6 +6,7 @@ that would hide which family answered."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import tritonclient.http as triton_http
@@ -69,17 +71,42 @@ def test_an_explicit_address_binds_that_address_alone(model_repo, tmp_path, serv
     assert grpc_health("127.0.0.1", server.port) == "SERVING"
     if not host_has_ipv6():
         pytest.skip("no IPv6 here: ::1 alone cannot be bound")
-    proc = ServerProcess(model_repo, tmp_path / "server.log", "--host", "::1", "--metrics-addr", "[::1]",
-                         "--health-port", str(free_port()), http=True, loopback=False)  # fmt: skip
-    try:
-        from tests.reach import main as reach
+    with ipv4_side_held(4) as (port, health, http, metrics):
+        proc = ServerProcess(model_repo, tmp_path / "server.log", "--host", "::1", "--metrics-addr", "[::1]",
+                             "--port", str(port), "--health-port", str(health), "--http-port", str(http),
+                             "--metrics-port", str(metrics), http=True, loopback=False)  # fmt: skip
+        try:
+            from tests.reach import main as reach
 
-        assert list(reach(probes(proc, "::1")).values()) == SERVING
-        refused = reach(probes(proc, "127.0.0.1"))
-        assert list(refused.values()) == ["UNAVAILABLE", "UNAVAILABLE", "ConnectionRefusedError",
-                                          "ConnectionRefusedError"], refused  # fmt: skip
+            assert list(reach(probes(proc, "::1")).values()) == SERVING
+            refused = reach(probes(proc, "127.0.0.1"))
+            assert list(refused.values()) == ["UNAVAILABLE", "UNAVAILABLE", "ConnectionRefusedError",
+                                              "ConnectionRefusedError"], refused  # fmt: skip
+        finally:
+            assert proc.terminate() == 0
+
+
+@contextlib.contextmanager
+def ipv4_side_held(count: int) -> Iterator[list[int]]:
+    """`count` ports free on ::1 whose 127.0.0.1 side this test holds bound and not listening, so
+    that the kernel refuses an IPv4 client there: a server that a test running beside this one
+    (pytest -n) started on 127.0.0.1 cannot take the same number and answer in its place."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            with socket.socket(socket.AF_INET6) as six:
+                six.bind(("::1", 0))
+                four = socket.socket(socket.AF_INET)
+                try:
+                    four.bind(("127.0.0.1", six.getsockname()[1]))
+                except OSError:
+                    four.close()
+                    continue
+                held.append(four)
+        yield [s.getsockname()[1] for s in held]
     finally:
-        assert proc.terminate() == 0
+        for s in held:
+            s.close()
 
 
 def test_an_address_that_is_not_one_is_refused_in_one_line(model_repo):
