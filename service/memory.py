@@ -178,14 +178,16 @@ def _libc() -> Any:
         return None
 
 
-def tune_allocator(arenas: int = 2) -> None:
+def tune_allocator(arenas: int = 1) -> None:
     """glibc's malloc, set so that resident memory follows what requests hold. onnxruntime's
     tensors live in its own arena; what glibc serves is the arrays around them (batch outputs,
-    answers, Score's arithmetic). Two arenas rather than one per allocating thread (one alone made
-    threads queue for it). Blocks of SERVING_MMAP_THRESHOLD or more are mapped apart and unmapped
-    when freed, and a free heap top of SERVING_TRIM_THRESHOLD goes back; by default glibc raises
-    its threshold to whatever block was last freed, and serves ever larger blocks from a heap that
-    keeps them. Smaller blocks are reused from the heap batch after batch: mapping every block of
+    answers, Score's arithmetic). One arena rather than one per allocating thread, and not two:
+    which threads shared the second depended on the order they first allocated in, and what it
+    held stayed resident, so a model's idle footprint changed from start to start by a third
+    (docs/benchmarks.md, "One malloc arena"). Blocks of SERVING_MMAP_THRESHOLD or more are mapped
+    apart and unmapped when freed, and a free heap top of SERVING_TRIM_THRESHOLD goes back; by
+    default glibc raises its threshold to whatever block was last freed, and serves ever larger
+    blocks from a heap that keeps them. Smaller blocks are reused from the heap batch after batch: mapping every block of
     8 MiB or more afresh cost a third of a 32x32 colour model's Encode rows/s in page faults. What
     the heap keeps is the resident-memory check's to see (`MemoryBudget`). An environment that sets
     MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ keeps its own choice; a libc other than glibc is
