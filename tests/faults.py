@@ -114,8 +114,21 @@ def sigterm_at(rank: int, call: int) -> None:
 
 
 def killed_at(rank: int, call: int) -> None:
-    """Rank `rank` dies (SIGKILL, sent to itself) at its `call`-th call of the objective."""
+    """Rank `rank` dies (SIGKILL, sent to itself) at its `call`-th call of the objective. Every other
+    rank is sent SIGTERM, as torchrun sends it, just as it tells a failed collective from other
+    errors: torchrun's own SIGTERM, arriving there, once ended rank 0 before it said why it failed."""
     at_call(rank, call, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    if this_rank() == rank:
+        return
+    from training import distributed
+
+    check = distributed.is_collective_error
+
+    def sigterm_first(err: BaseException) -> bool:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return check(err)
+
+    distributed.is_collective_error = sigterm_first
 
 
 def hang_at(rank: int, call: int) -> None:

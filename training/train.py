@@ -417,8 +417,10 @@ class Trainer:
     @contextmanager
     def stop_on_sigterm(self) -> Iterator[None]:
         """While training, SIGTERM asks for a stop at the next step (`Stopped`) instead of ending the
-        process wherever it is; the previous handler is back afterwards. Only the main thread can
-        take signals: elsewhere (a trainer in a thread) nothing changes."""
+        process wherever it is; the previous handler is back afterwards, except after a failed
+        collective: another rank is gone, torchrun is sending this one SIGTERM, and the process
+        must live to say why it fails (`training.__main__` reports it and exits). Only the main
+        thread can take signals: elsewhere (a trainer in a thread) nothing changes."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -427,10 +429,15 @@ class Trainer:
             self.signalled = signum
 
         previous = signal.signal(signal.SIGTERM, note)
+        keep = False
         try:
             yield
+        except Exception as err:
+            keep = self.dist.active and distributed.is_collective_error(err)
+            raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if not keep:
+                signal.signal(signal.SIGTERM, previous)
 
     def fit(self) -> list[dict[str, Any]]:
         d = self.dist
