@@ -187,11 +187,11 @@ def tune_allocator(arenas: int = 1) -> None:
     (docs/benchmarks.md, "One malloc arena"). Blocks of SERVING_MMAP_THRESHOLD or more are mapped
     apart and unmapped when freed, and a free heap top of SERVING_TRIM_THRESHOLD goes back; by
     default glibc raises its threshold to whatever block was last freed, and serves ever larger
-    blocks from a heap that keeps them. Smaller blocks are reused from the heap batch after batch: mapping every block of
-    8 MiB or more afresh cost a third of a 32x32 colour model's Encode rows/s in page faults. What
-    the heap keeps is the resident-memory check's to see (`MemoryBudget`). An environment that sets
-    MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ keeps its own choice; a libc other than glibc is
-    left alone."""
+    blocks from a heap that keeps them. Smaller blocks are reused from the heap batch after batch:
+    mapping every block of 8 MiB or more afresh cost a third of a 32x32 colour model's Encode
+    rows/s in page faults. What the heap keeps is the resident-memory check's to see
+    (`MemoryBudget`). An environment that sets MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ keeps its
+    own choice; a libc other than glibc is left alone."""
     libc = _libc()
     if libc is None:
         return
