@@ -67,7 +67,7 @@ def write_curves(runs: list[Path], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     curves = [(run, *curve(run_metrics(run))) for run in runs]
-    shown = [b for _, _, bits, test in curves for b in [*bits, *([test] if test is not None else [])] if math.isfinite(b)]
+    shown = [b for _, _, bits, test in curves for b in (*bits, test) if b is not None and math.isfinite(b)]
     top = axis_top(shown)
     for run, minutes, bits, test in curves:
         past = max((b for b in bits if b > top), default=None)
