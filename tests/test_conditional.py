@@ -191,6 +191,7 @@ def test_a_hierarchical_conditional_run_ends_with_its_figures(digits, tmp_path):
     cfg = TrainConfig(model=model, epochs=1, batch_size=64, iwae_k=4, eval_images=20, free_bits=0.0, conditional=True)
     metrics = run(cfg, tmp_path, data=digits)
     assert "samples_by_class.png" in metrics["figures"] and 0 <= metrics["test"]["conditional"]["bayes_accuracy"] <= 1
+    assert "groups.png" in metrics["figures"]  # its groups given the images' classes
     latent = sum(g["dims"] for g in metrics["test"]["groups"])
     assert checkpoint.load(tmp_path / "best.pt")["class_means"].shape == (10, latent)
 

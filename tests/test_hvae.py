@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.test_distributed import FLAGS as FLAT_FLAGS
 from tests.test_distributed import TOL, distance, torchrun, weights
@@ -15,6 +16,7 @@ from service.commands import UserError
 from training import checkpoint
 from training.config import ModelConfig, TrainConfig
 from training.families import build
+from training.figures import group_resampling
 from training.hvae import HVAE, group_sizes
 from training.train import Trainer, objective
 
@@ -56,6 +58,24 @@ def test_decoding_the_encoded_latent_reconstructs_at_the_posterior_means():
         along_means, _ = model._top_down(5, model._bottom_up(x), None, "mean")
         assert u.shape == logvar.shape == (5, model.noise_size) and u.abs().max() > 0.01
         torch.testing.assert_close(model.decode(u), along_means, rtol=1e-4, atol=1e-4)
+
+
+def test_group_resampling_walks_from_a_prior_sample_to_the_reconstruction():
+    """Column L of groups.png decodes the image's encoding for the first L groups and the same prior
+    noise for the rest: column 0 is a sample, the last the reconstruction."""
+    model = small_hvae(shape=(3, 12, 12), likelihood="logistic-mixture", mixtures=2)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(3, 3, 12, 12)
+    with torch.no_grad():
+        kept = group_resampling(model, x, generator=torch.Generator().manual_seed(7))
+        u, _ = model.encode(x)
+        noise = torch.randn(u.shape, generator=torch.Generator().manual_seed(7))
+        first = model.group_dims[0]
+        assert kept.shape == (3, len(model.group_dims) + 1, 3, 12, 12)
+        for column, z in ((0, noise), (1, torch.cat([u[:, :first], noise[:, first:]], dim=1)), (-1, u)):
+            torch.testing.assert_close(kept[:, column], model.mean_image(model.decode(z)))
+        assert (kept[:, 0] - kept[:, -1]).abs().max() > 1e-3  # the noise and the encoding differ
 
 
 def test_the_closed_form_kl_is_the_mean_of_the_sampled_log_ratio():
@@ -135,6 +155,8 @@ def test_the_command_reports_bits_and_each_groups_kl(tmp_path):
     assert [g["dims"] for g in test["groups"]] == [16, 16, 64]
     assert all(g["kl"] >= 0 and g["collapsed"] == (g["active_units"] == 0) for g in test["groups"])
     assert (tmp_path / "samples.png").exists() and (tmp_path / "interpolation_slerp.png").exists()
+    # groups.png: 8 rows of the image and the 3 groups' 4 columns, 8x8 cells scaled by 3 with a pixel between
+    assert Image.open(tmp_path / "groups.png").size == (3 * (5 * 9 + 1), 3 * (8 * 9 + 1))
 
 
 def test_a_collapsed_group_is_named():

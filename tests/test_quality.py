@@ -12,8 +12,17 @@ import torch
 
 from training import quality
 from training.config import ModelConfig, TrainConfig
+from training.families import build
 from training.features import FeatureNet, load_feature_net, train_feature_net
-from training.quality import class_statistics, classify, frechet_distance, reconstruction_accuracy, trace_sqrt_product
+from training.figures import group_resampling
+from training.quality import (
+    class_statistics,
+    classify,
+    frechet_distance,
+    group_fidelity,
+    reconstruction_accuracy,
+    trace_sqrt_product,
+)
 from training.train import run
 
 
@@ -103,6 +112,23 @@ def test_reconstruction_accuracy(classifier, digits):
     assert reconstruction_accuracy(classifier, Identity(), x, classify(classifier, x)[1].argmax(1) + 100) == 0.0
 
 
+def test_group_fidelity_classifies_each_column_of_the_group_resampling(classifier, digits):
+    """Per L, the share labelled as the image's class when the first L groups are the image's: the
+    last column is the reconstruction, so its share is the reconstruction accuracy."""
+    torch.manual_seed(0)
+    model = build(ModelConfig(image_shape=(1, 8, 8), kind="hvae", groups="4:2,2:1", z_channels=4, width=16)).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)  # away from the zero-initialised start, where every column is alike
+    x, y = digits.test.images[:150], digits.test.labels[:150]
+    shares = group_fidelity(model, classifier, x, y, seed=3, batch_size=50)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        columns = torch.cat([group_resampling(model, xb, None, gen) for xb in x.split(50)]).transpose(0, 1)
+    want = [(classify(classifier, c)[1].argmax(1) == y).double().mean().item() for c in columns]
+    assert len(shares) == len(model.group_dims) + 1 and shares == pytest.approx(want)
+    assert shares[-1] == pytest.approx(reconstruction_accuracy(classifier, model, x, y))
+
+
 def small(**overrides) -> TrainConfig:
     model = overrides.pop("model", {})
     cfg = ModelConfig(latent_dim=8, widths=(16, 32), hidden=64, **model)
@@ -126,6 +152,7 @@ def test_run_writes_sample_quality(runs):
         assert q["fd_train_vs_test"] >= 0 and q["test_images"] == 300
         keys = ("samples", "samples_fitted") if name == "ae" else ("samples",)
         assert set(keys) <= set(q) and ("samples_fitted" in q) == (name == "ae")
+        assert "class_kept_by_groups" not in q  # one latent group: nothing to resample by groups
         for key in keys:
             s = q[key]
             assert s["n"] == 500 and s["fd"] > 0 and 0.1 <= s["mean_top_probability"] <= 1.0

@@ -336,6 +336,9 @@ def quality_lines(quality: dict[str, Any]) -> list[str]:
             f"samples of a class asked for: {c['mean_share']:.3f} labelled as it (weighted by p(y)), "
             f"{c['mean_ratio']:.3f} of the classifier's recall on real images of the class"
         )
+    if "class_kept_by_groups" in quality:
+        kept = " ".join(f"{share:.3f}" for share in quality["class_kept_by_groups"])
+        lines.append(f"labelled as the image's class with the first L = 0, 1, ... groups encoded, the rest drawn: {kept}")
     if quality.get("edits", {}).get("images"):
         e = quality["edits"]
         lines.append(

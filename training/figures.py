@@ -4,10 +4,12 @@ samples.png decoded from z ~ N(0, I), plus samples_fitted.png from the Gaussian 
 A conditional model's samples.png draws classes from p(y), samples_by_class.png has a row per class,
 and its reconstructions and paths are given their images' classes (a path between two classes walks
 their class weights too). A model with classes (conditional, or with its class means) gets edits.png:
-test images moved to another class, strength 0 to 1 from left to right."""
+test images moved to another class, strength 0 to 1 from left to right. A model with several latent
+groups (the hierarchical VAE) gets groups.png: what each group carries (`group_resampling`)."""
 
 from __future__ import annotations
 
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +112,34 @@ def write_figures(
     y_trav = None if y is None else y[:1].expand(len(dims) * len(values), -1)
     save(image_grid(model.mean_image(model.decode(z.view(-1, mu.shape[1]), y_trav)), cols=len(values)), "traversals.png")
 
+    if len(model.group_dims) > 1:
+        kept = group_resampling(model, x[:8], None if y_x is None else y_x[:8], torch.Generator().manual_seed(seed))
+        cells = torch.cat([x[:8].unsqueeze(1), kept], dim=1)
+        save(image_grid(cells.reshape(-1, *x.shape[1:]), cols=cells.shape[1]), "groups.png")
+
     if test_labels is not None and model.cfg.kind != "ae" and (model.conditional or class_means is not None):
         save(edit_paths(model, test_images, test_labels, class_means), "edits.png")
 
     save_loss_curves(history, out / "loss_curves.png")
     paths.append(out / "loss_curves.png")
     return paths
+
+
+@torch.no_grad()
+def group_resampling(
+    model: VAE, x: torch.Tensor, y: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """What each latent group carries, as VDVAE shows it: per image, its encoding u for the first L
+    groups (coarse to fine) and prior noise for the others, L = 0 (a sample from the prior) to every
+    group (the reconstruction): [N, groups + 1, C, H, W]. Where a picture keeps its image's shape
+    from some L on, the groups above carry it and the priors below fill in what the image needs."""
+    u, _ = model.encode(x, y)
+    noise = torch.randn(u.shape, generator=generator).to(u.device)  # drawn on the CPU: the same on any device
+    edges = [0, *accumulate(model.group_dims)]
+    z = torch.stack([torch.cat([u[:, :e], noise[:, e:]], dim=1) for e in edges], dim=1)
+    y_rows = None if y is None else y.repeat_interleave(len(edges), dim=0)
+    images = model.mean_image(model.decode(z.flatten(0, 1), y_rows))
+    return images.view(len(x), len(edges), *images.shape[1:])
 
 
 @torch.no_grad()

@@ -16,6 +16,9 @@
   (`training.conditioning.edit`), the share the classifier labels as the target, and the share
   that stay closer to their source image, in the classifier's feature space, than a random test
   image of the target class is.
+- Where an image's class is decided (a model with several latent groups): the share of test images
+  still labelled as their class when only the first L groups come from the image and the rest from
+  the prior (`training.figures.group_resampling`, the pictures of groups.png), L = 0 to every group.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from training.conditioning import edit
 from training.data import to_unit
 from training.features import FeatureNet
+from training.figures import group_resampling
 from training.model import VAE
 
 try:  # scipy comes with scikit-learn (a training dependency); the numpy path below is the fallback
@@ -179,6 +183,8 @@ def sample_quality(
     if model.conditional:
         recall = reference_p.argmax(1) == test_labels.cpu()
         result["by_class"] = class_fidelity(model, net, recall, test_labels.cpu(), names, max(100, n // model.cfg.classes), seed, temperature)
+    if len(model.group_dims) > 1:
+        result["class_kept_by_groups"] = group_fidelity(model, net, model_inputs, test_labels, seed)
     if model.cfg.kind != "ae" and (model.conditional or class_means is not None):
         result["edits"] = edit_fidelity(model, net, test_images, model_inputs, test_labels, class_means, seed=seed)
     return result
@@ -218,6 +224,24 @@ def edit_fidelity(
         "share_labelled_target": (p_edit.argmax(1) == target).double().mean().item(),
         "share_nearer_source": nearer.double().mean().item(),
     }  # fmt: skip
+
+
+@torch.no_grad()
+def group_fidelity(
+    model: VAE, net: FeatureNet, model_inputs: torch.Tensor, labels: torch.Tensor, seed: int = 0, batch_size: int = 100
+) -> list[float]:  # fmt: skip
+    """For L = 0 to every group, the share of the test images whose picture with the first L groups
+    encoded from the image and the rest drawn from the prior (`group_resampling`; a conditional
+    model given the image's class) the classifier labels as the image's class: where in the
+    hierarchy a model decides what an image is. L = 0 is a sample, the last the reconstruction."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.to(model_inputs.device)
+    kept = [
+        group_resampling(model, xb, yb if model.conditional else None, gen)
+        for xb, yb in zip(model_inputs.split(batch_size), labels.split(batch_size))
+    ]  # fmt: skip
+    columns = torch.cat(kept).transpose(0, 1)  # [groups + 1, N, C, H, W]
+    return [(classify(net, column)[1].argmax(1).to(labels.device) == labels).double().mean().item() for column in columns]
 
 
 @torch.no_grad()
