@@ -236,12 +236,11 @@ def group_fidelity(
     hierarchy a model decides what an image is. L = 0 is a sample, the last the reconstruction."""
     gen = torch.Generator().manual_seed(seed)
     labels = labels.to(model_inputs.device)
-    kept = [
-        group_resampling(model, xb, yb if model.conditional else None, gen)
-        for xb, yb in zip(model_inputs.split(batch_size), labels.split(batch_size))
-    ]  # fmt: skip
-    columns = torch.cat(kept).transpose(0, 1)  # [groups + 1, N, C, H, W]
-    return [(classify(net, column)[1].argmax(1).to(labels.device) == labels).double().mean().item() for column in columns]
+    right = torch.zeros(len(model.group_dims) + 1, dtype=torch.float64)
+    for xb, yb in zip(model_inputs.split(batch_size), labels.split(batch_size)):  # a batch's pictures at a time
+        columns = group_resampling(model, xb, yb if model.conditional else None, gen).transpose(0, 1)
+        right += torch.stack([(classify(net, c)[1].argmax(1).to(yb.device) == yb).sum().cpu() for c in columns])
+    return (right / len(labels)).tolist()
 
 
 @torch.no_grad()
