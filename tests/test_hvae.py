@@ -17,8 +17,9 @@ from training import checkpoint
 from training.config import ModelConfig, TrainConfig
 from training.families import build
 from training.figures import group_resampling
-from training.hvae import HVAE, group_sizes
-from training.train import Trainer, objective
+from training.evaluate import evaluate, prepare_eval_images
+from training.hvae import HVAE, TopPrior, _log_normal, group_sizes
+from training.train import Trainer, fit_top_prior, objective, run
 
 # 8x8 digits: groups at 2x2 (two of them) and 4x4, 4 latent channels each: 4 * (4 + 4 + 16) = 96 dims.
 HVAE_MODEL = dict(kind="hvae", groups="4:2,2:1", z_channels=4, width=16)
@@ -90,6 +91,79 @@ def test_the_closed_form_kl_is_the_mean_of_the_sampled_log_ratio():
     for step in steps:
         closed, sampled = step.kl().mean().item(), -step.log_ratio().mean().item()
         assert sampled == pytest.approx(closed, rel=0.05, abs=0.05)
+
+
+def test_a_top_prior_is_the_learned_one_until_fitted_and_then_its_gaussian():
+    """--top-prior: before its fit, every output equals the model's without it; after, the bound's
+    log p(z) - log q(z|x) is the fitted Gaussian's density of the top groups' u (the change of
+    variables from z) and the learned priors' below them, decode(encode(x)) still reconstructs, and
+    the KL the loss sees estimates the same expectation."""
+    plain, top = small_hvae(), small_hvae(top_prior=2)
+    for p in plain.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    top.load_state_dict(plain.state_dict(), strict=False)
+    x, eps = (torch.rand(5, 1, 8, 8) > 0.5).float(), torch.randn(5, plain.noise_size)
+    with torch.no_grad():
+        for ours, theirs in zip(top.posterior_draw(x, eps), plain.posterior_draw(x, eps)):
+            assert torch.equal(ours, theirs)
+        torch.testing.assert_close(top.encode(x), plain.encode(x))
+        assert torch.equal(top(x, eps).kl, plain(x, eps).kl)
+
+        d = top.top_dims
+        assert d == 32 and len(top.state_dict()) == len(plain.state_dict()) + 4
+        mu, logvar = torch.randn(50, d) * 2 + 1, torch.randn(50, d) * 0.1 - 1
+        top.set_top_prior(prior := TopPrior.fit(mu, logvar))
+        cov = torch.cov(mu.T.double(), correction=0) + torch.diag(logvar.double().exp().mean(0))
+        torch.testing.assert_close(prior.scale.double() @ prior.scale.double().T, cov)
+        torch.testing.assert_close(prior.inverse @ prior.scale, torch.eye(d), atol=1e-5, rtol=0)
+
+        _, log_ratio, v = top.posterior_draw(x, eps)
+        _, steps = top._top_down(5, top._bottom_up(x), eps, "posterior")
+        u = torch.cat([((s.z - s.p_mu) * torch.exp(-s.p_log_sigma)).flatten(1) for s in steps], dim=1)
+        gaussian = torch.distributions.MultivariateNormal(prior.mean, scale_tril=prior.scale)
+        log_p = gaussian.log_prob(u[:, :d]) - sum(s.p_log_sigma.flatten(1).sum(1) for s in steps[:2])
+        log_p = log_p + _log_normal(steps[2].z, steps[2].p_mu, steps[2].p_log_sigma).flatten(1).sum(1)
+        log_q = sum(_log_normal(s.z, s.q_mu, s.q_log_sigma).flatten(1).sum(1) for s in steps)
+        torch.testing.assert_close(log_ratio, log_p - log_q, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(v[:, :d], (u[:, :d] - prior.mean) @ prior.inverse.T)
+        torch.testing.assert_close(v[:, d:], u[:, d:])
+
+        along_means, _ = top._top_down(5, top._bottom_up(x), None, "mean")
+        torch.testing.assert_close(top.decode(top.encode(x)[0]), along_means, rtol=1e-4, atol=1e-4)
+        assert (top.decode(v) - plain.decode(v)).abs().max() > 1e-3  # the same latent, another prior
+
+        many, noise = x[:1].expand(4000, -1, -1, -1), torch.randn(4000, top.noise_size)
+        kl, sampled = top(many, noise).kl.sum(1).mean().item(), -top.posterior_draw(many, noise)[1].mean().item()
+        assert kl == pytest.approx(sampled, rel=0.05)
+
+
+def test_a_run_fits_its_top_prior_and_is_evaluated_with_it(digits, tmp_path):
+    cfg = hvae_config(epochs=2, iwae_k=5, eval_images=20)
+    cfg.model.top_prior = 2
+    metrics = run(cfg, tmp_path, digits)
+    model, _, _ = checkpoint.load_model(tmp_path / "best.pt")
+    fitted = TopPrior(*(t.clone() for t in model.top_gaussian))
+    assert fitted.mean.abs().max() > 1e-3 and (fitted.scale - torch.eye(model.top_dims)).abs().max() > 1e-3
+    x = prepare_eval_images(digits.test.unit(), model.likelihood, 20)
+    assert evaluate(model, x, 5)["nll"] == pytest.approx(metrics["test"]["nll"], rel=1e-6)
+    refit = fit_top_prior(model, digits)  # from the learned priors again, not from the stored fit
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(refit, fitted))
+    assert evaluate(model, x, 5)["nll"] != pytest.approx(metrics["test"]["nll"], rel=1e-6)  # identity: another density
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--top-prior", "4"], "from 0 to the 3 of --groups"), (["--top-prior", "1", "--conditional"], "not per class"),
+     (["--model", "vae", "--top-prior", "1"], "--model hvae")],
+)  # fmt: skip
+def test_a_top_prior_it_cannot_fit_is_refused_in_one_line(flags, message, tmp_path, capsys):
+    from training.__main__ import parse_args
+
+    base = ["--dataset", "digits", "--model", "hvae", "--groups", "4:2,2:1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        parse_args([*base, *flags])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error
 
 
 def test_importance_weights_bound_the_elbo_and_tighten_with_k():

@@ -4,6 +4,7 @@ covers the model in training)."""
 
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -19,8 +20,9 @@ from training.checkpoint import load_model
 from training.config import ModelConfig, TrainConfig
 from training.data import fixed_binarization
 from training.evaluate import iwae_nll
+from training.families import build
 from training.hvae import HVAE
-from training.train import Trainer
+from training.train import Trainer, fit_top_prior
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +36,20 @@ def hvae(tmp_path_factory, digits) -> HVAE:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, hvae, model_repo):
-    """"hier" beside the flat "digits" (copied from conftest's repository)."""
+def hvae_top(hvae, digits) -> HVAE:
+    """The same weights with the top two groups' prior fitted to the digits' encodings (--top-prior 2)."""
+    model = build(replace(hvae.cfg, top_prior=2))
+    model.load_state_dict(hvae.state_dict(), strict=False)
+    model.set_top_prior(fit_top_prior(model, digits))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, hvae, hvae_top, model_repo):
+    """"hier" and "hier-top" beside the flat "digits" (copied from conftest's repository)."""
     repo = tmp_path_factory.mktemp("hvae-models")
     publish(hvae, TrainConfig(model=hvae.cfg, dataset="digits"), repo, "hier", {"elbo": -30.0})
+    publish(hvae_top, TrainConfig(model=hvae_top.cfg, dataset="digits"), repo, "hier-top", {"elbo": -30.0})
     shutil.copytree(model_repo / "digits", repo / "digits")
     return repo
 
@@ -100,9 +112,27 @@ def test_encode_decode_and_reconstruct_share_the_latent(client, hvae, digits):
 def test_score_is_trainings_bound_for_the_same_noise(client, hvae, digits):
     """Score's draws through the posterior graph against training's log_weights on the service's own
     noise: the same IWAE bound and ELBO within float32's rounding of sums over the latent."""
-    x, k, seed = fixed_binarization(digits.test.images[:12]), 40, 5
+    assert_score_is_trainings_bound(client, hvae, fixed_binarization(digits.test.images[:12]))
+
+
+def test_a_fitted_top_prior_is_served_as_torch_computes_it(server, hvae, hvae_top, digits):
+    """hier-top: the same weights as hier with a fitted top prior, whose graphs map the server's
+    N(0, I) noise through it: samples, the latent and Score as PyTorch gives them, and not hier's."""
+    x = fixed_binarization(digits.test.images[:12])
+    u = normal(4, (9, hvae_top.noise_size))
+    with VaeClient(server.target, model="hier-top") as top, torch.no_grad():
+        images = top.sample(9, seed=4)
+        np.testing.assert_allclose(images, hvae_top.mean_image(hvae_top.decode(torch.from_numpy(u))).numpy(), atol=1e-5)
+        assert not np.allclose(images, hvae.mean_image(hvae.decode(torch.from_numpy(u))).numpy(), atol=1e-2)
+        mu = top.encode(x.numpy())[0]
+        np.testing.assert_allclose(mu, hvae_top.encode(x)[0].numpy(), atol=1e-4)
+        assert_score_is_trainings_bound(top, hvae_top, x)
+
+
+def assert_score_is_trainings_bound(client: VaeClient, hvae: HVAE, x: torch.Tensor) -> None:
+    k, seed = 40, 5
     scores = client.score(x.numpy(), k=k, seed=seed)
-    eps = torch.from_numpy(normal(seed, (12, k, hvae.noise_size), np.float64)).float()
+    eps = torch.from_numpy(normal(seed, (len(x), k, hvae.noise_size), np.float64)).float()
     with torch.no_grad():
         log_w = hvae.log_weights(x)(eps).double()
     iwae = (torch.logsumexp(log_w, dim=1) - math.log(k)).numpy()

@@ -35,6 +35,11 @@ class ModelConfig:
     groups: str = "8:2,4:2,2:1"
     z_channels: int = 8  # hvae: latent channels per group
     width: int = 64  # hvae: channels of the encoder's and the top-down path's state
+    # hvae: how many groups, from the top, get a full-covariance Gaussian prior over their
+    # standardized latents, fitted to the training images' encodings after training (0: none). Their
+    # learned priors are diagonal given the groups above: they cannot draw the spatially correlated
+    # layouts the posteriors encode (docs/training.md).
+    top_prior: int = 0
     # A conditional model's classes (`--conditional`: set from the data): the class conditions the
     # prior, the decoder and the posterior (Sohn et al. 2015). 0: unconditional.
     classes: int = 0
@@ -80,6 +85,10 @@ class ModelConfig:
                 raise ValueError(f"--groups {self.groups!r}: each factor once, factors and counts >= 1")
             if self.z_channels < 1 or self.width < 8 or self.prior != "standard":
                 raise ValueError("a hierarchical VAE needs --z-channels >= 1, --width >= 8 and its own prior (no --prior flow)")
+            if not 0 <= self.top_prior <= (count := sum(n for _, n in factors)):
+                raise ValueError(f"--top-prior {self.top_prior}: a number of groups from 0 to the {count} of --groups")
+        elif self.top_prior:
+            raise ValueError("--top-prior fits a prior to a hierarchical VAE's top groups: --model hvae")
         if self.classes and (self.classes < 2 or self.class_dim < 1):
             raise ValueError(f"a conditional model needs at least 2 classes and --class-dim >= 1, got {self.classes} and {self.class_dim}")
         if self.classes and (self.kind == "ae" or self.prior != "standard"):
@@ -166,6 +175,8 @@ class TrainConfig:
             raise ValueError(f"--skip-factor {self.skip_factor}: above 1 (0: no skipping)")
         if self.conditional and (self.model.kind == "ae" or self.model.prior != "standard"):
             raise ValueError("--conditional conditions a VAE's N(0, I) prior on the class: --model vae or hvae, no --prior flow")
+        if self.conditional and self.model.top_prior:
+            raise ValueError("--top-prior is fitted to every image's encoding alike, not per class: leave it out with --conditional")
         if self.conditional and self.model.class_dim < 1:
             raise ValueError(f"--class-dim {self.model.class_dim}: the class embedding needs at least 1 value")
         if self.class_balance is not None and not 0.0 <= self.class_balance <= 1.0:

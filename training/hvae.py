@@ -11,6 +11,12 @@ decode(encode(x)[0]) reconstructs, and straight or spherical paths in u mean wha
 N(0, I). A draw from q is not mu + eps sigma after the fact (lower groups depend on upper ones):
 `forward(x, eps)` and `log_weights` take the noise of every group and run the path.
 
+With `top_prior` (`--top-prior L`), the top L groups' u has a full-covariance Gaussian prior
+N(m, A A^T), fitted to the training images' encodings after training; the latent is then
+v = A^-1 (u_top - m) for those groups (u for the others), N(0, I) again under the whole prior, so
+every graph and the service still feed and interpolate N(0, I) noise. Its density enters the bound
+by the change of variables (`TopPrior.log_ratio`).
+
 Built for a CPU: bottleneck blocks (a quarter of the width inside), residual branches whose last
 convolution starts at zero, so the untrained network is the identity on its state and the prior
 starts as N(0, I).
@@ -113,8 +119,46 @@ class Step(NamedTuple):
         return (_log_normal(self.z, self.p_mu, self.p_log_sigma) - _log_normal(self.z, self.q_mu, self.q_log_sigma)).flatten(1).sum(1)
 
 
+class TopPrior(NamedTuple):
+    """N(mean, scale scale^T) over the top groups' u [D]: `inverse` = scale^-1 and `log_diag` =
+    log diag(scale) are kept beside it so the graphs need only matrix products."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    inverse: torch.Tensor
+    log_diag: torch.Tensor
+
+    @classmethod
+    def identity(cls, d: int) -> TopPrior:
+        """N(0, I): the learned priors themselves (a model before its fit)."""
+        return cls(torch.zeros(d), torch.eye(d), torch.eye(d), torch.zeros(d))
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, mu: torch.Tensor, logvar: torch.Tensor) -> TopPrior:
+        """The moment-matched Gaussian of the aggregate posterior, from the posterior means [N, D] and
+        log-variances of the training images' top groups: the covariance of the means plus the mean
+        posterior variance, positive definite however few the images."""
+        mu, var = mu.double(), logvar.double().exp()
+        cov = torch.cov(mu.T, correction=0).reshape(mu.shape[1], -1) + torch.diag(var.mean(0))
+        scale = torch.linalg.cholesky(cov)
+        inverse = torch.linalg.solve_triangular(scale, torch.eye(len(cov), dtype=cov.dtype), upper=False)
+        return cls(*(t.float() for t in (mu.mean(0), scale, inverse, scale.diagonal().log())))
+
+    def log_ratio(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """log N(u; mean, scale scale^T) - log N(u; 0, I) per dimension [N, D], for v its
+        standardization: the i-th term is u_i's given u_<i (scale is lower triangular), so a group's
+        terms sum to its own part of the change."""
+        return 0.5 * (u.pow(2) - v.pow(2)) - self.log_diag
+
+
 def _log_normal(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + ((z - mu) * torch.exp(-log_sigma)).pow(2)) - log_sigma
+
+
+def _draw_u(steps: list[Step]) -> torch.Tensor:
+    """Each group's draw in its prior's standardized coordinates, (z - p_mu) / p_sigma [N, noise_size]."""
+    return torch.cat([((s.z - s.p_mu) * torch.exp(-s.p_log_sigma)).flatten(1) for s in steps], dim=1)
 
 
 class HVAE(ClassInput, nn.Module):
@@ -140,6 +184,10 @@ class HVAE(ClassInput, nn.Module):
         self.groups = nn.ModuleList(Group(width, zc, len(self.sizes)) for _ in self.sizes)
         self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, self.likelihood.spec.param_channels, 3, padding=1))
         self.group_dims = [zc * gh * gw for gh, gw in self.sizes]
+        self.top_dims = sum(self.group_dims[: cfg.top_prior])
+        if self.top_dims:  # N(0, I) until `set_top_prior`: the learned priors, so training is unchanged
+            for name, value in TopPrior.identity(self.top_dims)._asdict().items():
+                self.register_buffer(f"top_{name}", value)
         if cfg.classes:  # the class enters the top-down path at its start: every prior, posterior and the image see it
             self.cond = Conditioning(cfg.classes, cfg.class_dim)
             self.class_in = nn.Linear(cfg.class_dim, width)
@@ -170,6 +218,34 @@ class HVAE(ClassInput, nn.Module):
         """Each group's place: its index, coarse to fine, and its size."""
         z = self.cfg.z_channels
         return [f"group {i} ({z}x{h}x{w})" for i, (h, w) in enumerate(self.sizes)]
+
+    @property
+    def top_gaussian(self) -> TopPrior:
+        return TopPrior(self.top_mean, self.top_scale, self.top_inverse, self.top_log_diag)
+
+    @torch.no_grad()
+    def set_top_prior(self, prior: TopPrior) -> None:
+        for name, value in prior._asdict().items():
+            getattr(self, f"top_{name}").copy_(value)
+
+    def _to_u(self, v: torch.Tensor) -> torch.Tensor:
+        """The latent v [N, D] as the groups' standardized noise u."""
+        if not self.top_dims:
+            return v
+        d, prior = self.top_dims, self.top_gaussian
+        return torch.cat([prior.mean + v[:, :d] @ prior.scale.T, v[:, d:]], dim=1)
+
+    def _to_v(self, u: torch.Tensor) -> torch.Tensor:
+        if not self.top_dims:
+            return u
+        d, prior = self.top_dims, self.top_gaussian
+        return torch.cat([(u[:, :d] - prior.mean) @ prior.inverse.T, u[:, d:]], dim=1)
+
+    def _top_log_ratio(self, u: torch.Tensor) -> torch.Tensor:
+        """The top prior's change to log p(z) per group above its fit [N, top_prior]: 0 before it."""
+        d = self.top_dims
+        terms = self.top_gaussian.log_ratio(u[:, :d], self._to_v(u)[:, :d])
+        return torch.stack([t.sum(1) for t in terms.split(self.group_dims[: self.cfg.top_prior], dim=1)], dim=1)
 
     def _bottom_up(self, x: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
         h = self.stem(x * 2 - 1)
@@ -209,7 +285,11 @@ class HVAE(ClassInput, nn.Module):
         if eps is None:
             eps = torch.randn(len(x), self.noise_size, device=x.device)
         params, steps = self._top_down(x.shape[0], self._bottom_up(x), eps, "posterior", self.condition(y))
-        return Pass(params, torch.cat([s.u_mean().flatten(1) for s in steps], dim=1), torch.stack([s.kl() for s in steps], dim=1))
+        kl = torch.stack([s.kl() for s in steps], dim=1)
+        if self.top_dims:  # the learned priors' closed form, less the fitted prior's change at the draw
+            top = kl[:, : self.cfg.top_prior] - self._top_log_ratio(_draw_u(steps))
+            kl = torch.cat([top, kl[:, self.cfg.top_prior :]], dim=1)
+        return Pass(params, torch.cat([s.u_mean().flatten(1) for s in steps], dim=1), kl)
 
     def log_weights(self, x: torch.Tensor, y: Classes = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """For images x [n, ...] (of classes y, for a conditional model): noise [n, m, noise_size]
@@ -238,20 +318,27 @@ class HVAE(ClassInput, nn.Module):
         self, acts: dict[tuple[int, int], torch.Tensor], eps: torch.Tensor, e: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         params, steps = self._top_down(eps.shape[0], acts, eps, "posterior", e)
-        u = torch.cat([((s.z - s.p_mu) * torch.exp(-s.p_log_sigma)).flatten(1) for s in steps], dim=1)
-        return params, sum(s.log_ratio() for s in steps), u
+        u, log_ratio = _draw_u(steps), sum(s.log_ratio() for s in steps)
+        if self.top_dims:
+            log_ratio = log_ratio + self._top_log_ratio(u).sum(1)
+        return params, log_ratio, self._to_v(u)
 
     def encode(self, x: torch.Tensor, y: Classes = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """u at the posterior means [N, noise_size] and its log-variance given the groups above."""
+        """The latent at the posterior means [N, noise_size] and its log-variance given the groups
+        above (under a top prior, its top groups' as if their u were independent)."""
         _, steps = self._top_down(x.shape[0], self._bottom_up(x), None, "mean", self.condition(y))
         mu = torch.cat([s.u_mean().flatten(1) for s in steps], dim=1)
         logvar = torch.cat([(2 * (s.q_log_sigma - s.p_log_sigma)).flatten(1) for s in steps], dim=1)
-        return mu, logvar
+        if not self.top_dims:
+            return mu, logvar
+        d = self.top_dims
+        top_var = torch.exp(logvar[:, :d]) @ self.top_gaussian.inverse.pow(2).T
+        return self._to_v(mu), torch.cat([torch.log(top_var), logvar[:, d:]], dim=1)
 
     def decode(self, u: torch.Tensor, y: Classes = None) -> torch.Tensor:
-        """The likelihood's parameters for the standardized latents u [N, noise_size] (of classes y:
-        the same u decoded with another class is an edit)."""
-        return self._top_down(u.shape[0], None, u, "prior", self.condition(y))[0]
+        """The likelihood's parameters for the latents u [N, noise_size] (of classes y: the same u
+        decoded with another class is an edit)."""
+        return self._top_down(u.shape[0], None, self._to_u(u), "prior", self.condition(y))[0]
 
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
         return self.likelihood.image(params)

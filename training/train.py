@@ -43,6 +43,7 @@ from training.features import FeatureNet, feature_distance, load_feature_net
 from training.board import Board
 from training.figures import write_figures
 from training.families import Model, build
+from training.hvae import HVAE, TopPrior
 from training.model import Pass
 
 log = logging.getLogger(__name__)
@@ -498,18 +499,34 @@ class Trainer:
 
 
 @torch.no_grad()
-def training_codes(model: Model, data: Dataset, batch_size: int = 1000) -> torch.Tensor:
-    """The latent (the posterior mean; an autoencoder's code) of every training image [N, D],
-    prepared as for scoring (binarized once for Bernoulli models), given its class for a
-    conditional model."""
+def training_posteriors(model: Model, data: Dataset, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's output (posterior mean and log-variance; an autoencoder's code and None) for
+    every training image [N, D], prepared as for scoring (binarized once for Bernoulli models),
+    given its class for a conditional model."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(1)  # the one binarization of prepare_eval_images(seed=1), chunk by chunk
-    codes = []
+    mus, logvars = [], []
     for rows in torch.arange(len(data.train)).split(batch_size):
         xb = model.likelihood.training_data(data.train.batch(rows), gen)
         y = data.train.labels[rows].to(device) if model.conditional else None
-        codes.append(model.encode(xb.to(device), y)[0])
-    return torch.cat(codes)
+        mu, logvar = model.encode(xb.to(device), y)
+        mus.append(mu)
+        logvars.append(logvar)
+    return torch.cat(mus), (None if logvars[0] is None else torch.cat(logvars))
+
+
+def training_codes(model: Model, data: Dataset) -> torch.Tensor:
+    """The latent (the posterior mean; an autoencoder's code) of every training image [N, D]."""
+    return training_posteriors(model, data)[0]
+
+
+def fit_top_prior(model: HVAE, data: Dataset) -> TopPrior:
+    """A hierarchical model's top prior (`--top-prior`), fitted to the training images' top groups
+    encoded under the learned priors (a refit starts from them, not from an earlier fit)."""
+    model.set_top_prior(TopPrior.identity(model.top_dims))
+    mu, logvar = training_posteriors(model, data)
+    log.info("fitting the top %d groups' prior (%d dimensions) to %d training images", model.cfg.top_prior, model.top_dims, len(mu))
+    return TopPrior.fit(mu[:, : model.top_dims].cpu(), logvar[:, : model.top_dims].cpu())
 
 
 def class_means(codes: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -574,10 +591,13 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     model, _ = checkpoint.model_from_state(best, trainer.device)
     data = trainer.data
     means = None
-    if d.main and (data.classes or not model.variational):
+    if model.cfg.top_prior:  # rank 0 fits it, every rank evaluates with it
+        model.set_top_prior(from_main(d, lambda: fit_top_prior(model, data)))
+    if d.main and (data.classes or not model.variational or model.cfg.top_prior):
         # What export reads from best.pt: an autoencoder's fitted code Gaussian (its figures need it;
-        # its scores do not), and each class's mean latent for edits, with the class names
-        codes = training_codes(model, data)
+        # its scores do not), a fitted top prior, and each class's mean latent for edits, with the
+        # class names
+        codes = training_codes(model, data) if data.classes or not model.variational else None
         extra = {"epoch": best["epoch"]}
         if not model.variational:
             model.fit_code_gaussian(codes)
