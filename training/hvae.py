@@ -241,10 +241,11 @@ class HVAE(ClassInput, nn.Module):
         d, prior = self.top_dims, self.top_gaussian
         return torch.cat([(u[:, :d] - prior.mean) @ prior.inverse.T, u[:, d:]], dim=1)
 
-    def _top_log_ratio(self, u: torch.Tensor) -> torch.Tensor:
-        """The top prior's change to log p(z) per group above its fit [N, top_prior]: 0 before it."""
+    def _top_log_ratio(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The top prior's change to log p(z) per group above its fit [N, top_prior] at the draw u
+        (v: its latent): 0 before the fit."""
         d = self.top_dims
-        terms = self.top_gaussian.log_ratio(u[:, :d], self._to_v(u)[:, :d])
+        terms = self.top_gaussian.log_ratio(u[:, :d], v[:, :d])
         return torch.stack([t.sum(1) for t in terms.split(self.group_dims[: self.cfg.top_prior], dim=1)], dim=1)
 
     def _bottom_up(self, x: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
@@ -287,7 +288,8 @@ class HVAE(ClassInput, nn.Module):
         params, steps = self._top_down(x.shape[0], self._bottom_up(x), eps, "posterior", self.condition(y))
         kl = torch.stack([s.kl() for s in steps], dim=1)
         if self.top_dims:  # the learned priors' closed form, less the fitted prior's change at the draw
-            top = kl[:, : self.cfg.top_prior] - self._top_log_ratio(_draw_u(steps))
+            u = _draw_u(steps)
+            top = kl[:, : self.cfg.top_prior] - self._top_log_ratio(u, self._to_v(u))
             kl = torch.cat([top, kl[:, self.cfg.top_prior :]], dim=1)
         return Pass(params, torch.cat([s.u_mean().flatten(1) for s in steps], dim=1), kl)
 
@@ -319,9 +321,10 @@ class HVAE(ClassInput, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         params, steps = self._top_down(eps.shape[0], acts, eps, "posterior", e)
         u, log_ratio = _draw_u(steps), sum(s.log_ratio() for s in steps)
+        v = self._to_v(u)
         if self.top_dims:
-            log_ratio = log_ratio + self._top_log_ratio(u).sum(1)
-        return params, log_ratio, self._to_v(u)
+            log_ratio = log_ratio + self._top_log_ratio(u, v).sum(1)
+        return params, log_ratio, v
 
     def encode(self, x: torch.Tensor, y: Classes = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The latent at the posterior means [N, noise_size] and its log-variance given the groups
