@@ -163,7 +163,9 @@ def _draw_u(steps: list[Step]) -> torch.Tensor:
 
 class HVAE(ClassInput, nn.Module):
     """The hierarchical VAE, with the flat VAE's interface (`training.model.VAE`): `forward` for the
-    loss, `log_weights` for the IWAE bound, and encode, decode, sample on the standardized latent u."""
+    loss, `log_weights` for the IWAE bound, and encode, decode, sample on the standardized latent u
+    (v for the top groups under a fitted top prior). `forward`'s posterior means, which training
+    counts active units on, stay in u: v mixes the top groups."""
 
     family = "hvae"  # what model.json says: it decides the graphs and how the service runs them
     variational = True
@@ -350,7 +352,7 @@ class HVAE(ClassInput, nn.Module):
     def sample_z(
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, source: str = "prior"
     ) -> torch.Tensor:
-        """u ~ N(0, temperature^2 I), drawn on the CPU (the same u on any device)."""
+        """The latent ~ N(0, temperature^2 I), drawn on the CPU (the same latent on any device)."""
         if source != "prior":
             raise ValueError(f"a hierarchical VAE samples from its prior alone, not {source!r}")
         u = torch.randn(n, self.noise_size, generator=generator) * temperature

@@ -522,7 +522,8 @@ def training_codes(model: Model, data: Dataset) -> torch.Tensor:
 
 def fit_top_prior(model: HVAE, data: Dataset) -> TopPrior:
     """A hierarchical model's top prior (`--top-prior`), fitted to the training images' top groups
-    encoded under the learned priors (a refit starts from them, not from an earlier fit)."""
+    encoded under the learned priors (a refit starts from them, not from an earlier fit). It
+    leaves the model on the learned priors: give it the result with `set_top_prior`."""
     model.set_top_prior(TopPrior.identity(model.top_dims))
     mu, logvar = training_posteriors(model, data)
     log.info("fitting the top %d groups' prior (%d dimensions) to %d training images", model.cfg.top_prior, model.top_dims, len(mu))
