@@ -53,6 +53,7 @@ PARSERS = {
     "training": "training.__main__",
     "training.features": "training.features",
     "training.evaluate": "training.evaluate",
+    "training.top_prior": "training.top_prior",
     "training.compare": "training.compare",
     "training.curves": "training.curves",
     "export": "export.__main__",

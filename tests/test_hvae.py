@@ -5,6 +5,8 @@ process, resumed, and data-parallel under torchrun."""
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,6 +151,41 @@ def test_a_run_fits_its_top_prior_and_is_evaluated_with_it(digits, tmp_path):
     refit = fit_top_prior(model, digits)  # from the learned priors again, not from the stored fit
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(refit, fitted))
     assert evaluate(model, x, 5)["nll"] != pytest.approx(metrics["test"]["nll"], rel=1e-6)  # identity: another density
+
+
+def test_a_trained_model_is_refitted_as_a_run_with_the_flag_fits_it(digits, tmp_path):
+    """python -m training.top_prior on a run trained without --top-prior gives the model that a run
+    with it ends on (training does not depend on the flag); 0 gives the learned priors back."""
+    from training.top_prior import main
+
+    metrics = run(hvae_config(epochs=2, iwae_k=5, eval_images=20), tmp_path / "plain", digits)
+    main(["--checkpoint", str(tmp_path / "plain" / "best.pt"), "--groups", "2", "--out", str(tmp_path / "top.pt")])
+    model, cfg, state = checkpoint.load_model(tmp_path / "top.pt")
+    plain, _, _ = checkpoint.load_model(tmp_path / "plain" / "best.pt")
+    assert cfg.model.top_prior == 2 and state["epoch"] == metrics["best_epoch"]
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("top_"))
+    fitted = TopPrior(*(t.clone() for t in model.top_gaussian))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fit_top_prior(model, digits), fitted))
+    assert fitted.mean.abs().max() > 1e-3
+    main(["--checkpoint", str(tmp_path / "top.pt"), "--groups", "0", "--out", str(tmp_path / "back.pt")])
+    back, _, _ = checkpoint.load_model(tmp_path / "back.pt")
+    assert back.state_dict().keys() == plain.state_dict().keys()
+    x = prepare_eval_images(digits.test.unit(), plain.likelihood, 20)
+    assert evaluate(back, x, 5)["nll"] == evaluate(plain, x, 5)["nll"] == metrics["test"]["nll"]
+
+
+def test_the_refit_command_refuses_a_model_it_cannot_fit_in_one_line(tmp_path):
+    flat = build(ModelConfig(latent_dim=4, widths=(8,), hidden=16))
+    checkpoint.save(tmp_path / "flat.pt", flat, TrainConfig(model=flat.cfg))
+    hier = small_hvae()
+    checkpoint.save(tmp_path / "hier.pt", hier, TrainConfig(model=hier.cfg))
+    for path, groups, message in ((tmp_path / "flat.pt", "1", "not this vae"), (tmp_path / "hier.pt", "4", "from 0 to the 3")):
+        done = subprocess.run(
+            [sys.executable, "-m", "training.top_prior", "--checkpoint", str(path), "--groups", groups, "--out", str(tmp_path / "o.pt")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "o.pt").exists()
 
 
 @pytest.mark.parametrize(

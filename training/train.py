@@ -530,6 +530,20 @@ def fit_top_prior(model: HVAE, data: Dataset) -> TopPrior:
     return TopPrior.fit(mu[:, : model.top_dims].cpu(), logvar[:, : model.top_dims].cpu())
 
 
+def fitted_extras(model: Model, data: Dataset) -> dict[str, Any]:
+    """What export reads from best.pt beside the weights, fitted to the training images' latents:
+    an autoencoder's code Gaussian (its figures need it; its scores do not), fitted into the model,
+    and for data with classes each class's mean latent for edits, with the class names."""
+    if not (data.classes or not model.variational):
+        return {}
+    codes = training_codes(model, data)
+    if not model.variational:
+        model.fit_code_gaussian(codes)
+    if not data.classes:
+        return {}
+    return {"classes": list(data.classes), "class_means": class_means(codes, data.train.labels, len(data.classes))}
+
+
 def class_means(codes: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
     """Each class's mean latent over its training images [C, D] (0 for a class with none): an edit
     moves an image's latent by the difference of two classes' means."""
@@ -595,17 +609,9 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, data: Dataset | None 
     if model.cfg.top_prior:  # rank 0 fits it, every rank evaluates with it
         model.set_top_prior(from_main(d, lambda: fit_top_prior(model, data)))
     if d.main and (data.classes or not model.variational or model.cfg.top_prior):
-        # What export reads from best.pt: an autoencoder's fitted code Gaussian (its figures need it;
-        # its scores do not), a fitted top prior, and each class's mean latent for edits, with the
-        # class names
-        codes = training_codes(model, data) if data.classes or not model.variational else None
-        extra = {"epoch": best["epoch"]}
-        if not model.variational:
-            model.fit_code_gaussian(codes)
-        if data.classes:
-            means = class_means(codes, data.train.labels, len(data.classes))
-            extra.update(classes=list(data.classes), class_means=means)
-        checkpoint.save(out / "best.pt", model, cfg, **extra)
+        extra = fitted_extras(model, data)
+        means = extra.get("class_means")
+        checkpoint.save(out / "best.pt", model, cfg, epoch=best["epoch"], **extra)
     rows = eval_rows(len(data.test), cfg.eval_images)
     test_x = prepare_eval_images(data.test.unit(), model.likelihood, cfg.eval_images).to(trainer.device)
     test_y = data.test.labels[rows].to(trainer.device) if data.classes else None
