@@ -118,6 +118,10 @@ def test_a_top_prior_is_the_learned_one_until_fitted_and_then_its_gaussian():
         cov = torch.cov(mu.T.double(), correction=0) + torch.diag(logvar.double().exp().mean(0))
         torch.testing.assert_close(prior.scale.double() @ prior.scale.double().T, cov)
         torch.testing.assert_close(prior.inverse @ prior.scale, torch.eye(d), atol=1e-5, rtol=0)
+        wide = TopPrior.fit(mu, logvar, spread=1.3)  # --top-prior-scale: the same Gaussian, its deviations wider
+        torch.testing.assert_close(wide.scale, 1.3 * prior.scale)
+        torch.testing.assert_close(wide.log_diag, prior.log_diag + math.log(1.3))
+        torch.testing.assert_close(wide.inverse @ wide.scale, torch.eye(d), atol=1e-5, rtol=0)
 
         _, log_ratio, v = top.posterior_draw(x, eps)
         _, steps = top._top_down(5, top._bottom_up(x), eps, "posterior")
@@ -159,10 +163,10 @@ def test_a_trained_model_is_refitted_as_a_run_with_the_flag_fits_it(digits, tmp_
     from training.top_prior import main
 
     metrics = run(hvae_config(epochs=2, iwae_k=5, eval_images=20), tmp_path / "plain", digits)
-    main(["--checkpoint", str(tmp_path / "plain" / "best.pt"), "--groups", "2", "--out", str(tmp_path / "top.pt")])
+    main(["--checkpoint", str(tmp_path / "plain" / "best.pt"), "--groups", "2", "--scale", "1.2", "--out", str(tmp_path / "top.pt")])
     model, cfg, state = checkpoint.load_model(tmp_path / "top.pt")
     plain, _, _ = checkpoint.load_model(tmp_path / "plain" / "best.pt")
-    assert cfg.model.top_prior == 2 and state["epoch"] == metrics["best_epoch"]
+    assert cfg.model.top_prior == 2 and cfg.model.top_prior_scale == 1.2 and state["epoch"] == metrics["best_epoch"]
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("top_"))
     fitted = TopPrior(*(t.clone() for t in model.top_gaussian))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fit_top_prior(model, digits), fitted))
@@ -191,7 +195,7 @@ def test_the_refit_command_refuses_a_model_it_cannot_fit_in_one_line(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [(["--top-prior", "4"], "from 0 to the 3 of --groups"), (["--top-prior", "1", "--conditional"], "not per class"),
-     (["--model", "vae", "--top-prior", "1"], "--model hvae")],
+     (["--model", "vae", "--top-prior", "1"], "--model hvae"), (["--top-prior", "2", "--top-prior-scale", "0"], "above 0")],
 )  # fmt: skip
 def test_a_top_prior_it_cannot_fit_is_refused_in_one_line(flags, message, tmp_path, capsys):
     from training.__main__ import parse_args

@@ -47,6 +47,9 @@ def build_parser() -> Parser:
     model.add_argument("--top-prior", type=int, default=m.top_prior,
                        help="hvae: give the top N groups a full-covariance Gaussian prior, fitted to the training "
                             "images' encodings after training (0: their learned priors)")  # fmt: skip
+    model.add_argument("--top-prior-scale", type=float, default=m.top_prior_scale,
+                       help="hvae: multiply the fitted top prior's standard deviations by this (above 1: samples "
+                            "spread wider, at a cost in likelihood)")  # fmt: skip
     model.add_argument("--prior", choices=("standard", "flow"), default=m.prior,
                        help="p(z): N(0, I), or a learned RealNVP flow of N(0, I)")  # fmt: skip
     model.add_argument("--flow-layers", type=int, default=m.flow_layers, help="coupling layers of the flow prior")
@@ -98,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
     model_keys = {"latent_dim", "widths", "blocks", "hidden", "likelihood", "gaussian_std", "mixtures", "kind", "prior",
-                  "flow_layers", "flow_hidden", "groups", "z_channels", "width", "top_prior", "class_dim"}  # fmt: skip
+                  "flow_layers", "flow_hidden", "groups", "z_channels", "width", "top_prior", "top_prior_scale", "class_dim"}  # fmt: skip
     try:
         model_cfg = ModelConfig(**{k: args.pop(k) for k in model_keys})
         cfg = TrainConfig(model=model_cfg, **data_options(args), **args)

@@ -40,6 +40,9 @@ class ModelConfig:
     # learned priors are diagonal given the groups above: they cannot draw the spatially correlated
     # layouts the posteriors encode (docs/training.md).
     top_prior: int = 0
+    # hvae: the fitted top prior's standard deviations times this. The moment-matched Gaussian draws
+    # too close to its mean: wider draws hold together more often, at a cost in likelihood.
+    top_prior_scale: float = 1.0
     # A conditional model's classes (`--conditional`: set from the data): the class conditions the
     # prior, the decoder and the posterior (Sohn et al. 2015). 0: unconditional.
     classes: int = 0
@@ -87,6 +90,8 @@ class ModelConfig:
                 raise ValueError("a hierarchical VAE needs --z-channels >= 1, --width >= 8 and its own prior (no --prior flow)")
             if not 0 <= self.top_prior <= (count := sum(n for _, n in factors)):
                 raise ValueError(f"--top-prior {self.top_prior}: a number of groups from 0 to the {count} of --groups")
+            if not self.top_prior_scale > 0:
+                raise ValueError(f"--top-prior-scale {self.top_prior_scale}: a factor above 0")
         elif self.top_prior:
             raise ValueError("--top-prior fits a prior to a hierarchical VAE's top groups: --model hvae")
         if self.classes and (self.classes < 2 or self.class_dim < 1):

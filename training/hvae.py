@@ -135,13 +135,14 @@ class TopPrior(NamedTuple):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, mu: torch.Tensor, logvar: torch.Tensor) -> TopPrior:
+    def fit(cls, mu: torch.Tensor, logvar: torch.Tensor, spread: float = 1.0) -> TopPrior:
         """The moment-matched Gaussian of the aggregate posterior, from the posterior means [N, D] and
         log-variances of the training images' top groups: the covariance of the means plus the mean
-        posterior variance, positive definite however few the images."""
+        posterior variance, positive definite however few the images; its standard deviations
+        times `spread`."""
         mu, var = mu.double(), logvar.double().exp()
         cov = torch.cov(mu.T, correction=0).reshape(mu.shape[1], -1) + torch.diag(var.mean(0))
-        scale = torch.linalg.cholesky(cov)
+        scale = torch.linalg.cholesky(cov) * spread
         inverse = torch.linalg.solve_triangular(scale, torch.eye(len(cov), dtype=cov.dtype), upper=False)
         return cls(*(t.float() for t in (mu.mean(0), scale, inverse, scale.diagonal().log())))
 

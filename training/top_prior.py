@@ -2,7 +2,7 @@
 refitted checkpoint: training does not depend on it, so a run trained without the flag, or with
 another number of groups, gets the same model as a run trained with it.
 
-python -m training.top_prior --checkpoint runs/twemoji-hvae/best.pt --groups 6 --out runs/twemoji-hvae/best-top6.pt
+python -m training.top_prior --checkpoint runs/twemoji-hvae/best.pt --groups 6 --scale 1.3 --out runs/twemoji-hvae/best-top6.pt
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m training.top_prior", description=commands.summary(__doc__))
     parser.add_argument("--checkpoint", type=Path, required=True, help="a hierarchical VAE's best.pt")
     parser.add_argument("--groups", type=int, required=True, help="the top groups to fit (0: back to the learned priors)")
+    parser.add_argument("--scale", type=float, default=1.0, help="the fitted standard deviations times this (--top-prior-scale)")
     parser.add_argument("--out", type=Path, required=True, help="the refitted checkpoint")
     parser.add_argument("--data-dir", help="overrides the data directory stored in the checkpoint")
     return parser
 
 
-def refit(path: Path, groups: int, out: Path, data_dir: str | None = None) -> None:
+def refit(path: Path, groups: int, out: Path, data_dir: str | None = None, scale: float = 1.0) -> None:
     state = checkpoint.load(path)
     model, cfg = checkpoint.model_from_state(state, source=path)
     if cfg.model.kind != "hvae" or cfg.conditional:
         raise UsageError(f"{path}: a top prior is fitted to an unconditional hierarchical VAE, not this {cfg.model.kind}"
                          f"{' (conditional)' if cfg.conditional else ''}")  # fmt: skip
     try:
-        cfg.model = replace(cfg.model, top_prior=groups)
+        cfg.model = replace(cfg.model, top_prior=groups, top_prior_scale=scale)
     except ValueError as err:
         raise UsageError(str(err)) from None
     cfg.data_dir = data_dir or cfg.data_dir
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     writable_folder(args.out.parent, "--out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    refit(args.checkpoint, args.groups, args.out, args.data_dir)
+    refit(args.checkpoint, args.groups, args.out, args.data_dir, args.scale)
 
 
 if __name__ == "__main__":

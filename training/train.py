@@ -527,7 +527,7 @@ def fit_top_prior(model: HVAE, data: Dataset) -> TopPrior:
     model.set_top_prior(TopPrior.identity(model.top_dims))
     mu, logvar = training_posteriors(model, data)
     log.info("fitting the top %d groups' prior (%d dimensions) to %d training images", model.cfg.top_prior, model.top_dims, len(mu))
-    return TopPrior.fit(mu[:, : model.top_dims].cpu(), logvar[:, : model.top_dims].cpu())
+    return TopPrior.fit(mu[:, : model.top_dims].cpu(), logvar[:, : model.top_dims].cpu(), model.cfg.top_prior_scale)
 
 
 def fitted_extras(model: Model, data: Dataset) -> dict[str, Any]:
