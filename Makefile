@@ -89,7 +89,7 @@ TWEMOJI_HVAE_RECIPE = $(TWEMOJI_DATA) --likelihood logistic-mixture --mixtures 5
 	--groups 8:3,4:3,2:2 --batch-size 64 --lr 2e-3 --epochs 70 --hflip --iwae-k 100 --grad-clip 200 --free-bits 0 \
 	--warmup-epochs 3 --classifier $(RUNS)/features-twemoji/features.pt
 train-twemoji-hvae: install $(RUNS)/features-twemoji/features.pt
-	$(PY) -m training $(TWEMOJI_HVAE_RECIPE) --top-prior 6 --top-prior-scale 1.3 --out $(RUNS)/twemoji-hvae
+	$(PY) -m training $(TWEMOJI_HVAE_RECIPE) --top-prior 6 --top-prior-scale 1.15 --out $(RUNS)/twemoji-hvae
 
 train-twemoji-hvae-cond: install $(RUNS)/features-twemoji/features.pt
 	$(PY) -m training $(TWEMOJI_HVAE_RECIPE) --conditional --out $(RUNS)/twemoji-hvae-cond
