@@ -2,7 +2,7 @@
 refitted checkpoint: training does not depend on it, so a run trained without the flag, or with
 another number of groups, gets the same model as a run trained with it.
 
-python -m training.top_prior --checkpoint runs/twemoji-hvae/best.pt --groups 6 --scale 1.3 --out runs/twemoji-hvae/best-top6.pt
+python -m training.top_prior --checkpoint runs/twemoji-hvae/best.pt --groups 6 --scale 1.15 --out runs/twemoji-hvae/best-top6.pt
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def refit(path: Path, groups: int, out: Path, data_dir: str | None = None, scale
     check_data(cfg.dataset, cfg.data_dir, cfg.download)
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith("top_")}
     model = build(cfg.model)
-    model.load_state_dict(weights, strict=not groups)  # the new fit's buffers are the only ones missing
+    unfitted = {k: v for k, v in model.state_dict().items() if k.startswith("top_")}  # the new fit's, identity
+    model.load_state_dict(weights | unfitted)
     model.eval()
     data = load_data(cfg)
     if groups:

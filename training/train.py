@@ -534,7 +534,7 @@ def fitted_extras(model: Model, data: Dataset) -> dict[str, Any]:
     """What export reads from best.pt beside the weights, fitted to the training images' latents:
     an autoencoder's code Gaussian (its figures need it; its scores do not), fitted into the model,
     and for data with classes each class's mean latent for edits, with the class names."""
-    if not (data.classes or not model.variational):
+    if model.variational and not data.classes:
         return {}
     codes = training_codes(model, data)
     if not model.variational:
