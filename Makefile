@@ -104,10 +104,12 @@ train-mnist-hvae: install $(RUNS)/features-mnist/features.pt
 
 # More time (docs/training.md, "More time"): the recipe's run continued to 40 epochs, about 85 minutes more, then
 # its k=1000 evaluation (83 minutes); the cosine schedule restarts where a 40-epoch run is at epoch 20.
-train-mnist-hvae-long: install $(RUNS)/features-mnist/features.pt
-	@test -f $(RUNS)/mnist-hvae/last.pt || { echo "make train-mnist-hvae first: this run continues it" >&2; exit 2; }
+train-mnist-hvae-long: $(RUNS)/mnist-hvae/last.pt install $(RUNS)/features-mnist/features.pt
 	@test -f $(RUNS)/mnist-hvae-long/last.pt || { mkdir -p $(RUNS)/mnist-hvae-long && cp $(RUNS)/mnist-hvae/last.pt $(RUNS)/mnist-hvae-long/; }
 	$(PY) -m training $(MNIST_HVAE_RECIPE) --epochs 40 --resume --out $(RUNS)/mnist-hvae-long
+
+$(RUNS)/mnist-hvae/last.pt:
+	@echo "make train-mnist-hvae-long continues make train-mnist-hvae's run: train that first" >&2; exit 2
 
 train-mnist-hvae-cond: install $(RUNS)/features-mnist/features.pt
 	$(PY) -m training $(MNIST_HVAE_RECIPE) --conditional --iwae-k 100 --out $(RUNS)/mnist-hvae-cond
