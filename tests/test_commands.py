@@ -163,6 +163,19 @@ def test_nothing_is_written_by_a_run_refused_before_it_starts(files, tmp_path):
     assert list((tmp_path / "run").iterdir()) == []
 
 
+@pytest.mark.parametrize("target, first", [
+    ("train-mnist-hvae-long", "make train-mnist-hvae's run"), ("train-mnist-hvae-longer", "make train-mnist-hvae-long's run"),
+])  # fmt: skip
+def test_a_continued_recipe_without_the_run_it_continues_says_so_first(target, first, tmp_path):
+    """A recipe that resumes another's run stops on its first line, before it installs or trains anything
+    (it would otherwise train a classifier and then fail)."""
+    done = subprocess.run(["make", "--no-print-directory", target, f"RUNS={tmp_path / 'runs'}", f"VENV={tmp_path / 'venv'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert first in done.stderr.splitlines()[0] and "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_vae_traceback_shows_the_traceback_for_reporting_bugs(files, tmp_path):
     done = command("export", "--checkpoint", str(files["notes"]), "--out", str(tmp_path), "--name", "a",
                    env={"VAE_TRACEBACK": "1"})  # fmt: skip
