@@ -102,23 +102,26 @@ MNIST_HVAE_RECIPE = --dataset mnist --data-dir $(MNIST_DIR) --model hvae --group
 train-mnist-hvae: install $(RUNS)/features-mnist/features.pt
 	$(PY) -m training $(MNIST_HVAE_RECIPE) --out $(RUNS)/mnist-hvae
 
-# More time (docs/training.md, "More time"): the recipe's run continued to 40 epochs, about 85 minutes more, then
-# its k=1000 evaluation (83 minutes); the cosine schedule restarts where a 40-epoch run is at epoch 20.
-train-mnist-hvae-long: $(RUNS)/mnist-hvae/last.pt install $(RUNS)/features-mnist/features.pt
-	@test -f $(RUNS)/mnist-hvae-long/last.pt || { mkdir -p $(RUNS)/mnist-hvae-long && cp $(RUNS)/mnist-hvae/last.pt $(RUNS)/mnist-hvae-long/; }
-	$(PY) -m training $(MNIST_HVAE_RECIPE) --epochs 40 --resume --out $(RUNS)/mnist-hvae-long
+# Continue run $(1) into run $(2) to $(3) epochs: its last.pt is copied once, then resumed. The cosine
+# schedule is a function of the epoch and the epoch count, so this is a warm restart.
+define continue-mnist-hvae
+@test -f $(RUNS)/$(2)/last.pt || { mkdir -p $(RUNS)/$(2) && cp $(RUNS)/$(1)/last.pt $(RUNS)/$(2)/; }
+$(PY) -m training $(MNIST_HVAE_RECIPE) --epochs $(3) --resume --out $(RUNS)/$(2)
+endef
 
-$(RUNS)/mnist-hvae/last.pt:
-	@echo "make train-mnist-hvae-long continues make train-mnist-hvae's run: train that first" >&2; exit 2
+# More time (docs/training.md, "More time"): the recipe's run continued to 40 epochs, about 85 minutes more, then
+# its k=1000 evaluation (83 minutes); the learning rate restarts where a 40-epoch run is at epoch 20.
+train-mnist-hvae-long: $(RUNS)/mnist-hvae/last.pt install $(RUNS)/features-mnist/features.pt
+	$(call continue-mnist-hvae,mnist-hvae,mnist-hvae-long,40)
 
 # A second warm restart: the 40-epoch run continued to 56 epochs (about 50 minutes more, then the same
-# evaluation); the schedule restarts at 19% of the peak learning rate.
+# evaluation); the learning rate restarts at 19% of its peak.
 train-mnist-hvae-longer: $(RUNS)/mnist-hvae-long/last.pt install $(RUNS)/features-mnist/features.pt
-	@test -f $(RUNS)/mnist-hvae-longer/last.pt || { mkdir -p $(RUNS)/mnist-hvae-longer && cp $(RUNS)/mnist-hvae-long/last.pt $(RUNS)/mnist-hvae-longer/; }
-	$(PY) -m training $(MNIST_HVAE_RECIPE) --epochs 56 --resume --out $(RUNS)/mnist-hvae-longer
+	$(call continue-mnist-hvae,mnist-hvae-long,mnist-hvae-longer,56)
 
-$(RUNS)/mnist-hvae-long/last.pt:
-	@echo "make train-mnist-hvae-longer continues make train-mnist-hvae-long's run: run that first" >&2; exit 2
+# A continued run's starting point, missing: said in one line before anything is installed or trained.
+$(RUNS)/%/last.pt:
+	@echo "this recipe continues make train-$*'s run ($@ is missing): run that first" >&2; exit 2
 
 train-mnist-hvae-cond: install $(RUNS)/features-mnist/features.pt
 	$(PY) -m training $(MNIST_HVAE_RECIPE) --conditional --iwae-k 100 --out $(RUNS)/mnist-hvae-cond
